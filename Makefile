@@ -1,0 +1,42 @@
+# The two commands of the README:
+#   make run   install segnode and run it with its embedded defaults
+#   make test  install everything the tests need (pip + Debian peers) and run them
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+APT_PACKAGES = dcmtk dicom3tools orthanc
+
+.PHONY: run test install install-test peers bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -e .
+
+install-test: $(BIN)/python peers
+	$(BIN)/pip install -e '.[dl,test]'
+
+# Debian peers the tests use as scanners, PACS and validators; installed only when missing.
+peers:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+run: install
+	$(BIN)/segnode -v run --organ lungs --model hu_based tests/data/thorax_cta -o out/
+
+test: install-test
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/bench_run.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

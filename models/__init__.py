@@ -1,0 +1,1 @@
+"""Segmentation backends and model weights management."""

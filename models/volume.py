@@ -1,0 +1,115 @@
+"""Typed image volumes and label maps exchanged between loaders, backends and writers.
+
+Arrays are indexed ``[slice, row, column]`` (``k, j, i``).  The geometry is the
+DICOM patient coordinate system (LPS, millimetres): the world position of voxel
+``(i, j, k)`` is ``origin + direction @ (spacing * (i, j, k))``.  ``direction``
+holds unit column vectors for the ``i`` (along a row), ``j`` (down a column)
+and ``k`` (slice) axes; it is orthonormal except for gantry-tilted series,
+where the slice axis is sheared and the source images are still overlaid
+exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom import Dataset
+
+
+@dataclass(frozen=True)
+class SourceSeries:
+    """Where a volume came from, for the SEG references.
+
+    ``datasets`` are the source headers (pixel data dropped) in volume slice
+    order; for a multi-frame source it holds one dataset and
+    ``frames_per_dataset`` says how many frames it contributes.
+    """
+
+    series_instance_uid: str
+    study_instance_uid: str
+    datasets: tuple["Dataset", ...]
+    files: tuple[Path, ...] = ()
+    multiframe: bool = False
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT volume in Hounsfield units with its patient-space geometry."""
+
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+    source: SourceSeries | None = None
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.hu.ndim != 3:
+            raise ValueError(f"volume must be 3-D, got shape {self.hu.shape}")
+        if np.asarray(self.direction).shape != (3, 3):
+            raise ValueError("direction must be a 3x3 matrix")
+        if min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (exact for sheared grids too)."""
+        axes = np.asarray(self.direction) * np.asarray(self.spacing)
+        return float(abs(np.linalg.det(axes))) / 1000.0
+
+    def affine(self) -> np.ndarray:
+        """4x4 matrix mapping ``(i, j, k, 1)`` to LPS millimetres."""
+        out = np.eye(4)
+        out[:3, :3] = np.asarray(self.direction) * np.asarray(self.spacing)
+        out[:3, 3] = self.origin
+        return out
+
+    def world_x(self) -> np.ndarray:
+        """Patient x (right → left, LPS) of every voxel, shape ``(k, j, i)``.
+
+        Left/right decisions use this, never the array index, so a flipped or
+        rotated acquisition still gets the patient's left labelled left.
+        """
+        aff = self.affine()
+        k, j, i = (np.arange(n, dtype=np.float32) for n in self.shape)
+        return (
+            aff[0, 0] * i[None, None, :]
+            + aff[0, 1] * j[None, :, None]
+            + aff[0, 2] * k[:, None, None]
+            + aff[0, 3]
+        ).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """Integer labels on the grid of a :class:`Volume`.
+
+    ``labels`` maps each label value (1..N) to the tissue name it stands for;
+    0 is background.  Backends return one, the SEG writer consumes one.
+    """
+
+    array: np.ndarray
+    labels: dict[int, str]
+    backend: str
+    model_version: str = ""
+    weights_hash: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"label map must be 3-D, got shape {self.array.shape}")
+        if 0 in self.labels:
+            raise ValueError("label 0 is background and cannot name a tissue")
+
+    def mask(self, name: str) -> np.ndarray:
+        value = next(v for v, n in self.labels.items() if n == name)
+        return self.array == value
