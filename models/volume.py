@@ -26,15 +26,19 @@ class SourceSeries:
     """Where a volume came from, for the SEG references.
 
     ``datasets`` are the source headers (pixel data dropped) in volume slice
-    order; for a multi-frame source it holds one dataset and
-    ``frames_per_dataset`` says how many frames it contributes.
+    order.  For a multi-frame source it holds the one dataset, and
+    ``frame_order[k]`` is the (0-based) source frame of volume slice ``k``.
     """
 
     series_instance_uid: str
     study_instance_uid: str
     datasets: tuple["Dataset", ...]
     files: tuple[Path, ...] = ()
-    multiframe: bool = False
+    frame_order: tuple[int, ...] | None = None
+
+    @property
+    def multiframe(self) -> bool:
+        return self.frame_order is not None
 
 
 @dataclass(frozen=True)

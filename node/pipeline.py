@@ -1,0 +1,223 @@
+"""One segmentation job: load the series → run the backend chain → encode → summary.
+
+Used by ``segnode run`` and by the node's worker process.  The request is a
+small, serialisable unit (paths and names only) so another engine could run it
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.base import LoadedModel, RunSettings
+from models.registry import get_backend
+from models.volume import LabelMap, Volume
+from node.errors import BackendError, EncodeError
+from node.seg_writer import OutputFormat, SegType, write_nifti, write_seg
+from node.series import load_series
+from profiles import Backend, Profile, load_profile
+
+logger = logging.getLogger(__name__)
+
+Reporter = Callable[[str], None]
+
+
+class ModelSource(Protocol):
+    """Where loaded models come from (the worker keeps them warm in a cache)."""
+
+    def get(self, backend: str, profile: Profile, settings: RunSettings) -> LoadedModel: ...
+
+
+@dataclass(frozen=True)
+class PipelineRequest:
+    input_path: Path
+    profile: str
+    out_dir: Path
+    backend: str | None = None
+    series_uid: str | None = None
+    seg_type: str = SegType.BINARY.value
+    output_format: str = OutputFormat.SEG.value
+    settings: RunSettings = field(default_factory=RunSettings)
+    use_fallback: bool = True
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    seg_path: Path | None
+    summary_path: Path
+    backend_used: str
+    model_version: str
+    weights_hash: str
+    seg_series_uid: str
+    seg_sop_instance_uid: str
+    summary: dict[str, Any]
+
+
+def backend_chain(profile: Profile, override: str | None, use_fallback: bool = True) -> list[Backend]:
+    """The backends to try, in order: the chosen one, then the profile's fallbacks."""
+    first = Backend(override) if override else profile.model_type
+    chain = [first]
+    if use_fallback:
+        chain += [b for b in (profile.model_type, *profile.fallback) if b not in chain]
+    return chain
+
+
+def segment_with_fallback(
+    volume: Volume, profile: Profile, chain: list[Backend], settings: RunSettings,
+    models: ModelSource | None = None,
+) -> tuple[LabelMap, list[dict[str, str]]]:
+    """Run the first backend of ``chain`` that works; record why the others did not."""
+    attempts: list[dict[str, str]] = []
+    for backend in chain:
+        try:
+            model = models.get(backend.value, profile, settings) if models else get_backend(backend).load(profile, settings)
+            labels = model.segment(volume)
+        except BackendError as exc:  # weights missing, library missing, inference failed
+            logger.warning("backend %s failed for %s: %s", backend.value, profile.organ, exc)
+            attempts.append({"backend": backend.value, "error": str(exc)})
+            continue
+        attempts.append({"backend": backend.value, "error": ""})
+        return labels, attempts
+    tried = "; ".join(f"{a['backend']}: {a['error']}" for a in attempts)
+    raise BackendError(f"no backend could segment {profile.organ} ({tried})")
+
+
+def segment_statistics(volume: Volume, labels: LabelMap) -> list[dict[str, Any]]:
+    """Per segment: voxel count, volume in mL and mean HU (chunked: bounded memory)."""
+    n = max(labels.labels, default=0) + 1
+    counts = np.zeros(n, dtype=np.int64)
+    sums = np.zeros(n, dtype=np.float64)
+    for k in range(0, volume.shape[0], 32):
+        lab = labels.array[k : k + 32].ravel()
+        counts += np.bincount(lab, minlength=n)[:n]
+        sums += np.bincount(lab, weights=volume.hu[k : k + 32].ravel(), minlength=n)[:n]
+    voxel_ml = volume.voxel_volume_ml
+    return [
+        {
+            "segment_number": value,
+            "tissue": name,
+            "voxels": int(counts[value]),
+            "volume_ml": round(float(counts[value]) * voxel_ml, 3),
+            "mean_hu": round(float(sums[value] / counts[value]), 1) if counts[value] else None,
+            "empty": not counts[value],
+        }
+        for value, name in sorted(labels.labels.items())
+    ]
+
+
+def describe_input(volume: Volume) -> dict[str, Any]:
+    source = volume.source
+    return {
+        "series_instance_uid": source.series_instance_uid if source else None,
+        "study_instance_uid": source.study_instance_uid if source else None,
+        "slices": volume.shape[0],
+        "rows": volume.shape[1],
+        "columns": volume.shape[2],
+        "spacing_mm": [round(s, 4) for s in volume.spacing],
+        "notes": list(volume.notes),
+    }
+
+
+def run_pipeline(
+    request: PipelineRequest, cache: ModelSource | None = None, report: Reporter | None = None
+) -> PipelineResult:
+    """Run one job; raise :class:`InputError`, :class:`BackendError` or :class:`EncodeError`."""
+    say = report or (lambda message: logger.info("%s", message))
+    profile = load_profile(request.profile)
+    output_format = OutputFormat(request.output_format)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    volume = load_series(request.input_path, request.series_uid, progress=_progress(say, "loading"))
+    timings["load_s"] = time.perf_counter() - start
+    info = describe_input(volume)
+    say(
+        f"series {info['series_instance_uid'] or request.input_path}: {info['slices']} slices of "
+        f"{info['rows']}x{info['columns']}, spacing {' x '.join(f'{s:g}' for s in info['spacing_mm'])} mm"
+    )
+    for note in volume.notes:
+        say(f"note: {note}")
+
+    start = time.perf_counter()
+    chain = backend_chain(profile, request.backend, request.use_fallback)
+    say(f"segmenting {profile.organ} with {' → '.join(b.value for b in chain)}")
+    labels, attempts = segment_with_fallback(volume, profile, chain, request.settings, cache)
+    timings["segment_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    say(f"encoding {output_format.value}")
+    if output_format is OutputFormat.SEG:
+        encoded = write_seg(volume, labels, profile, request.out_dir, seg_type=request.seg_type)
+    else:
+        encoded = write_nifti(volume, labels, profile, request.out_dir)
+    timings["encode_s"] = time.perf_counter() - start
+
+    summary = {
+        "profile": profile.organ,
+        "backend": labels.backend,
+        "model_version": labels.model_version,
+        "weights_sha256": labels.weights_hash,
+        "attempts": attempts,
+        "input": info,
+        "output": {
+            "format": output_format.value,
+            "seg_type": request.seg_type if output_format is OutputFormat.SEG else None,
+            "path": str(encoded.path),
+            "series_instance_uid": encoded.series_instance_uid,
+            "sop_instance_uid": encoded.sop_instance_uid,
+        },
+        "segments": segment_statistics(volume, labels),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "notes": list(labels.notes),
+    }
+    stem = info["series_instance_uid"] or Path(request.input_path).name.split(".")[0]
+    summary_path = request.out_dir / f"summary_{profile.organ}_{stem}.json"
+    try:
+        summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    except OSError as exc:
+        raise EncodeError(f"cannot write summary: {exc.strerror}", where=str(summary_path)) from exc
+    return PipelineResult(
+        seg_path=encoded.path,
+        summary_path=summary_path,
+        backend_used=labels.backend,
+        model_version=labels.model_version,
+        weights_hash=labels.weights_hash,
+        seg_series_uid=encoded.series_instance_uid,
+        seg_sop_instance_uid=encoded.sop_instance_uid,
+        summary=summary,
+    )
+
+
+def _progress(say: Reporter, what: str) -> Callable[[int, int], None]:
+    """Report ``what n/total`` about ten times over a long step."""
+
+    def progress(n: int, total: int) -> None:
+        if total >= 50 and (n == total or n % max(1, total // 10) == 0):
+            say(f"{what} {n}/{total}")
+
+    return progress
+
+
+def request_to_json(request: PipelineRequest) -> str:
+    """Serialise a request (the unit a worker or a remote engine runs)."""
+    data = asdict(request)
+    return json.dumps(data, default=str)
+
+
+def request_from_json(text: str) -> PipelineRequest:
+    data = json.loads(text)
+    settings = data.pop("settings") or {}
+    if settings.get("weights_dir"):
+        settings["weights_dir"] = Path(settings["weights_dir"])
+    return PipelineRequest(
+        **{**data, "input_path": Path(data["input_path"]), "out_dir": Path(data["out_dir"])},
+        settings=RunSettings(**settings),
+    )
