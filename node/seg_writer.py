@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from enum import Enum
@@ -25,7 +26,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from models.volume import LabelMap, Volume
 from node import __version__
@@ -55,8 +56,13 @@ class EncodedResult:
 
 
 def deterministic_uid(*parts: str) -> UID:
-    """A ``2.25`` UID derived from ``parts`` (same parts → same UID)."""
-    return generate_uid(prefix=None, entropy_srcs=["segnode", *parts])
+    """A ``2.25`` UID derived from ``parts`` (same parts → same UID).
+
+    The first 128 bits of a SHA-256 digest, read as a UUID-style integer
+    (PS3.5 B.2); at most 44 characters.
+    """
+    digest = hashlib.sha256("\x1f".join(("segnode", *parts)).encode()).digest()
+    return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
 
 
 def _code(code: Code) -> hd.sr.CodedConcept:
