@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 COMMAND_MODULES = (
     "node.cli_run",
     "profiles.cli",
+    "routing.cli",
 )
 
 

@@ -1,0 +1,255 @@
+"""Schema of the routing rules file (``routes.yaml``): frozen, validated models.
+
+Rules are data.  A condition is one of: a test on a DICOM element (``tag``
+with one operator), a test on the calling or called AE title, a test on the
+sender's address, or ``all`` / ``any`` / ``not`` over other conditions.
+Nothing in the file is ever evaluated as code.  The format is documented in
+``docs/routing.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import re
+from collections.abc import Collection
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydicom.datadict import keyword_dict, tag_for_keyword
+from pydicom.tag import BaseTag, Tag
+
+from node.errors import ConfigError
+from node.yamlconf import Frozen, _line_of, read_yaml, validate
+from profiles.schema import Backend
+
+#: the destination that means "back to the sender's configured AE".
+SENDER = "@sender"
+
+Scalar = str | int | float
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+
+#: names the file may refer to, set by :func:`read_rules` while validating.
+_KNOWN: ContextVar[tuple[frozenset[str] | None, frozenset[str] | None]] = ContextVar(
+    "_KNOWN", default=(None, None)
+)
+_KINDS = ("tag", "calling_ae", "called_ae", "sender_host", "all", "any", "not_")
+_TAG_TEXT = re.compile(r"^\(?([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)?$")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+@functools.cache
+def resolve_tag(text: str) -> BaseTag:
+    """``"Modality"`` or ``"0008,0060"`` → the tag; ``ValueError`` naming the problem."""
+    found = _TAG_TEXT.match(text)
+    if found:
+        return Tag(int(found[1], 16), int(found[2], 16))
+    number = tag_for_keyword(text)
+    if number is None:
+        close = difflib.get_close_matches(text, keyword_dict, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown DICOM keyword {text!r}{hint}; use a keyword or 'gggg,eeee'")
+    return Tag(number)
+
+
+@functools.cache
+def host_network(spec: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The network of an IP or CIDR ``spec``; ``None`` for a host name."""
+    try:
+        return ipaddress.ip_network(spec)
+    except ValueError:
+        if _HOSTNAME.match(spec) and not re.fullmatch(r"[\d.]+", spec):
+            return None
+        raise ValueError(f"{spec!r} is not an IP address, CIDR network or host name") from None
+
+
+def _check_host(spec: str) -> str:
+    host_network(spec)
+    return spec
+
+
+def _known_profile(name: str) -> str:
+    profiles, _ = _KNOWN.get()
+    if profiles is not None and name not in profiles:
+        raise ValueError(f"unknown profile {name!r}; known: {', '.join(sorted(profiles))}")
+    return name
+
+
+def _known_destination(name: str) -> str:
+    _, destinations = _KNOWN.get()
+    if name.startswith("@") and name != SENDER:
+        raise ValueError(f"unknown special destination {name!r}; the only one is {SENDER!r}")
+    if name != SENDER and destinations is not None and name not in destinations:
+        known = ", ".join(sorted(destinations)) or "(none configured)"
+        raise ValueError(f"unknown destination {name!r}; known: {known}")
+    return name
+
+
+class _Operators(Frozen):
+    """The value tests shared by element and AE-title conditions."""
+
+    equals: Scalar | None = None
+    one_of: Annotated[tuple[Scalar, ...], Field(min_length=1)] | None = None
+    regex: re.Pattern[str] | None = None
+    glob: str | None = None
+
+    @field_validator("regex", mode="before")
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+
+    def operators(self) -> dict[str, Any]:
+        """The operators this condition sets, by name."""
+        names = ("equals", "one_of", "regex", "glob", "range", "present", "absent")
+        return {n: getattr(self, n) for n in names if getattr(self, n, None) is not None}
+
+
+class StringTest(_Operators):
+    """A test on an AE title: exactly one of equals, one_of, regex, glob."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string(cls, value: Any) -> Any:
+        return {"equals": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one(self) -> StringTest:
+        if len(self.operators()) != 1:
+            raise ValueError("give exactly one of equals, one_of, regex, glob")
+        return self
+
+
+class Condition(_Operators):
+    """One condition of a rule's ``match``; exactly one kind per condition."""
+
+    tag: str | None = None
+    range: tuple[float | None, float | None] | None = None
+    present: bool | None = None
+    absent: bool | None = None
+    calling_ae: StringTest | None = None
+    called_ae: StringTest | None = None
+    sender_host: tuple[Annotated[str, AfterValidator(_check_host)], ...] | None = None
+    all: Annotated[tuple[Condition, ...], Field(min_length=1)] | None = None
+    any: Annotated[tuple[Condition, ...], Field(min_length=1)] | None = None
+    not_: Condition | None = Field(default=None, alias="not")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str | None) -> str | None:
+        if value is not None:
+            resolve_tag(value)
+        return value
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, value: tuple[float | None, float | None] | None) -> Any:
+        if value is not None and None not in value and value[0] > value[1]:  # type: ignore[operator]
+            raise ValueError(f"range low {value[0]:g} is above high {value[1]:g}")
+        if value == (None, None):
+            raise ValueError("range needs a low or a high bound")
+        return value
+
+    @field_validator("sender_host", mode="before")
+    @classmethod
+    def _one_host(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def kind(self) -> str:
+        """``tag``, ``calling_ae``, ``called_ae``, ``sender_host``, ``all``, ``any`` or ``not``."""
+        return next(k for k in _KINDS if getattr(self, k) is not None).removesuffix("_")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Condition:
+        given = [k.removesuffix("_") for k in _KINDS if getattr(self, k) is not None]
+        ops = list(self.operators())
+        if not given and ops:
+            raise ValueError(f"{ops[0]!r} needs a 'tag' (or goes inside calling_ae/called_ae)")
+        if len(given) != 1:
+            raise ValueError(
+                "a condition needs exactly one of tag, calling_ae, called_ae, sender_host, "
+                f"all, any, not; got {given or 'none'}"
+            )
+        if given == ["tag"] and len(ops) != 1:
+            raise ValueError(
+                f"tag {self.tag!r} needs exactly one of equals, one_of, regex, glob, range, "
+                f"present, absent; got {ops or 'none'}"
+            )
+        if given != ["tag"] and ops:
+            raise ValueError(f"{ops[0]!r} applies to a 'tag', not to {given[0]!r}")
+        return self
+
+
+class Action(Frozen):
+    """What to do with a study that a rule matches."""
+
+    profile: Annotated[str, AfterValidator(_known_profile)]
+    backend: Backend | None = None
+    destinations: tuple[Annotated[str, AfterValidator(_known_destination)], ...] = ()
+    harvest: Name | None = None
+
+
+class Rule(Frozen):
+    """A named rule: a condition (or ``fallback: true``) and an action."""
+
+    name: Name
+    match: Condition | None = None
+    fallback: bool = False
+    action: Action
+
+    @model_validator(mode="after")
+    def _match_or_fallback(self) -> Rule:
+        if self.fallback and self.match is not None:
+            raise ValueError("a fallback rule has no 'match'")
+        if not self.fallback and self.match is None:
+            raise ValueError("a rule needs 'match' (or 'fallback: true')")
+        return self
+
+
+class RulesFile(Frozen):
+    rules: tuple[Rule, ...]
+
+
+def _check_order(rules: tuple[Rule, ...], path: Path, node: yaml.Node | None) -> None:
+    """Rule names unique; at most one fallback, and it is last."""
+    seen: set[str] = set()
+    for i, rule in enumerate(rules):
+        problem = None
+        if rule.name in seen:
+            problem = f"duplicate rule name {rule.name!r}"
+        elif rule.fallback and i != len(rules) - 1:
+            problem = f"fallback rule {rule.name!r} must be the last rule"
+        if problem:
+            raise ConfigError(f"{path}:{_line_of(node, ('rules', i))}: rules[{i}]: {problem}")
+        seen.add(rule.name)
+
+
+def read_rules(
+    path: Path,
+    *,
+    profiles: Collection[str] | None = None,
+    destinations: Collection[str] | None = None,
+) -> tuple[Rule, ...]:
+    """Read and validate a rules file; unknown profiles/destinations are errors when given."""
+    data, node = read_yaml(Path(path))
+    known = (
+        None if profiles is None else frozenset(profiles),
+        None if destinations is None else frozenset(destinations),
+    )
+    token = _KNOWN.set(known)
+    try:
+        rules = validate(RulesFile, data, Path(path), node).rules
+    finally:
+        _KNOWN.reset(token)
+    _check_order(rules, Path(path), node)
+    return rules
