@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "node.cli_run",
     "profiles.cli",
     "routing.cli",
+    "node.cli_serve",
 )
 
 

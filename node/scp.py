@@ -1,0 +1,387 @@
+"""The DICOM SCP: C-ECHO, and C-STORE into the durable spool.
+
+The C-STORE handler writes the bytes the peer sent as a Part 10 file without
+decoding and re-encoding them (preamble, file meta from the presentation
+context, the received dataset), through :meth:`storage.spool.Spool.write`
+(temporary file, fsync, atomic rename), commits the index row, and only then
+answers Success.  It never raises; it answers a named status:
+
+==========  ===========================================================
+``0x0000``  stored (or a duplicate SOP Instance UID: first copy kept)
+``0xA700``  out of resources: below the free-disk minimum, instance
+            larger than ``limits.max_instance_bytes``, or a failed write
+``0xC210``  cannot understand: the dataset does not decode
+``0xC211``  cannot understand: a Study/Series/SOP Instance UID is missing
+            or breaks the UID grammar
+``0xC212``  cannot understand: SOP Instance UID differs from the request
+==========  ===========================================================
+
+Guards around pynetdicom: a calling AE title or host not in
+``allowed_senders`` is rejected at association; a PDU longer than the
+negotiated maximum (or an association request over 1 MiB) closes the
+connection before it is read into memory, as does a dataset growing past
+``max_instance_bytes``; the TLS handshake runs on the connection's own thread
+with a timeout, so an idle TLS client never blocks the accept loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    Verification,
+)
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.config import NodeConfig
+from node.errors import InputError, StorageError
+from storage.index import Index, InstanceRecord
+from storage.spool import Spool
+from storage.uids import check_uid
+
+logger = logging.getLogger(__name__)
+
+CT_FAMILY = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+
+#: transfer syntaxes accepted for storage: uncompressed, deflate, and the common compressed ones.
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_DECODE = 0xC210
+BAD_UID = 0xC211
+UID_MISMATCH = 0xC212
+
+#: largest A-ASSOCIATE-RQ (or other non-data PDU) read before the max PDU is negotiated.
+MAX_CONTROL_PDU = 1024 * 1024
+
+_HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class IngestStats:
+    """Counters the ops API and metrics read (updated under ``lock``)."""
+
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    bytes_stored: int = 0
+    associations_rejected: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    out = Dataset()
+    out.Status = code
+    out.ErrorComment = comment[:64]
+    return out
+
+
+class StoreHandler:
+    """The SCP's event handlers, bound to one spool and index."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.index = index
+        self.listener = listener
+        self.stats = IngestStats()
+        self.min_free = config.limits.min_free_disk_mb * 1024 * 1024
+
+    def _notify(self, kind: str, **data: Any) -> None:
+        if self.listener is not None:
+            self.listener(kind, data)
+
+    def on_requested(self, event: evt.Event) -> None:
+        """Reject at association a calling AE / host that is not allowed to send."""
+        assoc = event.assoc
+        calling, host = assoc.requestor.ae_title, assoc.requestor.address
+        if self.config.sender_for(calling, host) is None:
+            logger.warning("rejected association from %r at %s: not an allowed sender", calling, host)
+            self.stats.add(associations_rejected=1)
+            self._notify("association_rejected", calling_ae=calling, host=host)
+            assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+
+    def on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def on_store(self, event: evt.Event) -> int | Dataset:
+        """Store one instance; always return a status (this is the network boundary)."""
+        try:
+            return self._store(event)
+        except StorageError as exc:
+            logger.error("store failed: %s", exc)
+            self.stats.add(refused=1)
+            return _status(OUT_OF_RESOURCES, "write failed")
+        except Exception as exc:  # boundary: the peer gets a status, the log gets the traceback
+            logger.exception("unexpected error storing an instance")
+            self.stats.add(refused=1)
+            return _status(CANNOT_DECODE, f"cannot process: {type(exc).__name__}")
+
+    def _store(self, event: evt.Event) -> int | Dataset:
+        size = event.request.DataSet.getbuffer().nbytes
+        if size > self.config.limits.max_instance_bytes:
+            self.stats.add(refused=1)
+            return _status(OUT_OF_RESOURCES, "instance larger than the node accepts")
+        if self.spool.free_bytes() - size < self.min_free:
+            logger.warning("refusing instance: free disk below the %d MB minimum", self.config.limits.min_free_disk_mb)
+            self.stats.add(refused=1)
+            return _status(OUT_OF_RESOURCES, "free disk below the node's minimum")
+        encoded = event.encoded_dataset(include_meta=True)
+        try:
+            header = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+            uids = {tag: header.get(tag) for tag in _HEADER_TAGS[:4]}
+        except Exception as exc:  # pydicom raises many types for bad data; all mean "cannot decode"
+            logger.warning("cannot decode instance %s: %s", event.request.AffectedSOPInstanceUID, exc)
+            self.stats.add(refused=1)
+            return _status(CANNOT_DECODE, "dataset cannot be decoded")
+        try:
+            for tag in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+                check_uid(None if uids[tag] is None else str(uids[tag]), tag)
+        except InputError as exc:
+            logger.warning("refusing instance: %s", exc)
+            self.stats.add(refused=1)
+            return _status(BAD_UID, exc.message.split(" is ")[0] + " invalid")
+        sop_uid, study_uid, series_uid = (str(uids[t]) for t in ("SOPInstanceUID", "StudyInstanceUID",
+                                                                    "SeriesInstanceUID"))
+        if sop_uid != str(event.request.AffectedSOPInstanceUID):
+            self.stats.add(refused=1)
+            return _status(UID_MISMATCH, "SOPInstanceUID differs from the request")
+        return self._persist(event, encoded, header, sop_uid, study_uid, series_uid)
+
+    def _persist(self, event: evt.Event, encoded: bytes, header: Dataset, sop_uid: str, study_uid: str,
+                 series_uid: str) -> int:
+        assoc = event.assoc
+        if self.index.has_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
+            self.index.touch_duplicate(series_uid)
+            self.stats.add(duplicates=1)
+            return SUCCESS
+        path = self.spool.write(study_uid, series_uid, sop_uid, (encoded,))
+        record = InstanceRecord(
+            sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            modality=str(header.get("Modality", "")) or None,
+            path=str(path.relative_to(self.spool.root)), size_bytes=len(encoded),
+            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
+            sender_host=assoc.requestor.address,
+        )
+        if self.index.record_instance(record):
+            self.stats.add(stored=1, bytes_stored=len(encoded))
+            self._notify("instance_stored", sop_uid=sop_uid, series_uid=series_uid, size=len(encoded))
+        else:
+            self.stats.add(duplicates=1)
+        return SUCCESS
+
+
+# -- guards around pynetdicom's transport --------------------------------------------
+
+
+class GuardedSocket(AssociationSocket):
+    """An :class:`AssociationSocket` that refuses oversized PDUs and datasets.
+
+    pynetdicom's DUL reads a 6-byte PDU header, then exactly the length the
+    peer declared.  Here the declared length is checked first (the negotiated
+    maximum for P-DATA, :data:`MAX_CONTROL_PDU` for the rest) and the P-DATA
+    fragments of one message are summed; past a limit the connection is
+    closed (the DUL sees a short read and ends the association).  Reads use
+    ``recv_into`` one preallocated buffer instead of 4 KiB appends.
+    """
+
+    max_pdu: int = 131072
+    max_dataset: int = 1 << 30
+    _header_next: bool = True
+    _pdu_type: int = 0
+    _dataset_bytes: int = 0
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._header_next and nr_bytes == 6:
+            data = self._recv_exact(6)
+            if len(data) == 6:
+                self._pdu_type, _, length = struct.unpack(">BBL", data)
+                limit = self.max_pdu + 6 if self._pdu_type == 0x04 else MAX_CONTROL_PDU
+                if length > limit:
+                    logger.warning("closing connection: peer declared a %d-byte PDU (limit %d)", length, limit)
+                    return self._refuse()
+                self._header_next = False
+            return data
+        self._header_next = True
+        data = self._recv_exact(nr_bytes)
+        if self._pdu_type == 0x04 and not self._count_pdvs(data):
+            logger.warning("closing connection: dataset larger than %d bytes", self.max_dataset)
+            return self._refuse()
+        return data
+
+    def _recv_exact(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        got = 0
+        sock = self.socket
+        while got < nr_bytes and sock is not None:
+            n = sock.recv_into(view[got:], nr_bytes - got)
+            if not n:
+                return buf[:got]
+            got += n
+        return buf
+
+    def _count_pdvs(self, body: bytearray) -> bool:
+        offset = 0
+        while offset + 6 <= len(body):
+            item_len = int.from_bytes(body[offset:offset + 4], "big")
+            control = body[offset + 5]
+            if not control & 0x01:  # a dataset fragment (not a command)
+                self._dataset_bytes += item_len - 2
+                if self._dataset_bytes > self.max_dataset:
+                    return False
+                if control & 0x02:  # last fragment of this dataset
+                    self._dataset_bytes = 0
+            offset += 4 + item_len
+        return True
+
+    def _refuse(self) -> bytearray:
+        self.close()
+        return bytearray()
+
+
+class _GuardedRequestHandler(RequestHandler):
+    def _create_association(self):  # type: ignore[no-untyped-def]
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        sock.__class__ = GuardedSocket  # same object and state; only recv() is guarded
+        sock.max_pdu = self.server.max_pdu
+        sock.max_dataset = self.server.max_dataset
+        assoc.dul._run_loop_delay = self.server.loop_delay
+        return assoc
+
+
+class SegnodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved off the accept thread."""
+
+    max_pdu = 131072
+    max_dataset = 1 << 30
+    handshake_timeout = 10.0
+    loop_delay = 0.001
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["request_handler"] = _GuardedRequestHandler
+        super().__init__(*args, **kwargs)
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        assert self.socket is not None
+        return self.socket.accept()  # TLS, if any, is set up in process_request_thread
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        if self.ssl_context is not None:
+            try:
+                request.settimeout(self.handshake_timeout)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(config.tls.cert), str(config.tls.key))
+    if config.tls.client_ca is not None:
+        ctx.load_verify_locations(str(config.tls.client_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def build_ae(config: NodeConfig) -> AE:
+    """An AE with our presentation contexts and limits (not yet listening)."""
+    ae = AE(ae_title=config.ae_title)
+    ae.maximum_associations = config.limits.max_associations
+    ae.maximum_pdu_size = config.limits.max_pdu_bytes
+    ae.acse_timeout = config.limits.acse_timeout_s
+    ae.network_timeout = config.limits.network_timeout_s
+    ae.dimse_timeout = config.limits.network_timeout_s
+    ae.require_called_aet = True
+    for uid in dict.fromkeys((*CT_FAMILY, *config.storage_classes)):
+        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+    ae.add_supported_context(Verification)
+    return ae
+
+
+@dataclass
+class RunningSCP:
+    """A listening SCP; ``stop()`` closes the port and waits for the accept thread."""
+
+    ae: AE
+    server: SegnodeServer
+    handler: StoreHandler
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=5)
+        self.ae.shutdown()
+
+
+def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None,
+              *, loop_delay: float = 0.001) -> RunningSCP:
+    """Listen on ``config.host:config.port`` in a background thread."""
+    ae = build_ae(config)
+    handler = StoreHandler(config, spool, index, listener)
+    handlers = [
+        (evt.EVT_REQUESTED, handler.on_requested),
+        (evt.EVT_C_ECHO, handler.on_echo),
+        (evt.EVT_C_STORE, handler.on_store),
+    ]
+    server = ae.make_server((config.host, config.port), evt_handlers=handlers,
+                            ssl_context=server_ssl_context(config), server_class=SegnodeServer)
+    server.max_pdu = config.limits.max_pdu_bytes
+    server.max_dataset = config.limits.max_instance_bytes
+    server.loop_delay = loop_delay
+    if config.tls is not None:
+        server.handshake_timeout = config.tls.handshake_timeout_s
+    ae._servers.append(server)  # as AE.start_server does, so AE.shutdown() stops it
+    thread = threading.Thread(target=server.serve_forever, name="segnode-scp", daemon=True)
+    thread.start()
+    logger.info("SCP %s listening on %s:%d", config.ae_title, config.host, server.server_address[1])
+    return RunningSCP(ae, server, handler, thread)

@@ -1,0 +1,244 @@
+"""The node process: SCP, completion sweep, worker processes, dispatch, housekeeping.
+
+Data flows one way through the index (:mod:`storage.index`):
+
+1. the SCP (:mod:`node.scp`) spools instances and opens ``received`` jobs;
+2. the completion sweep, after the quiet period, routes each series
+   (:mod:`routing`) → ``complete`` (or ``not_routed``);
+3. the job starter claims ``complete`` jobs (→ ``segmenting``) and runs each in
+   its own process (:mod:`node.worker`) → ``encoded`` or ``failed``;
+4. the dispatcher sends each SEG to its destinations with retries and backoff
+   (:mod:`node.dispatch`) → ``done`` or ``dead_letter``;
+5. housekeeping removes spooled series some time after their job is done.
+
+APScheduler drives 2–5 on intervals; a finished step also triggers the next
+one directly, so latency does not wait for a tick.  Anything acknowledged but
+unfinished resumes on restart, because every step reads its work from the
+index.  Listeners (:attr:`Service.listeners`) receive ``(kind, data)`` events
+for an ops API, metrics or an audit log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import dcmread
+
+from node.config import NodeConfig
+from node.dispatch import backoff_s, deliver
+from node.errors import ConfigError, SegnodeError
+from node.scp import Listener, RunningSCP, start_scp
+from node.worker import JobSpec, run_job
+from storage.index import Index, Job, JobState
+from storage.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+SENDER = "@sender"
+
+
+def _rules_holder(config: NodeConfig) -> Any:
+    from profiles.loader import profile_paths
+    from routing import RulesHolder
+
+    return RulesHolder(config.routes, profiles=tuple(profile_paths()),
+                       destinations=tuple(d.name for d in config.destinations))
+
+
+class Service:
+    """Everything ``segnode serve`` runs, in one object (also used by tests in-process)."""
+
+    def __init__(self, config: NodeConfig, *, scp_loop_delay: float = 0.001) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(config.spool_dir)
+        self.index = Index(config.index_path)
+        self.rules = _rules_holder(config)
+        self.listeners: list[Listener] = []
+        self.scp: RunningSCP | None = None
+        self._loop_delay = scp_loop_delay
+        self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
+        self._running = 0
+        self._lock = threading.Lock()
+        self._dispatch_lock = threading.Lock()
+        self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> int:
+        """Recover, listen, schedule; return the SCP's port."""
+        self.spool.clean_partial()
+        for job_id in self.index.recover():
+            logger.info("job %d was interrupted while segmenting; it will run again", job_id)
+        self.scp = start_scp(self.config, self.spool, self.index, self._emit, loop_delay=self._loop_delay)
+        every = self._scheduler.add_job
+        every(self.sweep_completion, "interval", seconds=self.config.completion.sweep_interval_s, id="completion")
+        every(self.start_jobs, "interval", seconds=1.0, id="jobs")
+        every(self.dispatch_due, "interval", seconds=self.config.dispatch.poll_interval_s, id="dispatch")
+        every(self.housekeeping, "interval", seconds=self.config.housekeeping.interval_s, id="housekeeping")
+        self._scheduler.start()
+        (self.config.state_dir / "segnode.pid").write_text(f"{os.getpid()}\n")
+        self.start_jobs()  # resume at once what a restart left
+        return self.scp.port
+
+    def stop(self) -> None:
+        """Stop listening and scheduling; running worker processes exit with us."""
+        if self.scp is not None:
+            self.scp.stop()
+        self._scheduler.shutdown(wait=False)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        (self.config.state_dir / "segnode.pid").unlink(missing_ok=True)
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        for listener in self.listeners:
+            listener(kind, data)
+
+    # -- 2. completion and routing ------------------------------------------------------
+    def sweep_completion(self) -> None:
+        quiet = self.config.completion
+        due = self.index.due_for_completion(quiet.quiet_period_s, by_study=quiet.group_by == "study")
+        for job in due:
+            self._route(job)
+        if due:
+            self.start_jobs()
+
+    def _route(self, job: Job) -> None:
+        info = self.index.series(job.series_uid)
+        paths = self.index.instance_paths(job.series_uid)
+        if info is None or not paths:
+            return
+        header = dcmread(self.spool.root / paths[0], stop_before_pixels=True)
+        decision = self.rules.current.evaluate(header, calling_ae=info.calling_ae, called_ae=info.called_ae,
+                                               sender_host=info.sender_host)
+        if decision is None:
+            self.index.transition(job.job_id, JobState.NOT_ROUTED, "no routing rule matched")
+            self._emit("job_state", {"job_id": job.job_id, "state": JobState.NOT_ROUTED.value})
+            return
+        destinations = self._resolve_destinations(decision.destinations, info.calling_ae, info.sender_host)
+        self.index.mark_complete(job.job_id, rule=decision.rule, profile=decision.profile,
+                                 backend=decision.backend, destinations=destinations)
+        logger.info("series %s complete (%d instances): rule %s, profile %s, to %s", job.series_uid,
+                    info.instance_count, decision.rule, decision.profile, ", ".join(destinations) or "nowhere")
+        self._emit("job_state", {"job_id": job.job_id, "state": JobState.COMPLETE.value})
+
+    def _resolve_destinations(self, names: tuple[str, ...], calling_ae: str, host: str) -> tuple[str, ...]:
+        out: list[str] = []
+        for name in names:
+            if name == SENDER:
+                sender = self.config.sender_for(calling_ae, host)
+                if sender is None or sender.destination is None:
+                    logger.warning("rule sends back to the sender, but %s at %s has no destination configured",
+                                   calling_ae, host)
+                    continue
+                name = sender.destination
+            if name not in out:
+                out.append(name)
+        return tuple(out)
+
+    # -- 3. segmentation ------------------------------------------------------------------
+    def start_jobs(self) -> None:
+        """Claim ``complete`` jobs up to the configured concurrency."""
+        while True:
+            with self._lock:
+                if self._running >= self.config.worker.concurrency:
+                    return
+                job = self.index.claim_next()
+                if job is None:
+                    return
+                self._running += 1
+            self._emit("job_state", {"job_id": job.job_id, "state": JobState.SEGMENTING.value})
+            self._pool.submit(self._segment, job)
+
+    def job_spec(self, job: Job) -> JobSpec:
+        info = self.index.series(job.series_uid)
+        if info is None or job.profile is None:
+            raise ConfigError("job has no series or no profile", where=f"job {job.job_id}")
+        worker = self.config.worker
+        out = self.config.results_dir / f"job-{job.job_id}" / f"attempt-{job.segment_attempts}"
+        return JobSpec(job_id=job.job_id, series_uid=job.series_uid,
+                       input_dir=str(self.spool.series_dir(info.study_uid, info.series_uid)),
+                       profile=job.profile, out_dir=str(out), backend=job.backend, seg_type=worker.seg_type,
+                       device=worker.device, threads=worker.threads,
+                       weights_dir=str(worker.weights_dir) if worker.weights_dir else None)
+
+    def _segment(self, job: Job) -> None:
+        try:
+            self._segment_one(job)
+        finally:
+            with self._lock:
+                self._running -= 1
+        self.start_jobs()
+
+    def _segment_one(self, job: Job) -> None:
+        try:
+            spec = self.job_spec(job)
+        except SegnodeError as exc:
+            self.index.transition(job.job_id, JobState.FAILED, str(exc))
+            return
+        started = time.monotonic()
+        outcome = run_job(spec, timeout_s=self.config.worker.timeout_s)
+        if not outcome.ok:
+            reason = f"{outcome.error_kind}: {outcome.message}"
+            logger.error("job %d failed: %s", job.job_id, reason)
+            self.index.transition(job.job_id, JobState.FAILED, reason)
+            self._emit("job_state", {"job_id": job.job_id, "state": JobState.FAILED.value, "reason": reason})
+            return
+        result = outcome.result or {}
+        self.index.mark_encoded(job.job_id, seg_path=result.get("seg_path"),
+                                seg_series_uid=result.get("seg_series_uid"),
+                                seg_sop_uid=result.get("seg_sop_instance_uid"),
+                                backend_used=str(result.get("backend_used")),
+                                model_version=str(result.get("model_version")))
+        logger.info("job %d segmented in %.1f s", job.job_id, time.monotonic() - started)
+        self._emit("job_state", {"job_id": job.job_id, "state": JobState.ENCODED.value})
+        self.dispatch_due()
+
+    # -- 4. dispatch --------------------------------------------------------------------
+    def dispatch_due(self) -> None:
+        """Attempt every delivery whose time has come (one pass at a time)."""
+        if not self._dispatch_lock.acquire(blocking=False):
+            return
+        try:
+            for job, delivery in self.index.due_deliveries():
+                self._deliver(job, delivery.destination, delivery.attempts)
+        finally:
+            self._dispatch_lock.release()
+
+    def _deliver(self, job: Job, destination: str, attempts: int) -> None:
+        settings = self.config.dispatch
+        try:
+            result = deliver(self.config, destination, Path(job.seg_path or ""))
+        except SegnodeError as exc:  # unknown destination, unreadable SEG: retrying will not help
+            self.index.delivery_result(job.job_id, destination, ok=False, error=str(exc))
+            return
+        tries = attempts + 1
+        retry_at = None
+        if not result.ok and result.retryable and tries < settings.max_attempts:
+            retry_at = time.time() + backoff_s(tries, settings.backoff_initial_s, settings.backoff_max_s)
+        self.index.delivery_result(job.job_id, destination, ok=result.ok, error=None if result.ok else result.message,
+                                   retry_at=retry_at)
+        self._emit("delivery", {"job_id": job.job_id, "destination": destination, "ok": result.ok,
+                                "message": result.message})
+
+    # -- 5. housekeeping ------------------------------------------------------------------
+    def housekeeping(self) -> None:
+        before = time.time() - self.config.housekeeping.spool_retention_s
+        for series in self.index.purgeable_series(before):
+            self.spool.remove_series(series.study_uid, series.series_uid)
+            self.index.mark_purged(series.series_uid)
+            logger.info("removed spooled series %s (done)", series.series_uid)
+
+
+def serve_forever(service: Service, stop: threading.Event) -> None:
+    """Run ``service`` until ``stop`` is set."""
+    service.start()
+    try:
+        stop.wait()
+    finally:
+        service.stop()

@@ -1,0 +1,526 @@
+"""The node's index: SQLite (WAL) of studies, series, instances, jobs and deliveries.
+
+The schema is part of the node's interface: the ops API, metrics and audit log
+read it.  Times are POSIX seconds (UTC, ``REAL``).  Tables:
+
+``studies``     one row per Study Instance UID seen.
+``series``      one row per Series Instance UID: who sent it (calling/called AE,
+                host), how many instances, when the first and last arrived, and
+                ``purged_at`` once housekeeping removed its spool folder.
+``instances``   one row per acknowledged instance; ``path`` is relative to the
+                spool root.  A row exists only once the file is durable.
+``jobs``        one row per unit of work on a series; ``state`` follows
+                :class:`JobState`; the routing decision, the SEG produced and
+                the last ``reason`` are kept on the row.
+``job_events``  every state change of every job, with its time and reason.
+``deliveries``  one row per (job, destination): attempts, next attempt time,
+                last error, delivery time.
+
+Job states::
+
+    received → complete → segmenting → encoded → sending → done
+                  │             └→ failed           └→ dead_letter
+                  └→ not_routed
+
+A job is created (``received``) by the first instance of a series; a new
+instance arriving after the job left ``received`` opens a new job.  On
+restart :meth:`Index.recover` returns ``segmenting`` jobs to ``complete``;
+every other state resumes by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from node.errors import StorageError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid          TEXT PRIMARY KEY,
+    first_received_at  REAL NOT NULL,
+    last_received_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid         TEXT PRIMARY KEY,
+    study_uid          TEXT NOT NULL REFERENCES studies(study_uid),
+    modality           TEXT,
+    calling_ae         TEXT NOT NULL,
+    called_ae          TEXT NOT NULL,
+    sender_host        TEXT NOT NULL,
+    instance_count     INTEGER NOT NULL DEFAULT 0,
+    duplicate_count    INTEGER NOT NULL DEFAULT 0,
+    first_received_at  REAL NOT NULL,
+    last_received_at   REAL NOT NULL,
+    purged_at          REAL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid              TEXT PRIMARY KEY,
+    series_uid           TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class_uid        TEXT NOT NULL,
+    transfer_syntax_uid  TEXT NOT NULL,
+    path                 TEXT NOT NULL,
+    size_bytes           INTEGER NOT NULL,
+    received_at          REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid        TEXT NOT NULL REFERENCES series(series_uid),
+    study_uid         TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    reason            TEXT,
+    rule              TEXT,
+    profile           TEXT,
+    backend           TEXT,
+    destinations      TEXT NOT NULL DEFAULT '[]',
+    segment_attempts  INTEGER NOT NULL DEFAULT 0,
+    seg_path          TEXT,
+    seg_series_uid    TEXT,
+    seg_sop_uid       TEXT,
+    backend_used      TEXT,
+    model_version     TEXT,
+    created_at        REAL NOT NULL,
+    updated_at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid);
+CREATE TABLE IF NOT EXISTS job_events (
+    event_id  INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id    INTEGER NOT NULL REFERENCES jobs(job_id),
+    at        REAL NOT NULL,
+    state     TEXT NOT NULL,
+    reason    TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id           INTEGER NOT NULL REFERENCES jobs(job_id),
+    destination      TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL NOT NULL,
+    last_error       TEXT,
+    delivered_at     REAL,
+    PRIMARY KEY (job_id, destination)
+);
+"""
+
+
+class JobState(str, Enum):
+    RECEIVED = "received"
+    COMPLETE = "complete"
+    SEGMENTING = "segmenting"
+    ENCODED = "encoded"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD_LETTER = "dead_letter"
+    NOT_ROUTED = "not_routed"
+
+
+class DeliveryState(str, Enum):
+    PENDING = "pending"
+    DONE = "done"
+    DEAD = "dead"
+
+
+#: allowed transitions: target state → states it may be entered from.
+_FROM: dict[JobState, tuple[JobState, ...]] = {
+    JobState.COMPLETE: (JobState.RECEIVED, JobState.SEGMENTING, JobState.FAILED),
+    JobState.NOT_ROUTED: (JobState.RECEIVED,),
+    JobState.RECEIVED: (JobState.NOT_ROUTED,),
+    JobState.SEGMENTING: (JobState.COMPLETE,),
+    JobState.ENCODED: (JobState.SEGMENTING,),
+    JobState.FAILED: (JobState.SEGMENTING, JobState.COMPLETE),
+    JobState.SENDING: (JobState.ENCODED, JobState.DEAD_LETTER),
+    JobState.DONE: (JobState.ENCODED, JobState.SENDING),
+    JobState.DEAD_LETTER: (JobState.SENDING,),
+}
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the SCP knows about one received instance."""
+
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    path: str  # relative to the spool root
+    size_bytes: int
+    calling_ae: str
+    called_ae: str
+    sender_host: str
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: int
+    series_uid: str
+    study_uid: str
+    state: JobState
+    reason: str | None
+    rule: str | None
+    profile: str | None
+    backend: str | None
+    destinations: tuple[str, ...]
+    segment_attempts: int
+    seg_path: str | None
+    seg_series_uid: str | None
+    seg_sop_uid: str | None
+    backend_used: str | None
+    model_version: str | None
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Job":
+        data = dict(row)
+        data["state"] = JobState(data["state"])
+        data["destinations"] = tuple(json.loads(data["destinations"]))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: int
+    destination: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    delivered_at: float | None
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    calling_ae: str
+    called_ae: str
+    sender_host: str
+    instance_count: int
+    duplicate_count: int
+    first_received_at: float
+    last_received_at: float
+    purged_at: float | None
+
+
+class Index:
+    """Thread-safe access to the index database (one connection per thread).
+
+    Parameters
+    ----------
+    path:
+        The SQLite file; created with the schema if missing.
+    clock:
+        Source of "now" (POSIX seconds); tests pass a fake.
+    """
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db().executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    # -- connection ---------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open index: {exc}", where=str(self.path)) from exc
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StorageError(f"index: {exc}", where=str(self.path)) from exc
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- ingest -------------------------------------------------------------------
+    def has_instance(self, sop_uid: str) -> bool:
+        row = self._db().execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        return row is not None
+
+    def touch_duplicate(self, series_uid: str) -> None:
+        """Count a duplicate for ``series_uid`` (it also restarts the quiet period)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET duplicate_count = duplicate_count + 1, last_received_at = ? "
+                "WHERE series_uid = ?",
+                (self.clock(), series_uid),
+            )
+
+    def record_instance(self, rec: InstanceRecord) -> bool:
+        """Commit one durable instance; return ``False`` if it was already known.
+
+        Also opens a ``received`` job for the series when none is open.
+        """
+        now = self.clock()
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (rec.sop_uid,)).fetchone():
+                return False
+            db.execute(
+                "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT(study_uid) "
+                "DO UPDATE SET last_received_at = excluded.last_received_at",
+                (rec.study_uid, now, now),
+            )
+            db.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, calling_ae, called_ae, sender_host, "
+                "instance_count, first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
+                "ON CONFLICT(series_uid) DO UPDATE SET instance_count = instance_count + 1, "
+                "last_received_at = excluded.last_received_at, purged_at = NULL",
+                (rec.series_uid, rec.study_uid, rec.modality, rec.calling_ae, rec.called_ae,
+                 rec.sender_host, now, now),
+            )
+            db.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rec.sop_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax_uid,
+                 rec.path, rec.size_bytes, now),
+            )
+            open_job = db.execute(
+                "SELECT 1 FROM jobs WHERE series_uid = ? AND state = ?", (rec.series_uid, JobState.RECEIVED.value)
+            ).fetchone()
+            if open_job is None:
+                cur = db.execute(
+                    "INSERT INTO jobs (series_uid, study_uid, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (rec.series_uid, rec.study_uid, JobState.RECEIVED.value, now, now),
+                )
+                self._event(db, cur.lastrowid, JobState.RECEIVED, "first instance received", now)
+        return True
+
+    # -- state machine ------------------------------------------------------------
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: int | None, state: JobState, reason: str | None, now: float) -> None:
+        db.execute("INSERT INTO job_events (job_id, at, state, reason) VALUES (?, ?, ?, ?)",
+                   (job_id, now, state.value, reason))
+
+    def _move(self, db: sqlite3.Connection, job_id: int, to: JobState, reason: str | None, **fields: object) -> bool:
+        now = self.clock()
+        sets = "".join(
+            f", {name} = {name} + 1" if isinstance(value, _Increment) else f", {name} = ?"
+            for name, value in fields.items()
+        )
+        values = [v for v in fields.values() if not isinstance(v, _Increment)]
+        allowed = tuple(s.value for s in _FROM[to])
+        cur = db.execute(
+            f"UPDATE jobs SET state = ?, reason = ?, updated_at = ?{sets} "
+            f"WHERE job_id = ? AND state IN ({','.join('?' * len(allowed))})",
+            (to.value, reason, now, *values, job_id, *allowed),
+        )
+        if cur.rowcount:
+            self._event(db, job_id, to, reason, now)
+        return bool(cur.rowcount)
+
+    def transition(self, job_id: int, to: JobState, reason: str | None = None, **fields: object) -> bool:
+        """Move a job to ``to`` if the state machine allows it; return whether it moved."""
+        with self._tx() as db:
+            return self._move(db, job_id, to, reason, **fields)
+
+    def due_for_completion(self, quiet_s: float, *, by_study: bool = False) -> list[Job]:
+        """``received`` jobs whose series (or study) had no new instance for ``quiet_s``."""
+        cutoff = self.clock() - quiet_s
+        table, key = ("studies", "study_uid") if by_study else ("series", "series_uid")
+        rows = self._db().execute(
+            f"SELECT jobs.* FROM jobs JOIN {table} ON {table}.{key} = jobs.{key} "
+            f"WHERE jobs.state = ? AND {table}.last_received_at <= ? ORDER BY jobs.job_id",
+            (JobState.RECEIVED.value, cutoff),
+        ).fetchall()
+        if by_study:  # a study is quiet only if every one of its series is
+            quiet_series = {r["series_uid"] for r in self._db().execute(
+                "SELECT series_uid FROM series WHERE last_received_at <= ?", (cutoff,))}
+            rows = [r for r in rows if r["series_uid"] in quiet_series]
+        return [Job.from_row(r) for r in rows]
+
+    def mark_complete(self, job_id: int, *, rule: str, profile: str, backend: str | None,
+                      destinations: tuple[str, ...]) -> bool:
+        return self.transition(job_id, JobState.COMPLETE, f"routed by rule {rule!r}", rule=rule,
+                               profile=profile, backend=backend, destinations=json.dumps(list(destinations)))
+
+    def claim_next(self) -> Job | None:
+        """Atomically move the oldest ``complete`` job to ``segmenting`` and return it."""
+        with self._tx() as db:
+            row = db.execute("SELECT job_id FROM jobs WHERE state = ? ORDER BY job_id LIMIT 1",
+                             (JobState.COMPLETE.value,)).fetchone()
+            if row is None:
+                return None
+            self._move(db, row["job_id"], JobState.SEGMENTING, None, segment_attempts=_Increment())
+            return Job.from_row(db.execute("SELECT * FROM jobs WHERE job_id = ?", (row["job_id"],)).fetchone())
+
+    def mark_encoded(self, job_id: int, *, seg_path: str | None, seg_series_uid: str | None,
+                     seg_sop_uid: str | None, backend_used: str, model_version: str) -> None:
+        """Record the SEG, open one delivery per destination, and move on."""
+        now = self.clock()
+        with self._tx() as db:
+            moved = self._move(db, job_id, JobState.ENCODED, "segmentation encoded", seg_path=seg_path,
+                               seg_series_uid=seg_series_uid, seg_sop_uid=seg_sop_uid,
+                               backend_used=backend_used, model_version=model_version)
+            if not moved:
+                return
+            job = Job.from_row(db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
+            for name in job.destinations:
+                db.execute("INSERT OR REPLACE INTO deliveries (job_id, destination, state, attempts, "
+                           "next_attempt_at) VALUES (?, ?, ?, 0, ?)", (job_id, name, DeliveryState.PENDING.value, now))
+            if job.destinations and seg_path:
+                self._move(db, job_id, JobState.SENDING, f"sending to {', '.join(job.destinations)}")
+            else:
+                self._move(db, job_id, JobState.DONE, "no destination")
+
+    # -- deliveries ---------------------------------------------------------------
+    def due_deliveries(self) -> list[tuple[Job, Delivery]]:
+        rows = self._db().execute(
+            "SELECT d.* FROM deliveries d JOIN jobs j ON j.job_id = d.job_id "
+            "WHERE j.state = ? AND d.state = ? AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at",
+            (JobState.SENDING.value, DeliveryState.PENDING.value, self.clock()),
+        ).fetchall()
+        return [(self.job(r["job_id"]), _delivery(r)) for r in rows]
+
+    def delivery_result(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
+                        retry_at: float | None = None) -> None:
+        """Record one attempt: delivered, to retry at ``retry_at``, or dead (``retry_at`` None)."""
+        now = self.clock()
+        state = DeliveryState.DONE if ok else (DeliveryState.PENDING if retry_at is not None else DeliveryState.DEAD)
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
+                "next_attempt_at = ?, delivered_at = ? WHERE job_id = ? AND destination = ?",
+                (state.value, error, retry_at or now, now if ok else None, job_id, destination),
+            )
+            states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))}
+            if DeliveryState.PENDING.value in states:
+                if not ok:
+                    db.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE job_id = ?",
+                               (f"{destination}: {error} (will retry)", now, job_id))
+            elif DeliveryState.DEAD.value in states:
+                self._move(db, job_id, JobState.DEAD_LETTER, f"{destination}: {error}")
+            else:
+                self._move(db, job_id, JobState.DONE, "delivered")
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        rows = self._db().execute("SELECT * FROM deliveries WHERE job_id = ? ORDER BY destination", (job_id,))
+        return [_delivery(r) for r in rows]
+
+    # -- operator actions and recovery --------------------------------------------
+    def retry(self, job_id: int) -> JobState:
+        """Put a failed, dead-lettered or not-routed job back in the pipeline; return its new state."""
+        job = self.job(job_id)
+        if job is None:
+            raise StorageError("no such job", where=f"job {job_id}")
+        with self._tx() as db:
+            if job.state is JobState.FAILED:
+                self._move(db, job_id, JobState.COMPLETE, "retry requested")
+            elif job.state is JobState.DEAD_LETTER:
+                db.execute("UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ? "
+                           "WHERE job_id = ? AND state = ?",
+                           (DeliveryState.PENDING.value, self.clock(), job_id, DeliveryState.DEAD.value))
+                self._move(db, job_id, JobState.SENDING, "retry requested")
+            elif job.state is JobState.NOT_ROUTED:
+                self._move(db, job_id, JobState.RECEIVED, "re-route requested")
+            else:
+                raise StorageError(f"job is {job.state.value}; only failed, dead_letter or not_routed "
+                                   "jobs can be retried", where=f"job {job_id}")
+        return self.job(job_id).state  # type: ignore[union-attr]
+
+    def recover(self) -> list[int]:
+        """At start-up: jobs interrupted while segmenting go back to ``complete``."""
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT job_id FROM jobs WHERE state = ?", (JobState.SEGMENTING.value,))]
+            for job_id in ids:
+                self._move(db, job_id, JobState.COMPLETE, "resumed after restart")
+        return ids
+
+    # -- queries ------------------------------------------------------------------
+    def job(self, job_id: int) -> Job | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
+    def jobs(self, state: JobState | None = None, limit: int = 100) -> list[Job]:
+        if state is None:
+            rows = self._db().execute("SELECT * FROM jobs ORDER BY job_id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._db().execute("SELECT * FROM jobs WHERE state = ? ORDER BY job_id DESC LIMIT ?",
+                                      (JobState(state).value, limit))
+        return [Job.from_row(r) for r in rows]
+
+    def events(self, job_id: int) -> list[tuple[float, JobState, str | None]]:
+        rows = self._db().execute("SELECT at, state, reason FROM job_events WHERE job_id = ? ORDER BY event_id",
+                                  (job_id,))
+        return [(r["at"], JobState(r["state"]), r["reason"]) for r in rows]
+
+    def counts(self) -> dict[JobState, int]:
+        rows = self._db().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+        return {JobState(state): n for state, n in rows}
+
+    def series(self, series_uid: str) -> SeriesInfo | None:
+        row = self._db().execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+        return SeriesInfo(**dict(row)) if row else None
+
+    def instance_paths(self, series_uid: str) -> list[str]:
+        rows = self._db().execute("SELECT path FROM instances WHERE series_uid = ? ORDER BY path", (series_uid,))
+        return [r[0] for r in rows]
+
+    def instance_count(self) -> int:
+        return self._db().execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+
+    def purgeable_series(self, done_before: float) -> list[SeriesInfo]:
+        """Series not yet purged whose latest job is ``done`` since before ``done_before``."""
+        rows = self._db().execute(
+            "SELECT s.* FROM series s JOIN jobs j ON j.job_id = "
+            "(SELECT MAX(job_id) FROM jobs WHERE series_uid = s.series_uid) "
+            "WHERE s.purged_at IS NULL AND j.state = ? AND j.updated_at <= ?",
+            (JobState.DONE.value, done_before),
+        ).fetchall()
+        return [SeriesInfo(**dict(r)) for r in rows]
+
+    def mark_purged(self, series_uid: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET purged_at = ? WHERE series_uid = ?", (self.clock(), series_uid))
+
+
+class _Increment:
+    """Marker for :meth:`Index._move`: add one to the column instead of setting it."""
+
+
+def _delivery(row: sqlite3.Row) -> Delivery:
+    data = dict(row)
+    data["state"] = DeliveryState(data["state"])
+    return Delivery(**data)
