@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "profiles.cli",
     "routing.cli",
     "node.cli_serve",
+    "storage.cli",
 )
 
 
