@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from node.errors import ConfigError
+from node.ops_config import AuditConfig, HttpConfig
 from node.yamlconf import Frozen, load_model
 
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.+*/:")
@@ -148,6 +149,8 @@ class NodeConfig(Frozen):
     dispatch: Dispatch = Dispatch()
     worker: Worker = Worker()
     housekeeping: Housekeeping = Housekeeping()
+    http: HttpConfig = HttpConfig()  # ops API, status page, metrics (node/http_api.py)
+    audit: AuditConfig = AuditConfig()  # audit log (node/audit.py)
 
     @field_validator("storage_classes")
     @classmethod
@@ -220,6 +223,8 @@ def _resolve_paths(config: NodeConfig, base: Path) -> NodeConfig:
         return None if p is None else (p.expanduser() if p.expanduser().is_absolute() else base / p)
 
     update: dict[str, object] = {"state_dir": fix(config.state_dir), "routes": fix(config.routes)}
+    update["http"] = config.http.model_copy(update={"token_file": fix(config.http.token_file)})
+    update["audit"] = config.audit.model_copy(update={"path": fix(config.audit.path)})
     if config.tls is not None:
         update["tls"] = config.tls.model_copy(update={
             "cert": fix(config.tls.cert), "key": fix(config.tls.key), "client_ca": fix(config.tls.client_ca)})
