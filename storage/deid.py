@@ -31,6 +31,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
@@ -60,7 +61,7 @@ _DUMMY: dict[str, object] = {
     "AS": "000Y",
     "IS": "0",
     "DS": "0",
-    "UR": "",
+    "UR": "urn:anonymized",
     "US": 0, "SS": 0, "UL": 0, "SL": 0, "FL": 0.0, "FD": 0.0, "SV": 0, "UV": 0, "AT": 0,
 }
 _TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "CS", "AE"}
@@ -280,8 +281,8 @@ class Deidentifier:
                 int(elem.tag)
             ) in (None, Action.KEEP, Action.CLEAN):
                 continue
-            values = [elem.value] if isinstance(elem.value, str) else list(elem.value or [])
-            for value in map(str, values):
+            values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+            for value in (str(v) for v in values if v is not None):
                 terms.add(value.strip())
                 terms.update(re.split(r"[\^=\s,/]+", value))
         return tuple(sorted((t for t in terms if len(t) >= 3), key=len, reverse=True))
