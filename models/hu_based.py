@@ -1,0 +1,122 @@
+"""The ``hu_based`` backend: threshold-and-morphology segmentation, no weights.
+
+The profile's ``options.hu_based.method`` picks the method and its tissues
+(in profile order) receive the masks:
+
+* ``brain``: tissues ``brain`` and ``shell`` (:mod:`models.hu_brain`);
+* ``lungs``: tissues ``lung_left`` and ``lung_right`` (:mod:`models.hu_lungs`);
+* ``bone``: tissue ``bone`` (:mod:`models.hu_bone`).
+
+Each tissue's ``hu_range`` is its threshold.  A tissue the method finds
+nothing of is returned empty, with a note in the label map saying why.
+Left and right come from patient coordinates (the volume's direction), never
+from the array order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.base import RunSettings
+from models.hu_bone import segment_bone
+from models.hu_brain import segment_brain
+from models.hu_lungs import segment_lungs
+from models.volume import LabelMap, Volume
+from node.errors import BackendError, ConfigError
+from profiles.schema import Backend, Profile
+
+logger = logging.getLogger(__name__)
+
+VERSION = "hu_based-1.0"
+
+#: method → the tissue names it produces, in the order its function returns them.
+METHOD_TISSUES: dict[str, tuple[str, ...]] = {
+    "brain": ("brain", "shell"),
+    "lungs": ("lung_left", "lung_right"),
+    "bone": ("bone",),
+}
+
+
+@dataclass(frozen=True)
+class HuBasedModel:
+    """A loaded ``hu_based`` method bound to its profile's tissues and thresholds."""
+
+    method: str
+    labels: dict[int, str]
+    ranges: dict[str, tuple[float, float]]
+    backend: Backend = Backend.HU_BASED
+    model_version: str = VERSION
+    weights_hash: str = ""
+
+    def segment(self, volume: Volume) -> LabelMap:
+        started = time.perf_counter()
+        masks, notes = self._run(volume)
+        array = np.zeros(volume.shape, dtype=np.uint8)
+        for value, name in self.labels.items():
+            array[masks[name]] = value
+        logger.info(
+            "hu_based %s on %s voxels: %.2f s (%s)",
+            self.method,
+            "x".join(map(str, volume.shape)),
+            time.perf_counter() - started,
+            ", ".join(f"{n}={int(np.count_nonzero(masks[n]))}" for n in self.labels.values()),
+        )
+        return LabelMap(
+            array=array,
+            labels=dict(self.labels),
+            backend=self.backend.value,
+            model_version=self.model_version,
+            weights_hash=self.weights_hash,
+            notes=tuple(notes),
+        )
+
+    def _run(self, volume: Volume) -> tuple[dict[str, np.ndarray], list[str]]:
+        r = self.ranges
+        try:
+            if self.method == "brain":
+                brain, shell, notes = segment_brain(volume, r["brain"], r["shell"])
+                return {"brain": brain, "shell": shell}, notes
+            if self.method == "lungs":
+                lungs_range = (min(r["lung_left"][0], r["lung_right"][0]), max(r["lung_left"][1], r["lung_right"][1]))
+                left, right, notes = segment_lungs(volume, lungs_range)
+                return {"lung_left": left, "lung_right": right}, notes
+            bone, notes = segment_bone(volume, r["bone"])
+            return {"bone": bone}, notes
+        except MemoryError as exc:
+            raise BackendError(f"hu_based {self.method}: out of memory on a {volume.shape} volume") from exc
+
+
+class HuBasedBackend:
+    """``hu_based``: always available, nothing to load but the profile."""
+
+    name = Backend.HU_BASED
+
+    def is_available(self) -> bool:
+        return True
+
+    def load(self, profile: Profile, settings: RunSettings) -> HuBasedModel:
+        if profile.options.hu_based is None:
+            raise ConfigError("profile has no options.hu_based.method", where=f"profile {profile.organ}")
+        method = profile.options.hu_based.method
+        wanted = METHOD_TISSUES[method]
+        labels = profile.label_values()
+        names = tuple(labels.values())
+        if sorted(names) != sorted(wanted):
+            raise ConfigError(
+                f"hu_based method {method!r} produces tissues {list(wanted)}, the profile has {list(names)}",
+                where=f"profile {profile.organ}",
+            )
+        ranges = {}
+        for name in names:
+            hu_range = profile.tissue(name).hu_range
+            if hu_range is None:
+                raise ConfigError(f"tissue {name!r} needs an hu_range for hu_based", where=f"profile {profile.organ}")
+            ranges[name] = (float(hu_range[0]), float(hu_range[1]))
+        return HuBasedModel(method=method, labels=labels, ranges=ranges)
+
+
+BACKEND = HuBasedBackend()

@@ -1,0 +1,76 @@
+"""Bone by threshold: dense voxels inside the patient, minus thick contrast lumens.
+
+1. Candidates: the bone ``hu_range`` inside the body (table, head holder and
+   their metal rails cut off by :func:`models.hu_regions.body_mask`).
+2. Contrast-filled vessels and heart chambers reach the bone range too
+   (250–500 HU in an arterial phase).  They are thick and homogeneous where
+   bone is thin (cortex, ribs) or, in a vertebral body, ringed by a dense
+   cortex.  Candidates deeper than :data:`VESSEL_CORE_MM` and everything of
+   the candidates within that depth of them (the lumen) are dropped, except
+   voxels ``≥`` :data:`CORTEX_HU` (cortex stays).  What a vertebral body loses
+   this way comes back in step 4 as marrow inside its cortical ring.
+3. Components below :data:`MIN_BONE_ML` dropped (calcifications, noise).
+4. Marrow: after a per-slice closing of :data:`MARROW_CLOSE_MM`, holes in a
+   slice are filled when their mean HU is at least :data:`MARROW_HU`
+   (trabecular bone below the threshold) or when they are tiny; the spinal
+   canal (CSF/cord, ~0–40 HU) and fatty marrow stay open.
+
+Limits: vessels thinner than twice :data:`VESSEL_CORE_MM`, the part of a
+vessel wall within that depth of bone, undiluted contrast (above
+:data:`CORTEX_HU`) and a lumen inside a closed ring of calcified wall are
+labelled bone; cartilage calcification and dense implants are bone too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from models import morphology as mm
+from models.hu_regions import Grid, body_mask, in_range, refine, working_grid
+from models.volume import Volume
+
+CORTEX_HU = 600.0
+VESSEL_CORE_MM = 5.0
+MIN_BONE_ML = 0.1
+MARROW_HU = 100.0
+MARROW_CLOSE_MM = 3.0
+TINY_HOLE_MM2 = 10.0
+
+
+def segment_bone(volume: Volume, hu_range: tuple[float, float]) -> tuple[np.ndarray, list[str]]:
+    """Bone mask on the volume's grid, and notes on what was done."""
+    grid = working_grid(volume)
+    body = mm.fill_holes(body_mask(grid), per_slice=True)
+    candidates = in_range(grid.hu, hu_range) & body
+    del body
+    bone = candidates & ~thick_lumens(grid, candidates)
+    bone = mm.remove_small(bone, grid.ml_to_voxels(MIN_BONE_ML))
+    bone = fill_marrow(grid, bone)
+    notes = [] if bone.any() else ["no bone found in the field of view"]
+    return refine(bone, grid, volume.hu, hu_range), notes
+
+
+def thick_lumens(grid: Grid, candidates: np.ndarray) -> np.ndarray:
+    """Candidates at least :data:`VESSEL_CORE_MM` deep, grown back by that depth, minus cortex."""
+    steps = max(1, int(round(VESSEL_CORE_MM / min(grid.spacing))))
+    cores = ndimage.binary_erosion(candidates, structure=mm.CROSS_3D, iterations=steps, border_value=1)
+    if not cores.any():
+        return cores
+    lumens = ndimage.binary_dilation(cores, structure=mm.CROSS_3D, iterations=steps + 1, mask=candidates)
+    return lumens & (grid.hu < CORTEX_HU)
+
+
+def fill_marrow(grid: Grid, bone: np.ndarray) -> np.ndarray:
+    """Bone plus the holes of its per-slice closing that look like marrow."""
+    tiny = max(1, int(TINY_HOLE_MM2 / (grid.spacing[0] * grid.spacing[1])))
+
+    def marrow(holes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        count = int(ids.max())
+        mean = mm.per_label_mean(grid.hu, holes, count)[ids]
+        size = mm.component_sizes(holes, count)[ids]
+        return (mean >= MARROW_HU) | (size <= tiny)
+
+    closed = mm.close_mm(bone, MARROW_CLOSE_MM, grid.spacing, per_slice=True)
+    filled = mm.fill_holes(closed, per_slice=True, keep_hole=marrow)
+    return bone | (filled & ~closed) | (closed & (grid.hu >= MARROW_HU))
