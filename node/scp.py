@@ -30,7 +30,6 @@ import logging
 import ssl
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -130,12 +129,13 @@ class StoreHandler:
     def on_requested(self, event: evt.Event) -> None:
         """Reject at association a calling AE / host that is not allowed to send."""
         assoc = event.assoc
-        calling, host = assoc.requestor.ae_title, assoc.requestor.address
+        calling, host = assoc.requestor.primitive.calling_ae_title.strip(), assoc.requestor.address
         if self.config.sender_for(calling, host) is None:
             logger.warning("rejected association from %r at %s: not an allowed sender", calling, host)
             self.stats.add(associations_rejected=1)
             self._notify("association_rejected", calling_ae=calling, host=host)
             assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+            assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
 
     def on_echo(self, event: evt.Event) -> int:
         return SUCCESS

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,19 @@ def _describe_exit(code: int) -> str:
     return f"worker exited with code {code} without a result"
 
 
-def run_job(spec: JobSpec, *, timeout_s: float) -> JobOutcome:
-    """Run ``spec`` in a new Python process and wait for its outcome."""
+def _last_line(log: Path) -> str:
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] | None = None) -> JobOutcome:
+    """Run ``spec`` in a new Python process and wait for its outcome.
+
+    ``on_start`` receives the worker's process id once it runs.
+    """
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in (RESULT_FILE, ERROR_FILE):
@@ -91,6 +103,8 @@ def run_job(spec: JobSpec, *, timeout_s: float) -> JobOutcome:
     with open(out / "worker.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "node.worker", str(spec_path)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if on_start is not None:
+            on_start(proc.pid)
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -102,7 +116,8 @@ def run_job(spec: JobSpec, *, timeout_s: float) -> JobOutcome:
     if (out / ERROR_FILE).is_file():
         err = json.loads((out / ERROR_FILE).read_text(encoding="utf-8"))
         return JobOutcome(False, error_kind=err["kind"], message=err["message"])
-    return JobOutcome(False, error_kind="crash", message=_describe_exit(code))
+    last = _last_line(out / "worker.log")
+    return JobOutcome(False, error_kind="crash", message=_describe_exit(code) + (f": {last}" if last else ""))
 
 
 # -- the child process ------------------------------------------------------------------

@@ -1,0 +1,210 @@
+"""The SCP against real senders (DCMTK storescu, a pynetdicom SCU, raw sockets)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from node.config import NodeConfig
+from node.scp import RunningSCP, start_scp
+from storage.index import Index, JobState
+from storage.spool import Spool
+from tests.peers import DCMTK_ENV, storescu, store_statuses
+
+DATA = Path(__file__).parent / "data"
+THORAX = DATA / "thorax_cta"
+pytestmark = pytest.mark.peer
+
+
+def make_scp(tmp_path: Path, **config: object) -> tuple[RunningSCP, Spool, Index]:
+    cfg = NodeConfig(**{"port": 0, "state_dir": tmp_path / "state", "limits": {"min_free_disk_mb": 1}, **config})
+    spool, index = Spool(cfg.spool_dir), Index(cfg.index_path)
+    return start_scp(cfg, spool, index), spool, index
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[tuple[RunningSCP, Spool, Index]]:
+    running = make_scp(tmp_path)
+    yield running
+    running[0].stop()
+
+
+def echo(port: int, calling: str = "SCANNER", tls: ssl.SSLContext | None = None) -> int | None:
+    ae = AE(calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE", tls_args=(tls, "localhost") if tls else None)
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_echo()
+    assoc.release()
+    return status.Status
+
+
+def spooled(spool: Spool) -> list[Path]:
+    return sorted(spool.root.glob("*/*/*.dcm"))
+
+
+def test_storescu_series_lands_byte_exact_in_the_spool(scp: tuple[RunningSCP, Spool, Index]) -> None:
+    server, spool, index = scp
+    result = storescu(server.port, [THORAX])
+    assert result.returncode == 0, result.stderr
+    assert store_statuses(result.stdout + result.stderr) == ["Success"] * 164
+    files = spooled(spool)
+    assert len(files) == 164 and index.instance_count() == 164
+    original = dcmread(THORAX / "CT0007.dcm")
+    stored = dcmread(spool.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                         original.SOPInstanceUID))
+    assert stored.PixelData == original.PixelData
+    assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert [j.state for j in index.jobs()] == [JobState.RECEIVED]
+    assert list(spool.tmp.iterdir()) == []
+
+
+def test_duplicate_is_acknowledged_and_the_first_copy_kept(scp: tuple[RunningSCP, Spool, Index]) -> None:
+    server, spool, index = scp
+    first = THORAX / "CT0001.dcm"
+    assert store_statuses(storescu(server.port, [first]).stderr) == ["Success"]
+    path = spooled(spool)[0]
+    before = path.stat().st_mtime_ns
+    assert store_statuses(storescu(server.port, [first]).stderr) == ["Success"]
+    assert path.stat().st_mtime_ns == before
+    assert index.instance_count() == 1
+    assert index.series(dcmread(first).SeriesInstanceUID).duplicate_count == 1
+
+
+def test_unknown_calling_ae_or_host_is_rejected_at_association(tmp_path: Path) -> None:
+    server, spool, _ = make_scp(tmp_path, allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"},
+                                                          {"ae_title": "FAR", "host": "10.0.0.0/8"}])
+    try:
+        intruder = storescu(server.port, [THORAX / "CT0001.dcm"], calling="INTRUDER")
+        assert intruder.returncode != 0
+        assert "Association Rejected" in intruder.stderr
+        assert "Calling AE Title Not Recognized" in intruder.stderr
+        wrong_host = storescu(server.port, [THORAX / "CT0001.dcm"], calling="FAR")
+        assert "Association Rejected" in wrong_host.stderr
+        assert spooled(spool) == []
+        assert server.handler.stats.associations_rejected == 2
+        assert echo(server.port, "SCANNER") == 0x0000
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("tag, value", [
+    ("SOPInstanceUID", ".."), ("SOPInstanceUID", "1.2/../../x"), ("StudyInstanceUID", "../../etc"),
+    ("SeriesInstanceUID", "1.2.3/4"), ("SeriesInstanceUID", ""), ("SOPInstanceUID", "1.02.3"),
+])
+def test_hostile_uids_never_touch_a_path(scp: tuple[RunningSCP, Spool, Index], tag: str, value: str) -> None:
+    server, spool, index = scp
+    ds = dcmread(THORAX / "CT0001.dcm")
+    ae = AE("SCANNER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SEGNODE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom warns about the invalid UI value we send
+        setattr(ds, tag, value)
+        status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC211
+    assert tag in status.ErrorComment
+    state = spool.root.parent
+    assert sorted(p.name for p in state.rglob("*") if p.is_file() and not p.name.startswith("index.sqlite")) == []
+    assert index.instance_count() == 0
+
+
+def test_below_free_disk_minimum_sender_gets_a700_and_nothing_remains(tmp_path: Path) -> None:
+    server, spool, index = make_scp(tmp_path, limits={"min_free_disk_mb": 1 << 40})
+    try:
+        result = storescu(server.port, [THORAX / "CT0001.dcm", THORAX / "CT0002.dcm"])
+        assert store_statuses(result.stderr) == ["Refused: OutOfResources"] * 2
+        assert spooled(spool) == [] and list(spool.tmp.iterdir()) == []
+        assert index.instance_count() == 0 and index.jobs() == []
+    finally:
+        server.stop()
+
+
+def test_failed_write_leaves_nothing_half_written(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+
+    def parts() -> Iterator[bytes]:
+        yield b"x" * 1000
+        raise OSError(28, "No space left on device")
+
+    from node.errors import StorageError
+
+    with pytest.raises(StorageError, match="No space left"):
+        spool.write("1.2", "1.2.3", "1.2.3.4", parts())
+    assert list(spool.root.rglob("*.dcm")) == [] and list(spool.tmp.iterdir()) == []
+
+
+def test_instance_over_the_size_limit_is_cut_off_and_node_keeps_running(tmp_path: Path) -> None:
+    server, spool, _ = make_scp(tmp_path, limits={"min_free_disk_mb": 1, "max_instance_bytes": 4096})
+    try:
+        result = storescu(server.port, [THORAX / "CT0001.dcm"])
+        assert "Success" not in store_statuses(result.stderr)
+        assert spooled(spool) == []
+        assert echo(server.port) == 0x0000
+    finally:
+        server.stop()
+
+
+EDGE_CLASSES = ["MRImageStorage", "EnhancedMRImageStorage", "RTPlanStorage", "RTDoseStorage",
+                "SecondaryCaptureImageStorage", "UltrasoundImageStorage", "EnhancedCTImageStorage"]
+
+
+def test_edge_case_files_get_a_clear_status_and_the_node_keeps_running(tmp_path: Path) -> None:
+    server, spool, index = make_scp(tmp_path, storage_classes=EDGE_CLASSES)
+    try:
+        outcomes = {}
+        for path in sorted((DATA / "edge_cases").rglob("*.dcm")):
+            result = storescu(server.port, [path], extra=["-R"])  # -R: propose the file's own syntax
+            statuses = store_statuses(result.stderr)
+            assert "Abort" not in result.stderr, f"{path.name}: {result.stderr}"
+            outcomes[path.name] = statuses[0] if statuses else "not sent (storescu cannot read it)"
+        assert echo(server.port) == 0x0000
+        sent = {name: o for name, o in outcomes.items() if not o.startswith("not sent")}
+        assert len(sent) >= 6, outcomes  # storescu itself cannot read or transcode the rest
+        for name, outcome in sent.items():
+            assert outcome == "Success" or outcome.startswith(("Error: CannotUnderstand", "Refused")), \
+                f"{name}: {outcome}"
+        acknowledged = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in spooled(spool)}
+        assert index.instance_count() == len(acknowledged) > 0
+    finally:
+        server.stop()
+
+
+def test_oversized_pdu_declaration_closes_only_that_connection(scp: tuple[RunningSCP, Spool, Index]) -> None:
+    server, _, _ = scp
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(bytes([0x01, 0x00]) + (0x7FFFFFF0).to_bytes(4, "big") + b"\x00" * 64)
+        assert sock.recv(10) == b""  # closed without reading 2 GiB
+    assert echo(server.port) == 0x0000
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_idle_tls_client_does_not_block_other_senders(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    server, _, _ = make_scp(tmp_path, tls={"cert": str(cert), "key": str(key), "handshake_timeout_s": 30})
+    client = ssl.create_default_context(cafile=str(cert))
+    client.check_hostname = False
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)):  # connects, never says hello
+            assert echo(server.port, tls=client) == 0x0000
+        assert echo(server.port) is None  # plain DICOM is refused on a TLS port
+    finally:
+        server.stop()
