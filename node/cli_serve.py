@@ -85,6 +85,7 @@ def _log_to_file(config: NodeConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from node.ops import Ops
     from node.service import Service
 
     config = _load(args)
@@ -92,15 +93,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"port": args.port})
     _log_to_file(config)
     service = Service(config)
+    ops = Ops(service)  # audit log, metrics, HTTP API and status page (node/ops.py)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     port = service.start()
     try:
+        ops.start()
         print(f"segnode: {config.ae_title} listening on {config.host}:{port}, state in {config.state_dir}",
               flush=True)
+        if ops.http is not None:
+            print(f"segnode: ops HTTP API on {ops.http.url}", flush=True)
         stop.wait()
     finally:
+        ops.stop()
         service.stop()
     print("segnode: stopped", flush=True)
     return 0

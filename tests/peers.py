@@ -208,6 +208,7 @@ def write_node_config(path: Path, **overrides: object) -> Path:
         "limits": {"min_free_disk_mb": 1},
         "dispatch": {"backoff_initial_s": 0.5, "backoff_max_s": 2.0, "poll_interval_s": 0.2, "timeout_s": 10},
         "housekeeping": {"spool_retention_s": 3600},
+        "http": {"port": 0},  # ops API on a free port: tests never collide on 8080
     }
     config.update(overrides)
     path.write_text(yaml.safe_dump(config))
