@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "routing.cli",
     "node.cli_serve",
     "storage.cli",
+    "models.cli_evaluate",
 )
 
 

@@ -1,0 +1,126 @@
+"""``segnode evaluate``: Dice, HD95 and volume difference of predictions against references.
+
+One case (``--pred`` and ``--ref``: DICOM SEG, NIfTI label map or a folder of
+NIfTI masks) or many (``--pred-dir`` and ``--ref-dir``, paired by file name,
+as nnU-Net writes predictions and ``labelsTs``).  Prints a table; with
+``--out``, writes ``metrics.csv``, box plots per organ and overlay pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from models.evaluate import CaseInput, EvalGrid, evaluate_cases, format_table, parse_map
+from models.segmentation_io import NIFTI_SUFFIXES, Grid, load_labels_file, read_segmentation
+from node.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "evaluate",
+        help="Dice, HD95 and volume difference of predicted vs reference segmentations",
+        description="Compare predictions with references per segment: Dice, HD95 (mm, symmetric), volume "
+        "difference. Inputs are DICOM SEG, NIfTI label maps or folders of NIfTI masks, on any grid (the "
+        "reference is resampled onto the prediction's grid in patient space).",
+    )
+    one = parser.add_argument_group("one case")
+    one.add_argument("--pred", type=Path, help="predicted segmentation (SEG, NIfTI or folder of masks)")
+    one.add_argument("--ref", type=Path, help="reference segmentation")
+    one.add_argument("--source", type=Path, help="CT series the SEG(s) reference (exact frame placement; overlays)")
+    one.add_argument("--image", type=Path, help="CT image for the overlay pictures (default: --source)")
+    one.add_argument("--case", default=None, help="case name in the outputs (default: the prediction's file name)")
+    many = parser.add_argument_group("many cases")
+    many.add_argument("--pred-dir", type=Path, help="folder of predicted label maps (CASE.nii.gz or CASE.dcm)")
+    many.add_argument("--ref-dir", type=Path, help="folder of reference label maps with the same case names")
+    many.add_argument("--image-dir", type=Path, help="folder of CT images CASE_0000.nii.gz (overlays)")
+    parser.add_argument("--pred-labels", type=Path, help="labels JSON of NIfTI predictions ({value: name})")
+    parser.add_argument("--ref-labels", type=Path, help="labels JSON of NIfTI references (or a dataset.json)")
+    parser.add_argument("--map", action="append", default=[], metavar="PRED=REF",
+                        help="pair a predicted segment with a differently named reference one (repeatable)")
+    parser.add_argument("--grid", choices=[g.value for g in EvalGrid], default=EvalGrid.PRED.value,
+                        help="grid the metrics are computed on (default: the prediction's)")
+    parser.add_argument("-o", "--out", type=Path, help="write metrics.csv, box plots and overlays here")
+    parser.add_argument("--no-pictures", action="store_true", help="with --out: only the CSV")
+    parser.set_defaults(func=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    pred_labels = load_labels_file(args.pred_labels) if args.pred_labels else None
+    ref_labels = load_labels_file(args.ref_labels) if args.ref_labels else None
+    if args.pred and args.ref:
+        cases = [_single_case(args, pred_labels, ref_labels)]
+    elif args.pred_dir and args.ref_dir:
+        cases = list(_folder_cases(args.pred_dir, args.ref_dir, args.image_dir, pred_labels, ref_labels))
+    else:
+        raise ConfigError("give --pred and --ref, or --pred-dir and --ref-dir")
+    evaluation = evaluate_cases(cases, out_dir=args.out, mapping=parse_map(args.map), on=args.grid,
+                                pictures=not args.no_pictures)
+    print(format_table(evaluation.results))
+    for path in evaluation.files:
+        if path.suffix == ".csv":
+            print(f"wrote {path}")
+    pictures = [p for p in evaluation.files if p.suffix == ".png"]
+    if pictures:
+        print(f"wrote {len(pictures)} pictures under {args.out}")
+    return 0
+
+
+def _load_image(path: Path):
+    from node.series import load_series
+
+    volume = load_series(path)
+    return volume, Grid.of_volume(volume)
+
+
+def _single_case(args: argparse.Namespace, pred_labels, ref_labels) -> CaseInput:
+    source = image = image_grid = None
+    if args.source:
+        source, image_grid = _load_image(args.source)
+        image = source.hu
+    if args.image:
+        volume, image_grid = _load_image(args.image)
+        image = volume.hu
+    pred = read_segmentation(args.pred, labels=pred_labels, source=source)
+    ref = read_segmentation(args.ref, labels=ref_labels, source=source)
+    return CaseInput(args.case or _case_name(args.pred), pred, ref, image, image_grid)
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for suffix in (*NIFTI_SUFFIXES, ".dcm"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _folder_cases(pred_dir: Path, ref_dir: Path, image_dir: Path | None, pred_labels, ref_labels):
+    for folder in (pred_dir, ref_dir):
+        if not folder.is_dir():
+            raise InputError("not a folder", where=str(folder))
+    preds = {_case_name(p): p for p in sorted(pred_dir.iterdir()) if p.is_file() and _is_case(p)}
+    refs = {_case_name(p): p for p in sorted(ref_dir.iterdir()) if p.is_file() and _is_case(p)}
+    common = [name for name in refs if name in preds]
+    if not common:
+        raise InputError(f"no case names in common with {ref_dir}", where=str(pred_dir))
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        logger.warning("%d reference case(s) have no prediction: %s", len(missing), ", ".join(missing[:10]))
+    for name in common:
+        image = image_grid = None
+        if image_dir is not None:
+            candidates = [image_dir / f"{name}_0000.nii.gz", image_dir / f"{name}.nii.gz"]
+            found = next((c for c in candidates if c.exists()), None)
+            if found is not None:
+                volume, image_grid = _load_image(found)
+                image = volume.hu
+        yield CaseInput(name, read_segmentation(preds[name], labels=pred_labels),
+                        read_segmentation(refs[name], labels=ref_labels), image, image_grid)
+
+
+def _is_case(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith((*NIFTI_SUFFIXES, ".dcm")) and name != "dataset.json"
