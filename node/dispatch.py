@@ -64,6 +64,9 @@ def _associate(ae: AE, dest: Destination) -> tuple[Association | None, SendResul
         permanent = result == 0x01
         kind = "permanently" if permanent else "transiently"
         return None, SendResult(False, not permanent, f"association rejected {kind} (reason {reason})")
+    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+        # accepted, but with every context refused: pynetdicom then aborts by itself
+        return None, SendResult(False, False, "destination accepts no presentation context for this SOP class")
     if assoc.is_aborted:
         return None, SendResult(False, True, "association aborted by the destination")
     return None, SendResult(False, True, f"cannot connect to {dest.host}:{dest.port}")
