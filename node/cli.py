@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "node.cli_serve",
     "storage.cli",
     "models.cli_evaluate",
+    "models.cli",
 )
 
 

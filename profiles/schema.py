@@ -69,6 +69,7 @@ class TotalSegmentatorOptions(Frozen):
 
 
 class NnunetOptions(Frozen):
+    model: str | None = Field(default=None, description="imported model name (segnode models list)")
     folds: tuple[int | str, ...] = (0,)
     checkpoint: str = "checkpoint_final.pth"
     tile_step_size: Annotated[float, Field(gt=0, le=1)] = 0.5
@@ -76,6 +77,10 @@ class NnunetOptions(Frozen):
 
 
 class MonaiOptions(Frozen):
+    model: str | None = Field(default=None, description="imported model name (segnode models list)")
+    target_spacing: tuple[float, float, float] | None = Field(
+        default=None, description="x, y, z mm the network expects; None: the volume's own"
+    )
     roi_size: tuple[int, int, int] = (96, 96, 96)
     sw_batch_size: Annotated[int, Field(ge=1)] = 1
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25

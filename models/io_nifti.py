@@ -1,0 +1,116 @@
+"""Exact conversion between :class:`Volume`/:class:`LabelMap` and NIfTI images.
+
+segnode keeps volumes in the DICOM patient system (LPS) with arrays indexed
+``[k, j, i]``.  NIfTI (what nnU-Net and TotalSegmentator read) stores arrays
+indexed ``[i, j, k]`` with an affine to RAS.  The two differ by a transpose of
+the array and a sign flip of the first two world axes; no resampling happens,
+so a round trip is exact, voxel for voxel.
+
+The affine keeps the volume's direction as given, including the shear of a
+gantry-tilted series.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.volume import Volume
+
+#: LPS → RAS (and back: the matrix is its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: affine tolerance when checking that an image lies on a volume's grid (mm)
+AFFINE_ATOL_MM = 1e-3
+
+
+def ras_affine(volume: Volume) -> np.ndarray:
+    """The NIfTI (RAS) affine of ``volume``'s grid, indexing ``(i, j, k)``."""
+    return LPS_TO_RAS @ volume.affine()
+
+
+def volume_to_nifti(volume: Volume, dtype: np.dtype | type | None = None):  # -> nibabel.Nifti1Image
+    """A NIfTI image of ``volume`` (array ``[i, j, k]``, RAS affine, sform and qform set).
+
+    Parameters
+    ----------
+    volume:
+        The CT volume.
+    dtype:
+        Data type of the image; by default the volume's own (HU are
+        integral in CT, so ``int16`` is lossless for them).
+    """
+    import nibabel as nib
+
+    data = np.asarray(volume.hu).transpose(2, 1, 0)
+    if dtype is not None:
+        data = data.astype(dtype)
+    img = nib.Nifti1Image(np.ascontiguousarray(data), ras_affine(volume))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)  # scanner coordinates
+    img.set_sform(img.affine, code=1)
+    return img
+
+
+def array_from_nifti(img, volume: Volume) -> np.ndarray:
+    """The data of ``img`` as a ``[k, j, i]`` array on ``volume``'s grid.
+
+    Raises
+    ------
+    ValueError
+        If the image does not lie exactly on the volume's grid (shape or
+        affine differ): a caller must resample explicitly, never by accident.
+    """
+    expected_shape = tuple(reversed(volume.shape))
+    if tuple(img.shape[:3]) != expected_shape:
+        raise ValueError(f"image shape {img.shape[:3]} is not the volume's {expected_shape} (i, j, k)")
+    if not np.allclose(img.affine, ras_affine(volume), atol=AFFINE_ATOL_MM):
+        raise ValueError(
+            "image affine differs from the volume's grid:\n"
+            f"{np.round(img.affine, 4)}\nexpected\n{np.round(ras_affine(volume), 4)}"
+        )
+    data = np.asanyarray(img.dataobj)
+    if data.ndim > 3:
+        data = data.reshape(data.shape[:3])
+    return np.ascontiguousarray(data.transpose(2, 1, 0))
+
+
+def labels_from_nifti(img, volume: Volume) -> np.ndarray:
+    """The integer labels of ``img`` as a ``uint8``/``uint16`` ``[k, j, i]`` array.
+
+    Raises ``ValueError`` if the image is off the grid or holds non-integer or
+    negative values.
+    """
+    data = array_from_nifti(img, volume)
+    if data.dtype.kind == "f":
+        rounded = np.rint(data)
+        if not np.array_equal(rounded, data):
+            raise ValueError("label image holds non-integer values")
+        data = rounded
+    if data.size and data.min() < 0:
+        raise ValueError("label image holds negative values")
+    top = int(data.max()) if data.size else 0
+    return data.astype(np.uint8 if top < 256 else np.uint16)
+
+
+def volume_from_nifti(img) -> Volume:
+    """A :class:`Volume` from a NIfTI CT image (the inverse of :func:`volume_to_nifti`).
+
+    The data are read as stored (scaled by the header's slope/intercept when
+    it has one); spacing and direction come from the affine, so a sheared
+    affine gives a sheared (gantry-tilt) volume.
+    """
+    lps = LPS_TO_RAS @ np.asarray(img.affine, dtype=float)
+    axes = lps[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError(f"NIfTI affine has a zero-length axis: {img.affine}")
+    direction = axes / spacing
+    array = np.asanyarray(img.dataobj)  # applies the header's slope/intercept, if any
+    if array.ndim != 3:
+        raise ValueError(f"NIfTI image must be 3-D, got shape {array.shape}")
+    return Volume(
+        hu=np.ascontiguousarray(array.transpose(2, 1, 0)),
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(o) for o in lps[:3, 3]),  # type: ignore[arg-type]
+        direction=direction,
+    )

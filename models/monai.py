@@ -1,0 +1,216 @@
+"""MONAI backend: a bundle directory or a TorchScript file, sliding-window inference.
+
+The imported model (``segnode models import``; named by ``options.monai.model``,
+else ``model_checkpoint``, else the organ) is either
+
+* a MONAI bundle: ``configs/inference.json`` (or ``.yaml``) whose
+  ``network_def`` builds the network, and ``models/model.pt``, a state dict; or
+* a TorchScript file (``model.ts``/``.pt``).
+
+Nothing is ever fetched from the MONAI model zoo.  The input is laid out as
+MONAI's usual pre-processing leaves it (``LoadImage`` + ``Orientation("RAS")``):
+channel first, spatial axes ``(x, y, z)`` in RAS order; HU are clipped to
+``hu_window`` and scaled to [0, 1]; if ``target_spacing`` is set the image is
+resampled to it (trilinear) and the labels back (nearest).  Each tissue takes
+the voxels of its ``label`` in the argmax of the output.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.base import RunSettings
+from models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
+from models.io_nifti import ras_affine
+from models.volume import LabelMap, Volume
+from models.weights import TORCHSCRIPT_SUFFIXES, ModelRecord, find_model, verify_or_raise, weights_root
+from node.errors import BackendError, DependencyMissingError, WeightsError
+from profiles.schema import Backend, MonaiOptions, Profile
+
+logger = logging.getLogger(__name__)
+
+
+def model_name(profile: Profile) -> str:
+    return profile.options.monai.model or profile.model_checkpoint or profile.organ
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _orientation(volume: Volume) -> np.ndarray:
+    """nibabel orientation transform from the volume's ``(i, j, k)`` axes to RAS."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    return ornt_transform(io_orientation(ras_affine(volume)), axcodes2ornt("RAS"))
+
+
+def to_network_array(volume: Volume, options: MonaiOptions) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The volume as the network sees it: ``(x, y, z)`` RAS array in [0, 1], and its spacing."""
+    from nibabel.orientations import apply_orientation
+
+    ornt = _orientation(volume)
+    data = apply_orientation(np.asarray(volume.hu).transpose(2, 1, 0), ornt).astype(np.float32)
+    low, high = options.hu_window
+    data = (np.clip(data, low, high) - low) / (high - low)
+    spacing = tuple(float(volume.spacing[int(axis)]) for axis in np.argsort(ornt[:, 0]))
+    return np.ascontiguousarray(data), spacing  # type: ignore[return-value]
+
+
+def from_network_array(labels: np.ndarray, volume: Volume) -> np.ndarray:
+    """Undo :func:`to_network_array`'s layout: back to ``[k, j, i]``."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    inverse = ornt_transform(axcodes2ornt("RAS"), io_orientation(ras_affine(volume)))
+    return np.ascontiguousarray(apply_orientation(labels, inverse).transpose(2, 1, 0))
+
+
+def labels_to_network_array(labels: np.ndarray, volume: Volume) -> np.ndarray:
+    """A ``[k, j, i]`` label array in the network's layout (for training)."""
+    from nibabel.orientations import apply_orientation
+
+    return np.ascontiguousarray(apply_orientation(labels.transpose(2, 1, 0), _orientation(volume)))
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _memory(options: MonaiOptions, n_out: int) -> MemoryModel:
+    return MemoryModel(target_spacing_mm=options.target_spacing, bytes_per_model_voxel=4.0 * (2 * n_out + 4),
+                       bytes_per_input_voxel=16.0, fixed_mb=400.0)
+
+
+@dataclass
+class MonaiModel:
+    network: object
+    record: ModelRecord
+    profile: Profile
+    settings: RunSettings
+    device: str
+    n_out: int
+    backend: Backend = Backend.MONAI
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.record.name} (monai {_version()})"
+
+    @property
+    def weights_hash(self) -> str:
+        return self.record.weights_hash
+
+    def segment(self, volume: Volume) -> LabelMap:
+        memory = _memory(self.profile.options.monai, self.n_out)
+        return run_within_budget(self._segment, volume, self.settings, memory, self.backend.value)
+
+    def _predict(self, data: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+        from monai.inferers import sliding_window_inference
+
+        options = self.profile.options.monai
+        image = torch.from_numpy(data)[None, None].to(self.device)
+        size = data.shape
+        if options.target_spacing is not None:
+            size = tuple(max(1, round(n * s / t)) for n, s, t in zip(data.shape, spacing, options.target_spacing))
+            image = F.interpolate(image, size=size, mode="trilinear", align_corners=False)
+        logits = sliding_window_inference(image, roi_size=options.roi_size, sw_batch_size=options.sw_batch_size,
+                                          predictor=self.network, overlap=options.overlap, mode="gaussian")
+        labels = torch.argmax(logits, dim=1, keepdim=True).to(torch.float32)
+        if tuple(labels.shape[2:]) != data.shape:
+            labels = F.interpolate(labels, size=data.shape, mode="nearest")
+        return labels[0, 0].to("cpu").numpy().astype(np.int32)
+
+    def _segment(self, volume: Volume) -> LabelMap:
+        import torch
+
+        data, spacing = to_network_array(volume, self.profile.options.monai)
+        try:
+            with torch_threads(self.settings.threads), torch.inference_mode():
+                raw = from_network_array(self._predict(data, spacing), volume)
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise BackendError(f"MONAI inference failed: {exc}", where=self.record.name) from exc
+        out = np.zeros(volume.shape, dtype=np.uint8)
+        for value, tissue in enumerate(self.profile.tissues, start=1):
+            out[raw == tissue.label] = value
+        return LabelMap(array=out, labels=self.profile.label_values(), backend=self.backend.value,
+                        model_version=self.model_version, weights_hash=self.weights_hash)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("monai")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _torchscript_file(folder: Path) -> Path | None:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in TORCHSCRIPT_SUFFIXES]
+    return files[0] if len(files) == 1 and not (folder / "configs").is_dir() else None
+
+
+def _load_bundle(folder: Path, device: str):
+    import torch
+    from monai.bundle import ConfigParser
+
+    configs = sorted((folder / "configs").glob("inference.*"))
+    if not configs:
+        raise WeightsError("bundle has no configs/inference.json|yaml", where=str(folder))
+    parser = ConfigParser()
+    parser.read_config(str(configs[0]))
+    key = "network_def" if "network_def" in parser.config else "network"  # type: ignore[operator]
+    network = parser.get_parsed_content(key, instantiate=True)
+    state = torch.load(folder / "models" / "model.pt", map_location=device, weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    network.load_state_dict(state)
+    return network
+
+
+def load_network(record: ModelRecord, device: str):
+    """The network of an imported bundle or TorchScript model, in eval mode on ``device``."""
+    import torch
+
+    script = _torchscript_file(record.path)
+    try:
+        network = torch.jit.load(str(script), map_location=device) if script else _load_bundle(record.path, device)
+    except (RuntimeError, KeyError, ValueError, OSError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"MONAI could not load the model ({type(exc).__name__}: {exc})",
+                           where=str(record.path)) from exc
+    return network.to(device).eval()
+
+
+class MonaiBackend:
+    name = Backend.MONAI
+
+    def is_available(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "monai"))
+
+    def record(self, profile: Profile, settings: RunSettings) -> ModelRecord:
+        return find_model(weights_root(settings.weights_dir), Backend.MONAI, model_name(profile))
+
+    def cache_key(self, profile: Profile, settings: RunSettings) -> str:
+        record = self.record(profile, settings)
+        tissues = [(t.name, t.label) for t in profile.tissues]
+        return (f"monai|{record.weights_hash}|{resolve_device(settings.device)}|{settings.threads}|"
+                f"{settings.memory_budget_mb}|{profile.options.monai.model_dump_json()}|{tissues}")
+
+    def load(self, profile: Profile, settings: RunSettings) -> MonaiModel:
+        if not self.is_available():
+            raise DependencyMissingError("the monai backend needs torch and monai (pip install 'segnode[dl]')")
+        record = self.record(profile, settings)
+        verify_or_raise(record)
+        device = resolve_device(settings.device)
+        with torch_threads(settings.threads):
+            network = load_network(record, device)
+        n_out = int(getattr(network, "out_channels", 0) or 0) or max(t.label or 0 for t in profile.tissues) + 1
+        logger.info("monai model %s loaded on %s", record.name, device)
+        return MonaiModel(network=network, record=record, profile=profile, settings=settings, device=device,
+                          n_out=n_out)
+
+
+BACKEND = MonaiBackend()

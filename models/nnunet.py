@@ -1,0 +1,171 @@
+"""nnU-Net v2 backend: ``nnUNetPredictor`` on an imported model folder.
+
+The model folder (``dataset.json``, ``plans.json``, ``fold_N/<checkpoint>``)
+is imported with ``segnode models import`` and named by the profile
+(``options.nnunet.model``, else ``model_checkpoint``, else the organ name).
+Folds, checkpoint, tile step and mirroring come from ``options.nnunet``.
+
+Inference goes through ``nnUNetPredictor.predict_single_npy_array``: the
+volume's ``[k, j, i]`` array is what nnU-Net's SimpleITK reader would give for
+the same series, with the spacing in the same ``(z, y, x)`` order, so no
+temporary files and no worker processes are involved.  Each tissue takes the
+voxels of its ``label`` in the model's output.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.base import RunSettings
+from models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
+from models.volume import LabelMap, Volume
+from models.weights import ModelRecord, find_model, verify_or_raise, weights_root
+from node.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
+from profiles.schema import Backend, Profile
+
+logger = logging.getLogger(__name__)
+
+
+def model_name(profile: Profile) -> str:
+    """The imported model a profile asks for."""
+    return profile.options.nnunet.model or profile.model_checkpoint or profile.organ
+
+
+def _memory(plans: dict, n_labels: int) -> MemoryModel:
+    spacing = plans["configurations"]["3d_fullres"]["spacing"]  # z, y, x
+    return MemoryModel(
+        target_spacing_mm=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
+        bytes_per_model_voxel=4.0 * (3 * n_labels + 4),  # logits, gaussian, counts, data
+        bytes_per_input_voxel=4.0 * (2 * n_labels + 3),  # logits resampled back, argmax, input
+        fixed_mb=600.0,
+    )
+
+
+@dataclass
+class NnunetModel:
+    """A loaded nnU-Net predictor bound to a profile's tissues."""
+
+    predictor: object
+    record: ModelRecord
+    profile: Profile
+    settings: RunSettings
+    device: str
+    memory: MemoryModel
+    backend: Backend = Backend.NNUNET
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.record.name} (nnunetv2 {_version()})"
+
+    @property
+    def weights_hash(self) -> str:
+        return self.record.weights_hash
+
+    def segment(self, volume: Volume) -> LabelMap:
+        return run_within_budget(self._segment, volume, self.settings, self.memory, self.backend.value)
+
+    def _segment(self, volume: Volume) -> LabelMap:
+        import torch
+
+        data = np.asarray(volume.hu, dtype=np.float32)[None]
+        props = {"spacing": [float(volume.spacing[2]), float(volume.spacing[1]), float(volume.spacing[0])]}
+        try:
+            with torch_threads(self.settings.threads), torch.inference_mode():
+                raw = self.predictor.predict_single_npy_array(data, props, None, None, False)  # type: ignore[attr-defined]
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise BackendError(f"nnU-Net inference failed: {exc}", where=self.record.name) from exc
+        raw = np.asarray(raw)
+        if raw.shape != volume.shape:
+            raise BackendError(f"nnU-Net returned shape {raw.shape} for a volume of {volume.shape}")
+        out = np.zeros(volume.shape, dtype=np.uint8)
+        for value, tissue in enumerate(self.profile.tissues, start=1):
+            out[raw == tissue.label] = value
+        return LabelMap(array=out, labels=self.profile.label_values(), backend=self.backend.value,
+                        model_version=self.model_version, weights_hash=self.weights_hash)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("nnunetv2")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"unreadable {path.name} ({exc})", where=str(path)) from exc
+
+
+def check_model_folder(folder: Path, profile: Profile) -> tuple[dict, dict]:
+    """Check folds, checkpoint and labels of an nnU-Net model folder; return (dataset, plans)."""
+    options = profile.options.nnunet
+    dataset = _read_json(folder / "dataset.json")
+    plans = _read_json(folder / "plans.json")
+    if "3d_fullres" not in plans.get("configurations", {}):
+        raise WeightsError("plans.json has no 3d_fullres configuration", where=str(folder))
+    for fold in options.folds:
+        checkpoint = folder / f"fold_{fold}" / options.checkpoint
+        if not checkpoint.is_file():
+            raise WeightsError(f"fold {fold} has no {options.checkpoint}", where=str(folder))
+    values = {int(v) for v in dataset.get("labels", {}).values() if isinstance(v, int)}
+    missing = [f"{t.name}={t.label}" for t in profile.tissues if t.label not in values]
+    if missing:
+        raise ConfigError(f"profile {profile.organ}: labels {missing} are not in the model's dataset.json "
+                          f"labels {sorted(values)}", where=str(folder / "dataset.json"))
+    return dataset, plans
+
+
+class NnunetBackend:
+    name = Backend.NNUNET
+
+    def is_available(self) -> bool:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "nnunetv2"))
+
+    def record(self, profile: Profile, settings: RunSettings) -> ModelRecord:
+        return find_model(weights_root(settings.weights_dir), Backend.NNUNET, model_name(profile))
+
+    def cache_key(self, profile: Profile, settings: RunSettings) -> str:
+        record = self.record(profile, settings)
+        tissues = [(t.name, t.label) for t in profile.tissues]
+        return (f"nnunet|{record.weights_hash}|{resolve_device(settings.device)}|{settings.threads}|"
+                f"{settings.memory_budget_mb}|{profile.options.nnunet.model_dump_json()}|{tissues}")
+
+    def load(self, profile: Profile, settings: RunSettings) -> NnunetModel:
+        if not self.is_available():
+            raise DependencyMissingError("the nnunet backend needs torch and nnunetv2 (pip install 'segnode[dl]')")
+        record = self.record(profile, settings)
+        verify_or_raise(record)
+        dataset, plans = check_model_folder(record.path, profile)
+        device = resolve_device(settings.device)
+        options = profile.options.nnunet
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(
+            tile_step_size=options.tile_step_size, use_gaussian=True, use_mirroring=options.use_mirroring,
+            perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
+            verbose_preprocessing=False, allow_tqdm=False,
+        )
+        try:
+            with torch_threads(settings.threads):
+                predictor.initialize_from_trained_model_folder(
+                    str(record.path), use_folds=tuple(options.folds), checkpoint_name=options.checkpoint)
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError) as exc:
+            raise WeightsError(f"nnU-Net could not load the model ({type(exc).__name__}: {exc})",
+                               where=str(record.path)) from exc
+        n_labels = len(dataset.get("labels", {}))
+        logger.info("nnunet model %s loaded on %s (folds %s)", record.name, device, list(options.folds))
+        return NnunetModel(predictor=predictor, record=record, profile=profile, settings=settings,
+                           device=device, memory=_memory(plans, n_labels))
+
+
+BACKEND = NnunetBackend()
