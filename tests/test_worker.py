@@ -1,0 +1,57 @@
+"""Worker processes (node/worker.py): result, error and crash outcomes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from pydicom import dcmread
+
+from node.worker import JobSpec, run_job
+
+THORAX = Path(__file__).parent / "data" / "thorax_cta"
+
+
+SERIES = "1.2.826.0.1.3680043.8.498.46463514962407163207046154574234073129"
+
+
+def spec(tmp_path: Path, input_dir: Path, **kw: object) -> JobSpec:
+    return JobSpec(job_id=7, series_uid=SERIES, input_dir=str(input_dir), profile="lungs",
+                   out_dir=str(tmp_path / "out"), **kw)
+
+
+def test_spec_round_trips_through_json(tmp_path: Path) -> None:
+    s = spec(tmp_path, THORAX, backend="hu_based", threads=2)
+    assert JobSpec.from_json(s.to_json()) == s
+
+
+def test_job_writes_a_seg_in_its_own_process(tmp_path: Path) -> None:
+    source = dcmread(THORAX / "CT0001.dcm", stop_before_pixels=True)
+    s = spec(tmp_path, THORAX, backend="hu_based")
+    outcome = run_job(s, timeout_s=300)
+    assert outcome.ok, outcome.message
+    seg = dcmread(outcome.result["seg_path"])
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert outcome.result["seg_series_uid"] == seg.SeriesInstanceUID
+    again = run_job(s, timeout_s=300)  # deterministic UIDs: a rerun makes the same SEG identity
+    assert again.result["seg_sop_instance_uid"] == outcome.result["seg_sop_instance_uid"]
+
+
+def test_bad_input_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    outcome = run_job(spec(tmp_path, empty), timeout_s=300)
+    assert not outcome.ok and outcome.error_kind == "InputError"
+
+
+def test_killed_worker_is_reported_as_a_crash(tmp_path: Path) -> None:
+    outcome = run_job(spec(tmp_path, THORAX), timeout_s=300,
+                      on_start=lambda pid: os.kill(pid, signal.SIGKILL))
+    assert not outcome.ok and outcome.error_kind == "crash"
+    assert "SIGKILL" in outcome.message
+
+
+def test_worker_over_its_time_is_killed(tmp_path: Path) -> None:
+    outcome = run_job(spec(tmp_path, THORAX), timeout_s=0.2)
+    assert not outcome.ok and outcome.error_kind == "timeout"
