@@ -345,7 +345,8 @@ def import_weights(source: Path, root: Path, *, backend: Backend | None = None, 
         candidates = detect(unpacked, backend)
         if name is not None and len(candidates) != 1:
             raise ConfigError(f"--name given but {source} holds {len(candidates)} models")
-        records = [_import_one(c, root, name or c.name, kind, force, str(source), Path(tmp)) for c in candidates]
+        records = [_import_one(c, root, c.name if name is None else name, kind, force, str(source), Path(tmp))
+                   for c in candidates]
     return records
 
 
