@@ -54,7 +54,10 @@ def configure_logging(verbosity: int, as_json: bool = False) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: return, do not exit the caller
+        return int(exc.code or 0)
     configure_logging(args.verbose, args.log_json)
     try:
         return int(args.func(args) or 0)
