@@ -228,6 +228,7 @@ class AuditFollower:
         self.cursor = last_index_event(audit.path) or 0
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._polling = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -261,7 +262,11 @@ class AuditFollower:
             self._wake.clear()
 
     def poll(self) -> int:
-        """Record every job event after the cursor; return how many."""
+        """Record every job event after the cursor; return how many (one poll at a time)."""
+        with self._polling:
+            return self._poll()
+
+    def _poll(self) -> int:
         done = 0
         while True:
             events = self.db.events_after(self.cursor)

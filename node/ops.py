@@ -13,6 +13,7 @@ events), ``ops.start()`` after it (binds to the SCP and listens), and
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,13 @@ def audit_path(config: NodeConfig) -> Path:
 def dataset_store_root(config: NodeConfig) -> Path:
     """Where the dataset store lives.
 
-    Adapter: the node config has no dataset-store key yet; use one named
-    ``dataset_store`` if it appears, else ``<state_dir>/datasets``.
+    Adapter: the node config has no dataset-store key yet.  Use one named
+    ``dataset_store`` if it appears, else ``$SEGNODE_DATASET_STORE`` (as
+    ``segnode dataset`` does), else ``<state_dir>/datasets``.
     """
-    root = getattr(config, "dataset_store", None)
+    from storage.cli import STORE_ENV
+
+    root = getattr(config, "dataset_store", None) or os.environ.get(STORE_ENV)
     return Path(root) if root else config.state_dir / "datasets"
 
 

@@ -1,0 +1,135 @@
+"""Prometheus metrics: real DCMTK traffic into the real SCP, parsed back with prometheus_client's parser."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom import dcmread
+
+from node.config import AllowedSender, NodeConfig
+from node.metrics import store_rejection_reason
+from node.ops import Ops
+from node.scp import start_scp
+from routing import RulesHolder
+from storage.index import Index, JobState
+from storage.spool import Spool
+from tests.ops_helpers import http, scripted_index
+from tests.peers import store_statuses, storescu
+
+DATA = Path(__file__).parent / "data"
+CT_FILES = sorted((DATA / "liver_3slice").glob("0*.dcm"))
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, keyed by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(parsed, name: str, **labels: str) -> float:
+    return parsed.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def fake_service(config: NodeConfig, index: Index) -> types.SimpleNamespace:
+    """What :class:`node.ops.Ops` needs of a service, without the scheduler and workers."""
+    return types.SimpleNamespace(config=config, index=index, rules=RulesHolder(None), scp=None, listeners=[])
+
+
+@pytest.fixture
+def scp_node(tmp_path):
+    config = NodeConfig(port=0, state_dir=tmp_path / "state", http={"port": 0},
+                        allowed_senders=(AllowedSender(ae_title="SCANNER", host="127.0.0.0/8"),),
+                        limits={"min_free_disk_mb": 1})
+    config.state_dir.mkdir(parents=True)
+    index = Index(config.index_path)
+    service = fake_service(config, index)
+    ops = Ops(service)
+    service.scp = start_scp(config, Spool(config.spool_dir), index,
+                            lambda kind, data: [listener(kind, data) for listener in service.listeners])
+    ops.start()
+    yield service, ops
+    ops.stop()
+    service.scp.stop()
+
+
+def test_counts_match_what_storescu_sent(scp_node, tmp_path):
+    service, ops = scp_node
+    port = service.scp.port
+    sent = storescu(port, CT_FILES, calling="SCANNER")
+    assert store_statuses(sent.stdout + sent.stderr) == ["Success"] * 3, sent.stdout + sent.stderr
+    again = storescu(port, CT_FILES[:1], calling="SCANNER")  # a duplicate
+    assert store_statuses(again.stdout + again.stderr) == ["Success"]
+    intruder = storescu(port, CT_FILES[:1], calling="INTRUDER")
+    wrong_called = storescu(port, CT_FILES[:1], calling="SCANNER", called="NOTUS")
+    assert intruder.returncode != 0 and wrong_called.returncode != 0
+    no_study = dcmread(CT_FILES[0])
+    del no_study.StudyInstanceUID
+    no_study.SOPInstanceUID = no_study.SOPInstanceUID + ".9"
+    no_study.save_as(tmp_path / "no_study.dcm")
+    refused = storescu(port, [tmp_path / "no_study.dcm"], calling="SCANNER")
+    statuses = store_statuses(refused.stdout + refused.stderr)
+    assert statuses and statuses[0] != "Success", refused.stderr
+
+    status, headers, body = http(f"{ops.http.url}/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    parsed = samples(body.decode())
+    spooled = sorted(p for p in service.config.spool_dir.rglob("*.dcm"))
+    assert len(spooled) == 3
+    assert value(parsed, "segnode_instances_received_total") == 3
+    assert value(parsed, "segnode_bytes_received_total") == sum(p.stat().st_size for p in spooled)
+    assert value(parsed, "segnode_duplicates_total") == 1
+    assert value(parsed, "segnode_associations_total", result="accepted") == 3  # 3 files, duplicate, refused
+    assert value(parsed, "segnode_associations_total", result="rejected") == 2
+    assert value(parsed, "segnode_rejections_total", reason="sender_not_allowed") == 1
+    assert value(parsed, "segnode_rejections_total", reason="called_ae_unknown") == 1
+    assert value(parsed, "segnode_rejections_total", reason="invalid_uid") == 1
+    assert value(parsed, "segnode_jobs", state="received") == 1
+    assert value(parsed, "segnode_jobs", state="done") == 0
+    assert value(parsed, "segnode_free_disk_bytes") > 1024 * 1024
+
+
+def test_stage_histograms_jobs_and_dispatch_match_the_scripted_history(tmp_path):
+    config = NodeConfig(port=0, state_dir=tmp_path / "state", http={"port": 0},
+                        destinations=({"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242},))
+    s = scripted_index(config.index_path)
+    service = fake_service(config, s.index)
+    ops = Ops(service)
+    ops.start()
+    try:
+        for ok in (False, False, True):
+            ops.on_event("delivery", {"job_id": s.jobs["done"], "destination": "pacs", "ok": ok, "message": "x"})
+        ops.follower.poll()
+        parsed = samples(ops.metrics.render().decode())
+    finally:
+        ops.stop()
+    for stage in ("ingest", "queue", "segment", "dispatch"):
+        seconds = s.stage_seconds(stage)
+        assert value(parsed, "segnode_stage_duration_seconds_count", stage=stage) == len(seconds), stage
+        assert value(parsed, "segnode_stage_duration_seconds_sum", stage=stage) == pytest.approx(sum(seconds))
+    # the 30 s segmentation is in the 30 s bucket, not in the 10 s one
+    assert value(parsed, "segnode_stage_duration_seconds_bucket", stage="segment", le="10.0") == 1  # 7 s
+    assert value(parsed, "segnode_stage_duration_seconds_bucket", stage="segment", le="30.0") == 3
+    counts = {state.value: 0 for state in JobState}
+    counts.update({"done": 1, "failed": 1, "not_routed": 1, "dead_letter": 1, "received": 1})
+    for state, n in counts.items():
+        assert value(parsed, "segnode_jobs", state=state) == n, state
+    assert value(parsed, "segnode_dispatch_attempts_total", destination="pacs") == 3
+    assert value(parsed, "segnode_dispatch_failures_total", destination="pacs") == 2
+
+
+@pytest.mark.parametrize(("status", "comment", "reason"), [
+    (0x0000, None, None), (0xB000, None, None),
+    (0xA700, "instance larger than the node accepts", "too_large"),
+    (0xA700, "free disk below the node's minimum", "disk_full"),
+    (0xA700, "write failed", "write_failed"), (0xA702, None, "out_of_resources"),
+    (0xC210, "x", "cannot_decode"), (0xC211, None, "invalid_uid"), (0xC212, None, "uid_mismatch"),
+    (0x0122, None, "status_0x0122"),
+])
+def test_store_status_to_rejection_reason(status, comment, reason):
+    assert store_rejection_reason(status, comment) == reason
