@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc
+APT_PACKAGES = dcmtk dicom3tools orthanc chromium
 
 .PHONY: run test install install-test peers bench clean
 
@@ -24,6 +24,7 @@ peers:
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \

@@ -30,6 +30,7 @@ th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .state{padding:.05em .45em;border-radius:.6em;font-size:12px;background:#e8e8e8}
 .s-done{background:#cdeccd}.s-failed,.s-dead_letter{background:#f6c9c9}.s-not_routed{background:#f3e1b5}
 .s-segmenting,.s-sending{background:#cfe0f7}.ready{color:#176417}.notready{color:#a11}
+td.t{white-space:nowrap}
 .grid{display:flex;gap:2em;flex-wrap:wrap}
 """
 
@@ -45,9 +46,10 @@ def _when(ts: float | None) -> str:
 def _secs(value: float | None) -> str:
     if value is None:
         return "-"
-    if value < 60:
-        return f"{value:.1f} s"
-    return f"{value / 60:.1f} min"
+    for limit, unit, size in ((60, "s", 1), (3600, "min", 60), (86400, "h", 3600)):
+        if value < limit:
+            return f"{value / size:.1f} {unit}"
+    return f"{value / 86400:.1f} d"
 
 
 def _state(state: str) -> str:
@@ -120,7 +122,7 @@ def _failures(jobs: list[dict[str, Any]]) -> str:
     if not jobs:
         return "<h2>Failures</h2><p id=failures class=muted>none</p>"
     rows = "".join(
-        f"<tr><td class=n>{j['job_id']}</td><td>{_state(j['state'])}</td><td>{_when(j['updated_at'])}</td>"
+        f"<tr><td class=n>{j['job_id']}</td><td>{_state(j['state'])}</td><td class=t>{_when(j['updated_at'])}</td>"
         f"<td>{_uid(j['series_uid'])}</td><td>{_e(j['rule'] or '-')}</td><td>{_e(j['reason'])}</td></tr>"
         for j in jobs)
     return ("<h2>Failures</h2><table id=failures><tr><th>job</th><th>state</th><th>when (UTC)</th>"
@@ -135,7 +137,7 @@ def _recent(jobs: list[dict[str, Any]], events: dict[int, list], now: float) -> 
         t = stage_totals(events.get(j["job_id"], []), now)
         cells = "".join(f"<td class=n>{_secs(t.get(s))}</td>" for s in STAGES)
         rows.append(f"<tr><td class=n>{j['job_id']}</td><td>{_state(j['state'])}</td>"
-                    f"<td>{_when(j['created_at'])}</td><td>{_uid(j['study_uid'])}</td><td>{_uid(j['series_uid'])}</td>"
+                    f"<td class=t>{_when(j['created_at'])}</td><td>{_uid(j['study_uid'])}</td><td>{_uid(j['series_uid'])}</td>"
                     f"<td>{_e(j['rule'] or '-')}</td><td>{_e(j['profile'] or '-')}</td>"
                     f"<td>{_e(j['backend'] or '-')}</td>{cells}</tr>")
     head = "".join(f"<th>{s}</th>" for s in STAGES)
