@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -25,8 +26,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(verbosity: int = 0, as_json: bool = False) -> None:
+    """Log to stderr, or to stdout when ``$SEGNODE_LOG_STREAM`` is ``stdout`` (containers)."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stdout if os.environ.get("SEGNODE_LOG_STREAM") == "stdout" else sys.stderr)
     handler.setFormatter(
         JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
