@@ -30,6 +30,8 @@ from models import morphology as mm
 from models.hu_regions import Grid, body_mask, in_range, refine, working_grid
 from models.volume import Volume
 
+#: Working grid (mm): ribs and cortex are thin, so finer than for lungs.
+WORK_MM = 1.5
 CORTEX_HU = 600.0
 VESSEL_CORE_MM = 5.0
 MIN_BONE_ML = 0.1
@@ -40,7 +42,7 @@ TINY_HOLE_MM2 = 10.0
 
 def segment_bone(volume: Volume, hu_range: tuple[float, float]) -> tuple[np.ndarray, list[str]]:
     """Bone mask on the volume's grid, and notes on what was done."""
-    grid = working_grid(volume)
+    grid = working_grid(volume, WORK_MM)
     body = mm.fill_holes(body_mask(grid), per_slice=True)
     candidates = in_range(grid.hu, hu_range) & body
     del body
@@ -52,23 +54,32 @@ def segment_bone(volume: Volume, hu_range: tuple[float, float]) -> tuple[np.ndar
 
 
 def thick_lumens(grid: Grid, candidates: np.ndarray) -> np.ndarray:
-    """Candidates at least :data:`VESSEL_CORE_MM` deep, grown back by that depth, minus cortex."""
-    steps = max(1, int(round(VESSEL_CORE_MM / min(grid.spacing))))
-    cores = ndimage.binary_erosion(candidates, structure=mm.CROSS_3D, iterations=steps, border_value=1)
+    """Candidates at least :data:`VESSEL_CORE_MM` deep, grown back by that depth, minus cortex.
+
+    Found on every other voxel of the grid (a lumen this thick loses nothing
+    there), then brought back and limited to the candidates.
+    """
+    small = candidates[::2, ::2, ::2]
+    spacing = 2 * min(grid.spacing)
+    steps = max(1, int(round(VESSEL_CORE_MM / spacing)))
+    cores = ndimage.binary_erosion(small, structure=mm.CROSS_3D, iterations=steps, border_value=1)
     if not cores.any():
-        return cores
-    lumens = ndimage.binary_dilation(cores, structure=mm.CROSS_3D, iterations=steps + 1, mask=candidates)
-    return lumens & (grid.hu < CORTEX_HU)
+        return np.zeros_like(candidates)
+    lumens = ndimage.binary_dilation(cores, structure=mm.CROSS_3D, iterations=steps + 1, mask=small)
+    lumens = ndimage.binary_dilation(lumens, structure=mm.CROSS_3D)
+    idx = np.ix_(*(np.arange(n) // 2 for n in candidates.shape))
+    return lumens[idx] & candidates & (grid.hu < CORTEX_HU)
 
 
 def fill_marrow(grid: Grid, bone: np.ndarray) -> np.ndarray:
     """Bone plus the holes of its per-slice closing that look like marrow."""
     tiny = max(1, int(TINY_HOLE_MM2 / (grid.spacing[0] * grid.spacing[1])))
 
-    def marrow(holes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def marrow(holes: np.ndarray, ids: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
         count = int(ids.max())
-        mean = mm.per_label_mean(grid.hu, holes, count)[ids]
-        size = mm.component_sizes(holes, count)[ids]
+        inside = holes > 0
+        mean = mm.per_label_mean(grid.hu[box], holes, count, within=inside)[ids]
+        size = np.bincount(holes[inside], minlength=count + 1)[ids]
         return (mean >= MARROW_HU) | (size <= tiny)
 
     closed = mm.close_mm(bone, MARROW_CLOSE_MM, grid.spacing, per_slice=True)

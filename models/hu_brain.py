@@ -27,6 +27,8 @@ from models import morphology as mm
 from models.hu_regions import BODY_HU, body_mask, in_range, refine, working_grid
 from models.volume import Volume
 
+#: Working grid (mm); boundaries are refined on the source grid.
+WORK_MM = 2.0
 SKULL_HU = 300.0
 SKULL_CLOSE_MM = 4.0
 BRAIN_SMOOTH_MM = 2.0
@@ -38,7 +40,7 @@ def segment_brain(
     volume: Volume, brain_range: tuple[float, float], shell_range: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Brain and shell masks on the volume's grid, and notes on what was done."""
-    grid = working_grid(volume)
+    grid = working_grid(volume, WORK_MM)
     head = mm.fill_holes(mm.fill_holes(body_mask(grid), per_slice=True))
     cavity = intracranial_cavity(grid.hu, head, grid.spacing)
     brain = mm.largest_component(cavity & in_range(grid.hu, brain_range))

@@ -16,12 +16,14 @@ from scipy import ndimage
 from models import morphology as mm
 from models.volume import Volume
 
-#: Target voxel size of the working grid (mm).
-WORK_MM = 1.5
+#: Default target voxel size of the working grid (mm); each method picks its own.
+WORK_MM = 2.0
 #: Above this the voxel is part of the patient or of things around them.
 BODY_HU = -500.0
 #: Below this a voxel is plain air (outside air, trachea, bowel gas), not lung.
 DEEP_AIR_HU = -950.0
+#: The body mask is found on a grid at most this fine (mm).
+BODY_GRID_MM = 3.0
 #: Opening radius that cuts the patient off the table, head holder, blankets.
 TABLE_CUT_MM = 3.0
 
@@ -72,12 +74,22 @@ def body_mask(grid: Grid) -> np.ndarray:
 
     A per-slice opening (:data:`TABLE_CUT_MM`) breaks thin contacts with the
     table, head holder and blankets; a dilation of the same size limited to
-    the threshold gives back the skin the opening took.  Not hole-filled.
+    the threshold gives back the skin the opening took.  On a grid finer than
+    :data:`BODY_GRID_MM` this runs on every other voxel and the result is
+    brought back and re-thresholded.  Not hole-filled.
     """
     dense = grid.hu > BODY_HU
-    opened = mm.open_mm(dense, TABLE_CUT_MM, grid.spacing, per_slice=True)
+    step = 2 if min(grid.spacing) * 2 <= BODY_GRID_MM else 1
+    small = dense[::step, ::step, ::step]
+    spacing = tuple(s * step for s in grid.spacing)
+    opened = mm.open_mm(small, TABLE_CUT_MM, spacing, per_slice=True)
     core = mm.largest_component(opened)
-    return mm.dilate_mm(core, TABLE_CUT_MM, grid.spacing, per_slice=True) & dense
+    body = mm.dilate_mm(core, TABLE_CUT_MM, spacing, per_slice=True) & small
+    if step == 1:
+        return body
+    body = ndimage.binary_dilation(body, structure=mm.CROSS_3D)
+    idx = np.ix_(*(np.arange(n) // step for n in dense.shape))
+    return body[idx] & dense
 
 
 def outside_air(grid: Grid, air: np.ndarray) -> np.ndarray:
@@ -90,7 +102,8 @@ def outside_air(grid: Grid, air: np.ndarray) -> np.ndarray:
     labels, count = mm.label(air, per_slice=True)
     if count == 0:
         return np.zeros_like(air)
-    deep = mm.per_label_mean(grid.hu < DEEP_AIR_HU, labels, count) > 0.5
+    sizes = mm.component_sizes(labels, count)
+    deep = mm.per_label_fraction(grid.hu < DEEP_AIR_HU, labels, sizes) > 0.5
     edge = np.zeros(count + 1, dtype=bool)
     edge[mm.border_labels(labels, per_slice=True)] = True
     outside = deep & edge
@@ -100,10 +113,9 @@ def outside_air(grid: Grid, air: np.ndarray) -> np.ndarray:
 
 def touching_fraction(component: np.ndarray, region: np.ndarray) -> float:
     """Fraction of the voxels just outside ``component`` that lie in ``region``."""
-    box = ndimage.find_objects(component.astype(np.uint8))
-    if not box:
+    sl = mm.bounding_box(component, pad=1)
+    if sl is None:
         return 0.0
-    sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box[0])
     comp = component[sl]
     shell = ndimage.binary_dilation(comp, structure=mm.CROSS_3D) & ~comp
     total = int(shell.sum())
@@ -121,26 +133,15 @@ def refine(mask: np.ndarray, grid: Grid, hu: np.ndarray, hu_range: tuple[float, 
     if grid.factors == (1, 1, 1):
         return mask
     out = np.zeros(grid.full_shape, dtype=bool)
-    outer = ndimage.binary_dilation(mask, structure=mm.CROSS_3D)
-    box = ndimage.find_objects(outer.astype(np.uint8))
-    if not box:
+    box = mm.bounding_box(mask, pad=2)
+    if box is None:
         return out
-    inner = ndimage.binary_erosion(mask, structure=mm.CROSS_3D, border_value=1)
-    full_box = tuple(
-        slice(s.start * f, min(s.stop * f, n)) for s, f, n in zip(box[0], grid.factors, grid.full_shape)
-    )
-    shape = tuple(b.stop - b.start for b in full_box)
-    offsets = tuple(b.start for b in box[0])
-    up_inner = _upsample_box(inner, box[0], grid.factors, full_box, offsets)
-    up_band = _upsample_box(outer & ~inner, box[0], grid.factors, full_box, offsets)
-    assert up_inner.shape == shape
-    out[full_box] = up_inner | (up_band & in_range(hu[full_box], hu_range))
+    sub = mask[box]
+    outer = ndimage.binary_dilation(sub, structure=mm.CROSS_3D)
+    inner = ndimage.binary_erosion(sub, structure=mm.CROSS_3D, border_value=1)
+    full_box = tuple(slice(s.start * f, min(s.stop * f, n)) for s, f, n in zip(box, grid.factors, grid.full_shape))
+    idx = np.ix_(*(np.arange(b.start, b.stop) // f - s.start for b, f, s in zip(full_box, grid.factors, box)))
+    band = (outer & ~inner)[idx]
+    band &= in_range(hu[full_box], hu_range)
+    out[full_box] = inner[idx] | band
     return out
-
-
-def _upsample_box(mask, box, factors, full_box, offsets) -> np.ndarray:
-    idx = [
-        np.minimum(np.arange(b.start, b.stop) // f, m - 1) - o
-        for b, f, m, o in zip(full_box, factors, mask.shape, offsets)
-    ]
-    return mask[box][np.ix_(*idx)]

@@ -92,32 +92,56 @@ def border_labels(labels: np.ndarray, *, per_slice: bool) -> np.ndarray:
     return np.unique(np.concatenate([f.ravel() for f in faces]))
 
 
-def fill_holes(
-    mask: np.ndarray,
-    *,
-    per_slice: bool = False,
-    keep_hole: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-) -> np.ndarray:
+def bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the box holding ``mask``'s voxels, grown by ``pad`` within the array."""
+    box = ndimage.find_objects(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
+    if not box or box[0] is None:
+        return None
+    return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(box[0], mask.shape))
+
+
+HoleFilter = Callable[[np.ndarray, np.ndarray, tuple[slice, ...]], np.ndarray]
+
+
+def fill_holes(mask: np.ndarray, *, per_slice: bool = False, keep_hole: HoleFilter | None = None) -> np.ndarray:
     """Fill background regions that do not touch the border.
 
-    ``keep_hole(labels, ids)`` may veto holes: it gets the hole labels and the
-    candidate hole ids and returns a bool array saying which to fill.
+    Works in the mask's bounding box (one voxel of margin).  ``keep_hole(holes,
+    ids, box)`` may veto holes: it gets the hole labels (of the box), the
+    candidate ids and the box, and returns a bool array saying which to fill.
     """
-    holes, count = label(~mask, per_slice=per_slice)
+    box = bounding_box(mask, pad=1)
+    if box is None:
+        return mask.copy()
+    holes, count = label(~mask[box], per_slice=per_slice)
     fill = np.ones(count + 1, dtype=bool)
     fill[0] = False
     fill[border_labels(holes, per_slice=per_slice)] = False
     if keep_hole is not None and fill.any():
         ids = np.flatnonzero(fill)
-        fill[ids] = keep_hole(holes, ids)
-    return mask | fill[holes]
+        fill[ids] = keep_hole(holes, ids, box)
+    out = mask.copy()
+    out[box] |= fill[holes]
+    return out
 
 
-def per_label_mean(values: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
-    """Mean of ``values`` in each label 0..count (float64 of length count+1)."""
+def per_label_mean(values: np.ndarray, labels: np.ndarray, count: int, within: np.ndarray | None = None) -> np.ndarray:
+    """Mean of ``values`` in each label 0..count (float64 of length count+1).
+
+    ``within`` (bool) limits the work to the voxels it marks (label sizes
+    are then counted there too).
+    """
+    if within is not None:
+        values, labels = values[within], labels[within]
     sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=count + 1)
-    sizes = np.maximum(component_sizes(labels, count), 1)
+    sizes = np.maximum(np.bincount(labels.ravel(), minlength=count + 1), 1)
     return sums / sizes
+
+
+def per_label_fraction(flag: np.ndarray, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Fraction of each label's voxels (``sizes`` from :func:`component_sizes`) where ``flag``."""
+    hits = np.bincount(labels[flag], minlength=sizes.size)
+    return hits / np.maximum(sizes, 1)
 
 
 def open_mm(mask: np.ndarray, radius_mm: float, spacing: Spacing, *, per_slice: bool) -> np.ndarray:
@@ -150,20 +174,29 @@ def grid_factors(spacing: Spacing, target_mm: float) -> tuple[int, int, int]:
 
 def downsample_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
     """Block mean as ``float32``; a partial last block is averaged on its own."""
-    if factors == (1, 1, 1):
-        return np.asarray(hu, dtype=np.float32)
-    arr = hu
+    arr = np.asarray(hu, dtype=np.float32) if factors == (1, 1, 1) else hu
     for axis, f in enumerate(factors):
-        if f == 1:
-            continue
-        n = arr.shape[axis]
-        starts = np.arange(0, n, f)
-        arr = np.add.reduceat(arr, starts, axis=axis, dtype=np.float32)
-        counts = np.minimum(starts + f, n) - starts
-        shape = [1, 1, 1]
-        shape[axis] = len(counts)
-        arr /= counts.reshape(shape).astype(np.float32)
+        if f > 1:
+            arr = _block_mean(arr, axis, f)
     return arr
+
+
+def _block_mean(arr: np.ndarray, axis: int, f: int) -> np.ndarray:
+    """Mean of runs of ``f`` along ``axis`` (strided adds: no index arrays, no float64)."""
+    n = arr.shape[axis]
+    m = -(-n // f)
+    shape = list(arr.shape)
+    shape[axis] = m
+    out = np.zeros(shape, dtype=np.float32)
+    counts = np.zeros(m, dtype=np.float32)
+    for r in range(min(f, n)):
+        part = arr[(slice(None),) * axis + (slice(r, None, f),)]
+        out[(slice(None),) * axis + (slice(0, part.shape[axis]),)] += part
+        counts[: part.shape[axis]] += 1
+    view = [1, 1, 1]
+    view[axis] = m
+    out /= counts.reshape(view)
+    return out
 
 
 def upsample(mask: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, int, int]) -> np.ndarray:

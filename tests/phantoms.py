@@ -375,6 +375,8 @@ def _ct_slice_header(shape, spacing, origin, direction, k, uids, now) -> Dataset
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = time
     ds.AccessionNumber = ""
     ds.Modality = "CT"
+    ds.Laterality = ""
+    ds.PatientPosition = "HFS"
     ds.Manufacturer = "segnode test phantom"
     ds.ReferringPhysicianName = ""
     ds.PatientBirthDate = ""
@@ -386,8 +388,8 @@ def _ct_slice_header(shape, spacing, origin, direction, k, uids, now) -> Dataset
     ds.StudyID = "1"
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [f"{v:.6g}" for v in ipp]
-    ds.ImageOrientationPatient = [f"{v:.6g}" for v in (*direction[:, 0], *direction[:, 1])]
+    ds.ImagePositionPatient = [_ds(v) for v in ipp]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
     ds.FrameOfReferenceUID = uids["frame"]
     ds.PositionReferenceIndicator = ""
     normal = np.cross(direction[:, 0], direction[:, 1])
@@ -406,6 +408,11 @@ def _ct_slice_header(shape, spacing, origin, direction, k, uids, now) -> Dataset
     ds.WindowCenter = "40"
     ds.WindowWidth = "400"
     return ds
+
+
+def _ds(value: float) -> str:
+    """A DS string (no ``-0``)."""
+    return f"{float(value) + 0.0:.6g}"
 
 
 def _encode(ds: Dataset, syntax: UID) -> None:
