@@ -34,6 +34,7 @@ from models.volume import Volume
 WORK_MM = 1.5
 CORTEX_HU = 600.0
 VESSEL_CORE_MM = 5.0
+LUMEN_GRID_MM = 3.2
 MIN_BONE_ML = 0.1
 MARROW_HU = 100.0
 MARROW_CLOSE_MM = 3.0
@@ -56,19 +57,21 @@ def segment_bone(volume: Volume, hu_range: tuple[float, float]) -> tuple[np.ndar
 def thick_lumens(grid: Grid, candidates: np.ndarray) -> np.ndarray:
     """Candidates at least :data:`VESSEL_CORE_MM` deep, grown back by that depth, minus cortex.
 
-    Found on every other voxel of the grid (a lumen this thick loses nothing
-    there), then brought back and limited to the candidates.
+    On a grid finer than :data:`LUMEN_GRID_MM` this runs on every other voxel
+    (a lumen this thick loses nothing there) and is brought back, one voxel
+    wider, limited to the candidates.
     """
-    small = candidates[::2, ::2, ::2]
-    spacing = 2 * min(grid.spacing)
-    steps = max(1, int(round(VESSEL_CORE_MM / spacing)))
+    step = 2 if 2 * min(grid.spacing) <= LUMEN_GRID_MM else 1
+    small = candidates[::step, ::step, ::step]
+    steps = max(1, int(round(VESSEL_CORE_MM / (step * min(grid.spacing)))))
     cores = ndimage.binary_erosion(small, structure=mm.CROSS_3D, iterations=steps, border_value=1)
     if not cores.any():
         return np.zeros_like(candidates)
     lumens = ndimage.binary_dilation(cores, structure=mm.CROSS_3D, iterations=steps + 1, mask=small)
-    lumens = ndimage.binary_dilation(lumens, structure=mm.CROSS_3D)
-    idx = np.ix_(*(np.arange(n) // 2 for n in candidates.shape))
-    return lumens[idx] & candidates & (grid.hu < CORTEX_HU)
+    if step > 1:
+        lumens = ndimage.binary_dilation(lumens, structure=mm.CROSS_3D)
+        lumens = lumens[np.ix_(*(np.arange(n) // step for n in candidates.shape))]
+    return lumens & candidates & (grid.hu < CORTEX_HU)
 
 
 def fill_marrow(grid: Grid, bone: np.ndarray) -> np.ndarray:
