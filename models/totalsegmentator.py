@@ -83,8 +83,13 @@ def _version() -> str:
 
 
 def _task_config(options: TotalSegmentatorOptions) -> dict:
-    from totalsegmentator.map_tasks_config import TASK_CONFIGS
-    from totalsegmentator.python_api import get_task_config
+    """The task's configuration, as ``python_api.get_task_config`` builds it.
+
+    Rebuilt from the task table so that checking weights does not import
+    torch (a missing-weights fallback stays cheap); a test compares it with
+    the library's own function.
+    """
+    from totalsegmentator.map_tasks_config import DEFAULT_CONFIG, TASK_CONFIGS
 
     if options.task not in TASK_CONFIGS:
         raise ConfigError(f"unknown TotalSegmentator task {options.task!r}")
@@ -94,11 +99,17 @@ def _task_config(options: TotalSegmentatorOptions) -> dict:
                           "tasks (the licence check exits the process when offline)")
     if options.task.endswith("_mr"):
         raise ConfigError(f"TotalSegmentator task {options.task!r} is for MR; segnode segments CT")
-    try:
-        return get_task_config(options.task, fast=options.resolution == "fast",
-                               fastest=options.resolution == "fastest", quiet=True)
-    except ValueError as exc:
-        raise ConfigError(f"TotalSegmentator task {options.task!r}: {exc}") from exc
+    config = {**DEFAULT_CONFIG, "plans": "nnUNetPlans"}
+    if "sub_modes" in raw:
+        mode = {"normal": "default"}.get(options.resolution, options.resolution)
+        if mode not in raw["sub_modes"]:
+            mode = "fast" if mode != "default" else "default"
+        config.update(raw["sub_modes"][mode])
+    else:
+        if raw.get("disallow_fast") and options.resolution == "fast":
+            raise ConfigError(f"TotalSegmentator task {options.task!r} does not work with resolution fast")
+        config.update({k: v for k, v in raw.items() if k not in ("disallow_fast", "commercial", "info_msg")})
+    return config
 
 
 def required_folders(options: TotalSegmentatorOptions) -> list[RequiredFolder]:

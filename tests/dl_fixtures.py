@@ -1,0 +1,468 @@
+"""Tiny real deep-learning models for the backend tests, built on the CPU.
+
+Nothing here is mocked: the models are trained or built with the libraries
+themselves and run through their real inference code.
+
+* :func:`synthetic_case`: a small synthetic abdominal CT (body, fat, spine,
+  liver, spleen, kidneys, gallbladder) with its truth labels, numbered as
+  TotalSegmentator's ``total`` task numbers them (1 spleen, 2 kidney_right,
+  3 kidney_left, 4 gallbladder, 5 liver).
+* :func:`build_tiny_nnunet`: plans, preprocesses and trains a tiny nnU-Net v2
+  (a few feature maps, a few hundred iterations; about two minutes on two
+  CPU cores) on such cases, and returns its model folder (``dataset.json``,
+  ``plans.json``, ``fold_0/checkpoint_final.pth``).
+* :func:`place_in_totalsegmentator_layout`: the same model under the folder
+  names TotalSegmentator's task table expects for ``total`` fast (297) and
+  fastest (298), so that ``totalsegmentator()`` itself runs offline on it.
+* :func:`build_tiny_monai_bundle` / :func:`build_tiny_torchscript`: a tiny
+  MONAI UNet as a bundle directory and as a TorchScript file.
+
+The builders cache their output for the test session (``tmp_path_factory``);
+set ``SEGNODE_DL_FIXTURE_CACHE=/some/dir`` to keep them across sessions while
+developing.  Run ``python tests/dl_fixtures.py OUT_DIR`` to build them by hand
+(the benchmark does this).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # pragma: no cover - when run as a script
+    sys.path.insert(0, str(REPO))
+
+from models.volume import Volume  # noqa: E402
+
+#: TotalSegmentator ``total`` class numbers used by the synthetic phantom
+TS_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5}
+SHAPE = (32, 48, 48)  # k, j, i
+SPACING = (4.0, 4.0, 4.0)  # x, y, z mm
+DATASET_ID = 987
+DATASET_NAME = f"Dataset{DATASET_ID}_SegnodeTiny"
+TS_FOLDERS = {
+    "fast": "Dataset297_TotalSegmentator_total_3mm_1559subj",
+    "fastest": "Dataset298_TotalSegmentator_total_6mm_1559subj",
+}
+TS_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
+#: training length of the tiny nnU-Net (epochs x iterations)
+TRAIN_EPOCHS = 4
+TRAIN_ITERATIONS = 30
+PATCH = [24, 32, 32]  # smaller than the image: random crops, sliding windows at inference
+
+
+# --------------------------------------------------------------------------- phantom
+
+
+def synthetic_case(seed: int, shape: tuple[int, int, int] = SHAPE,
+                   spacing: tuple[float, float, float] = SPACING) -> tuple[Volume, np.ndarray]:
+    """A synthetic abdominal CT and its truth labels (TotalSegmentator numbering).
+
+    Patient orientation is LPS with an identity direction: ``i`` runs to the
+    patient's left, ``j`` posterior, ``k`` superior; the liver sits on the
+    patient's right (low ``x``), the spleen on the left.
+    """
+    rng = np.random.default_rng(seed)
+    nk, nj, ni = shape
+    sx, sy, sz = spacing
+    z, y, x = np.meshgrid(
+        (np.arange(nk) - nk / 2) * sz, (np.arange(nj) - nj / 2) * sy, (np.arange(ni) - ni / 2) * sx,
+        indexing="ij",
+    )
+    jitter = lambda: rng.uniform(-5, 5)  # noqa: E731
+    scale = lambda: rng.uniform(0.9, 1.1)  # noqa: E731
+
+    def ellipsoid(cx: float, cy: float, cz: float, ax: float, ay: float, az: float) -> np.ndarray:
+        s = scale()
+        return (((x - cx - jitter()) / (ax * s)) ** 2 + ((y - cy - jitter()) / (ay * s)) ** 2
+                + ((z - cz - jitter()) / (az * s)) ** 2) <= 1.0
+
+    hu = np.full(shape, -1000.0)
+    labels = np.zeros(shape, dtype=np.uint8)
+    body = (x / (85 * scale())) ** 2 + (y / (65 * scale())) ** 2 <= 1.0
+    inner = (x / 75) ** 2 + (y / 55) ** 2 <= 1.0
+    hu[body] = -90.0  # subcutaneous fat
+    hu[body & inner] = 35.0  # soft tissue
+    spine = ((x / 12) ** 2 + ((y - 42) / 12) ** 2 <= 1.0) & body
+    hu[spine] = 450.0
+    organs = [
+        ("liver", ellipsoid(-38, -5, 12, 40, 38, 34), 62.0),
+        ("spleen", ellipsoid(55, 18, 18, 17, 22, 24), 48.0),
+        ("kidney_right", ellipsoid(-38, 32, -12, 14, 15, 24), 165.0),
+        ("kidney_left", ellipsoid(38, 32, -8, 14, 15, 24), 165.0),
+        ("gallbladder", ellipsoid(-22, -30, -14, 10, 10, 13), 8.0),
+    ]
+    for name, mask, value in organs:
+        mask &= inner
+        hu[mask] = value
+        labels[mask] = TS_LABELS[name]
+    hu += rng.normal(0.0, 12.0, shape)
+    volume = Volume(
+        hu=np.clip(np.rint(hu), -1024, 3071).astype(np.int16),
+        spacing=spacing,
+        origin=(-(ni / 2) * sx, -(nj / 2) * sy, -(nk / 2) * sz),
+        direction=np.eye(3),
+    )
+    return volume, labels
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _environ(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _save_nifti(volume: Volume, array: np.ndarray | None, path: Path) -> None:
+    import nibabel as nib
+
+    from models.io_nifti import ras_affine, volume_to_nifti
+
+    if array is None:
+        nib.save(volume_to_nifti(volume), path)
+    else:
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), ras_affine(volume)), path)
+
+
+def _cache_root(default: Path) -> Path:
+    root = os.environ.get("SEGNODE_DL_FIXTURE_CACHE")
+    if not root:
+        return default
+    # a code change invalidates the cache
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    return Path(root) / digest
+
+
+# --------------------------------------------------------------------------- nnU-Net
+
+
+def _write_raw_dataset(raw: Path, n_cases: int) -> None:
+    folder = raw / DATASET_NAME
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for case in range(n_cases):
+        volume, labels = synthetic_case(seed=1000 + case)
+        _save_nifti(volume, None, folder / "imagesTr" / f"tiny_{case:03d}_0000.nii.gz")
+        _save_nifti(volume, labels, folder / "labelsTr" / f"tiny_{case:03d}.nii.gz")
+    dataset = {
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, **TS_LABELS},
+        "numTraining": n_cases,
+        "file_ending": ".nii.gz",
+        "name": "segnode tiny synthetic abdomen",
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+
+
+def _shrink_plans(plans_file: Path) -> None:
+    """Make the planned 3d_fullres network tiny (few feature maps, batch 2)."""
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}
+    cfg = plans["configurations"]["3d_fullres"]
+    kwargs = cfg["architecture"]["arch_kwargs"]
+    n = kwargs["n_stages"]
+    kwargs["features_per_stage"] = [min(8 * 2**s, 32) for s in range(n)]
+    kwargs["n_conv_per_stage"] = [1] * n
+    kwargs["n_conv_per_stage_decoder"] = [1] * (n - 1)
+    cfg["batch_size"] = 2
+    cfg["patch_size"] = PATCH
+    plans_file.write_text(json.dumps(plans, indent=2))
+
+
+def _train(preprocessed: Path) -> Path:
+    import torch
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+    from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring import (
+        nnUNetTrainer_4000epochs_NoMirroring)
+
+    class TinyTrainer(nnUNetTrainer_4000epochs_NoMirroring):
+        """Short CPU training: a few epochs of a few iterations, Adam, no intensity augmentation.
+
+        No mirroring (as TotalSegmentator's trainers): left and right organs
+        must stay apart.
+        """
+
+        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cpu")):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = TRAIN_EPOCHS
+            self.num_iterations_per_epoch = TRAIN_ITERATIONS
+            self.num_val_iterations_per_epoch = 1
+            self.initial_lr = 5e-3
+            self.logger.plot_progress_png = lambda *args, **kwargs: None  # seaborn plot: seconds per epoch
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr)
+            return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+
+        @staticmethod
+        def get_training_transforms(*args, **kwargs):
+            compose = nnUNetTrainer_4000epochs_NoMirroring.get_training_transforms(*args, **kwargs)
+            compose.transforms = [t for t in compose.transforms if not isinstance(t, RandomTransform)]
+            return compose
+
+    plans = json.loads((preprocessed / DATASET_NAME / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnunetv2 2.8 pops this key in the trainer
+    dataset_json = json.loads((preprocessed / DATASET_NAME / "dataset.json").read_text())
+    torch.manual_seed(0)
+    trainer = TinyTrainer(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    trainer.run_training()
+    return Path(trainer.output_folder).parent
+
+
+def build_tiny_nnunet(workdir: Path, n_cases: int = 8) -> Path:
+    """Train the tiny nnU-Net v2 once; return its model folder.
+
+    The checkpoint's trainer name is set to ``nnUNetTrainer`` so that the
+    predictor finds the class in nnunetv2 (the short trainer only changes the
+    training schedule, not the network).
+    """
+    model = workdir / "nnunet_model"
+    if (model / "fold_0" / "checkpoint_final.pth").exists():
+        return model
+    import torch
+
+    raw, pre, res = (workdir / "nnunet_work" / d for d in ("raw", "preprocessed", "results"))
+    for d in (raw, pre, res):
+        d.mkdir(parents=True, exist_ok=True)
+    env = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre), "nnUNet_results": str(res),
+           "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false"}
+    with _environ(**env):
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+            extract_fingerprints, plan_experiments, preprocess)
+
+        _write_raw_dataset(raw, n_cases)
+        extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True,
+                             verbose=False, show_progress_bar=False)
+        plan_experiments([DATASET_ID])
+        _shrink_plans(pre / DATASET_NAME / "nnUNetPlans.json")
+        preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
+        with _environ(nnUNet_n_proc_DA="0"):  # augment in-process (planning needs >= 1)
+            trained = _train(pre)
+    staging = workdir / "nnunet_model.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "fold_0").mkdir(parents=True)
+    for name in ("dataset.json", "plans.json"):
+        shutil.copy2(trained / name, staging / name)
+    checkpoint = torch.load(trained / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["trainer_name"] = "nnUNetTrainer"
+    checkpoint.pop("optimizer_state", None)  # not needed for inference; keeps the fixture small
+    torch.save(checkpoint, staging / "fold_0" / "checkpoint_final.pth")
+    staging.rename(model)
+    return model
+
+
+def place_in_totalsegmentator_layout(model: Path, dest: Path) -> Path:
+    """Copy ``model`` under TotalSegmentator's folder names for ``total`` fast and fastest.
+
+    ``dest`` plays ``TOTALSEG_WEIGHTS_PATH``; returns it.
+    """
+    import torch
+
+    for folder in TS_FOLDERS.values():
+        target = dest / folder / f"{TS_TRAINER}__nnUNetPlans__3d_fullres"
+        if (target / "fold_0" / "checkpoint_final.pth").exists():
+            continue
+        (target / "fold_0").mkdir(parents=True, exist_ok=True)
+        for name in ("dataset.json", "plans.json"):
+            shutil.copy2(model / name, target / name)
+        checkpoint = torch.load(model / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        checkpoint["trainer_name"] = TS_TRAINER
+        torch.save(checkpoint, target / "fold_0" / "checkpoint_final.pth")
+    return dest
+
+
+def zip_folder(folder: Path, zip_path: Path, arcroot: str | None = None) -> Path:
+    """Zip ``folder`` (entries under ``arcroot``/, default the folder's name)."""
+    root = arcroot if arcroot is not None else folder.name
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"{root}/{path.relative_to(folder).as_posix()}" if root else
+                         path.relative_to(folder).as_posix())
+    return zip_path
+
+
+# --------------------------------------------------------------------------- MONAI
+
+
+def _tiny_monai_net():
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=1, out_channels=6, channels=(4, 8, 16), strides=(2, 2),
+                num_res_units=0)
+
+
+def _fit_monai(net, steps: int = 60):
+    """A few optimisation steps on the phantom so the output is not noise."""
+    import torch
+
+    from models.monai import labels_to_network_array, to_network_array
+    from profiles.schema import MonaiOptions
+
+    torch.manual_seed(0)
+    volume, labels = synthetic_case(seed=2000)
+    data, _ = to_network_array(volume, MonaiOptions())
+    image = torch.from_numpy(data)[None, None]
+    target = torch.from_numpy(labels_to_network_array(labels, volume).astype(np.int64))[None]
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    net.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(net(image), target)
+        loss.backward()
+        opt.step()
+    net.eval()
+    return net
+
+
+def build_tiny_monai_bundle(workdir: Path) -> Path:
+    """A MONAI bundle directory: ``configs/inference.json``, ``configs/metadata.json``,
+    ``models/model.pt`` (state dict)."""
+    bundle = workdir / "monai_bundle"
+    if (bundle / "models" / "model.pt").exists():
+        return bundle
+    import torch
+
+    net = _fit_monai(_tiny_monai_net())
+    (bundle / "configs").mkdir(parents=True, exist_ok=True)
+    (bundle / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    inference = {
+        "network_def": {
+            "_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 6,
+            "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
+        },
+        "network": "$@network_def",
+    }
+    metadata = {
+        "version": "0.1.0", "name": "segnode tiny abdomen",
+        "network_data_format": {"outputs": {"pred": {"channel_def": {
+            "0": "background", **{str(v): k for k, v in TS_LABELS.items()}}}}},
+    }
+    (bundle / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return bundle
+
+
+def build_tiny_torchscript(workdir: Path) -> Path:
+    """The same tiny MONAI network saved as a TorchScript file."""
+    path = workdir / "monai_tiny.ts"
+    if path.exists():
+        return path
+    import torch
+
+    net = _fit_monai(_tiny_monai_net())
+    torch.jit.script(net).save(str(path))
+    return path
+
+
+# --------------------------------------------------------------------------- profiles and weights
+
+ABDOMEN_PROFILE = """\
+organ: abdomen
+description: Tiny synthetic abdomen (backend tests)
+model_type: {model_type}
+fallback: []
+tissues:
+- {{name: liver, description: Liver, codes_from: liver, totalsegmentator: [liver], label: 5}}
+- {{name: spleen, description: Spleen, codes_from: spleen, totalsegmentator: [spleen], label: 1}}
+- {{name: kidney_right, description: Right kidney, codes_from: kidney_right, totalsegmentator: [kidney_right],
+   label: 2}}
+- {{name: kidney_left, description: Left kidney, codes_from: kidney_left, totalsegmentator: [kidney_left],
+   label: 3}}
+options:
+  totalsegmentator: {{task: total, resolution: {resolution}, roi_subset: {roi_subset}}}
+  nnunet: {{model: tiny_abdomen, folds: [0], tile_step_size: 0.5, use_mirroring: false}}
+  monai: {{model: {monai_model}, roi_size: [32, 32, 32], overlap: 0.25}}
+"""
+
+
+def abdomen_profile_file(folder: Path, model_type: str = "nnunet", resolution: str = "fastest",
+                         roi_subset: str = "null", monai_model: str = "tiny_bundle") -> Path:
+    """Write ``abdomen.yaml`` (the profile the tiny models are trained for) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "abdomen.yaml"
+    path.write_text(ABDOMEN_PROFILE.format(model_type=model_type, resolution=resolution, roi_subset=roi_subset,
+                                           monai_model=monai_model))
+    return path
+
+
+def import_all(models: dict[str, Path], root: Path) -> Path:
+    """Import every tiny model into the weights directory ``root`` with segnode's importer."""
+    from models.weights import import_weights
+    from profiles.schema import Backend
+
+    if root.exists():
+        return root
+    import_weights(models["nnunet"], root, backend=Backend.NNUNET, name="tiny_abdomen")
+    for folder in TS_FOLDERS.values():
+        import_weights(models["ts_weights"] / folder, root, backend=Backend.TOTALSEGMENTATOR)
+    import_weights(models["monai_bundle"], root, backend=Backend.MONAI, name="tiny_bundle")
+    import_weights(models["monai_torchscript"], root, backend=Backend.MONAI, name="tiny_script")
+    return root
+
+
+# --------------------------------------------------------------------------- session cache
+
+
+@functools.cache
+def built_models(base: Path) -> dict[str, Path]:
+    """Build (once per process and base directory) every tiny model; return their paths."""
+    root = _cache_root(base)
+    root.mkdir(parents=True, exist_ok=True)
+    nnunet = build_tiny_nnunet(root)
+    return {
+        "nnunet": nnunet,
+        "ts_weights": place_in_totalsegmentator_layout(nnunet, root / "ts_weights"),
+        "monai_bundle": build_tiny_monai_bundle(root),
+        "monai_torchscript": build_tiny_torchscript(root),
+    }
+
+
+try:  # pytest fixtures, when imported by a test module
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def dl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+        """Paths of the tiny models (built once per session)."""
+        return built_models(tmp_path_factory.getbasetemp() / "dl_models")
+
+    @pytest.fixture(scope="session")
+    def dl_weights(dl_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """A weights directory with every tiny model imported (pristine: copy before corrupting)."""
+        return import_all(dl_models, tmp_path_factory.getbasetemp() / "dl_weights")
+except ImportError:  # pragma: no cover - script use without pytest
+    pass
+
+
+def _main(argv: list[str]) -> int:  # pragma: no cover - manual use
+    if len(argv) != 1:
+        print("usage: python tests/dl_fixtures.py OUT_DIR", file=sys.stderr)
+        return 2
+    for name, path in built_models(Path(argv[0]).resolve()).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(_main(sys.argv[1:]))
