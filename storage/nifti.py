@@ -74,7 +74,7 @@ def nifti_bytes(array_kji: np.ndarray, affine_lps: np.ndarray, dtype: type) -> b
     img.header.set_sform(img.affine, code=1)
     img.header["descrip"] = b""
     img.header.set_xyzt_units("mm", "sec")
-    return gzip.compress(img.to_bytes(), mtime=0)
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
 def read_nifti(data: bytes, what: str) -> Grid:
