@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from node.config import NodeConfig, load_config
-from node.errors import DispatchError
+from node.errors import DispatchError, StorageError
 from storage.index import Index, JobState
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _load(args: argparse.Namespace) -> NodeConfig:
 
 def _index(config: NodeConfig) -> Index:
     if not config.index_path.is_file():
-        raise DispatchError("no index yet: the node has not run with this state directory",
+        raise StorageError("no index yet: the node has not run with this state directory",
                             where=str(config.state_dir))
     return Index(config.index_path)
 
@@ -97,6 +97,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from routing import install_sighup
+
+    install_sighup(service.rules)  # kill -HUP: re-read the routes file
     port = service.start()
     try:
         ops.start()
