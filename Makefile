@@ -31,7 +31,7 @@ peers:
 	fi
 
 run: install
-	$(BIN)/segnode -v run --organ lungs --model hu_based tests/data/thorax_cta -o out/
+	$(BIN)/segnode -v serve
 
 test: install-test
 	$(BIN)/pytest -q
