@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -41,23 +41,24 @@ def make_series(slices: int) -> Path:
 
 def run_once(series: Path, organ: str, seg_type: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "segnode"), "run", "--organ", organ, "--model", "hu_based",
              "--seg-type", seg_type, str(series), "-o", out],
-            capture_output=True, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        stderr = proc.stderr.read() if proc.stderr else ""
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
         wall = time.perf_counter() - start
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if proc.returncode != 0:
-            raise SystemExit(f"segnode run failed ({proc.returncode}): {proc.stderr}")
+        peak_kb = usage.ru_maxrss
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"segnode run failed: {stderr}")
         summary = json.loads(next(Path(out).glob("summary_*.json")).read_text())
         seg = Path(summary["output"]["path"])
         return {
             **summary["timings"],
             "wall_s": wall,
-            "peak_rss_mb": max(peak_kb, before) / 1024,
+            "peak_rss_mb": peak_kb / 1024,
             "seg_mb": seg.stat().st_size / 1e6,
         }
 
