@@ -428,6 +428,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
         if int(length) > self.server.max_body:
             self.close_connection = True
+            if int(length) <= 4 * self.server.max_body:  # drain a modest excess, so the client reads the 413
+                remaining = int(length)
+                while remaining > 0 and (chunk := self.rfile.read(min(remaining, 65536))):
+                    remaining -= len(chunk)
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {self.server.max_body} bytes")
         return self.rfile.read(int(length))
 
