@@ -170,6 +170,8 @@ def _read_full(file: Path) -> Dataset:
             raise InputError(f"{keyword} {value[:70]!r} is not a valid DICOM UID", where=str(file))
     if "PixelData" not in ds:
         raise InputError("no Pixel Data", where=str(file))
+    if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+        del ds.SpecificCharacterSet  # empty means the default repertoire; writers reject ''
     return ds
 
 

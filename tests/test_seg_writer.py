@@ -117,6 +117,14 @@ def test_multiframe_source_frames_map_back(data_dir: Path, tmp_path: Path) -> No
     assert np.array_equal(seg_labelmap_on_source(result.path, volume), labels.array)
 
 
+def test_real_ge_slices_with_empty_character_set(data_dir: Path, tmp_path: Path) -> None:
+    volume = load_series(data_dir / "liver_3slice")
+    labels = threshold_labels(volume, "bone")
+    result = write_seg(volume, labels, load_profile("bone"), tmp_path)
+    assert dciodvfy(result.path) == []
+    assert np.array_equal(seg_labelmap_on_source(result.path, volume), labels.array)
+
+
 def test_gantry_tilted_source_overlays_exactly(data_dir: Path, tmp_path: Path) -> None:
     volume = load_series(data_dir / "gantry_tilt")
     labels = threshold_labels(volume, "bone")
