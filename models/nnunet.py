@@ -14,8 +14,10 @@ voxels of its ``label`` in the model's output.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -150,11 +152,12 @@ class NnunetBackend:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        predictor = nnUNetPredictor(
-            tile_step_size=options.tile_step_size, use_gaussian=True, use_mirroring=options.use_mirroring,
-            perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
-            verbose_preprocessing=False, allow_tqdm=False,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice for every CPU predictor
+            predictor = nnUNetPredictor(
+                tile_step_size=options.tile_step_size, use_gaussian=True, use_mirroring=options.use_mirroring,
+                perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
+                verbose_preprocessing=False, allow_tqdm=False,
+            )
         try:
             with torch_threads(settings.threads):
                 predictor.initialize_from_trained_model_folder(

@@ -338,7 +338,7 @@ def import_weights(source: Path, root: Path, *, backend: Backend | None = None, 
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".import-", dir=root) as tmp:
         unpacked = source
-        if source.is_file() and zipfile.is_zipfile(source):
+        if source.is_file() and source.suffix not in TORCHSCRIPT_SUFFIXES and zipfile.is_zipfile(source):
             unpacked = Path(tmp) / "unpacked"
             unpacked.mkdir()
             _safe_extract(source, unpacked)

@@ -43,6 +43,8 @@ if str(REPO) not in sys.path:  # pragma: no cover - when run as a script
 
 from models.volume import Volume  # noqa: E402
 
+#: bump when a builder changes in a way the parameters below do not show
+FIXTURE_VERSION = "1"
 #: TotalSegmentator ``total`` class numbers used by the synthetic phantom
 TS_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5}
 SHAPE = (32, 48, 48)  # k, j, i
@@ -147,9 +149,9 @@ def _cache_root(default: Path) -> Path:
     root = os.environ.get("SEGNODE_DL_FIXTURE_CACHE")
     if not root:
         return default
-    # a code change invalidates the cache
-    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    return Path(root) / digest
+    # a change of the builders' parameters invalidates the cache (bump FIXTURE_VERSION for code changes)
+    key = repr((FIXTURE_VERSION, SHAPE, SPACING, TRAIN_EPOCHS, TRAIN_ITERATIONS, PATCH, TS_LABELS))
+    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 # --------------------------------------------------------------------------- nnU-Net
@@ -412,13 +414,15 @@ def import_all(models: dict[str, Path], root: Path) -> Path:
     from models.weights import import_weights
     from profiles.schema import Backend
 
-    if root.exists():
+    if (root / ".complete").exists():
         return root
+    shutil.rmtree(root, ignore_errors=True)
     import_weights(models["nnunet"], root, backend=Backend.NNUNET, name="tiny_abdomen")
     for folder in TS_FOLDERS.values():
         import_weights(models["ts_weights"] / folder, root, backend=Backend.TOTALSEGMENTATOR)
     import_weights(models["monai_bundle"], root, backend=Backend.MONAI, name="tiny_bundle")
     import_weights(models["monai_torchscript"], root, backend=Backend.MONAI, name="tiny_script")
+    (root / ".complete").touch()
     return root
 
 

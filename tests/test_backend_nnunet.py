@@ -135,19 +135,20 @@ def test_cache_keeps_the_model_warm_keyed_by_weights_hash(dl_weights: Path, dl_m
 
 
 def test_reduced_mode_processes_slabs_within_the_budget(dl_weights: Path, profile: Profile, case: tuple) -> None:
-    volume, truth = case
-    whole = BACKEND.load(profile, _settings(dl_weights)).segment(volume)
+    volume, _ = case
+    tall = replace(volume, hu=np.concatenate([volume.hu] * 3), source=None)
+    whole = BACKEND.load(profile, _settings(dl_weights)).segment(tall)
+    assert whole.notes == ()
     # the tiny test volume is far from any real budget: force slabs with a budget just above the fixed cost
     model = BACKEND.load(profile, _settings(dl_weights, memory_budget_mb=625))
-    tall = replace(volume, hu=np.concatenate([volume.hu] * 3), source=None)
     assert model.memory.estimate_mb(volume.shape, volume.spacing) < 625 < model.memory.estimate_mb(
         tall.shape, tall.spacing)
+    assert model.segment(volume).notes == ()  # within the budget: whole volume
     labels = model.segment(tall)
     assert labels.array.shape == tall.shape
-    assert any("reduced mode" in note for note in labels.notes)
-    # the middle copy, segmented with context on both sides, matches the whole-volume result closely
-    middle = labels.array[volume.shape[0]: 2 * volume.shape[0]]
-    assert dice(middle == 1, whole.array == 1) > 0.8
+    assert any("reduced mode: segmented in 3 slabs" in note for note in labels.notes)
+    # each slab sees 16 slices of context on each side: close to the whole-volume result
+    assert dice(labels.array == 1, whole.array == 1) > 0.75
 
 
 def test_oversize_volume_refused_when_asked(dl_weights: Path, profile: Profile, case: tuple) -> None:
