@@ -40,6 +40,11 @@ MULTIFRAME_CT = {ENHANCED_CT, LEGACY_ENHANCED_CT}
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 #: ImageType values that mean "these pixels are not HU of an axial stack".
 NON_HU_IMAGE_TYPES = {"PERFUSION", "RCBF", "RCBV", "MTT", "TTP", "TMAX", "LOCALIZER", "IODINE", "EFF_ATOMIC_NUMBER"}
+#: Type 2 patient/study attributes the SEG copies from its source; filled empty when absent.
+TYPE2_COPIED_TO_SEG = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
 GAP_FACTOR = 2.5  # a step this many times the median step means missing slices
 SPACING_TOLERANCE = 0.05  # relative deviation of steps reported as variable spacing
 
@@ -172,6 +177,9 @@ def _read_full(file: Path) -> Dataset:
         raise InputError("no Pixel Data", where=str(file))
     if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
         del ds.SpecificCharacterSet  # empty means the default repertoire; writers reject ''
+    for keyword in TYPE2_COPIED_TO_SEG:  # a SEG copies these and needs them present, even empty
+        if keyword not in ds:
+            setattr(ds, keyword, None)
     return ds
 
 

@@ -125,6 +125,19 @@ def test_real_ge_slices_with_empty_character_set(data_dir: Path, tmp_path: Path)
     assert np.array_equal(seg_labelmap_on_source(result.path, volume), labels.array)
 
 
+def test_source_without_type2_patient_attributes(data_dir: Path, tmp_path: Path) -> None:
+    for file in sorted((data_dir / "thorax_cta").glob("*.dcm"))[:8]:
+        ds = pydicom.dcmread(file)
+        for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "ReferringPhysicianName"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(tmp_path / file.name)
+    volume = load_series(tmp_path)
+    result = write_seg(volume, threshold_labels(volume, "lungs"), load_profile("lungs"), tmp_path / "out")
+    assert dciodvfy(result.path) == []
+    assert pydicom.dcmread(result.path).PatientBirthDate == ""
+
+
 def test_gantry_tilted_source_overlays_exactly(data_dir: Path, tmp_path: Path) -> None:
     volume = load_series(data_dir / "gantry_tilt")
     labels = threshold_labels(volume, "bone")
