@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from models.cli_compare import register_compare
 from models.weights import Kind, import_weights, list_models, remove, verify, weights_root
 from node.errors import WeightsError
 from profiles.schema import Backend
@@ -39,6 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=[b.value for b in Backend if b is not Backend.HU_BASED], default=None)
     p.add_argument("--kind", choices=[k.value for k in Kind], default=None)
     p.set_defaults(func=_remove)
+
+    register_compare(sub)
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "storage.cli",
     "models.cli_evaluate",
     "models.cli",
+    "models.cli_train",
 )
 
 

@@ -1,0 +1,120 @@
+"""End to end on the CPU: dataset store → frozen version → fine-tuned tiny nnU-Net → evaluated →
+registered → ``segnode run --model nnunet`` → a SEG that passes ``dciodvfy``.
+
+The base model is the tiny nnU-Net of :mod:`tests.dl_fixtures` (trained here for one epoch of two
+iterations: only its architecture and a start matter), installed as TotalSegmentator weights so
+that ``--base totalsegmentator`` takes the real transfer-learning path.  The dataset holds
+synthetic abdominal phantoms and the real thorax CTA with TotalSegmentator's aorta.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from models.io_nifti import ras_affine, volume_to_nifti
+from models.segmentation_io import Grid, read_segmentation
+from models.weights import Kind, find_model, import_weights, sha256_file, verify
+from node.cli import main
+from node.series import load_series
+from profiles.schema import Backend
+from tests.dicomtools import dciodvfy
+
+DATA = Path(__file__).resolve().parent / "data"
+SECRET = b"training-e2e-secret-0123"
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_base(tmp: Path, monkeypatch) -> Path:
+    import tests.dl_fixtures as fixtures
+
+    monkeypatch.setattr(fixtures, "TRAIN_EPOCHS", 1)
+    monkeypatch.setattr(fixtures, "TRAIN_ITERATIONS", 2)
+    model = fixtures.build_tiny_nnunet(tmp / "base_build", n_cases=5)
+    return fixtures.place_in_totalsegmentator_layout(model, tmp / "ts_weights") / fixtures.TS_FOLDERS["fast"]
+
+
+def _dataset(tmp: Path) -> tuple[Path, Path]:
+    """Synthetic phantoms (MSD layout) plus the real thorax CTA with its aorta (NIfTI pair)."""
+    from tests.dl_fixtures import TS_LABELS, synthetic_case
+
+    msd = tmp / "phantoms"
+    for sub in ("imagesTr", "labelsTr"):
+        (msd / sub).mkdir(parents=True)
+    for i in range(5):
+        volume, labels = synthetic_case(seed=4000 + i)
+        nib.save(volume_to_nifti(volume), msd / "imagesTr" / f"phantom{i}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)), ras_affine(volume)),
+                 msd / "labelsTr" / f"phantom{i}.nii.gz")
+    (msd / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **TS_LABELS}}))
+    real = tmp / "real"
+    for sub in ("images", "labels"):
+        (real / sub).mkdir(parents=True)
+    ct = load_series(DATA / "thorax_cta")
+    aorta = read_segmentation(DATA / "thorax_cta_labels" / "aorta.nii.gz").on_grid(Grid.of_volume(ct)).mask("aorta")
+    nib.save(volume_to_nifti(ct), real / "images" / "thorax.nii.gz")
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(aorta.transpose(2, 1, 0)).astype(np.uint8), ras_affine(ct)),
+             real / "labels" / "thorax.nii.gz")
+    return msd, real
+
+
+def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
+    weights = tmp_path / "weights"
+    import_weights(_tiny_base(tmp_path, monkeypatch), weights, backend=Backend.TOTALSEGMENTATOR)
+    msd, real = _dataset(tmp_path)
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(SECRET)
+    store = ["dataset", "--store", str(tmp_path / "store"), "--secret-file", str(secret)]
+    assert main([*store, "add", str(msd), "--dataset", "Abdomen"]) == 0
+    assert main([*store, "add", str(real), "--dataset", "Abdomen", "--label-map", "1=aorta"]) == 0
+    assert main([*store, "freeze", "Abdomen"]) == 0
+    capsys.readouterr()
+
+    train = ["train", "--dataset", "Abdomen@1", "--store", str(tmp_path / "store"), "--base", "totalsegmentator",
+             "--epochs", "2", "--iterations", "3", "--val-iterations", "1", "--device", "cpu",
+             "--weights-dir", str(weights), "--augmentation-workers", "0", "--processes", "1",
+             "--test-fraction", "0.34", "--threads", "2"]
+    assert main(train) == 0
+    out = capsys.readouterr()
+    assert "starting from the base model's weights" in out.err and "epoch 2/2" in out.err
+    assert "model: Abdomen.v1" in out.out
+
+    record = find_model(weights, Backend.NNUNET, "Abdomen.v1")
+    assert record.kind is Kind.FINETUNED and verify(record) == []
+    card = json.loads((record.path / "model_card.json").read_text())
+    assert card["dataset"]["ref"] == "Abdomen@1" and card["dataset"]["split"] == "patient-level"
+    assert len(card["dataset"]["test_cases"]) >= 1 and not set(card["dataset"]["test_cases"]) & set(
+        card["dataset"]["train_cases"])
+    assert card["base_model"]["kind"] == "totalsegmentator"
+    assert card["hyper_parameters"]["epochs"] == 2 and card["training"]["epochs_done"] == 2
+    assert card["files_sha256"]["fold_0/checkpoint_final.pth"] == sha256_file(
+        record.path / "fold_0" / "checkpoint_final.pth")
+    organs = {o["segment"] for o in card["metrics"]["organs"]}
+    assert organs and organs <= {"spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "aorta"}
+    assert card["metrics"]["seconds_per_case"] > 0
+    assert (record.path / "model_card.md").read_text().startswith("# Model card: Abdomen.v1")
+    evaluation = weights / ".training" / "Abdomen.v1" / "evaluation"
+    assert (evaluation / "metrics.csv").exists() and (evaluation / "boxplot_dice.png").exists()
+
+    # running the same command again resumes: every stage is found done, nothing retrained
+    assert main([*train, "--force", "--no-eval"]) == 0
+    assert "training already finished" in capsys.readouterr().err
+
+    # a profile points at the fine-tuned model; segnode run writes a valid SEG with it
+    liver_value = int(next(k for k, v in card["labels"].items() if v == "liver"))
+    profile = tmp_path / "liver_finetuned.yaml"
+    profile.write_text(
+        "organ: liver\ndescription: Liver (fine-tuned)\nmodel_type: nnunet\nfallback: []\n"
+        f"tissues:\n- name: liver\n  description: Liver\n  codes_from: liver\n  label: {liver_value}\n"
+        "options:\n  nnunet:\n    model: Abdomen.v1\n    folds: [0]\n    use_mirroring: false\n")
+    assert main(["run", str(DATA / "thorax_cta"), "-o", str(tmp_path / "run"), "--organ", str(profile),
+                 "--model", "nnunet", "--no-fallback", "--device", "cpu", "--weights-dir", str(weights)]) == 0
+    (seg,) = (tmp_path / "run").glob("SEG_*.dcm")
+    assert dciodvfy(seg) == []
+    summary = json.loads(next((tmp_path / "run").glob("summary_*.json")).read_text())
+    assert summary["backend"] == "nnunet" and summary["weights_sha256"] == record.weights_hash
