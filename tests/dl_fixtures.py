@@ -150,7 +150,8 @@ def _cache_root(default: Path) -> Path:
     if not root:
         return default
     # a change of the builders' parameters invalidates the cache (bump FIXTURE_VERSION for code changes)
-    key = repr((FIXTURE_VERSION, SHAPE, SPACING, TRAIN_EPOCHS, TRAIN_ITERATIONS, PATCH, TS_LABELS))
+    key = repr((FIXTURE_VERSION, SHAPE, SPACING, TRAIN_EPOCHS, TRAIN_ITERATIONS, PATCH, TS_LABELS, MONAI_NET,
+                MONAI_STEPS))
     return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -306,35 +307,50 @@ def zip_folder(folder: Path, zip_path: Path, arcroot: str | None = None) -> Path
 # --------------------------------------------------------------------------- MONAI
 
 
+MONAI_NET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 6, "channels": [8, 16, 32], "strides": [2, 2],
+             "num_res_units": 0}
+MONAI_STEPS = 100
+
+
 def _tiny_monai_net():
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=1, out_channels=6, channels=(4, 8, 16), strides=(2, 2),
-                num_res_units=0)
+    return UNet(**MONAI_NET)
 
 
-def _fit_monai(net, steps: int = 60):
-    """A few optimisation steps on the phantom so the output is not noise."""
+@functools.cache
+def _fitted_monai_state() -> dict:
+    """Train the tiny MONAI UNet on random 32-voxel crops of four phantoms (as MONAI training does),
+    in the layout the backend feeds it (RAS ``x, y, z``); return its state dict."""
     import torch
+    from monai.losses import DiceCELoss
 
     from models.monai import labels_to_network_array, to_network_array
     from profiles.schema import MonaiOptions
 
     torch.manual_seed(0)
-    volume, labels = synthetic_case(seed=2000)
-    data, _ = to_network_array(volume, MonaiOptions())
-    image = torch.from_numpy(data)[None, None]
-    target = torch.from_numpy(labels_to_network_array(labels, volume).astype(np.int64))[None]
-    opt = torch.optim.Adam(net.parameters(), lr=0.02)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    cases = []
+    for seed in range(2000, 2004):
+        volume, labels = synthetic_case(seed)
+        cases.append((to_network_array(volume, MonaiOptions())[0], labels_to_network_array(labels, volume)))
+    net = _tiny_monai_net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()
-    for _ in range(steps):
+    for _ in range(MONAI_STEPS):
+        xs, ys = [], []
+        for _ in range(2):
+            data, labels = cases[rng.integers(len(cases))]
+            x0, y0 = rng.integers(0, data.shape[0] - 31), rng.integers(0, data.shape[1] - 31)
+            xs.append(data[x0:x0 + 32, y0:y0 + 32, :32])
+            ys.append(labels[x0:x0 + 32, y0:y0 + 32, :32])
         opt.zero_grad()
-        loss = loss_fn(net(image), target)
+        loss = loss_fn(net(torch.from_numpy(np.stack(xs))[:, None]),
+                       torch.from_numpy(np.stack(ys).astype(np.int64))[:, None])
         loss.backward()
         opt.step()
-    net.eval()
-    return net
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def build_tiny_monai_bundle(workdir: Path) -> Path:
@@ -345,17 +361,10 @@ def build_tiny_monai_bundle(workdir: Path) -> Path:
         return bundle
     import torch
 
-    net = _fit_monai(_tiny_monai_net())
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     (bundle / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), bundle / "models" / "model.pt")
-    inference = {
-        "network_def": {
-            "_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 6,
-            "channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
-        },
-        "network": "$@network_def",
-    }
+    torch.save(_fitted_monai_state(), bundle / "models" / "model.pt")
+    inference = {"network_def": {"_target_": "monai.networks.nets.UNet", **MONAI_NET}, "network": "$@network_def"}
     metadata = {
         "version": "0.1.0", "name": "segnode tiny abdomen",
         "network_data_format": {"outputs": {"pred": {"channel_def": {
@@ -373,8 +382,9 @@ def build_tiny_torchscript(workdir: Path) -> Path:
         return path
     import torch
 
-    net = _fit_monai(_tiny_monai_net())
-    torch.jit.script(net).save(str(path))
+    net = _tiny_monai_net()
+    net.load_state_dict(_fitted_monai_state())
+    torch.jit.script(net.eval()).save(str(path))
     return path
 
 
