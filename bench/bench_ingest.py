@@ -2,12 +2,14 @@
 
 Generates a synthetic 300-image 512×512 CT series, then sends it with DCMTK
 ``storescu`` (``TCP_NODELAY=1``) to each receiver in the same run: one
-association × 300 images, and 4 concurrent associations × 75.  segnode
+association × 300 images, and 4 concurrent associations × 75; the receivers
+take turns within each run, and the medians over ``--runs`` are reported
+(ratios are medians of the per-run ratios).  segnode
 fsyncs every file and commits its index row before answering.  Then it
 measures the time from the last image acknowledged to the SEG acknowledged
 by Orthanc, minus the quiet period.
 
-    .venv/bin/python bench/bench_ingest.py [--images 300] [--size 512] [--runs 1]
+    .venv/bin/python bench/bench_ingest.py [--images 300] [--size 512] [--runs 3] [--no-latency]
 """
 
 from __future__ import annotations
@@ -102,24 +104,39 @@ def split(paths: list[Path], parts: int, root: Path) -> list[Path]:
     return folders
 
 
-def measure(name: str, start_peer, called: str, whole: Path, quarters: list[Path], runs: int,  # type: ignore[no-untyped-def]
-            images: int) -> dict[str, float]:
+LABELS = ("1 assoc", "4 conc")
+
+
+def measure_round(peers: dict, whole: Path, quarters: list[Path], images: int) -> dict[tuple[str, str], float]:  # type: ignore[type-arg]
+    """One run of every receiver × (one association, 4 concurrent), receivers interleaved."""
     out = {}
-    for label, folders in (("1 assoc", [whole]), ("4 conc", quarters)):
-        rates = []
-        for _ in range(runs):
+    for name, (start_peer, called) in peers.items():
+        for label, folders in zip(LABELS, ([whole], quarters)):
             with start_peer() as port:
-                rates.append(images / send(port, called, folders))
-        out[label] = statistics.median(rates)
-        print(f"  {name:<10} {label:<8} {out[label]:8.0f} images/s", flush=True)
+                out[name, label] = images / send(port, called, folders)
+    print("  run: " + ", ".join(f"{n} {lab} {v:.0f}" for (n, lab), v in out.items()), flush=True)
     return out
+
+
+def report(rounds: list[dict[tuple[str, str], float]], names: list[str]) -> dict[tuple[str, str], float]:
+    med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    print(f"medians of {len(rounds)} run(s), images/s:")
+    print(f"  {'receiver':<10} " + " ".join(f"{lab:>8}" for lab in LABELS))
+    for name in names:
+        print(f"  {name:<10} " + " ".join(f"{med[name, lab]:8.0f}" for lab in LABELS))
+    for label in LABELS:  # ratios per run, then their median (the load varies between runs)
+        to_ref = statistics.median(r["segnode", label] / r["storescp", label] for r in rounds)
+        to_orth = statistics.median(r["segnode", label] / r["Orthanc", label] for r in rounds)
+        print(f"  ratio {label}: segnode/storescp {to_ref:.2f}, segnode/Orthanc {to_orth:.2f}")
+    return med
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=1, help="runs per measurement (median reported)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the end-to-end latency run")
     parser.add_argument("--quiet", type=float, default=2.0, help="quiet period for the latency run (s)")
     args = parser.parse_args(argv)
     if not all(shutil.which(t) for t in ("storescu", "storescp", "Orthanc")):
@@ -163,14 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                     yield n.port
             return cm()
 
-        print("ingest (storescu, TCP_NODELAY=1):")
-        ref = measure("storescp", dcmtk, "ANY", work / "series", quarters, args.runs, args.images)
-        orth = measure("Orthanc", orthanc_peer, "ORTHANC", work / "series", quarters, args.runs, args.images)
-        seg = measure("segnode", segnode_peer, "SEGNODE", work / "series", quarters, args.runs, args.images)
-        for label in ("1 assoc", "4 conc"):
-            print(f"  ratio {label}: segnode/storescp {seg[label] / ref[label]:.2f}, "
-                  f"segnode/Orthanc {seg[label] / orth[label]:.2f}")
-        latency(work, args.quiet)
+        print("ingest (storescu, TCP_NODELAY=1; receivers interleaved in each run):")
+        peers = {"storescp": (dcmtk, "ANY"), "Orthanc": (orthanc_peer, "ORTHANC"),
+                 "segnode": (segnode_peer, "SEGNODE")}
+        rounds = [measure_round(peers, work / "series", quarters, args.images) for _ in range(args.runs)]
+        report(rounds, list(peers))
+        if not args.no_latency:
+            latency(work, args.quiet)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

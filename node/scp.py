@@ -39,6 +39,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -112,6 +113,19 @@ def _status(code: int, comment: str) -> Dataset:
     return out
 
 
+def _part10_prefix(event: evt.Event) -> bytes:
+    """Preamble, ``DICM`` and the file meta for the received dataset.
+
+    As pynetdicom's ``encoded_dataset(include_meta=True)``, plus the calling AE
+    title as Source Application Entity Title (0002,0016), as DCMTK's
+    ``storescp`` writes it: the start-up spool check (:mod:`storage.recovery`)
+    reads the sender from there if the index row was lost.
+    """
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title.strip()
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+
+
 class StoreHandler:
     """The SCP's event handlers, bound to one spool and index."""
 
@@ -163,7 +177,7 @@ class StoreHandler:
             logger.warning("refusing instance: free disk below the %d MB minimum", self.config.limits.min_free_disk_mb)
             self.stats.add(refused=1)
             return _status(OUT_OF_RESOURCES, "free disk below the node's minimum")
-        encoded = event.encoded_dataset(include_meta=True)
+        encoded = _part10_prefix(event) + event.request.DataSet.getvalue()
         try:
             header = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
             uids = {tag: header.get(tag) for tag in _HEADER_TAGS[:4]}

@@ -37,6 +37,7 @@ from node.errors import ConfigError, SegnodeError
 from node.scp import Listener, RunningSCP, start_scp
 from node.worker import JobSpec, run_job
 from storage.index import Index, Job, JobState
+from storage.recovery import reindex_spool
 from storage.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class Service:
     def start(self) -> int:
         """Recover, listen, schedule; return the SCP's port."""
         self.spool.clean_partial()
+        reindex_spool(self.spool, self.index, called_ae=self.config.ae_title)
         for job_id in self.index.recover():
             logger.info("job %d was interrupted while segmenting; it will run again", job_id)
         self.scp = start_scp(self.config, self.spool, self.index, self._emit, loop_delay=self._loop_delay)

@@ -7,9 +7,19 @@ Layout under the spool root::
 
 Every UID is checked against the UID grammar (:mod:`storage.uids`) before it
 is joined to a path, so nothing a peer sends can name a file or escape the
-root.  A write is: temporary file in ``tmp/`` (same file system), ``fsync``,
-atomic ``rename`` into place, ``fsync`` of the directory.  A crash at any
-point leaves either the complete file or no file under its final name.
+root.  A write is: temporary file in ``tmp/`` (same file system),
+``fdatasync``, atomic ``rename`` into place, ``fsync`` of the series
+directory.  A crash at any point leaves either the complete file or no file
+under its final name, and once :meth:`Spool.write` returns the file survives
+a power loss.
+
+Durability costs one data sync per file and one directory sync per rename;
+concurrent writers into the same series share the directory sync (group
+commit, :class:`_DirSync`): an ``fsync`` of a directory that *starts* after
+a rename made the rename durable, so a writer whose rename precedes a sync
+already in flight waits for the next one, and one sync serves everybody who
+renamed before it started.  A new study/series directory is made durable
+once, when it is created.
 """
 
 from __future__ import annotations
@@ -17,8 +27,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from node.errors import StorageError
@@ -33,6 +44,36 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _DirSync:
+    """Group commit of directory fsyncs (one per directory at a time, shared by waiters)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._dirs: dict[Path, list[int]] = {}  # folder -> [renames announced, renames synced, syncing]
+
+    def sync(self, folder: Path) -> None:
+        """Return once a directory fsync that started after this call has completed."""
+        with self._cond:
+            state = self._dirs.setdefault(folder, [0, 0, 0])
+            state[0] += 1
+            mine = state[0]
+            while state[1] < mine:
+                if state[2]:
+                    self._cond.wait()
+                    continue
+                state[2], target = 1, state[0]
+                self._cond.release()
+                try:
+                    _fsync_dir(folder)
+                finally:
+                    self._cond.acquire()
+                    state[2] = 0
+                    self._cond.notify_all()
+                state[1] = target
+            if state[0] == state[1] and not state[2] and self._dirs.get(folder) is state:
+                del self._dirs[folder]  # nobody waits on it: a later writer starts afresh
 
 
 class Spool:
@@ -50,6 +91,9 @@ class Spool:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.fsync = fsync
+        self._dir_sync = _DirSync()
+        self._durable_dirs: set[Path] = set()
+        self._mkdir_lock = threading.Lock()
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
@@ -80,24 +124,32 @@ class Spool:
                 for part in parts:
                     fh.write(part)
                 fh.flush()
-                if self.fsync:
-                    os.fsync(fh.fileno())
+                if self.fsync:  # data and size (what reading needs); mtime may lag
+                    os.fdatasync(fh.fileno())
             self._ensure_dir(final.parent)
             os.replace(tmp, final)
             if self.fsync:
-                _fsync_dir(final.parent)
+                self._dir_sync.sync(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write instance: {exc.strerror or exc}", where=sop_uid) from exc
         return final
 
     def _ensure_dir(self, folder: Path) -> None:
-        if folder.is_dir():
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        if self.fsync:  # make the new directory entries themselves durable
-            _fsync_dir(folder.parent)
-            _fsync_dir(folder.parent.parent)
+        """Create a series folder once, durably (the lock: no rename into a folder not yet synced)."""
+        with self._mkdir_lock:
+            if folder in self._durable_dirs:
+                return
+            folder.mkdir(parents=True, exist_ok=True)
+            if self.fsync:  # make the new directory entries themselves durable
+                _fsync_dir(folder.parent)
+                _fsync_dir(folder.parent.parent)
+            self._durable_dirs.add(folder)
+
+    def instances(self) -> Iterator[tuple[str, str, str, Path]]:
+        """``(study, series, sop, path)`` of every spooled file, named as found (not yet validated)."""
+        for path in self.root.glob("*/*/*.dcm"):
+            yield path.parent.parent.name, path.parent.name, path.stem, path
 
     def free_bytes(self) -> int:
         """Free space on the spool's file system, in bytes (for unprivileged users)."""
@@ -106,6 +158,8 @@ class Spool:
     def remove_series(self, study_uid: str, series_uid: str) -> None:
         """Delete a series folder (housekeeping after success)."""
         folder = self.series_dir(study_uid, series_uid)
+        with self._mkdir_lock:
+            self._durable_dirs.discard(folder)
         shutil.rmtree(folder, ignore_errors=True)
         try:
             folder.parent.rmdir()  # the study folder, once empty

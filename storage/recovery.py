@@ -1,0 +1,71 @@
+"""Start-up check: spooled instances that have no index row get one.
+
+The SCP answers Success only after the spool file is durable and its index
+row committed.  The index commits with ``synchronous=NORMAL`` (WAL): a crash
+of the process loses nothing, but a power loss may lose the last commits.
+The spool files are synced before the commit, so after a power loss every
+acknowledged instance is still on disk; this scan finds those without a row
+and indexes them again, which re-opens a ``received`` job for their series.
+It also picks up a file renamed into place just before a crash, before its
+row was written (complete by construction: the data were synced before the
+rename).
+
+What the row cannot recover is kept as the file says: the calling AE title
+comes from the file meta's Source Application Entity Title (the SCP writes
+it); the sender's host is not in the file and is recorded as ``unknown``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from node.errors import InputError, StorageError
+from storage.index import Index, InstanceRecord
+from storage.spool import Spool
+from storage.uids import check_uid
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_HOST = "unknown"
+
+
+def reindex_spool(spool: Spool, index: Index, *, called_ae: str) -> int:
+    """Index every spooled file that has no row; return how many were added."""
+    known = index.instance_uids()
+    added = 0
+    for study, series, sop, path in spool.instances():
+        if sop in known:
+            continue
+        try:
+            record = _record(spool, study, series, sop, called_ae)
+        except (InputError, StorageError, InvalidDicomError, OSError, ValueError) as exc:
+            logger.error("spooled file %s cannot be indexed, left in place: %s", path, exc)
+            continue
+        if index.record_instance(record):
+            added += 1
+    if added:
+        logger.warning("re-indexed %d spooled instance(s) whose index rows were lost (power loss?)", added)
+    return added
+
+
+def _record(spool: Spool, study: str, series: str, sop: str, called_ae: str) -> InstanceRecord:
+    path = spool.instance_path(study, series, sop)  # validates the three UIDs
+    ds = dcmread(path, stop_before_pixels=True,
+                 specific_tags=["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"])
+    found = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
+             str(ds.get("SOPInstanceUID", "")))
+    if found != (study, series, sop):
+        raise StorageError("the UIDs in the file differ from its path", where=str(path))
+    meta = ds.file_meta
+    check_uid(str(meta.get("MediaStorageSOPClassUID", "")), "MediaStorageSOPClassUID")
+    return InstanceRecord(
+        sop_uid=sop, series_uid=series, study_uid=study,
+        sop_class_uid=str(meta.MediaStorageSOPClassUID), transfer_syntax_uid=str(meta.TransferSyntaxUID),
+        modality=str(ds.get("Modality", "")) or None, path=str(path.relative_to(spool.root)),
+        size_bytes=path.stat().st_size,
+        calling_ae=str(meta.get("SourceApplicationEntityTitle", "") or "").strip() or "unknown",
+        called_ae=called_ae, sender_host=UNKNOWN_HOST,
+    )

@@ -1,0 +1,79 @@
+"""Durability of the spool and the start-up check that re-indexes spooled files without a row."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from node.config import NodeConfig
+from node.scp import start_scp
+from storage.index import Index, JobState
+from storage.recovery import UNKNOWN_HOST, reindex_spool
+from storage.spool import Spool
+from tests.peers import storescu, store_statuses
+
+THORAX = Path(__file__).parent / "data" / "thorax_cta"
+
+
+@pytest.mark.peer
+def test_lost_index_rows_are_recreated_from_the_spool_at_start(tmp_path: Path) -> None:
+    cfg = NodeConfig(port=0, state_dir=tmp_path / "state", limits={"min_free_disk_mb": 1})
+    spool, index = Spool(cfg.spool_dir), Index(cfg.index_path)
+    server = start_scp(cfg, spool, index)
+    try:
+        files = sorted(THORAX.glob("*.dcm"))[:3]
+        assert store_statuses(storescu(server.port, files, calling="CT_SCANNER").stderr) == ["Success"] * 3
+    finally:
+        server.stop()
+    index.close()
+    cfg.index_path.unlink()  # as if the last commits never reached the disk
+    for leftover in cfg.state_dir.glob("index.sqlite-*"):
+        leftover.unlink()
+    fresh = Index(cfg.index_path)
+    assert reindex_spool(spool, fresh, called_ae="SEGNODE") == 3
+    assert reindex_spool(spool, fresh, called_ae="SEGNODE") == 0  # idempotent
+    source = dcmread(files[0], stop_before_pixels=True)
+    info = fresh.series(source.SeriesInstanceUID)
+    assert info is not None and info.instance_count == 3
+    assert (info.calling_ae, info.called_ae, info.sender_host) == ("CT_SCANNER", "SEGNODE", UNKNOWN_HOST)
+    assert [j.state for j in fresh.jobs()] == [JobState.RECEIVED]
+    assert fresh.instance_paths(source.SeriesInstanceUID) == sorted(
+        str(p.relative_to(spool.root)) for p in spool.root.glob("*/*/*.dcm"))
+
+
+def test_a_file_whose_uids_differ_from_its_path_is_left_alone(tmp_path: Path) -> None:
+    spool, index = Spool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
+    source = dcmread(THORAX / "CT0001.dcm", stop_before_pixels=True)
+    wrong = spool.instance_path(source.StudyInstanceUID, source.SeriesInstanceUID, "1.2.3.4")
+    wrong.parent.mkdir(parents=True)
+    shutil.copy(THORAX / "CT0001.dcm", wrong)
+    assert reindex_spool(spool, index, called_ae="SEGNODE") == 0
+    assert wrong.exists() and index.instance_count() == 0
+
+
+def test_concurrent_writers_into_one_series_all_land_complete(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(10):
+                spool.write("1.2.3", "1.2.3.4", f"1.2.3.4.{k}.{i}", (bytes([k]) * 1000, bytes([i]) * 24))
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    files = sorted(spool.root.glob("1.2.3/1.2.3.4/*.dcm"))
+    assert len(files) == 60 and list(spool.tmp.iterdir()) == []
+    assert all(f.read_bytes() == bytes([int(f.stem.split(".")[-2])]) * 1000 + bytes([int(f.stem.split(".")[-1])]) * 24
+               for f in files)
+    assert spool._dir_sync._dirs == {}  # nobody left waiting on a directory sync
