@@ -60,10 +60,11 @@ def _fill_codes(data: Any, path: Path) -> Any:
     return {**data, "tissues": tissues}
 
 
-def load_profile_file(path: Path) -> Profile:
+def load_profile_file(path: Path, *, name_must_match: bool = True) -> Profile:
+    """Validate one profile file; in a profiles folder its organ must match the file name."""
     data, node = read_yaml(path)
     profile = validate(Profile, _fill_codes(data, path), path, node)
-    if profile.organ != path.stem:
+    if name_must_match and profile.organ != path.stem:
         raise ConfigError(f"organ {profile.organ!r} must match the file name", where=str(path))
     return profile
 
@@ -81,7 +82,7 @@ def load_profile(name_or_path: str | Path, extra_dirs: tuple[Path, ...] = ()) ->
     """Load a profile by name (``lungs``) or by path to a YAML file."""
     candidate = Path(name_or_path)
     if candidate.suffix in {".yaml", ".yml"} and candidate.exists():
-        return load_profile_file(candidate)
+        return load_profile_file(candidate, name_must_match=False)
     paths = profile_paths(extra_dirs)
     if str(name_or_path) not in paths:
         raise ConfigError(
