@@ -85,3 +85,21 @@ def test_no_backend_left_is_a_backend_error(tmp_path: Path, series: Path, capsys
     assert main(argv) == 4
     err = capsys.readouterr().err
     assert "totalsegmentator" in err and "nnunet" in err and "segnode models import" in err
+
+
+@pytest.mark.parametrize("entry", ["node/cli.py", "node/worker.py", "bench/bench_backends.py",
+                                   "tests/dl_fixtures.py", ".venv/bin/segnode"])
+def test_entry_points_are_safe_to_re_import_as_spawn_does(entry: str) -> None:
+    """nnU-Net (inside TotalSegmentator) starts workers with "spawn", which re-runs the main
+    module as ``__mp_main__``: that must do nothing."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    path = repo / entry
+    if not path.exists():
+        pytest.skip(f"{entry} not installed here")
+    code = f"import runpy; runpy.run_path({str(path)!r}, run_name='__mp_main__')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
