@@ -104,10 +104,12 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     # running the same command again resumes: every stage is found done, nothing retrained
     assert main([*train, "--force", "--no-eval"]) == 0
     assert "training already finished" in capsys.readouterr().err
+    record = find_model(weights, Backend.NNUNET, "Abdomen.v1")  # registered again (--force): a new card
 
     # a profile points at the fine-tuned model; segnode run writes a valid SEG with it
     liver_value = int(next(k for k, v in card["labels"].items() if v == "liver"))
-    profile = tmp_path / "liver_finetuned.yaml"
+    profile = tmp_path / "profiles" / "liver.yaml"  # a profile file is named after its organ
+    profile.parent.mkdir()
     profile.write_text(
         "organ: liver\ndescription: Liver (fine-tuned)\nmodel_type: nnunet\nfallback: []\n"
         f"tissues:\n- name: liver\n  description: Liver\n  codes_from: liver\n  label: {liver_value}\n"
@@ -118,3 +120,16 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     assert dciodvfy(seg) == []
     summary = json.loads(next((tmp_path / "run").glob("summary_*.json")).read_text())
     assert summary["backend"] == "nnunet" and summary["weights_sha256"] == record.weights_hash
+
+    # the pre-trained base against the fine-tuned model on the same test split, with the report
+    capsys.readouterr()
+    base_name = "Dataset297_TotalSegmentator_total_3mm_1559subj"
+    assert main(["models", "--weights-dir", str(weights), "compare", base_name, "Abdomen.v1", "--dataset",
+                 "Abdomen@1", "--split", "test", "--store", str(tmp_path / "store"), "--device", "cpu",
+                 "-o", str(tmp_path / "cmp"), "--no-pictures"]) == 0
+    table = capsys.readouterr().out
+    assert "seconds per scan" in table and "organs available" in table and "aorta" in table
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| minutes per scan |" in report and "| organs available | 5 | 6 |" in report
+    assert "only B predicts it" in report  # the base model has no aorta
+    assert (tmp_path / "cmp" / "B" / "metrics.csv").exists()
