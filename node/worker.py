@@ -1,20 +1,27 @@
-"""Segmentation jobs, each run in its own process.
+"""Segmentation jobs, run in long-lived worker processes separate from the receiver.
 
 A :class:`JobSpec` is the whole unit of work — which spooled series, which
 profile and backend, where to write — as plain JSON, so the same job can
-later run on another machine.  :func:`run_job` starts ``python -m
-node.worker SPEC.json`` and waits for it: a crash or out-of-memory kill in a
-model ends that process only, never the receiver.  The child writes
-``result.json`` (or ``error.json``) next to its outputs and exits; it also
-exits by itself if the node that started it dies, so a restarted node never
-races an orphan.
+later run on another machine.  :func:`run_job` hands the spec to an idle
+worker process (``python -m node.worker --serve``), starting one if none is
+idle, and waits for it.  A worker runs one job at a time and keeps its loaded
+models warm between jobs (:class:`models.cache.ModelCache`), so a second study
+for the same model does not pay the load again.  A crash or out-of-memory
+kill in a model ends that worker only, never the receiver; a worker that ran
+past its timeout is killed; neither is reused.  The child writes
+``result.json`` (or ``error.json``) next to its outputs, logs the job into the
+job's ``worker.log``, and exits by itself if the node that started it dies, so a
+restarted node never races an orphan.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -89,10 +96,80 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] | None = None) -> JobOutcome:
-    """Run ``spec`` in a new Python process and wait for its outcome.
+class WorkerProcess:
+    """One long-lived worker child; the protocol is a spec path in, ``done`` out."""
 
-    ``on_start`` receives the worker's process id once it runs.
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.worker", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def run(self, spec_path: Path, timeout_s: float) -> str:
+        """Send one job; return ``done``, ``timeout``, or ``exited`` (the worker died)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(f"{spec_path}\n".encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return "exited"
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
+            return "timeout"
+        return "done" if self.proc.stdout.readline().strip() == b"done" else "exited"
+
+    def kill(self) -> int:
+        """Kill the worker (and anything it started); return its exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait()
+
+
+class WorkerPool:
+    """Idle worker processes waiting for the next job (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._idle: list[WorkerProcess] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> WorkerProcess:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.poll() is None:
+                    return worker
+        return WorkerProcess()
+
+    def give_back(self, worker: WorkerProcess) -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+    def shutdown(self) -> None:
+        """Stop every idle worker (running ones stop with their job or with us)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            if worker.proc.stdin is not None:
+                worker.proc.stdin.close()  # end of input: the worker leaves its loop
+            try:
+                worker.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+POOL = WorkerPool()
+atexit.register(POOL.shutdown)
+
+
+def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] | None = None) -> JobOutcome:
+    """Run ``spec`` in a worker process and wait for its outcome.
+
+    ``on_start`` receives the worker's process id once it has the job.
     """
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,24 +177,21 @@ def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] 
         (out / stale).unlink(missing_ok=True)
     spec_path = out / "job.json"
     spec_path.write_text(spec.to_json(), encoding="utf-8")
-    with open(out / "worker.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "node.worker", str(spec_path)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if on_start is not None:
-            on_start(proc.pid)
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    worker = POOL.take()
+    if on_start is not None:
+        on_start(worker.pid)
+    status = worker.run(spec_path, timeout_s)
+    if status != "done":
+        code = worker.kill()
+        if status == "timeout":
             return JobOutcome(False, error_kind="timeout", message=f"worker ran longer than {timeout_s:.0f} s")
+        last = _last_line(out / "worker.log")
+        return JobOutcome(False, error_kind="crash", message=_describe_exit(code) + (f": {last}" if last else ""))
+    POOL.give_back(worker)
     if (out / RESULT_FILE).is_file():
         return JobOutcome(True, result=json.loads((out / RESULT_FILE).read_text(encoding="utf-8")))
-    if (out / ERROR_FILE).is_file():
-        err = json.loads((out / ERROR_FILE).read_text(encoding="utf-8"))
-        return JobOutcome(False, error_kind=err["kind"], message=err["message"])
-    last = _last_line(out / "worker.log")
-    return JobOutcome(False, error_kind="crash", message=_describe_exit(code) + (f": {last}" if last else ""))
+    err = json.loads((out / ERROR_FILE).read_text(encoding="utf-8"))
+    return JobOutcome(False, error_kind=err["kind"], message=err["message"])
 
 
 # -- the child process ------------------------------------------------------------------
@@ -135,7 +209,7 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def execute(spec: JobSpec) -> dict[str, Any]:
+def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
     """Run the pipeline for ``spec`` in this process; return the result record."""
     from models.base import RunSettings
     from node.pipeline import PipelineRequest, run_pipeline
@@ -145,11 +219,11 @@ def execute(spec: JobSpec) -> dict[str, Any]:
     request = PipelineRequest(input_path=Path(spec.input_dir), profile=spec.profile, out_dir=Path(spec.out_dir),
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
                               output_format="seg", settings=settings)
-    result = run_pipeline(request)
+    result = run_pipeline(request, cache=cache)
     return {
         "seg_path": str(result.seg_path) if result.seg_path else None,
         "summary_path": str(result.summary_path),
-        "backend_used": str(getattr(result.backend_used, "value", result.backend_used)),
+        "backend_used": result.backend_used,
         "model_version": result.model_version,
         "weights_hash": result.weights_hash,
         "seg_series_uid": result.seg_series_uid,
@@ -157,24 +231,51 @@ def execute(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_one(spec_path: Path, cache: Any) -> int:
+    """Run the job in ``spec_path``, logging into the job's ``worker.log``."""
+    spec = JobSpec.from_json(spec_path.read_text(encoding="utf-8"))
+    out = Path(spec.out_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(out / "worker.log", "ab", buffering=0) as log:
+        for fd in (1, 2):  # this job's log: library prints and tracebacks of a crash included
+            os.dup2(log.fileno(), fd)
+        try:
+            record = execute(spec, cache)
+        except SegnodeError as exc:
+            logger.error("job %d failed: %s", spec.job_id, exc)
+            _write_json(out / ERROR_FILE, {"kind": type(exc).__name__, "message": str(exc)})
+            return exc.exit_code
+        _write_json(out / RESULT_FILE, record)
+        logger.info("job %d: SEG %s", spec.job_id, record["seg_path"])
+        return 0
+
+
+def serve(lines: Any = None) -> int:
+    """Worker loop: a spec path per input line, ``done`` per output line, until EOF."""
+    from models.cache import ModelCache
+
     from node.logs import configure
 
-    args = sys.argv[1:] if argv is None else argv
-    spec_path = Path(args[0])
-    spec = JobSpec.from_json(spec_path.read_text(encoding="utf-8"))
+    replies = os.fdopen(os.dup(1), "w")  # the protocol channel; fd 1 itself goes to job logs
     configure(1)
     _exit_with_parent()
-    out = Path(spec.out_dir)
-    try:
-        record = execute(spec)
-    except SegnodeError as exc:
-        logger.error("job %d failed: %s", spec.job_id, exc)
-        _write_json(out / ERROR_FILE, {"kind": type(exc).__name__, "message": str(exc)})
-        return exc.exit_code
-    _write_json(out / RESULT_FILE, record)
-    logger.info("job %d: SEG %s", spec.job_id, record["seg_path"])
+    cache = ModelCache()
+    for line in lines or sys.stdin:
+        run_one(Path(line.strip()), cache)
+        replies.write("done\n")
+        replies.flush()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--serve"]:
+        return serve()
+    from node.logs import configure
+
+    configure(1)
+    return run_one(Path(args[0]), cache=None)  # one job, from the command line
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def test_kill_9_during_segmentation_resumes_after_restart(tmp_path: Path) -> Non
     index = index_of(n)
     assert store_statuses(storescu(n.port, [THORAX]).stderr) == ["Success"] * 164
     job = wait_job(index, {JobState.SEGMENTING}, timeout=60)
-    worker_pid = int(wait_until(lambda: _worker_pid(n.state_dir, job.job_id), 30, "the worker process"))
+    worker_pid = int(wait_until(lambda: _worker_pid(n.proc.pid), 30, "the worker process"))
     n.proc.send_signal(signal.SIGKILL)
     n.proc.wait()
     wait_until(lambda: not _alive(worker_pid), 10, "the orphaned worker to exit")
@@ -186,14 +186,16 @@ def test_kill_9_during_segmentation_resumes_after_restart(tmp_path: Path) -> Non
     assert "resumed after restart" in [reason for _, _, reason in index.events(job.job_id)]
 
 
-def _worker_pid(state_dir: Path, job_id: int) -> int | None:
+def _worker_pid(node_pid: int) -> int | None:
+    """The node's worker process (a child running ``node.worker``)."""
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmd = (proc / "cmdline").read_bytes().split(b"\0")
-            except OSError:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if b"node.worker" in cmd and any(f"job-{job_id}/".encode() in c for c in cmd):
+            if b"node.worker" in cmd and parent == node_pid:
                 return int(proc.name)
     return None
 

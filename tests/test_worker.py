@@ -55,3 +55,17 @@ def test_killed_worker_is_reported_as_a_crash(tmp_path: Path) -> None:
 def test_worker_over_its_time_is_killed(tmp_path: Path) -> None:
     outcome = run_job(spec(tmp_path, THORAX), timeout_s=0.2)
     assert not outcome.ok and outcome.error_kind == "timeout"
+
+
+def test_a_worker_stays_warm_across_jobs_and_a_crash_replaces_it(tmp_path: Path) -> None:
+    pids: list[int] = []
+    first = run_job(spec(tmp_path / "a", THORAX, backend="hu_based"), timeout_s=300, on_start=pids.append)
+    second = run_job(spec(tmp_path / "b", THORAX, backend="hu_based"), timeout_s=300, on_start=pids.append)
+    assert first.ok and second.ok
+    assert pids[0] == pids[1]  # same process: its loaded models stay in memory
+    log = (tmp_path / "b" / "out" / "worker.log").read_text()
+    assert "job 7: SEG" in log and "job 7: SEG" in (tmp_path / "a" / "out" / "worker.log").read_text()
+    crashed = run_job(spec(tmp_path / "c", THORAX), timeout_s=300, on_start=lambda pid: os.kill(pid, signal.SIGKILL))
+    assert crashed.error_kind == "crash"
+    after = run_job(spec(tmp_path / "d", THORAX, backend="hu_based"), timeout_s=300, on_start=pids.append)
+    assert after.ok and pids[-1] != pids[0]
