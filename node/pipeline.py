@@ -1,8 +1,7 @@
 """One segmentation job: load the series → run the backend chain → encode → summary.
 
-Used by ``segnode run`` and by the node's worker process.  The request is a
-small, serialisable unit (paths and names only) so another engine could run it
-elsewhere.
+Used by ``segnode run`` and by the node's worker processes (which build the
+request from their serialisable :class:`node.worker.JobSpec`).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -205,19 +204,3 @@ def _progress(say: Reporter, what: str) -> Callable[[int, int], None]:
 
     return progress
 
-
-def request_to_json(request: PipelineRequest) -> str:
-    """Serialise a request (the unit a worker or a remote engine runs)."""
-    data = asdict(request)
-    return json.dumps(data, default=str)
-
-
-def request_from_json(text: str) -> PipelineRequest:
-    data = json.loads(text)
-    settings = data.pop("settings") or {}
-    if settings.get("weights_dir"):
-        settings["weights_dir"] = Path(settings["weights_dir"])
-    return PipelineRequest(
-        **{**data, "input_path": Path(data["input_path"]), "out_dir": Path(data["out_dir"])},
-        settings=RunSettings(**settings),
-    )
