@@ -151,6 +151,8 @@ class NodeConfig(Frozen):
     housekeeping: Housekeeping = Housekeeping()
     http: HttpConfig = HttpConfig()  # ops API, status page, metrics (node/http_api.py)
     audit: AuditConfig = AuditConfig()  # audit log (node/audit.py)
+    dataset_store: Path | None = None  # harvest target (storage/dataset.py); default <state_dir>/datasets
+    deid_secret_file: Path | None = None  # HMAC secret for pseudonyms; must live outside the store
 
     @field_validator("storage_classes")
     @classmethod
@@ -222,7 +224,9 @@ def _resolve_paths(config: NodeConfig, base: Path) -> NodeConfig:
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p.expanduser() if p.expanduser().is_absolute() else base / p)
 
-    update: dict[str, object] = {"state_dir": fix(config.state_dir), "routes": fix(config.routes)}
+    update: dict[str, object] = {"state_dir": fix(config.state_dir), "routes": fix(config.routes),
+                                 "dataset_store": fix(config.dataset_store),
+                                 "deid_secret_file": fix(config.deid_secret_file)}
     update["http"] = config.http.model_copy(update={"token_file": fix(config.http.token_file)})
     update["audit"] = config.audit.model_copy(update={"path": fix(config.audit.path)})
     if config.tls is not None:

@@ -124,7 +124,7 @@ class Service:
             return
         destinations = self._resolve_destinations(decision.destinations, info.calling_ae, info.sender_host)
         self.index.mark_complete(job.job_id, rule=decision.rule, profile=decision.profile,
-                                 backend=decision.backend, destinations=destinations)
+                                 backend=decision.backend, destinations=destinations, harvest=decision.harvest)
         logger.info("series %s complete (%d instances): rule %s, profile %s, to %s", job.series_uid,
                     info.instance_count, decision.rule, decision.profile, ", ".join(destinations) or "nowhere")
         self._emit("job_state", {"job_id": job.job_id, "state": JobState.COMPLETE.value})
@@ -167,7 +167,10 @@ class Service:
                        input_dir=str(self.spool.series_dir(info.study_uid, info.series_uid)),
                        profile=job.profile, out_dir=str(out), backend=job.backend, seg_type=worker.seg_type,
                        device=worker.device, threads=worker.threads,
-                       weights_dir=str(worker.weights_dir) if worker.weights_dir else None)
+                       weights_dir=str(worker.weights_dir) if worker.weights_dir else None,
+                       harvest=job.harvest, rule=job.rule, calling_ae=info.calling_ae,
+                       dataset_store=str(self.config.dataset_store or self.config.state_dir / "datasets"),
+                       deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None)
 
     def _segment(self, job: Job) -> None:
         try:
@@ -198,6 +201,8 @@ class Service:
                                 backend_used=str(result.get("backend_used")),
                                 model_version=str(result.get("model_version")))
         logger.info("job %d segmented in %.1f s", job.job_id, time.monotonic() - started)
+        if result.get("harvest"):
+            self._emit("harvest", {"job_id": job.job_id, **result["harvest"]})
         self._emit("job_state", {"job_id": job.job_id, "state": JobState.ENCODED.value})
         self.dispatch_due()
 

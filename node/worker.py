@@ -54,6 +54,11 @@ class JobSpec:
     device: str = "auto"
     threads: int | None = None
     weights_dir: str | None = None
+    harvest: str | None = None  # dataset to harvest into, from the route
+    rule: str | None = None
+    calling_ae: str = ""
+    dataset_store: str | None = None
+    deid_secret_file: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -228,7 +233,32 @@ def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
         "weights_hash": result.weights_hash,
         "seg_series_uid": result.seg_series_uid,
         "seg_sop_instance_uid": result.seg_sop_instance_uid,
+        "harvest": harvest(spec, result) if spec.harvest else None,
     }
+
+
+def harvest(spec: JobSpec, result: Any) -> dict[str, str]:
+    """Put a de-identified copy of the series and its SEG into the route's dataset.
+
+    Harvesting never fails the clinical job: the SEG still goes to the PACS;
+    a quarantined series or a store error is reported in the result.
+    """
+    from storage.dataset import DatasetStore, harvest as harvest_case
+    from storage.pseudonyms import load_secret
+
+    record = {"dataset": str(spec.harvest)}
+    try:
+        store = DatasetStore.open(Path(str(spec.dataset_store)),
+                                  load_secret(Path(spec.deid_secret_file) if spec.deid_secret_file else None))
+        case = harvest_case(store, dataset=str(spec.harvest), series_files=sorted(Path(spec.input_dir).iterdir()),
+                            seg_path=Path(result.seg_path), profile=spec.profile, backend=result.backend_used,
+                            model_version=result.model_version, weights_hash=result.weights_hash,
+                            rule=spec.rule or "", calling_ae=spec.calling_ae)
+    except SegnodeError as exc:  # quarantined, no secret, store unwritable
+        logger.warning("job %d: not harvested into %s: %s", spec.job_id, spec.harvest, exc)
+        return {**record, "status": "not harvested", "reason": str(exc)}
+    logger.info("job %d: harvested into %s as case %s", spec.job_id, spec.harvest, case.case_id)
+    return {**record, "status": "harvested", "case_id": case.case_id}
 
 
 def run_one(spec_path: Path, cache: Any) -> int:

@@ -190,13 +190,23 @@ class Condition(_Operators):
         return self
 
 
+def _dataset_name(name: str) -> str:
+    """The dataset store's own naming rule (names become nnU-Net dataset names)."""
+    from storage.dataset import check_dataset_name
+
+    try:
+        return check_dataset_name(name)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+
+
 class Action(Frozen):
     """What to do with a study that a rule matches."""
 
     profile: Annotated[str, AfterValidator(_known_profile)]
     backend: Backend | None = None
     destinations: tuple[Annotated[str, AfterValidator(_known_destination)], ...] = ()
-    harvest: Name | None = None
+    harvest: Annotated[str, AfterValidator(_dataset_name)] | None = None
 
 
 class Rule(Frozen):

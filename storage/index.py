@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seg_sop_uid       TEXT,
     backend_used      TEXT,
     model_version     TEXT,
+    harvest           TEXT,
     created_at        REAL NOT NULL,
     updated_at        REAL NOT NULL
 );
@@ -189,6 +190,7 @@ class Job:
     seg_sop_uid: str | None
     backend_used: str | None
     model_version: str | None
+    harvest: str | None
     created_at: float
     updated_at: float
 
@@ -243,6 +245,9 @@ class Index:
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db().executescript(_SCHEMA)  # idempotent; executescript manages its own transaction
+        columns = {row["name"] for row in self._db().execute("PRAGMA table_info(jobs)")}
+        if "harvest" not in columns:  # an index made before jobs could be harvested
+            self._db().execute("ALTER TABLE jobs ADD COLUMN harvest TEXT")
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
@@ -383,9 +388,10 @@ class Index:
         return [Job.from_row(r) for r in rows]
 
     def mark_complete(self, job_id: int, *, rule: str, profile: str, backend: str | None,
-                      destinations: tuple[str, ...]) -> bool:
+                      destinations: tuple[str, ...], harvest: str | None = None) -> bool:
         return self.transition(job_id, JobState.COMPLETE, f"routed by rule {rule!r}", rule=rule,
-                               profile=profile, backend=backend, destinations=json.dumps(list(destinations)))
+                               profile=profile, backend=backend, destinations=json.dumps(list(destinations)),
+                               harvest=harvest)
 
     def claim_next(self) -> Job | None:
         """Atomically move the oldest ``complete`` job to ``segmenting`` and return it."""

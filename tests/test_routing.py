@@ -135,7 +135,7 @@ rules:
         - any: [{tag: SeriesDescription, regex: "(?i)brain"}, {tag: "0018,0050", range: [0, 5]}]
         - not: {tag: ImageType, regex: "LOCALIZER"}
         - {tag: ContrastBolusAgent, absent: true}
-    action: {profile: brain, backend: hu_based, destinations: ["@sender", pacs_main], harvest: brain-v1}
+    action: {profile: brain, backend: hu_based, destinations: ["@sender", pacs_main], harvest: brain_v1}
   - name: chest
     match: {tag: BodyPartExamined, equals: CHEST}
     action: {profile: lungs, destinations: [pacs_main]}
@@ -152,7 +152,7 @@ def example(tmp_path: Path) -> RuleSet:
 def test_real_head_ct_matches_first_rule(example: RuleSet) -> None:
     head = pydicom.dcmread(DATA / "gantry_tilt" / "I210", stop_before_pixels=True)
     assert example.evaluate(head, **ASSOC) == Decision(
-        "head-ct-from-er", "brain", "hu_based", ("@sender", "pacs_main"), "brain-v1"
+        "head-ct-from-er", "brain", "hu_based", ("@sender", "pacs_main"), "brain_v1"
     )
     (trace,) = example.explain(head, **ASSOC)
     assert trace.matched and "BodyPartExamined: 'BRAIN' is one of ['HEAD', 'BRAIN']" in trace.reason
@@ -237,7 +237,7 @@ ERRORS = [
     ("unknown special", R + "    match: {tag: Modality, equals: CT}\n    action:\n      profile: lungs\n"
      "      destinations: ['@snder']\n", "unknown special destination '@snder'"),
     ("bad harvest", R + "    match: {tag: Modality, equals: CT}\n    action: {profile: lungs, harvest: '../x'}\n",
-     ":4: rules[0].action.harvest: String should match pattern"),
+     ":4: rules[0].action.harvest: dataset name '../x' must be a letter"),
     ("no match", R + "    action: {profile: lungs}\n", ":2: rules[0]: a rule needs 'match'"),
     ("fallback with match", R + "    fallback: true\n    match: {tag: Modality, equals: CT}\n"
      "    action: {profile: lungs}\n", ":2: rules[0]: a fallback rule has no 'match'"),

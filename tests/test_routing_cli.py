@@ -26,7 +26,7 @@ rules:
         - {tag: Modality, equals: CT}
         - {tag: BodyPartExamined, one_of: [HEAD, BRAIN]}
         - {calling_ae: {glob: "ER_CT*"}}
-    action: {profile: brain, destinations: ["@sender", pacs_main], harvest: brain-v1}
+    action: {profile: brain, destinations: ["@sender", pacs_main], harvest: brain_v1}
   - name: chest
     match: {tag: BodyPartExamined, equals: CHEST}
     action: {profile: lungs, backend: totalsegmentator}
@@ -53,7 +53,7 @@ def test_route_test_matches(rules: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert out[2].startswith("  MATCH head-ct: Modality: 'CT' is 'CT' and BodyPartExamined: 'BRAIN'")
     assert out[3] == (
         "  => rule head-ct: profile brain, backend (from profile), "
-        "destinations @sender, pacs_main, harvest brain-v1"
+        "destinations @sender, pacs_main, harvest brain_v1"
     )
     assert len(out) == 4
 

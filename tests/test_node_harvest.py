@@ -1,0 +1,57 @@
+"""A route with ``harvest:`` puts a de-identified copy of the job into the dataset store."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import yaml
+
+from storage.dataset import DatasetStore
+from storage.index import Index, JobState
+from tests.peers import node, store_statuses, storescu, wait_until, write_node_config
+
+THORAX = Path(__file__).parent / "data" / "thorax_cta"
+PHI = (b"Synthetic^Clara", b"SYN-TS-CTA-002", b"19490302", b"SYNACC22061102")
+
+
+def _config(tmp_path: Path, secret_file: Path | None) -> Path:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(yaml.safe_dump({"rules": [
+        {"name": "chest-to-dataset", "fallback": True, "action": {"profile": "lungs", "harvest": "lungs_v1"}}]}))
+    extra = {"deid_secret_file": str(secret_file)} if secret_file else {}
+    return write_node_config(tmp_path / "node.yaml", routes=str(routes), dataset_store=str(tmp_path / "store"), **extra)
+
+
+def _done_job(tmp_path: Path) -> dict:
+    index = Index(tmp_path / "state" / "index.sqlite")
+    job = wait_until(lambda: next((j for j in index.jobs() if j.state is JobState.DONE), None), 180, "job done")
+    assert job.harvest == "lungs_v1"
+    return json.loads(next((tmp_path / "state" / "results").rglob("result.json")).read_text())
+
+
+def test_harvested_case_is_in_the_store_without_phi(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(secrets.token_bytes(32))
+    with node(_config(tmp_path, secret)) as n:
+        assert set(store_statuses(storescu(n.port, [THORAX]).stderr)) == {"Success"}
+        result = _done_job(tmp_path)
+    assert result["harvest"]["status"] == "harvested", result["harvest"]
+    store = DatasetStore.open_read_only(tmp_path / "store")
+    cases = store.cases("lungs_v1")
+    assert list(cases) == [result["harvest"]["case_id"]]
+    case = cases[result["harvest"]["case_id"]]
+    assert case.profile == "lungs" and case.backend == "hu_based" and case.rule == "chest-to-dataset"
+    for file in (tmp_path / "store").rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            assert not [token for token in PHI if token in data], file
+
+
+def test_without_a_secret_the_seg_is_still_made_and_the_reason_recorded(tmp_path: Path) -> None:
+    with node(_config(tmp_path, None)) as n:
+        assert set(store_statuses(storescu(n.port, [THORAX]).stderr)) == {"Success"}
+        result = _done_job(tmp_path)
+    assert result["seg_path"] and result["harvest"]["status"] == "not harvested"
+    assert "no de-identification secret" in result["harvest"]["reason"]
