@@ -56,7 +56,7 @@ def _rules_holder(config: NodeConfig) -> Any:
 class Service:
     """Everything ``segnode serve`` runs, in one object (also used by tests in-process)."""
 
-    def __init__(self, config: NodeConfig, *, scp_loop_delay: float = 0.001) -> None:
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(config.spool_dir)
@@ -64,7 +64,6 @@ class Service:
         self.rules = _rules_holder(config)
         self.listeners: list[Listener] = []
         self.scp: RunningSCP | None = None
-        self._loop_delay = scp_loop_delay
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
         self._running = 0
         self._lock = threading.Lock()
@@ -78,7 +77,7 @@ class Service:
         reindex_spool(self.spool, self.index, called_ae=self.config.ae_title)
         for job_id in self.index.recover():
             logger.info("job %d was interrupted while segmenting; it will run again", job_id)
-        self.scp = start_scp(self.config, self.spool, self.index, self._emit, loop_delay=self._loop_delay)
+        self.scp = start_scp(self.config, self.spool, self.index, self._emit)
         every = self._scheduler.add_job
         every(self.sweep_completion, "interval", seconds=self.config.completion.sweep_interval_s, id="completion")
         every(self.start_jobs, "interval", seconds=1.0, id="jobs")
