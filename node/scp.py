@@ -54,9 +54,9 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from node.config import NodeConfig
 from node.dicom_header import read_header
-from node.part10 import file_prefix
 from node.errors import InputError, StorageError
 from storage.index import Index, InstanceRecord
+from storage.part10 import dataset_check, file_prefix
 from storage.spool import Spool
 from storage.uids import check_uid
 
@@ -119,11 +119,12 @@ def _status(code: int, comment: str) -> Dataset:
     return out
 
 
-def _part10_prefix(event: evt.Event) -> bytes:
-    """Preamble, ``DICM`` and the file meta for the received dataset (:mod:`node.part10`)."""
+def _part10_prefix(event: evt.Event, dataset: memoryview) -> bytes:
+    """Preamble, ``DICM`` and the file meta, with the dataset's self-check (:mod:`storage.part10`)."""
     request = event.request
     return file_prefix(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                       str(event.context.transfer_syntax), event.assoc.requestor.ae_title.strip())
+                       str(event.context.transfer_syntax), event.assoc.requestor.ae_title.strip(),
+                       dataset_check(dataset))
 
 
 class StoreHandler:
@@ -179,7 +180,7 @@ class StoreHandler:
                                self.config.limits.min_free_disk_mb)
                 self.stats.add(refused=1)
                 return _status(OUT_OF_RESOURCES, "free disk below the node's minimum")
-            prefix = _part10_prefix(event)
+            prefix = _part10_prefix(event, dataset)
             uids = _header(event, prefix, dataset)
             if uids is None:
                 self.stats.add(refused=1)
@@ -203,7 +204,7 @@ class StoreHandler:
             self.index.touch_duplicate(series_uid)
             self.stats.add(duplicates=1)
             return SUCCESS
-        path = self.spool.write(study_uid, series_uid, sop_uid, parts)
+        path = self.spool.write(study_uid, series_uid, sop_uid, parts, self_checking=True)
         size = len(parts[0]) + parts[1].nbytes
         record = InstanceRecord(
             sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,

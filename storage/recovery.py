@@ -6,9 +6,14 @@ of the process loses nothing, but a power loss may lose the last commits.
 The spool files are synced before the commit, so after a power loss every
 acknowledged instance is still on disk; this scan finds those without a row
 and indexes them again, which re-opens a ``received`` job for their series.
-It also picks up a file renamed into place just before a crash, before its
-row was written (complete by construction: the data were synced before the
-rename).
+It also finds files renamed into place just before a crash, before their
+rows were written, and so never acknowledged.  The SCP renames a file before
+its data sync completes (the syncs overlap; :meth:`storage.spool.Spool.write`),
+so such a file may be incomplete: its self-check (dataset length and CRC-32
+in the file meta, :mod:`storage.part10`) tells, and an incomplete file is
+removed (the sender, never answered, sends it again).  A complete one is
+indexed.  Files without a self-check were synced before their rename, and
+are complete by construction.
 
 What the row cannot recover is kept as the file says: the calling AE title
 comes from the file meta's Source Application Entity Title (the SCP writes
@@ -24,6 +29,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.errors import InputError, StorageError
 from storage.index import Index, InstanceRecord
+from storage.part10 import verify
 from storage.spool import Spool
 from storage.uids import check_uid
 
@@ -40,6 +46,11 @@ def reindex_spool(spool: Spool, index: Index, *, called_ae: str) -> int:
         if sop in known:
             continue
         try:
+            if verify(path) is False:
+                logger.warning("removing %s: incomplete (written when the node stopped, never acknowledged)",
+                               path)
+                path.unlink()
+                continue
             record = _record(spool, study, series, sop, called_ae)
         except (InputError, StorageError, InvalidDicomError, OSError, ValueError) as exc:
             logger.error("spooled file %s cannot be indexed, left in place: %s", path, exc)

@@ -11,9 +11,12 @@ root.  A write is: temporary file in ``tmp/`` (same file system),
 ``fdatasync``, atomic ``rename`` into place, ``fsync`` of the series
 directory.  A crash at any point leaves either the complete file or no file
 under its final name, and once :meth:`Spool.write` returns the file survives
-a power loss.
+a power loss.  Files that carry their own check (:mod:`storage.part10`) may
+be renamed before the data sync; a crash can then leave an incomplete one,
+never acknowledged, which the start-up check removes.
 
-Durability costs one data sync per file and one directory sync per rename;
+Durability costs one data sync per file and one directory sync per rename
+(overlapped for self-checking files, see :meth:`Spool.write`);
 concurrent writers into the same series share the directory sync (group
 commit, :class:`_DirSync`): an ``fsync`` of a directory that *starts* after
 a rename made the rename durable, so a writer whose rename precedes a sync
@@ -30,6 +33,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from node.errors import StorageError
@@ -92,6 +96,7 @@ class Spool:
         self.tmp = self.root / "tmp"
         self.fsync = fsync
         self._dir_sync = _DirSync()
+        self._syncer = ThreadPoolExecutor(max_workers=16, thread_name_prefix="spool-sync")
         self._durable_dirs: set[Path] = set()
         self._mkdir_lock = threading.Lock()
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -107,8 +112,17 @@ class Spool:
         sop = check_uid(sop_uid, "SOPInstanceUID")
         return self.series_dir(study_uid, series_uid) / f"{sop}.dcm"
 
-    def write(self, study_uid: str, series_uid: str, sop_uid: str, parts: Iterable[bytes]) -> Path:
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, parts: Iterable[bytes | memoryview], *,
+              self_checking: bool = False) -> Path:
         """Write one instance durably and return its path.
+
+        ``self_checking``: the content carries its own length and checksum
+        (:mod:`storage.part10`), so the file may be renamed into place before
+        its data are synced and the two syncs overlap (one sync's time instead
+        of two).  After a crash such a file may be incomplete under its final
+        name, but it was never acknowledged; :mod:`storage.recovery` finds it
+        by its check and removes it.  Otherwise: data sync, rename, directory
+        sync, in that order.
 
         Raises
         ------
@@ -119,21 +133,35 @@ class Spool:
         """
         final = self.instance_path(study_uid, series_uid, sop_uid)
         tmp = self.tmp / f"{uuid.uuid4().hex}.part"
+        renamed = False
         try:
             with open(tmp, "wb") as fh:
                 for part in parts:
                     fh.write(part)
                 fh.flush()
-                if self.fsync:  # data and size (what reading needs); mtime may lag
+                if self.fsync and not self_checking:  # data and size (what reading needs); mtime may lag
                     os.fdatasync(fh.fileno())
-            self._ensure_dir(final.parent)
-            os.replace(tmp, final)
-            if self.fsync:
-                self._dir_sync.sync(final.parent)
+                self._ensure_dir(final.parent)
+                os.replace(tmp, final)
+                renamed = True
+                if self.fsync and self_checking:
+                    self._sync_overlapped(fh.fileno(), final.parent)
+                elif self.fsync:
+                    self._dir_sync.sync(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            if renamed:  # not durable: it must not stay as if it were
+                final.unlink(missing_ok=True)
             raise StorageError(f"cannot write instance: {exc.strerror or exc}", where=sop_uid) from exc
         return final
+
+    def _sync_overlapped(self, fd: int, folder: Path) -> None:
+        """The file's data sync (in the pool) while this thread syncs its directory."""
+        data_sync = self._syncer.submit(os.fdatasync, fd)
+        try:
+            self._dir_sync.sync(folder)
+        finally:
+            data_sync.result()  # raises the data sync's OSError, if any
 
     def _ensure_dir(self, folder: Path) -> None:
         """Create a series folder once, durably (the lock: no rename into a folder not yet synced)."""

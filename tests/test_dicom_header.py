@@ -83,19 +83,24 @@ def test_a_length_past_the_end_is_an_error_and_big_endian_is_left_to_pydicom() -
     assert read_header(bad, "1.2.840.10008.1.2.2") is None
 
 
-@pytest.mark.parametrize("sop_uid, source_ae", [("1.2.3", "CT_SCANNER"), ("1.2.34", "SCANNER1"), ("1.2.3", "")])
-def test_hand_encoded_file_meta_equals_pydicoms(sop_uid: str, source_ae: str) -> None:
+@pytest.mark.parametrize("sop_uid, source_ae, checked", [("1.2.3", "CT_SCANNER", True), ("1.2.34", "SCANNER1", False),
+                                                         ("1.2.3", "", True)])
+def test_hand_encoded_file_meta_equals_pydicoms(sop_uid: str, source_ae: str, checked: bool) -> None:
     from io import BytesIO
 
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-    from node.part10 import file_prefix
+    from storage.part10 import CHECK_CREATOR_UID, dataset_check, file_prefix
 
     meta = create_file_meta(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop_uid,
                             transfer_syntax="1.2.840.10008.1.2.1")
     if source_ae:
         meta.SourceApplicationEntityTitle = source_ae
-    ours = file_prefix("1.2.840.10008.5.1.4.1.1.2", sop_uid, "1.2.840.10008.1.2.1", source_ae)
+    check = dataset_check(b"\x08\x00\x18\x00UI\x06\x001.2.3\x00") if checked else None
+    if checked:
+        meta.PrivateInformationCreatorUID = CHECK_CREATOR_UID
+        meta.PrivateInformation = check
+    ours = file_prefix("1.2.840.10008.5.1.4.1.1.2", sop_uid, "1.2.840.10008.1.2.1", source_ae, check)
     assert ours == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
     read = dcmread(BytesIO(ours + b"\x08\x00\x18\x00UI\x06\x001.2.3\x00"))
     assert read.file_meta.MediaStorageSOPInstanceUID == sop_uid and read.SOPInstanceUID == "1.2.3"

@@ -62,7 +62,8 @@ def test_concurrent_writers_into_one_series_all_land_complete(tmp_path: Path) ->
     def writer(k: int) -> None:
         try:
             for i in range(10):
-                spool.write("1.2.3", "1.2.3.4", f"1.2.3.4.{k}.{i}", (bytes([k]) * 1000, bytes([i]) * 24))
+                spool.write("1.2.3", "1.2.3.4", f"1.2.3.4.{k}.{i}", (bytes([k]) * 1000, bytes([i]) * 24),
+                            self_checking=k % 2 == 0)
         except BaseException as exc:  # reported below, in the test's thread
             errors.append(exc)
 
@@ -77,3 +78,50 @@ def test_concurrent_writers_into_one_series_all_land_complete(tmp_path: Path) ->
     assert all(f.read_bytes() == bytes([int(f.stem.split(".")[-2])]) * 1000 + bytes([int(f.stem.split(".")[-1])]) * 24
                for f in files)
     assert spool._dir_sync._dirs == {}  # nobody left waiting on a directory sync
+
+
+def _self_checked(spool: Spool, source: Path) -> tuple[Path, bytes]:
+    """Spool ``source`` as the SCP does: hand-made prefix with the self-check, then the dataset."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    from storage.part10 import dataset_check, file_prefix
+
+    with source.open("rb") as fp:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        dataset = fp.read()
+    ds = dcmread(source, stop_before_pixels=True)
+    prefix = file_prefix(ds.SOPClassUID, ds.SOPInstanceUID, meta.TransferSyntaxUID, "CT_SCANNER",
+                         dataset_check(dataset))
+    path = spool.write(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, (prefix, dataset),
+                       self_checking=True)
+    return path, prefix + dataset
+
+
+def test_an_incomplete_self_checked_file_is_removed_and_a_complete_one_indexed(tmp_path: Path) -> None:
+    spool, index = Spool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
+    complete, _ = _self_checked(spool, THORAX / "CT0001.dcm")
+    torn, content = _self_checked(spool, THORAX / "CT0002.dcm")
+    torn.write_bytes(content[:len(content) // 2])  # renamed before its data sync, then the power went
+    zeroed, content = _self_checked(spool, THORAX / "CT0003.dcm")
+    zeroed.write_bytes(content[:-4096] + bytes(4096))  # full length, last block never written
+    assert reindex_spool(spool, index, called_ae="SEGNODE") == 1
+    assert complete.exists() and not torn.exists() and not zeroed.exists()
+    assert index.instance_uids() == {dcmread(THORAX / "CT0001.dcm", stop_before_pixels=True).SOPInstanceUID}
+    assert dcmread(complete).PixelData == dcmread(THORAX / "CT0001.dcm").PixelData
+
+
+def test_a_failed_data_sync_after_the_rename_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from node.errors import StorageError
+
+    spool = Spool(tmp_path / "spool")
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StorageError, match="Input/output error"):
+        spool.write("1.2", "1.2.3", "1.2.3.4", (b"x" * 1000,), self_checking=True)
+    assert list(spool.root.rglob("*.dcm")) == [] and list(spool.tmp.iterdir()) == []
