@@ -82,7 +82,7 @@ def labels_to_network_array(labels: np.ndarray, volume: Volume) -> np.ndarray:
 
 def _memory(options: MonaiOptions, n_out: int) -> MemoryModel:
     return MemoryModel(target_spacing_mm=options.target_spacing, bytes_per_model_voxel=4.0 * (2 * n_out + 4),
-                       bytes_per_input_voxel=16.0, fixed_mb=400.0)
+                       bytes_per_input_voxel=36.0, fixed_mb=400.0)
 
 
 @dataclass

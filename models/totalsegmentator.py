@@ -212,11 +212,11 @@ def _ts_device(device: str) -> str:
     return "cpu" if device == "cpu" else device.replace("cuda", "gpu")
 
 
-def _memory(options: TotalSegmentatorOptions, n_models: int) -> MemoryModel:
+def _memory(options: TotalSegmentatorOptions) -> MemoryModel:
     mm = {"normal": 1.5, "fast": 3.0, "fastest": 6.0}[options.resolution]
     # 118 classes; logits, gaussian and counts at the network's spacing, input copies on the input grid
     return MemoryModel(target_spacing_mm=(mm, mm, mm), bytes_per_model_voxel=4.0 * 118 * 3,
-                       bytes_per_input_voxel=24.0, fixed_mb=1500.0)
+                       bytes_per_input_voxel=36.0, fixed_mb=1500.0)
 
 
 @dataclass
@@ -242,7 +242,7 @@ class TotalSegmentatorModel:
         return f"TotalSegmentator {_version()} {o.task} {o.resolution}"
 
     def segment(self, volume: Volume) -> LabelMap:
-        memory = _memory(self.profile.options.totalsegmentator, len(self.needed))
+        memory = _memory(self.profile.options.totalsegmentator)
         return run_within_budget(self._segment, volume, self.settings, memory, self.backend.value)
 
     def run_totalsegmentator(self, volume: Volume, output: Path | None = None):
