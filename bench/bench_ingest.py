@@ -9,7 +9,7 @@ fsyncs every file and commits its index row before answering.  Then it
 measures the time from the last image acknowledged to the SEG acknowledged
 by Orthanc, minus the quiet period.
 
-    .venv/bin/python bench/bench_ingest.py [--images 300] [--size 512] [--runs 3] [--no-latency]
+    .venv/bin/python bench/bench_ingest.py [--images 300] [--size 512] [--runs 3] [--receivers 2] [--no-latency]
 """
 
 from __future__ import annotations
@@ -124,10 +124,11 @@ def report(rounds: list[dict[tuple[str, str], float]], names: list[str]) -> dict
     print(f"  {'receiver':<10} " + " ".join(f"{lab:>8}" for lab in LABELS))
     for name in names:
         print(f"  {name:<10} " + " ".join(f"{med[name, lab]:8.0f}" for lab in LABELS))
-    for label in LABELS:  # ratios per run, then their median (the load varies between runs)
-        to_ref = statistics.median(r["segnode", label] / r["storescp", label] for r in rounds)
-        to_orth = statistics.median(r["segnode", label] / r["Orthanc", label] for r in rounds)
-        print(f"  ratio {label}: segnode/storescp {to_ref:.2f}, segnode/Orthanc {to_orth:.2f}")
+    for name in (n for n in names if n.startswith("segnode")):
+        for label in LABELS:  # ratios per run, then their median (the load varies between runs)
+            to_ref = statistics.median(r[name, label] / r["storescp", label] for r in rounds)
+            to_orth = statistics.median(r[name, label] / r["Orthanc", label] for r in rounds)
+            print(f"  ratio {label}: {name}/storescp {to_ref:.2f}, {name}/Orthanc {to_orth:.2f}")
     return med
 
 
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (median reported)")
     parser.add_argument("--no-latency", action="store_true", help="skip the end-to-end latency run")
+    parser.add_argument("--receivers", type=int, default=2,
+                        help="also measure segnode with this many receiver processes (1: skip)")
     parser.add_argument("--quiet", type=float, default=2.0, help="quiet period for the latency run (s)")
     args = parser.parse_args(argv)
     if not all(shutil.which(t) for t in ("storescu", "storescp", "Orthanc")):
@@ -168,14 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                     yield peer.dicom_port
             return cm()
 
-        def segnode_peer():  # type: ignore[no-untyped-def]
+        def segnode_peer(processes: int = 1):  # type: ignore[no-untyped-def]
             from contextlib import contextmanager
 
             @contextmanager
             def cm():  # type: ignore[no-untyped-def]
                 run = work / f"segnode{next(counter)}"
                 run.mkdir()
-                config = write_node_config(run / "node.yaml", completion={"quiet_period_s": 3600})
+                config = write_node_config(run / "node.yaml", completion={"quiet_period_s": 3600},
+                                           limits={"min_free_disk_mb": 1, "receiver_processes": processes})
                 with node(config) as n:
                     yield n.port
             return cm()
@@ -183,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print("ingest (storescu, TCP_NODELAY=1; receivers interleaved in each run):")
         peers = {"storescp": (dcmtk, "ANY"), "Orthanc": (orthanc_peer, "ORTHANC"),
                  "segnode": (segnode_peer, "SEGNODE")}
+        if args.receivers > 1:
+            peers[f"segnode-{args.receivers}p"] = (lambda: segnode_peer(args.receivers), "SEGNODE")
         rounds = [measure_round(peers, work / "series", quarters, args.images) for _ in range(args.runs)]
         report(rounds, list(peers))
         if not args.no_latency:

@@ -94,6 +94,7 @@ class Limits(Frozen):
     min_free_disk_mb: int = Field(1024, ge=0)
     acse_timeout_s: float = Field(30.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
+    receiver_processes: int = Field(1, ge=1, le=64)  # SCP processes sharing the port (node/receivers.py)
 
 
 class Completion(Frozen):

@@ -458,10 +458,16 @@ class SegnodeServer(ThreadedAssociationServer):
     max_pdu = 131072
     max_dataset = 1 << 30
     handshake_timeout = 10.0
+    reuse_port = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _GuardedRequestHandler
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:  # receiver processes share the port (node/receivers.py)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self):  # type: ignore[no-untyped-def]
         assert self.socket is not None
@@ -481,6 +487,10 @@ class SegnodeServer(ThreadedAssociationServer):
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
+
+
+class _SharedPortServer(SegnodeServer):
+    reuse_port = True
 
 
 def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
@@ -528,8 +538,13 @@ class RunningSCP:
         self.ae.shutdown()
 
 
-def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None) -> RunningSCP:
-    """Listen on ``config.host:config.port`` in a background thread."""
+def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None, *,
+              reuse_port: bool = False) -> RunningSCP:
+    """Listen on ``config.host:config.port`` in a background thread.
+
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so receiver processes
+    (:mod:`node.receivers`) can listen on the same port.
+    """
     ae = build_ae(config)
     handler = StoreHandler(config, spool, index, listener)
     handlers = [
@@ -538,7 +553,8 @@ def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener
         (evt.EVT_C_STORE, handler.on_store),
     ]
     server = ae.make_server((config.host, config.port), evt_handlers=handlers,
-                            ssl_context=server_ssl_context(config), server_class=SegnodeServer)
+                            ssl_context=server_ssl_context(config),
+                            server_class=_SharedPortServer if reuse_port else SegnodeServer)
     server.max_pdu = config.limits.max_pdu_bytes
     server.max_dataset = config.limits.max_instance_bytes
     if config.tls is not None:

@@ -34,6 +34,7 @@ from pydicom import dcmread
 from node.config import NodeConfig
 from node.dispatch import backoff_s, deliver
 from node.errors import ConfigError, SegnodeError
+from node.receivers import ReceiverPool
 from node.scp import Listener, RunningSCP, start_scp
 from node.worker import JobSpec, run_job
 from storage.index import Index, Job, JobState
@@ -64,6 +65,7 @@ class Service:
         self.rules = _rules_holder(config)
         self.listeners: list[Listener] = []
         self.scp: RunningSCP | None = None
+        self.receivers: ReceiverPool | None = None
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
         self._running = 0
         self._lock = threading.Lock()
@@ -77,7 +79,11 @@ class Service:
         reindex_spool(self.spool, self.index, called_ae=self.config.ae_title)
         for job_id in self.index.recover():
             logger.info("job %d was interrupted while segmenting; it will run again", job_id)
-        self.scp = start_scp(self.config, self.spool, self.index, self._emit)
+        extra = self.config.limits.receiver_processes - 1
+        self.scp = start_scp(self.config, self.spool, self.index, self._emit, reuse_port=extra > 0)
+        if extra:
+            self.receivers = ReceiverPool(self.config, self.scp, extra)
+            self.receivers.start()
         every = self._scheduler.add_job
         every(self.sweep_completion, "interval", seconds=self.config.completion.sweep_interval_s, id="completion")
         every(self.start_jobs, "interval", seconds=1.0, id="jobs")
@@ -90,6 +96,8 @@ class Service:
 
     def stop(self) -> None:
         """Stop listening and scheduling; running worker processes exit with us."""
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.scp is not None:
             self.scp.stop()
         self._scheduler.shutdown(wait=False)

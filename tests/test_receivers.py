@@ -1,0 +1,82 @@
+"""Receiver processes sharing the SCP's port: everything lands once, the ops side sees it all."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from pynetdicom import evt
+
+from node.config import NodeConfig
+from node.service import Service
+from tests.peers import storescu, store_statuses
+
+THORAX = Path(__file__).parent / "data" / "thorax_cta"
+pytestmark = pytest.mark.peer
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+
+
+def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(tmp_path: Path) -> None:
+    config = NodeConfig(port=0, state_dir=tmp_path / "state", limits={"min_free_disk_mb": 1, "receiver_processes": 3},
+                        allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"}],
+                        completion={"quiet_period_s": 3600})
+    service = Service(config)
+    events: list[str] = []
+    service.listeners.append(lambda kind, data: events.append(kind))
+    port = service.start()
+    accepted: list[int] = []
+    assert service.scp is not None and service.receivers is not None
+    service.scp.server.bind(evt.EVT_ACCEPTED, lambda e: accepted.append(1))
+    pids = service.receivers.pids
+    try:
+        files = sorted(THORAX.glob("*.dcm"))
+        parts = [files[k::6] for k in range(6)]
+        results: list[list[str]] = [[] for _ in parts]
+
+        def send(k: int) -> None:
+            results[k] = store_statuses(storescu(port, parts[k]).stderr)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [len(r) for r in results] == [len(p) for p in parts]
+        assert all(status == "Success" for r in results for status in r)
+        refused = store_statuses(storescu(port, files[:1], calling="INTRUDER").stderr)
+        assert refused == []  # rejected at association, by whichever process took it
+        assert service.index.instance_count() == len(files)
+        stats = service.scp.handler.stats
+        assert (stats.stored, stats.associations_rejected) == (len(files), 1)
+        assert events.count("instance_stored") == len(files) and events.count("association_rejected") == 1
+        assert len(accepted) == 6
+    finally:
+        service.stop()
+    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+
+
+def test_receivers_exit_when_the_node_is_killed(tmp_path: Path) -> None:
+    import signal
+
+    from tests.peers import start_node, wait_until, write_node_config
+
+    config = write_node_config(tmp_path / "node.yaml", limits={"min_free_disk_mb": 1, "receiver_processes": 3})
+    node = start_node(config)
+    try:
+        children = [int(p) for p in Path(f"/proc/{node.proc.pid}/task/{node.proc.pid}/children").read_text().split()]
+        receivers = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(receivers) == 2
+        assert store_statuses(storescu(node.port, sorted(THORAX.glob("*.dcm"))[:4]).stderr) == ["Success"] * 4
+    finally:
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait()
+    wait_until(lambda: not any(_alive(pid) for pid in receivers), 10, "the receivers to exit")
