@@ -2,9 +2,12 @@
 
 The C-STORE handler writes the bytes the peer sent as a Part 10 file without
 decoding and re-encoding them (preamble, file meta from the presentation
-context, the received dataset), through :meth:`storage.spool.Spool.write`
-(temporary file, fsync, atomic rename), commits the index row, and only then
-answers Success.  It never raises; it answers a named status:
+context with the dataset's self-check, then the received dataset straight
+from pynetdicom's buffer), through :meth:`storage.spool.Spool.write`
+(temporary file, atomic rename, data and directory sync), commits the index
+row, and only then answers Success (docs/node.md, "Durability").  Only the
+five identifying attributes are read, by :mod:`node.dicom_header`.  It never
+raises; it answers a named status:
 
 ==========  ===========================================================
 ``0x0000``  stored (or a duplicate SOP Instance UID: first copy kept)
@@ -119,12 +122,11 @@ def _status(code: int, comment: str) -> Dataset:
     return out
 
 
-def _part10_prefix(event: evt.Event, dataset: memoryview) -> bytes:
-    """Preamble, ``DICM`` and the file meta, with the dataset's self-check (:mod:`storage.part10`)."""
+def _part10_prefix(event: evt.Event, check: bytes | None) -> bytes:
+    """Preamble, ``DICM`` and the file meta, with the dataset's self-check if given (:mod:`storage.part10`)."""
     request = event.request
     return file_prefix(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                       str(event.context.transfer_syntax), event.assoc.requestor.ae_title.strip(),
-                       dataset_check(dataset))
+                       str(event.context.transfer_syntax), event.assoc.requestor.ae_title.strip(), check)
 
 
 class StoreHandler:
@@ -180,8 +182,7 @@ class StoreHandler:
                                self.config.limits.min_free_disk_mb)
                 self.stats.add(refused=1)
                 return _status(OUT_OF_RESOURCES, "free disk below the node's minimum")
-            prefix = _part10_prefix(event, dataset)
-            uids = _header(event, prefix, dataset)
+            uids = _header(event, dataset)
             if uids is None:
                 self.stats.add(refused=1)
                 return _status(CANNOT_DECODE, "dataset cannot be decoded")
@@ -195,17 +196,18 @@ class StoreHandler:
             if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID):
                 self.stats.add(refused=1)
                 return _status(UID_MISMATCH, "SOPInstanceUID differs from the request")
-            return self._persist(event, (prefix, dataset), uids)
+            return self._persist(event, dataset, uids)
 
-    def _persist(self, event: evt.Event, parts: tuple[bytes, memoryview], uids: dict[str, str]) -> int:
+    def _persist(self, event: evt.Event, dataset: memoryview, uids: dict[str, str]) -> int:
         assoc = event.assoc
         sop_uid, study_uid, series_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
         if self.index.has_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
             self.index.touch_duplicate(series_uid)
             self.stats.add(duplicates=1)
             return SUCCESS
-        path = self.spool.write(study_uid, series_uid, sop_uid, parts, self_checking=True)
-        size = len(parts[0]) + parts[1].nbytes
+        prefix = _part10_prefix(event, dataset_check(dataset))
+        path = self.spool.write(study_uid, series_uid, sop_uid, (prefix, dataset), self_checking=True)
+        size = len(prefix) + dataset.nbytes
         record = InstanceRecord(
             sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
             sop_class_uid=str(event.request.AffectedSOPClassUID),
@@ -223,14 +225,15 @@ class StoreHandler:
         return SUCCESS
 
 
-def _header(event: evt.Event, prefix: bytes, dataset: memoryview) -> dict[str, str] | None:
+def _header(event: evt.Event, dataset: memoryview) -> dict[str, str] | None:
     """The identifying attributes, or ``None`` if the dataset does not decode (logged)."""
     try:
         values = read_header(dataset, str(event.context.transfer_syntax))
         if values is not None:
             return values
         # big endian, deflate or an unusual element before the UIDs: let pydicom read it
-        ds = dcmread(BytesIO(prefix + bytes(dataset)), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        part10 = _part10_prefix(event, None) + bytes(dataset)
+        ds = dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
         return {tag: str(ds.get(tag)) for tag in _HEADER_TAGS if ds.get(tag) is not None}
     except Exception as exc:  # HeaderError, or any of pydicom's many error types: all mean "cannot decode"
         logger.warning("cannot decode instance %s: %s", event.request.AffectedSOPInstanceUID, exc)
