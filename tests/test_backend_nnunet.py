@@ -47,8 +47,9 @@ def test_segments_the_phantom_with_profile_labels(dl_weights: Path, profile: Pro
     assert labels.labels == {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left"}
     assert labels.backend == "nnunet" and labels.weights_hash == model.weights_hash and "tiny_abdomen" in \
         labels.model_version
-    # the tiny model really segments: liver well, kidneys on their own sides
-    assert dice(labels.array == 1, truth == TS_LABELS["liver"]) > 0.7
+    # the tiny model really segments (it reaches about 0.95 / 0.85 / 0.99 / 0.99), kidneys on their own sides
+    for value, name in labels.labels.items():
+        assert dice(labels.array == value, truth == TS_LABELS[name]) > (0.5 if name == "spleen" else 0.8), name
     x = volume.world_x()
     right, left = x[labels.array == 3], x[labels.array == 4]
     assert right.size and left.size and right.mean() < 0 < left.mean()  # LPS: patient right is -x
