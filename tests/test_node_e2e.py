@@ -18,7 +18,7 @@ from pydicom import dcmread
 
 from storage.index import DeliveryState, Index, JobState
 from tests.peers import (
-    DCMTK_ENV, NodeProcess, free_port, node, orthanc, start_node, storescp, storescu, store_statuses, wait_until,
+    DCMTK_ENV, NodeProcess, free_port, node, orthanc, storescp, storescu, store_statuses, wait_until,
     write_node_config,
 )
 from tests.phantoms import thorax_phantom, write_ct_series
@@ -134,20 +134,20 @@ def test_kill_9_during_transfer_loses_nothing_acknowledged_and_segments_once(tmp
     with orthanc(tmp_path / "orthanc") as pacs:
         config = routed_config(tmp_path, [dest("pacs", pacs.dicom_port, pacs.ae_title)], ["pacs"],
                                completion={"quiet_period_s": 3.0, "sweep_interval_s": 0.2})
-        n = start_node(config)
-        sender = subprocess.Popen(["storescu", "-v", "-nh", "-aet", "SCANNER", "-aec", "SEGNODE", "+sd",
-                                   "127.0.0.1", str(n.port), str(series_300)], env=DCMTK_ENV, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        log, successes = [], 0
-        for line in sender.stdout:  # kill the node after the 120th acknowledged image
-            log.append(line)
-            successes += "Received Store Response (Success)" in line
-            if successes == 120:
-                n.proc.send_signal(signal.SIGKILL)
-                break
-        log += sender.stdout.readlines()
-        sender.wait()
-        n.proc.wait()
+        with node(config) as n:  # stopped on the way out even if a step fails
+            sender = subprocess.Popen(["storescu", "-v", "-nh", "-aet", "SCANNER", "-aec", "SEGNODE", "+sd",
+                                       "127.0.0.1", str(n.port), str(series_300)], env=DCMTK_ENV, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            log, successes = [], 0
+            for line in sender.stdout:  # kill the node after the 120th acknowledged image
+                log.append(line)
+                successes += "Received Store Response (Success)" in line
+                if successes == 120:
+                    n.proc.send_signal(signal.SIGKILL)
+                    break
+            log += sender.stdout.readlines()
+            sender.wait()
+            n.proc.wait()
         acked = acknowledged_files("".join(log))
         assert 120 <= len(acked) < 300
         index = index_of(n)
@@ -170,13 +170,13 @@ def test_kill_9_during_transfer_loses_nothing_acknowledged_and_segments_once(tmp
 
 def test_kill_9_during_segmentation_resumes_after_restart(tmp_path: Path) -> None:
     config = routed_config(tmp_path, [], [])
-    n = start_node(config)
-    index = index_of(n)
-    assert store_statuses(storescu(n.port, [THORAX]).stderr) == ["Success"] * 164
-    job = wait_job(index, {JobState.SEGMENTING}, timeout=60)
-    worker_pid = int(wait_until(lambda: _worker_pid(n.proc.pid), 30, "the worker process"))
-    n.proc.send_signal(signal.SIGKILL)
-    n.proc.wait()
+    with node(config) as n:  # stopped on the way out even if a step fails
+        index = index_of(n)
+        assert store_statuses(storescu(n.port, [THORAX]).stderr) == ["Success"] * 164
+        job = wait_job(index, {JobState.SEGMENTING}, timeout=60)
+        worker_pid = int(wait_until(lambda: _worker_pid(n.proc.pid), 30, "the worker process"))
+        n.proc.send_signal(signal.SIGKILL)
+        n.proc.wait()
     wait_until(lambda: not _alive(worker_pid), 10, "the orphaned worker to exit")
     assert index.job(job.job_id).state is JobState.SEGMENTING
     with node(config):
