@@ -114,3 +114,33 @@ def volume_from_nifti(img) -> Volume:
         origin=tuple(float(o) for o in lps[:3, 3]),  # type: ignore[arg-type]
         direction=direction,
     )
+
+
+def _ras_transforms(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    native = io_orientation(ras_affine(volume))
+    ras = axcodes2ornt("RAS")
+    return ornt_transform(native, ras), ornt_transform(ras, native)
+
+
+def to_closest_ras(array: np.ndarray, volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A ``[k, j, i]`` array of ``volume`` as nibabel's ``as_closest_canonical`` stores it.
+
+    Returns the ``(x, y, z)``-indexed array (axes permuted and flipped to RAS, no
+    resampling) and its spacing in that order: what a model trained on canonical
+    NIfTI files (TotalSegmentator's) expects.
+    """
+    from nibabel.orientations import apply_orientation
+
+    forward, _ = _ras_transforms(volume)
+    spacing = tuple(float(volume.spacing[int(axis)]) for axis in np.argsort(forward[:, 0]))
+    return np.ascontiguousarray(apply_orientation(np.asarray(array).transpose(2, 1, 0), forward)), spacing  # type: ignore[return-value]
+
+
+def from_closest_ras(array: np.ndarray, volume: Volume) -> np.ndarray:
+    """Undo :func:`to_closest_ras`: back to ``volume``'s ``[k, j, i]``."""
+    from nibabel.orientations import apply_orientation
+
+    _, inverse = _ras_transforms(volume)
+    return np.ascontiguousarray(apply_orientation(array, inverse).transpose(2, 1, 0))

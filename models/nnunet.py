@@ -5,10 +5,15 @@ is imported with ``segnode models import`` and named by the profile
 (``options.nnunet.model``, else ``model_checkpoint``, else the organ name).
 Folds, checkpoint, tile step and mirroring come from ``options.nnunet``.
 
-Inference goes through ``nnUNetPredictor.predict_single_npy_array``: the
-volume's ``[k, j, i]`` array is what nnU-Net's SimpleITK reader would give for
-the same series, with the spacing in the same ``(z, y, x)`` order, so no
-temporary files and no worker processes are involved.  Each tissue takes the
+Inference goes through ``nnUNetPredictor.predict_single_npy_array``, so no
+temporary files and no worker processes are involved.  nnU-Net never
+reorients: a model expects the voxel order of its training files.  With
+``orientation: native`` (default) the array is the volume's ``[k, j, i]``,
+what nnU-Net's SimpleITK reader gives for the DICOM series or a NIfTI written
+from it by SimpleITK; with ``orientation: ras`` it is reoriented as nibabel's
+``as_closest_canonical`` stores it (what TotalSegmentator feeds its models,
+and what models trained on canonical NIfTI files expect).  Spacing follows
+the array, in nnU-Net's ``(z, y, x)`` order.  Each tissue takes the
 voxels of its ``label`` in the model's output.
 """
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from models.base import RunSettings
 from models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
+from models.io_nifti import from_closest_ras, to_closest_ras
 from models.volume import LabelMap, Volume
 from models.weights import ModelRecord, find_model, verify_or_raise, weights_root
 from node.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
@@ -76,14 +82,22 @@ class NnunetModel:
     def _segment(self, volume: Volume) -> LabelMap:
         import torch
 
-        data = np.asarray(volume.hu, dtype=np.float32)[None]
-        props = {"spacing": [float(volume.spacing[2]), float(volume.spacing[1]), float(volume.spacing[0])]}
+        ras = self.profile.options.nnunet.orientation == "ras"
+        if ras:  # as nibabel's as_closest_canonical file would be read by nnU-Net's SimpleITK reader
+            xyz, (sx, sy, sz) = to_closest_ras(volume.hu, volume)
+            array = xyz.transpose(2, 1, 0)
+        else:  # as SimpleITK reads the DICOM series (or a NIfTI written from it)
+            array, (sx, sy, sz) = np.asarray(volume.hu), volume.spacing
+        props = {"spacing": [float(sz), float(sy), float(sx)]}
         try:
             with torch_threads(self.settings.threads), torch.inference_mode():
-                raw = self.predictor.predict_single_npy_array(data, props, None, None, False)  # type: ignore[attr-defined]
+                raw = self.predictor.predict_single_npy_array(  # type: ignore[attr-defined]
+                    np.ascontiguousarray(array, dtype=np.float32)[None], props, None, None, False)
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise BackendError(f"nnU-Net inference failed: {exc}", where=self.record.name) from exc
         raw = np.asarray(raw)
+        if ras:
+            raw = from_closest_ras(raw.transpose(2, 1, 0), volume)
         if raw.shape != volume.shape:
             raise BackendError(f"nnU-Net returned shape {raw.shape} for a volume of {volume.shape}")
         out = np.zeros(volume.shape, dtype=np.uint8)

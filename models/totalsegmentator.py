@@ -28,8 +28,10 @@ entry point that can run it must be safe to import (no work at import time).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -252,7 +254,8 @@ class TotalSegmentatorModel:
         check_folders(self.root, self.needed, options, verify=False)
         from totalsegmentator.python_api import totalsegmentator
 
-        with _CALL_LOCK, _ts_environment(self.root):
+        printed = io.StringIO()
+        with _CALL_LOCK, _ts_environment(self.root), contextlib.redirect_stdout(printed):
             write_config(self.root / HOME_DIRNAME)
             try:
                 return totalsegmentator(
@@ -265,6 +268,9 @@ class TotalSegmentatorModel:
                 raise BackendError(f"TotalSegmentator tried to exit the process (code {exc.code})") from exc
             except (RuntimeError, ValueError, OSError, KeyError, IndexError, AssertionError, MemoryError) as exc:
                 raise BackendError(f"TotalSegmentator failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                if printed.getvalue().strip():
+                    logger.debug("TotalSegmentator printed: %s", printed.getvalue().strip())
 
     def _segment(self, volume: Volume) -> LabelMap:
         image = self.run_totalsegmentator(volume)

@@ -74,6 +74,9 @@ class NnunetOptions(Frozen):
     checkpoint: str = "checkpoint_final.pth"
     tile_step_size: Annotated[float, Field(gt=0, le=1)] = 0.5
     use_mirroring: bool = True
+    orientation: Annotated[str, Field(pattern=r"^(native|ras)$")] = Field(
+        default="native", description="voxel order the model was trained on: native (DICOM) or ras (canonical)"
+    )
 
 
 class MonaiOptions(Frozen):

@@ -9,7 +9,8 @@ themselves and run through their real inference code.
   3 kidney_left, 4 gallbladder, 5 liver).
 * :func:`build_tiny_nnunet`: plans, preprocesses and trains a tiny nnU-Net v2
   (a few feature maps, a few hundred iterations; about two minutes on two
-  CPU cores) on such cases, and returns its model folder (``dataset.json``,
+  CPU cores) on such cases stored in canonical RAS voxel order (as
+  TotalSegmentator's models are trained), and returns its model folder (``dataset.json``,
   ``plans.json``, ``fold_0/checkpoint_final.pth``).
 * :func:`place_in_totalsegmentator_layout`: the same model under the folder
   names TotalSegmentator's task table expects for ``total`` fast (297) and
@@ -44,7 +45,7 @@ if str(REPO) not in sys.path:  # pragma: no cover - when run as a script
 from models.volume import Volume  # noqa: E402
 
 #: bump when a builder changes in a way the parameters below do not show
-FIXTURE_VERSION = "2"
+FIXTURE_VERSION = "3"
 #: TotalSegmentator ``total`` class numbers used by the synthetic phantom
 TS_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5}
 SHAPE = (32, 48, 48)  # k, j, i
@@ -141,10 +142,12 @@ def _save_nifti(volume: Volume, array: np.ndarray | None, path: Path) -> None:
 
     from models.io_nifti import ras_affine, volume_to_nifti
 
+    # canonical RAS voxel order, as TotalSegmentator's models were trained (and are fed)
     if array is None:
-        nib.save(volume_to_nifti(volume), path)
+        nib.save(nib.as_closest_canonical(volume_to_nifti(volume)), path)
     else:
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), ras_affine(volume)), path)
+        img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), ras_affine(volume))
+        nib.save(nib.as_closest_canonical(img), path)
 
 
 def _cache_root(default: Path) -> Path:
@@ -406,7 +409,7 @@ tissues:
    label: 3}}
 options:
   totalsegmentator: {{task: total, resolution: {resolution}, roi_subset: {roi_subset}}}
-  nnunet: {{model: tiny_abdomen, folds: [0], tile_step_size: 0.5, use_mirroring: false}}
+  nnunet: {{model: tiny_abdomen, folds: [0], tile_step_size: 0.5, use_mirroring: false, orientation: ras}}
   monai: {{model: {monai_model}, roi_size: [32, 32, 32], overlap: 0.25}}
 """
 

@@ -12,7 +12,8 @@ import pytest
 
 from models.base import RunSettings
 from models.cache import ModelCache
-from models.io_nifti import volume_to_nifti
+from models.io_nifti import to_closest_ras, volume_to_nifti
+from models.volume import Volume
 from models.metrics import dice
 from models.nnunet import BACKEND
 from models.weights import import_weights
@@ -64,17 +65,34 @@ def test_same_labels_as_nnunet_predicting_from_files(dl_weights: Path, dl_models
     volume, _ = case
     ours = BACKEND.load(profile, _settings(dl_weights)).segment(volume)
     (tmp_path / "in").mkdir()
-    nib.save(volume_to_nifti(volume), tmp_path / "in" / "case_0000.nii.gz")
+    nib.save(nib.as_closest_canonical(volume_to_nifti(volume)), tmp_path / "in" / "case_0000.nii.gz")
     predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"),
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(dl_models["nnunet"]), use_folds=(0,))
     predictor.predict_from_files(str(tmp_path / "in"), str(tmp_path / "out"), save_probabilities=False,
                                  overwrite=True, num_processes_preprocessing=1,
                                  num_processes_segmentation_export=1)
-    theirs = nib.load(tmp_path / "out" / "case.nii.gz")
-    raw = np.asanyarray(theirs.dataobj).transpose(2, 1, 0)
+    theirs = np.asanyarray(nib.load(tmp_path / "out" / "case.nii.gz").dataobj)  # canonical (x, y, z)
+    ours_ras, _ = to_closest_ras(ours.array, volume)
     for value, tissue in enumerate(profile.tissues, start=1):
-        assert np.array_equal(ours.array == value, raw == tissue.label), tissue.name
+        assert np.array_equal(ours_ras == value, theirs == tissue.label), tissue.name
+
+
+def test_native_and_ras_orders_agree_on_a_canonically_stored_volume(dl_weights: Path, profile: Profile,
+                                                                   case: tuple) -> None:
+    volume, _ = case
+    nk, nj, ni = volume.shape
+    origin = np.asarray(volume.origin) + np.array([(ni - 1) * volume.spacing[0], (nj - 1) * volume.spacing[1], 0])
+    stored_ras = Volume(hu=volume.hu[:, ::-1, ::-1].copy(), spacing=volume.spacing, origin=tuple(origin),
+                        direction=np.diag([-1.0, -1.0, 1.0]))  # i runs to the right, j anterior: RAS order
+    native = profile.model_copy(update={"options": profile.options.model_copy(
+        update={"nnunet": profile.options.nnunet.model_copy(update={"orientation": "native"})})})
+    a = BACKEND.load(profile, _settings(dl_weights)).segment(stored_ras).array
+    b = BACKEND.load(native, _settings(dl_weights)).segment(stored_ras).array
+    assert a.any() and np.array_equal(a, b)
+    # and the same anatomy as the LPS-stored volume
+    c = BACKEND.load(profile, _settings(dl_weights)).segment(volume).array
+    assert np.array_equal(a[:, ::-1, ::-1], c)
 
 
 def test_missing_weights_name_the_import_command(tmp_path: Path, profile: Profile) -> None:
