@@ -27,7 +27,7 @@ import numpy as np
 
 from models.base import RunSettings
 from models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
-from models.io_nifti import ras_affine
+from models.io_nifti import from_closest_ras, to_closest_ras
 from models.volume import LabelMap, Volume
 from models.weights import TORCHSCRIPT_SUFFIXES, ModelRecord, find_model, verify_or_raise, weights_root
 from node.errors import BackendError, DependencyMissingError, WeightsError
@@ -43,38 +43,22 @@ def model_name(profile: Profile) -> str:
 # --------------------------------------------------------------------------- layout
 
 
-def _orientation(volume: Volume) -> np.ndarray:
-    """nibabel orientation transform from the volume's ``(i, j, k)`` axes to RAS."""
-    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-
-    return ornt_transform(io_orientation(ras_affine(volume)), axcodes2ornt("RAS"))
-
-
 def to_network_array(volume: Volume, options: MonaiOptions) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The volume as the network sees it: ``(x, y, z)`` RAS array in [0, 1], and its spacing."""
-    from nibabel.orientations import apply_orientation
-
-    ornt = _orientation(volume)
-    data = apply_orientation(np.asarray(volume.hu).transpose(2, 1, 0), ornt).astype(np.float32)
+    data, spacing = to_closest_ras(volume.hu, volume)
     low, high = options.hu_window
-    data = (np.clip(data, low, high) - low) / (high - low)
-    spacing = tuple(float(volume.spacing[int(axis)]) for axis in np.argsort(ornt[:, 0]))
-    return np.ascontiguousarray(data), spacing  # type: ignore[return-value]
+    data = (np.clip(data.astype(np.float32), low, high) - low) / (high - low)
+    return np.ascontiguousarray(data, dtype=np.float32), spacing
 
 
 def from_network_array(labels: np.ndarray, volume: Volume) -> np.ndarray:
     """Undo :func:`to_network_array`'s layout: back to ``[k, j, i]``."""
-    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-
-    inverse = ornt_transform(axcodes2ornt("RAS"), io_orientation(ras_affine(volume)))
-    return np.ascontiguousarray(apply_orientation(labels, inverse).transpose(2, 1, 0))
+    return from_closest_ras(labels, volume)
 
 
 def labels_to_network_array(labels: np.ndarray, volume: Volume) -> np.ndarray:
     """A ``[k, j, i]`` label array in the network's layout (for training)."""
-    from nibabel.orientations import apply_orientation
-
-    return np.ascontiguousarray(apply_orientation(labels.transpose(2, 1, 0), _orientation(volume)))
+    return to_closest_ras(labels, volume)[0]
 
 
 # --------------------------------------------------------------------------- model
