@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     parser.add_argument("--weights-dir", type=Path, default=None, help="model weights directory")
+    parser.add_argument(
+        "--memory-budget-mb", type=int, default=None, metavar="MB",
+        help="deep-learning backends: segment in slabs, or refuse, above this estimated memory",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -45,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
         series_uid=args.series,
         seg_type=args.seg_type,
         output_format=args.format,
-        settings=RunSettings(device=args.device, threads=args.threads, weights_dir=args.weights_dir),
+        settings=RunSettings(device=args.device, threads=args.threads, weights_dir=args.weights_dir,
+                             memory_budget_mb=args.memory_budget_mb),
         use_fallback=not args.no_fallback,
     )
     result = run_pipeline(request, report=lambda message: print(message, file=sys.stderr, flush=True))

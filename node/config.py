@@ -126,7 +126,8 @@ class Worker(Frozen):
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     weights_dir: Path | None = None
-    seg_type: Literal["binary", "fractional", "labelmap"] = "binary"
+    memory_budget_mb: int | None = Field(None, ge=256)  # deep-learning backends: slabs or refusal above it
+    seg_type: Literal["binary", "labelmap"] = "binary"
 
 
 class Housekeeping(Frozen):

@@ -175,7 +175,7 @@ class Service:
                        profile=job.profile, out_dir=str(out), backend=job.backend, seg_type=worker.seg_type,
                        device=worker.device, threads=worker.threads,
                        weights_dir=str(worker.weights_dir) if worker.weights_dir else None,
-                       harvest=job.harvest, rule=job.rule, calling_ae=info.calling_ae,
+                       memory_budget_mb=worker.memory_budget_mb, harvest=job.harvest, rule=job.rule, calling_ae=info.calling_ae,
                        dataset_store=str(self.config.dataset_store or self.config.state_dir / "datasets"),
                        deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None)
 

@@ -54,6 +54,7 @@ class JobSpec:
     device: str = "auto"
     threads: int | None = None
     weights_dir: str | None = None
+    memory_budget_mb: int | None = None
     harvest: str | None = None  # dataset to harvest into, from the route
     rule: str | None = None
     calling_ae: str = ""
@@ -220,7 +221,8 @@ def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
     from node.pipeline import PipelineRequest, run_pipeline
 
     settings = RunSettings(device=spec.device, threads=spec.threads,
-                           weights_dir=Path(spec.weights_dir) if spec.weights_dir else None)
+                           weights_dir=Path(spec.weights_dir) if spec.weights_dir else None,
+                           memory_budget_mb=spec.memory_budget_mb)
     request = PipelineRequest(input_path=Path(spec.input_dir), profile=spec.profile, out_dir=Path(spec.out_dir),
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
                               output_format="seg", settings=settings)
