@@ -99,12 +99,15 @@ def scan(path: Path) -> dict[str, SeriesSummary]:
     }
 
 
+#: what pydicom raises on files that are not (or no longer) DICOM
+UNREADABLE = (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError)
+
+
 def _read_header(file: Path) -> Dataset | None:
     try:
         return pydicom.dcmread(file, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+    except UNREADABLE:
         return None
-    # pydicom raises a zoo of exceptions on garbage; those above are what it raises for non-DICOM
 
 
 def choose_series(series: dict[str, SeriesSummary], series_uid: str | None, where: Path) -> SeriesSummary:
@@ -165,7 +168,7 @@ def _load_dicom(series: SeriesSummary, progress: Progress | None) -> Volume:
 def _read_full(file: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(file, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
+    except UNREADABLE as exc:
         raise InputError(f"cannot parse DICOM: {exc}", where=str(file)) from exc
     for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
         value = str(ds.get(keyword, "") or "").strip()
