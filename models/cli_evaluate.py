@@ -37,6 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     many.add_argument("--pred-dir", type=Path, help="folder of predicted label maps (CASE.nii.gz or CASE.dcm)")
     many.add_argument("--ref-dir", type=Path, help="folder of reference label maps with the same case names")
     many.add_argument("--image-dir", type=Path, help="folder of CT images CASE_0000.nii.gz (overlays)")
+    split = parser.add_argument_group("a model on a dataset split")
+    split.add_argument("--dataset", metavar="NAME@VERSION", help="frozen dataset version of the store")
+    split.add_argument("--model", metavar="MODEL", help="model name (segnode models list) or nnU-Net model folder")
+    split.add_argument("--split", choices=["test", "train"], default="test")
+    split.add_argument("--store", type=Path, default=None,
+                       help="dataset store (default $SEGNODE_DATASET_STORE, else ./segnode-datasets)")
+    split.add_argument("--test-fraction", type=float, default=None,
+                       help="as at training (default: from the model's card, else 0.2)")
+    split.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    split.add_argument("--weights-dir", type=Path, default=None, help="model weights directory")
     parser.add_argument("--pred-labels", type=Path, help="labels JSON of NIfTI predictions ({value: name})")
     parser.add_argument("--ref-labels", type=Path, help="labels JSON of NIfTI references (or a dataset.json)")
     parser.add_argument("--map", action="append", default=[], metavar="PRED=REF",
@@ -49,16 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    pred_labels = load_labels_file(args.pred_labels) if args.pred_labels else None
-    ref_labels = load_labels_file(args.ref_labels) if args.ref_labels else None
-    if args.pred and args.ref:
-        cases = [_single_case(args, pred_labels, ref_labels)]
-    elif args.pred_dir and args.ref_dir:
-        cases = list(_folder_cases(args.pred_dir, args.ref_dir, args.image_dir, pred_labels, ref_labels))
+    if args.dataset and args.model:
+        args.out = args.out or Path("segnode-evaluate")
+        evaluation = _on_split(args)
     else:
-        raise ConfigError("give --pred and --ref, or --pred-dir and --ref-dir")
-    evaluation = evaluate_cases(cases, out_dir=args.out, mapping=parse_map(args.map), on=args.grid,
-                                pictures=not args.no_pictures)
+        evaluation = evaluate_cases(_cases(args), out_dir=args.out, mapping=parse_map(args.map), on=args.grid,
+                                    pictures=not args.no_pictures)
     print(format_table(evaluation.results))
     for path in evaluation.files:
         if path.suffix == ".csv":
@@ -67,6 +73,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     if pictures:
         print(f"wrote {len(pictures)} pictures under {args.out}")
     return 0
+
+
+def _cases(args: argparse.Namespace) -> list[CaseInput]:
+    pred_labels = load_labels_file(args.pred_labels) if args.pred_labels else None
+    ref_labels = load_labels_file(args.ref_labels) if args.ref_labels else None
+    if args.pred and args.ref:
+        return [_single_case(args, pred_labels, ref_labels)]
+    if args.pred_dir and args.ref_dir:
+        return list(_folder_cases(args.pred_dir, args.ref_dir, args.image_dir, pred_labels, ref_labels))
+    raise ConfigError("give --pred and --ref, --pred-dir and --ref-dir, or --dataset and --model")
+
+
+def _on_split(args: argparse.Namespace):
+    """Predict a split of a frozen dataset version with a model, then evaluate it."""
+    import os
+
+    from models.compare import card_test_fraction, evaluate_on_split, resolve_model
+    from models.device import resolve_device
+    from models.weights import weights_root
+
+    model = resolve_model(args.model, weights_root(args.weights_dir))
+    store = args.store or Path(os.environ.get("SEGNODE_DATASET_STORE") or "segnode-datasets")
+    fraction = args.test_fraction if args.test_fraction is not None else card_test_fraction((model,), args.dataset)
+    evaluation, stats, _ = evaluate_on_split(
+        model, dataset=args.dataset, store=store, out_dir=args.out, split=args.split,
+        device=resolve_device(args.device), test_fraction=fraction, pictures=not args.no_pictures)
+    print(f"{model.label} on {args.dataset} ({args.split} split, {stats.cases} cases)")
+    return evaluation
 
 
 def _load_image(path: Path):

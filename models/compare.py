@@ -116,35 +116,50 @@ class Comparison:
     out_dir: Path
 
 
-def compare(spec_a: str, spec_b: str, *, dataset: str, store: Path, root: Path, out_dir: Path,
-            split: str = "test", device: str = "cpu", threads: int | None = None, test_fraction: float | None = None,
-            pictures: bool = True) -> Comparison:
-    """Evaluate both models on the split and pair their per-organ results."""
-    from models.evaluate import summarise
+def evaluate_on_split(model: ModelUnderTest, *, dataset: str, store: Path, out_dir: Path, split: str = "test",
+                      device: str = "cpu", threads: int | None = None, test_fraction: float = 0.2,
+                      pictures: bool = True):
+    """Predict one split of a frozen dataset version with ``model`` and evaluate it.
+
+    Returns ``(Evaluation, PredictionStats, organs)``; the split is the store's
+    patient-level split, the same as at training for the same test fraction.
+    """
     from models.segmentation_io import load_labels_file
     from models.training import evaluate_model_folder
 
     if split not in ("test", "train"):
         raise ConfigError(f"--split must be test or train, got {split!r}")
-    models = (resolve_model(spec_a, root), resolve_model(spec_b, root))
-    fraction = test_fraction if test_fraction is not None else _card_fraction(models, dataset)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="compare-", dir=out_dir) as tmp:
-        folder = export_split(store, dataset, Path(tmp), fraction)
+    with tempfile.TemporaryDirectory(prefix="split-", dir=out_dir) as tmp:
+        folder = export_split(store, dataset, Path(tmp), test_fraction)
         side = "Ts" if split == "test" else "Tr"
         if not any((folder / f"labels{side}").glob("*.nii.gz")):
-            raise ConfigError(f"the {split} split of {dataset} is empty (test fraction {fraction})")
+            raise ConfigError(f"the {split} split of {dataset} is empty (test fraction {test_fraction})")
         organs = sorted(load_labels_file(folder / "dataset.json").values())
-        results = []
-        for tag, model in zip("AB", models):
-            evaluation, stats = evaluate_model_folder(model.folder, folder, out_dir / tag, device=device,
-                                                      threads=threads, split=side, pictures=pictures)
-            results.append((summarise(evaluation.rows), stats))
+        evaluation, stats = evaluate_model_folder(model.folder, folder, out_dir, device=device, threads=threads,
+                                                  split=side, pictures=pictures)
+    return evaluation, stats, organs
+
+
+def compare(spec_a: str, spec_b: str, *, dataset: str, store: Path, root: Path, out_dir: Path,
+            split: str = "test", device: str = "cpu", threads: int | None = None, test_fraction: float | None = None,
+            pictures: bool = True) -> Comparison:
+    """Evaluate both models on the split and pair their per-organ results."""
+    from models.evaluate import summarise
+
+    models = (resolve_model(spec_a, root), resolve_model(spec_b, root))
+    fraction = test_fraction if test_fraction is not None else card_test_fraction(models, dataset)
+    results = []
+    for tag, model in zip("AB", models):
+        evaluation, stats, organs = evaluate_on_split(model, dataset=dataset, store=store, out_dir=out_dir / tag,
+                                                      split=split, device=device, threads=threads,
+                                                      test_fraction=fraction, pictures=pictures)
+        results.append((summarise(evaluation.rows), stats))
     return Comparison(dataset, split, models, (results[0][1], results[1][1]),
                       verdicts(results[0][0], results[1][0], organs), out_dir)
 
 
-def _card_fraction(models, dataset: str) -> float:
+def card_test_fraction(models, dataset: str) -> float:
     """The test fraction a fine-tuned model was trained with on this dataset (same split), else 0.2."""
     for model in models:
         card = model.card or {}

@@ -133,3 +133,10 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     assert "| minutes per scan |" in report and "| organs available | 5 | 6 |" in report
     assert "only B predicts it" in report  # the base model has no aorta
     assert (tmp_path / "cmp" / "B" / "metrics.csv").exists()
+
+    # one model on the dataset's test split, through segnode evaluate: same figures as compare's B side
+    assert main(["evaluate", "--dataset", "Abdomen@1", "--model", "Abdomen.v1", "--weights-dir", str(weights),
+                 "--store", str(tmp_path / "store"), "--device", "cpu", "-o", str(tmp_path / "eval"),
+                 "--no-pictures"]) == 0
+    assert "Abdomen.v1 on Abdomen@1 (test split" in capsys.readouterr().out
+    assert (tmp_path / "eval" / "metrics.csv").read_text() == (tmp_path / "cmp" / "B" / "metrics.csv").read_text()
