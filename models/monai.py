@@ -18,7 +18,6 @@ the voxels of its ``label`` in the argmax of the output.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +28,11 @@ from models.base import RunSettings
 from models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
 from models.io_nifti import from_closest_ras, to_closest_ras
 from models.volume import LabelMap, Volume
-from models.weights import TORCHSCRIPT_SUFFIXES, ModelRecord, find_model, verify_or_raise, weights_root
+from models.weights import TORCHSCRIPT_SUFFIXES, ModelFolderBackend, ModelRecord, verify_or_raise
 from node.errors import BackendError, DependencyMissingError, WeightsError
 from profiles.schema import Backend, MonaiOptions, Profile
 
 logger = logging.getLogger(__name__)
-
-
-def model_name(profile: Profile) -> str:
-    return profile.options.monai.model or profile.model_checkpoint or profile.organ
 
 
 # --------------------------------------------------------------------------- layout
@@ -168,20 +163,9 @@ def load_network(record: ModelRecord, device: str):
     return network.to(device).eval()
 
 
-class MonaiBackend:
+class MonaiBackend(ModelFolderBackend):
     name = Backend.MONAI
-
-    def is_available(self) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in ("torch", "monai"))
-
-    def record(self, profile: Profile, settings: RunSettings) -> ModelRecord:
-        return find_model(weights_root(settings.weights_dir), Backend.MONAI, model_name(profile))
-
-    def cache_key(self, profile: Profile, settings: RunSettings) -> str:
-        record = self.record(profile, settings)
-        tissues = [(t.name, t.label) for t in profile.tissues]
-        return (f"monai|{record.weights_hash}|{resolve_device(settings.device)}|{settings.threads}|"
-                f"{settings.memory_budget_mb}|{profile.options.monai.model_dump_json()}|{tissues}")
+    libraries = ("torch", "monai")
 
     def load(self, profile: Profile, settings: RunSettings) -> MonaiModel:
         if not self.is_available():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import importlib.util
 import io
 import json
 import logging
@@ -34,16 +33,11 @@ from models.base import RunSettings
 from models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
 from models.io_nifti import from_closest_ras, to_closest_ras
 from models.volume import LabelMap, Volume
-from models.weights import ModelRecord, find_model, verify_or_raise, weights_root
+from models.weights import ModelFolderBackend, ModelRecord, verify_or_raise
 from node.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
 from profiles.schema import Backend, Profile
 
 logger = logging.getLogger(__name__)
-
-
-def model_name(profile: Profile) -> str:
-    """The imported model a profile asks for."""
-    return profile.options.nnunet.model or profile.model_checkpoint or profile.organ
 
 
 def _memory(plans: dict, n_labels: int) -> MemoryModel:
@@ -140,20 +134,9 @@ def check_model_folder(folder: Path, profile: Profile) -> tuple[dict, dict]:
     return dataset, plans
 
 
-class NnunetBackend:
+class NnunetBackend(ModelFolderBackend):
     name = Backend.NNUNET
-
-    def is_available(self) -> bool:
-        return all(importlib.util.find_spec(m) is not None for m in ("torch", "nnunetv2"))
-
-    def record(self, profile: Profile, settings: RunSettings) -> ModelRecord:
-        return find_model(weights_root(settings.weights_dir), Backend.NNUNET, model_name(profile))
-
-    def cache_key(self, profile: Profile, settings: RunSettings) -> str:
-        record = self.record(profile, settings)
-        tissues = [(t.name, t.label) for t in profile.tissues]
-        return (f"nnunet|{record.weights_hash}|{resolve_device(settings.device)}|{settings.threads}|"
-                f"{settings.memory_budget_mb}|{profile.options.nnunet.model_dump_json()}|{tissues}")
+    libraries = ("torch", "nnunetv2")
 
     def load(self, profile: Profile, settings: RunSettings) -> NnunetModel:
         if not self.is_available():

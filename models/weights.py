@@ -35,8 +35,14 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from node.errors import ConfigError, InputError, WeightsError
 from profiles.schema import Backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from models.base import RunSettings
+    from profiles.schema import Profile
 
 logger = logging.getLogger(__name__)
 
@@ -377,3 +383,37 @@ def _import_one(candidate: Candidate, root: Path, name: str, kind: Kind, force: 
     logger.info("imported %s/%s/%s (%d files, weights %s)", kind.value, candidate.backend.value, name,
                 len(record.files), record.weights_hash[:12])
     return read_manifest(final)
+
+
+class ModelFolderBackend:
+    """What the backends whose model is a folder in the weights directory share.
+
+    Subclasses set ``name`` (the :class:`Backend`) and ``libraries`` (modules
+    that must import); the profile's ``options.<backend>.model`` names the
+    imported model (else ``model_checkpoint``, else the organ).
+    """
+
+    name: Backend
+    libraries: tuple[str, ...] = ()
+
+    def is_available(self) -> bool:
+        import importlib.util
+
+        return all(importlib.util.find_spec(m) is not None for m in self.libraries)
+
+    def model_name(self, profile: Profile) -> str:
+        options = getattr(profile.options, self.name.value)
+        return options.model or profile.model_checkpoint or profile.organ
+
+    def record(self, profile: Profile, settings: RunSettings) -> ModelRecord:
+        return find_model(weights_root(settings.weights_dir), self.name, self.model_name(profile))
+
+    def cache_key(self, profile: Profile, settings: RunSettings) -> str:
+        """What makes a loaded model reusable: weights, device, budget, options, tissues."""
+        from models.device import resolve_device
+
+        record = self.record(profile, settings)
+        options = getattr(profile.options, self.name.value)
+        tissues = [(t.name, t.label) for t in profile.tissues]
+        return (f"{self.name.value}|{record.weights_hash}|{resolve_device(settings.device)}|{settings.threads}|"
+                f"{settings.memory_budget_mb}|{options.model_dump_json()}|{tissues}")
