@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -62,6 +62,9 @@ from storage.index import Index, InstanceRecord
 from storage.part10 import dataset_check, file_prefix
 from storage.spool import Spool
 from storage.uids import check_uid
+
+if TYPE_CHECKING:
+    from node.native_scp import NativeSCP
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,29 @@ class IngestStats:
                 setattr(self, name, getattr(self, name) + delta)
 
 
+@dataclass(frozen=True)
+class StoreRequest:
+    """What storing one instance needs besides its bytes (from pynetdicom or :mod:`node.native_scp`)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+    host: str
+
+    @classmethod
+    def from_event(cls, event: evt.Event) -> StoreRequest:
+        assoc, request = event.assoc, event.request
+        return cls(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                   str(event.context.transfer_syntax), assoc.requestor.ae_title, assoc.acceptor.ae_title,
+                   assoc.requestor.address)
+
+
+#: a C-STORE outcome: the status and, for a refusal, its error comment.
+StoreStatus = tuple[int, str | None]
+
+
 def _status(code: int, comment: str) -> Dataset:
     out = Dataset()
     out.Status = code
@@ -122,11 +148,10 @@ def _status(code: int, comment: str) -> Dataset:
     return out
 
 
-def _part10_prefix(event: evt.Event, check: bytes | None) -> bytes:
+def _part10_prefix(request: StoreRequest, check: bytes | None) -> bytes:
     """Preamble, ``DICM`` and the file meta, with the dataset's self-check if given (:mod:`storage.part10`)."""
-    request = event.request
-    return file_prefix(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                       str(event.context.transfer_syntax), event.assoc.requestor.ae_title.strip(), check)
+    return file_prefix(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax,
+                       request.calling_ae.strip(), check)
 
 
 class StoreHandler:
@@ -144,14 +169,19 @@ class StoreHandler:
         if self.listener is not None:
             self.listener(kind, data)
 
+    def admit(self, calling: str, host: str) -> bool:
+        """Whether ``calling`` at ``host`` may send; a refusal is logged, counted and notified."""
+        if self.config.sender_for(calling, host) is not None:
+            return True
+        logger.warning("rejected association from %r at %s: not an allowed sender", calling, host)
+        self.stats.add(associations_rejected=1)
+        self._notify("association_rejected", calling_ae=calling, host=host)
+        return False
+
     def on_requested(self, event: evt.Event) -> None:
         """Reject at association a calling AE / host that is not allowed to send."""
         assoc = event.assoc
-        calling, host = assoc.requestor.primitive.calling_ae_title.strip(), assoc.requestor.address
-        if self.config.sender_for(calling, host) is None:
-            logger.warning("rejected association from %r at %s: not an allowed sender", calling, host)
-            self.stats.add(associations_rejected=1)
-            self._notify("association_rejected", calling_ae=calling, host=host)
+        if not self.admit(assoc.requestor.primitive.calling_ae_title.strip(), assoc.requestor.address):
             assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
             assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
 
@@ -159,84 +189,86 @@ class StoreHandler:
         return SUCCESS
 
     def on_store(self, event: evt.Event) -> int | Dataset:
+        """pynetdicom's C-STORE handler: :meth:`store` on the dataset exactly as sent."""
+        received = event.request.DataSet  # BytesIO holding the dataset exactly as sent
+        with received.getbuffer() as dataset:  # a view: the bytes are never copied or decoded
+            code, comment = self.store(StoreRequest.from_event(event), dataset)
+        return code if comment is None else _status(code, comment)
+
+    def store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
         """Store one instance; always return a status (this is the network boundary)."""
         try:
-            return self._store(event)
+            return self._store(request, dataset)
         except StorageError as exc:
             logger.error("store failed: %s", exc)
             self.stats.add(refused=1)
-            return _status(OUT_OF_RESOURCES, "write failed")
+            return OUT_OF_RESOURCES, "write failed"
         except Exception as exc:  # boundary: the peer gets a status, the log gets the traceback
             logger.exception("unexpected error storing an instance")
             self.stats.add(refused=1)
-            return _status(CANNOT_DECODE, f"cannot process: {type(exc).__name__}")
+            return CANNOT_DECODE, f"cannot process: {type(exc).__name__}"[:64]
 
-    def _store(self, event: evt.Event) -> int | Dataset:
-        received = event.request.DataSet  # BytesIO holding the dataset exactly as sent
-        with received.getbuffer() as dataset:  # a view: the bytes are never copied or decoded
-            if dataset.nbytes > self.config.limits.max_instance_bytes:
-                self.stats.add(refused=1)
-                return _status(OUT_OF_RESOURCES, "instance larger than the node accepts")
-            if self.spool.free_bytes() - dataset.nbytes < self.min_free:
-                logger.warning("refusing instance: free disk below the %d MB minimum",
-                               self.config.limits.min_free_disk_mb)
-                self.stats.add(refused=1)
-                return _status(OUT_OF_RESOURCES, "free disk below the node's minimum")
-            uids = _header(event, dataset)
-            if uids is None:
-                self.stats.add(refused=1)
-                return _status(CANNOT_DECODE, "dataset cannot be decoded")
-            try:
-                for tag in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-                    check_uid(uids.get(tag), tag)
-            except InputError as exc:
-                logger.warning("refusing instance: %s", exc)
-                self.stats.add(refused=1)
-                return _status(BAD_UID, exc.message.split(" is ")[0] + " invalid")
-            if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID):
-                self.stats.add(refused=1)
-                return _status(UID_MISMATCH, "SOPInstanceUID differs from the request")
-            return self._persist(event, dataset, uids)
+    def _store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
+        if dataset.nbytes > self.config.limits.max_instance_bytes:
+            self.stats.add(refused=1)
+            return OUT_OF_RESOURCES, "instance larger than the node accepts"
+        if self.spool.free_bytes() - dataset.nbytes < self.min_free:
+            logger.warning("refusing instance: free disk below the %d MB minimum",
+                           self.config.limits.min_free_disk_mb)
+            self.stats.add(refused=1)
+            return OUT_OF_RESOURCES, "free disk below the node's minimum"
+        uids = _header(request, dataset)
+        if uids is None:
+            self.stats.add(refused=1)
+            return CANNOT_DECODE, "dataset cannot be decoded"
+        try:
+            for tag in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+                check_uid(uids.get(tag), tag)
+        except InputError as exc:
+            logger.warning("refusing instance: %s", exc)
+            self.stats.add(refused=1)
+            return BAD_UID, (exc.message.split(" is ")[0] + " invalid")[:64]
+        if uids["SOPInstanceUID"] != request.sop_instance_uid:
+            self.stats.add(refused=1)
+            return UID_MISMATCH, "SOPInstanceUID differs from the request"
+        return self._persist(request, dataset, uids)
 
-    def _persist(self, event: evt.Event, dataset: memoryview, uids: dict[str, str]) -> int:
-        assoc = event.assoc
+    def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> StoreStatus:
         sop_uid, study_uid, series_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
         if self.index.has_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
             self.index.touch_duplicate(series_uid)
             self.stats.add(duplicates=1)
-            return SUCCESS
-        prefix = _part10_prefix(event, dataset_check(dataset))
+            return SUCCESS, None
+        prefix = _part10_prefix(request, dataset_check(dataset))
         path = self.spool.write(study_uid, series_uid, sop_uid, (prefix, dataset), self_checking=True)
         size = len(prefix) + dataset.nbytes
         record = InstanceRecord(
             sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            sop_class_uid=request.sop_class_uid, transfer_syntax_uid=request.transfer_syntax,
             modality=uids.get("Modality") or None,
             path=str(path.relative_to(self.spool.root)), size_bytes=size,
-            calling_ae=assoc.requestor.ae_title, called_ae=assoc.acceptor.ae_title,
-            sender_host=assoc.requestor.address,
+            calling_ae=request.calling_ae, called_ae=request.called_ae, sender_host=request.host,
         )
         if self.index.record_instance(record):
             self.stats.add(stored=1, bytes_stored=size)
             self._notify("instance_stored", sop_uid=sop_uid, series_uid=series_uid, size=size)
         else:
             self.stats.add(duplicates=1)
-        return SUCCESS
+        return SUCCESS, None
 
 
-def _header(event: evt.Event, dataset: memoryview) -> dict[str, str] | None:
+def _header(request: StoreRequest, dataset: memoryview) -> dict[str, str] | None:
     """The identifying attributes, or ``None`` if the dataset does not decode (logged)."""
     try:
-        values = read_header(dataset, str(event.context.transfer_syntax))
+        values = read_header(dataset, request.transfer_syntax)
         if values is not None:
             return values
         # big endian, deflate or an unusual element before the UIDs: let pydicom read it
-        part10 = _part10_prefix(event, None) + bytes(dataset)
+        part10 = _part10_prefix(request, None) + bytes(dataset)
         ds = dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
         return {tag: str(ds.get(tag)) for tag in _HEADER_TAGS if ds.get(tag) is not None}
     except Exception as exc:  # HeaderError, or any of pydicom's many error types: all mean "cannot decode"
-        logger.warning("cannot decode instance %s: %s", event.request.AffectedSOPInstanceUID, exc)
+        logger.warning("cannot decode instance %s: %s", request.sop_instance_uid, exc)
         return None
 
 
@@ -542,14 +574,22 @@ class RunningSCP:
 
 
 def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None, *,
-              reuse_port: bool = False) -> RunningSCP:
+              reuse_port: bool = False) -> RunningSCP | NativeSCP:
     """Listen on ``config.host:config.port`` in a background thread.
 
     ``reuse_port``: bind with ``SO_REUSEPORT``, so receiver processes
-    (:mod:`node.receivers`) can listen on the same port.
+    (:mod:`node.receivers`) can listen on the same port.  With
+    ``limits.receiver: native`` and no TLS, :mod:`node.native_scp` serves.
     """
-    ae = build_ae(config)
     handler = StoreHandler(config, spool, index, listener)
+    if config.limits.receiver == "native":
+        if config.tls is None:
+            from node.native_scp import start_native_scp  # it builds on this module
+
+            return start_native_scp(config, handler, reuse_port=reuse_port)
+        logger.info("limits.receiver is 'native', but TLS is configured: the pynetdicom receiver serves "
+                    "(the native receiver is plain TCP only)")
+    ae = build_ae(config)
     handlers = [
         (evt.EVT_REQUESTED, handler.on_requested),
         (evt.EVT_C_ECHO, handler.on_echo),

@@ -1,0 +1,317 @@
+"""The native receiver (``limits.receiver: native``) against real senders: DCMTK and pynetdicom SCUs, raw sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+
+from node.config import NodeConfig
+from node.native_scp import NativeSCP
+from node.scp import RunningSCP, start_scp
+from storage.index import Index, JobState
+from storage.spool import Spool
+from tests.peers import DCMTK_ENV, storescu, store_statuses
+
+DATA = Path(__file__).parent / "data"
+THORAX = DATA / "thorax_cta"
+pytestmark = pytest.mark.peer
+
+
+def make_scp(tmp_path: Path, **config: object) -> tuple[NativeSCP, Spool, Index]:
+    limits = {"min_free_disk_mb": 1, "receiver": "native", **config.pop("limits", {})}  # type: ignore[dict-item]
+    cfg = NodeConfig(**{"port": 0, "state_dir": tmp_path / "state", "limits": limits, **config})
+    spool, index = Spool(cfg.spool_dir), Index(cfg.index_path)
+    running = start_scp(cfg, spool, index)
+    assert isinstance(running, NativeSCP)
+    return running, spool, index
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[tuple[NativeSCP, Spool, Index]]:
+    running = make_scp(tmp_path)
+    yield running
+    running[0].stop()
+
+
+def echo(port: int, calling: str = "SCANNER") -> int | None:
+    ae = AE(calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="SEGNODE")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_echo()
+    assoc.release()
+    return int(status.Status)
+
+
+def spooled(spool: Spool) -> list[Path]:
+    return sorted(spool.root.glob("*/*/*.dcm"))
+
+
+def stored_files(spool: Spool) -> list[str]:
+    """Every file under the state folder but the index's."""
+    state = spool.root.parent
+    return sorted(p.name for p in state.rglob("*") if p.is_file() and not p.name.startswith("index.sqlite"))
+
+
+def test_storescu_series_lands_byte_exact_in_the_spool(scp: tuple[NativeSCP, Spool, Index]) -> None:
+    server, spool, index = scp
+    result = storescu(server.port, [THORAX])
+    assert result.returncode == 0, result.stderr
+    assert store_statuses(result.stdout + result.stderr) == ["Success"] * 164
+    files = spooled(spool)
+    assert len(files) == 164 and index.instance_count() == 164
+    for source in sorted(THORAX.glob("*.dcm")):
+        original = dcmread(source)
+        stored_path = spool.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                          original.SOPInstanceUID)
+        stored = dcmread(stored_path)
+        assert stored.PixelData == original.PixelData
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert stored.file_meta.SourceApplicationEntityTitle == "SCANNER"
+        # byte-exact: everything after the file meta is the dataset the sender read from its file
+        raw_source, raw_stored = source.read_bytes(), stored_path.read_bytes()
+        assert raw_stored.endswith(raw_source[_dataset_offset(source):])
+    row = index._db().execute("SELECT calling_ae, called_ae, sender_host FROM series").fetchone()
+    assert tuple(row) == ("SCANNER", "SEGNODE", "127.0.0.1")
+    assert [j.state for j in index.jobs()] == [JobState.RECEIVED]
+    assert list(spool.tmp.iterdir()) == []
+    assert server.handler.stats.stored == 164
+
+
+def _dataset_offset(path: Path) -> int:
+    with path.open("rb") as fp:
+        ds = dcmread(fp, stop_before_pixels=True)
+        meta_length = int(ds.file_meta.FileMetaInformationGroupLength)
+    return 128 + 4 + 12 + meta_length
+
+
+def test_c_echo_with_echoscu(scp: tuple[NativeSCP, Spool, Index]) -> None:
+    server, _, _ = scp
+    result = subprocess.run(["echoscu", "-v", "-aet", "SCANNER", "-aec", "SEGNODE", "127.0.0.1", str(server.port)],
+                            env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "Received Echo Response (Success)" in result.stdout + result.stderr
+
+
+def test_unknown_calling_ae_or_host_and_wrong_called_ae_are_rejected(tmp_path: Path) -> None:
+    server, spool, _ = make_scp(tmp_path, allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"},
+                                                          {"ae_title": "FAR", "host": "10.0.0.0/8"}])
+    rejected: list[object] = []
+    server.server.bind(evt.EVT_REJECTED, rejected.append)
+    try:
+        intruder = storescu(server.port, [THORAX / "CT0001.dcm"], calling="INTRUDER")
+        assert intruder.returncode != 0
+        assert "Association Rejected" in intruder.stderr
+        assert "Calling AE Title Not Recognized" in intruder.stderr
+        wrong_host = storescu(server.port, [THORAX / "CT0001.dcm"], calling="FAR")
+        assert "Association Rejected" in wrong_host.stderr
+        wrong_called = storescu(server.port, [THORAX / "CT0001.dcm"], called="SOMEONE")
+        assert "Called AE Title Not Recognized" in wrong_called.stderr
+        assert spooled(spool) == []
+        assert server.handler.stats.associations_rejected == 2
+        assert len(rejected) == 1  # the called-AE rejection (allow-list ones are counted by the listener)
+        assert echo(server.port, "SCANNER") == 0x0000
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("tag, value", [
+    ("SOPInstanceUID", ".."), ("SOPInstanceUID", "1.2/../../x"), ("StudyInstanceUID", "../../etc"),
+    ("SeriesInstanceUID", "1.2.3/4"), ("SeriesInstanceUID", ""), ("SOPInstanceUID", "1.02.3"),
+])
+def test_hostile_uids_never_touch_a_path(scp: tuple[NativeSCP, Spool, Index], tag: str, value: str) -> None:
+    server, spool, index = scp
+    ds = dcmread(THORAX / "CT0001.dcm")
+    ae = AE("SCANNER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom warns about the invalid UI value we send
+        setattr(ds, tag, value)
+        status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC211
+    assert tag in status.ErrorComment
+    assert stored_files(spool) == []
+    assert index.instance_count() == 0
+
+
+def test_below_free_disk_minimum_sender_gets_a700_and_nothing_remains(tmp_path: Path) -> None:
+    server, spool, index = make_scp(tmp_path, limits={"min_free_disk_mb": 1 << 40})
+    try:
+        result = storescu(server.port, [THORAX / "CT0001.dcm", THORAX / "CT0002.dcm"])
+        assert store_statuses(result.stderr) == ["Refused: OutOfResources"] * 2
+        assert spooled(spool) == [] and list(spool.tmp.iterdir()) == []
+        assert index.instance_count() == 0 and index.jobs() == []
+    finally:
+        server.stop()
+
+
+def test_instance_over_the_size_limit_is_cut_off_and_node_keeps_running(tmp_path: Path) -> None:
+    server, spool, _ = make_scp(tmp_path, limits={"max_instance_bytes": 4096})
+    try:
+        result = storescu(server.port, [THORAX / "CT0001.dcm"])
+        assert "Success" not in store_statuses(result.stderr)
+        assert stored_files(spool) == []
+        assert echo(server.port) == 0x0000
+    finally:
+        server.stop()
+
+
+EDGE_CLASSES = ["MRImageStorage", "EnhancedMRImageStorage", "RTPlanStorage", "RTDoseStorage",
+                "SecondaryCaptureImageStorage", "UltrasoundImageStorage", "EnhancedCTImageStorage"]
+
+
+def test_edge_case_files_get_a_clear_status_and_the_node_keeps_running(tmp_path: Path) -> None:
+    server, spool, index = make_scp(tmp_path, storage_classes=EDGE_CLASSES)
+    try:
+        outcomes = {}
+        for path in sorted((DATA / "edge_cases").rglob("*.dcm")):
+            result = storescu(server.port, [path], extra=["-R"])  # -R: propose the file's own syntax
+            statuses = store_statuses(result.stderr)
+            assert "Abort" not in result.stderr, f"{path.name}: {result.stderr}"
+            outcomes[path.name] = statuses[0] if statuses else "not sent (storescu cannot read it)"
+        assert echo(server.port) == 0x0000
+        sent = {name: o for name, o in outcomes.items() if not o.startswith("not sent")}
+        assert len(sent) >= 6, outcomes
+        for name, outcome in sent.items():
+            assert outcome == "Success" or outcome.startswith(("Error: CannotUnderstand", "Refused")), \
+                f"{name}: {outcome}"
+        acknowledged = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in spooled(spool)}
+        assert index.instance_count() == len(acknowledged) > 0
+    finally:
+        server.stop()
+
+
+def test_pynetdicom_scu_proposing_several_contexts(scp: tuple[NativeSCP, Spool, Index]) -> None:
+    server, spool, index = scp
+    ae = AE("SCANNER")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(MRImageStorage)  # not a class this node stores: refused context
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.4.201"])  # HTJ2K only: no common syntax
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    results = {(cx.abstract_syntax, cx.context_id): cx.result for cx in assoc.rejected_contexts}
+    assert {cx.abstract_syntax for cx in assoc.accepted_contexts} == {Verification, CTImageStorage}
+    assert sorted(results.values()) == [3, 4]
+    assert assoc.acceptor.maximum_length == 131072
+    assert assoc.send_c_echo().Status == 0x0000
+    for path in sorted(THORAX.glob("*.dcm"))[:3]:
+        assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    assoc.release()
+    assert index.instance_count() == 3 and len(spooled(spool)) == 3
+
+
+def test_four_concurrent_storescu_associations(scp: tuple[NativeSCP, Spool, Index]) -> None:
+    server, spool, index = scp
+    files = sorted(THORAX.glob("*.dcm"))
+    chunks = [files[k::4] for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda chunk: storescu(server.port, chunk), chunks))
+    for chunk, result in zip(chunks, results):
+        assert result.returncode == 0, result.stderr
+        assert store_statuses(result.stderr) == ["Success"] * len(chunk)
+    assert index.instance_count() == 164 and len(spooled(spool)) == 164
+
+
+def test_abort_mid_dataset_writes_nothing(scp: tuple[NativeSCP, Spool, Index]) -> None:
+    server, spool, index = scp
+    ae = AE("SCANNER")
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="SEGNODE")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    sock = assoc.dul.socket.socket
+    rq = _c_store_rq(CTImageStorage, "1.2.3.4")
+    pdv = (len(rq) + 2).to_bytes(4, "big") + bytes([context_id, 0x03]) + rq
+    sock.sendall(b"\x04\x00" + len(pdv).to_bytes(4, "big") + pdv)
+    half = b"\x08\x00\x16\x00" * 100
+    pdv = (len(half) + 2).to_bytes(4, "big") + bytes([context_id, 0x00]) + half
+    sock.sendall(b"\x04\x00" + len(pdv).to_bytes(4, "big") + pdv)
+    assoc.abort()
+    assert echo(server.port) == 0x0000
+    assert stored_files(spool) == [] and index.instance_count() == 0
+
+
+def _c_store_rq(sop_class: str, sop_instance: str) -> bytes:
+    """A C-STORE-RQ command set (implicit VR little endian) announcing a dataset."""
+    def element(elem: int, value: bytes) -> bytes:
+        value = value + b"\x00" if len(value) % 2 else value
+        return struct.pack("<HHL", 0, elem, len(value)) + value
+
+    body = b"".join((element(0x0002, sop_class.encode()), element(0x0100, struct.pack("<H", 0x0001)),
+                     element(0x0110, struct.pack("<H", 1)), element(0x0700, struct.pack("<H", 0)),
+                     element(0x0800, struct.pack("<H", 0)), element(0x1000, sop_instance.encode())))
+    return element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def test_malformed_and_oversized_pdus_close_only_that_connection(scp: tuple[NativeSCP, Spool, Index]) -> None:
+    server, spool, _ = scp
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(bytes([0x01, 0x00]) + (0x7FFFFFF0).to_bytes(4, "big") + b"\x00" * 64)
+        assert sock.recv(10) in (b"", bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))  # abort, then closed
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(bytes([0x09, 0x00, 0, 0, 0, 2, 0, 0]))  # no such PDU type
+        assert sock.recv(10)[:1] in (b"", b"\x07")
+    assert echo(server.port) == 0x0000
+    assert stored_files(spool) == []
+
+
+def test_tls_config_keeps_the_pynetdicom_receiver(tmp_path: Path) -> None:
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    cfg = NodeConfig(port=0, state_dir=tmp_path / "state", tls={"cert": str(cert), "key": str(key)},
+                     limits={"min_free_disk_mb": 1, "receiver": "native"})
+    running = start_scp(cfg, Spool(cfg.spool_dir), Index(cfg.index_path))
+    try:
+        assert isinstance(running, RunningSCP)
+    finally:
+        running.stop()
+
+
+def test_native_receiver_processes_share_the_port_and_are_all_counted(tmp_path: Path) -> None:
+    from node.service import Service
+
+    config = NodeConfig(port=0, state_dir=tmp_path / "state",
+                        limits={"min_free_disk_mb": 1, "receiver_processes": 2, "receiver": "native"},
+                        allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"}],
+                        completion={"quiet_period_s": 3600})
+    service = Service(config)
+    events: list[str] = []
+    service.listeners.append(lambda kind, data: events.append(kind))
+    port = service.start()
+    accepted: list[int] = []
+    statuses: list[int] = []
+    assert isinstance(service.scp, NativeSCP) and service.receivers is not None
+    service.scp.server.bind(evt.EVT_ACCEPTED, lambda e: accepted.append(1))
+    service.scp.server.bind(evt.EVT_DIMSE_SENT, lambda e: statuses.append(int(e.message.command_set.Status)))
+    try:
+        files = sorted(THORAX.glob("*.dcm"))
+        chunks = [files[k::4] for k in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda chunk: store_statuses(storescu(port, chunk).stderr), chunks))
+        assert [len(r) for r in results] == [len(c) for c in chunks]
+        assert all(status == "Success" for r in results for status in r)
+        assert store_statuses(storescu(port, files[:1], calling="INTRUDER").stderr) == []
+        assert service.index.instance_count() == len(files)
+        stats = service.scp.handler.stats
+        assert (stats.stored, stats.associations_rejected) == (len(files), 1)
+        assert events.count("instance_stored") == len(files) and events.count("association_rejected") == 1
+        assert len(accepted) == 4 and statuses == [0] * len(files)
+    finally:
+        service.stop()
