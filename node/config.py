@@ -95,7 +95,7 @@ class Limits(Frozen):
     acse_timeout_s: float = Field(30.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
     receiver_processes: int = Field(1, ge=1, le=64)  # SCP processes sharing the port (node/receivers.py)
-    receiver: Literal["pynetdicom", "native"] = "pynetdicom"  # native: node/native_scp.py (plain TCP only)
+    receiver: Literal["pynetdicom", "native"] = "native"  # native: node/native_scp.py; TLS always uses pynetdicom
 
 
 class Completion(Frozen):
