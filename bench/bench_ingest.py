@@ -10,10 +10,10 @@ measures the time from the last image acknowledged to the SEG acknowledged
 by Orthanc, minus the quiet period.
 
     .venv/bin/python bench/bench_ingest.py [--images 300] [--size 512] [--runs 3] [--receivers 2] [--no-latency]
-                                           [--native]
+                                           [--pynetdicom]
 
-``--native`` adds a row for segnode with ``limits.receiver: native``
-(:mod:`node.native_scp`) beside the default pynetdicom receiver.
+The ``segnode`` rows use the default native receiver (:mod:`node.native_scp`);
+``--pynetdicom`` adds a row for ``limits.receiver: pynetdicom`` (the one TLS uses).
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-latency", action="store_true", help="skip the end-to-end latency run")
     parser.add_argument("--receivers", type=int, default=2,
                         help="also measure segnode with this many receiver processes (1: skip)")
-    parser.add_argument("--native", action="store_true",
-                        help="also measure segnode with the native receiver (limits.receiver: native)")
+    parser.add_argument("--pynetdicom", action="store_true",
+                        help="also measure segnode with the pynetdicom receiver (limits.receiver: pynetdicom)")
     parser.add_argument("--quiet", type=float, default=2.0, help="quiet period for the latency run (s)")
     args = parser.parse_args(argv)
     if not all(shutil.which(t) for t in ("storescu", "storescp", "Orthanc")):
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     yield peer.dicom_port
             return cm()
 
-        def segnode_peer(processes: int = 1, receiver: str = "pynetdicom"):  # type: ignore[no-untyped-def]
+        def segnode_peer(processes: int = 1, receiver: str = "native"):  # type: ignore[no-untyped-def]
             from contextlib import contextmanager
 
             @contextmanager
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                  "segnode": (segnode_peer, "SEGNODE")}
         if args.receivers > 1:
             peers[f"segnode-{args.receivers}p"] = (lambda: segnode_peer(args.receivers), "SEGNODE")
-        if args.native:
-            peers["segnode-native"] = (lambda: segnode_peer(receiver="native"), "SEGNODE")
+        if args.pynetdicom:
+            peers["segnode-pynetdicom"] = (lambda: segnode_peer(receiver="pynetdicom"), "SEGNODE")
         rounds = [measure_round(peers, work / "series", quarters, args.images) for _ in range(args.runs)]
         report(rounds, list(peers))
         if not args.no_latency:
