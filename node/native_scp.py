@@ -1,6 +1,6 @@
 """A native DICOM upper layer (PS3.8) for the storage hot path: C-ECHO and C-STORE over plain TCP.
 
-Opt-in with ``limits.receiver: native`` (:func:`node.scp.start_scp` picks it;
+The default receiver (``limits.receiver: native``; :func:`node.scp.start_scp` picks it;
 with TLS configured the pynetdicom receiver serves instead).  pynetdicom's
 DUL/DIMSE machinery (a DUL thread, an association thread, queues and a state
 machine per association) caps one association at ~300–430 images/s even when
