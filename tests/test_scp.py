@@ -18,7 +18,7 @@ from node.config import NodeConfig
 from node.scp import RunningSCP, start_scp
 from storage.index import Index, JobState
 from storage.spool import Spool
-from tests.peers import DCMTK_ENV, storescu, store_statuses
+from tests.peers import storescu, store_statuses
 
 DATA = Path(__file__).parent / "data"
 THORAX = DATA / "thorax_cta"
@@ -68,13 +68,29 @@ def test_storescu_series_lands_byte_exact_in_the_spool(scp: tuple[RunningSCP, Sp
     assert store_statuses(result.stdout + result.stderr) == ["Success"] * 164
     files = spooled(spool)
     assert len(files) == 164 and index.instance_count() == 164
-    original = dcmread(THORAX / "CT0007.dcm")
-    stored = dcmread(spool.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID,
-                                         original.SOPInstanceUID))
-    assert stored.PixelData == original.PixelData
-    assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    for source in sorted(THORAX.glob("*.dcm")):
+        original = dcmread(source)
+        stored_path = spool.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                          original.SOPInstanceUID)
+        stored = dcmread(stored_path)
+        assert stored.PixelData == original.PixelData
+        assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert stored.file_meta.SourceApplicationEntityTitle == "SCANNER"
+        # byte-exact: everything after the file meta is the dataset the sender read from its file
+        raw_source, raw_stored = source.read_bytes(), stored_path.read_bytes()
+        assert raw_stored.endswith(raw_source[_dataset_offset(source):])
+    row = index._db().execute("SELECT calling_ae, called_ae, sender_host FROM series").fetchone()
+    assert tuple(row) == ("SCANNER", "SEGNODE", "127.0.0.1")
     assert [j.state for j in index.jobs()] == [JobState.RECEIVED]
     assert list(spool.tmp.iterdir()) == []
+    assert server.handler.stats.stored == 164
+
+
+def _dataset_offset(path: Path) -> int:
+    with path.open("rb") as fp:
+        ds = dcmread(fp, stop_before_pixels=True)
+        meta_length = int(ds.file_meta.FileMetaInformationGroupLength)
+    return 128 + 4 + 12 + meta_length
 
 
 def test_duplicate_is_acknowledged_and_the_first_copy_kept(scp: tuple[RunningSCP, Spool, Index]) -> None:
