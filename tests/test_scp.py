@@ -105,7 +105,7 @@ def test_duplicate_is_acknowledged_and_the_first_copy_kept(scp: tuple[RunningSCP
     assert index.series(dcmread(first).SeriesInstanceUID).duplicate_count == 1
 
 
-def test_unknown_calling_ae_or_host_is_rejected_at_association(tmp_path: Path, receiver: str) -> None:
+def test_unknown_calling_ae_or_host_and_wrong_called_ae_are_rejected(tmp_path: Path, receiver: str) -> None:
     server, spool, _ = make_scp(tmp_path, receiver, allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"},
                                                           {"ae_title": "FAR", "host": "10.0.0.0/8"}])
     try:
@@ -115,6 +115,8 @@ def test_unknown_calling_ae_or_host_is_rejected_at_association(tmp_path: Path, r
         assert "Calling AE Title Not Recognized" in intruder.stderr
         wrong_host = storescu(server.port, [THORAX / "CT0001.dcm"], calling="FAR")
         assert "Association Rejected" in wrong_host.stderr
+        wrong_called = storescu(server.port, [THORAX / "CT0001.dcm"], called="SOMEONE")
+        assert "Called AE Title Not Recognized" in wrong_called.stderr
         assert spooled(spool) == []
         assert server.handler.stats.associations_rejected == 2
         assert echo(server.port, "SCANNER") == 0x0000
