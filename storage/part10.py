@@ -7,7 +7,7 @@ The prefix is what pynetdicom's ``encoded_dataset(include_meta=True)`` writes
   DCMTK's ``storescp`` writes it (:mod:`storage.recovery` reads the sender
   from there if the index row was lost);
 * a self-check in the file meta's Private Information (0002,0100)/(0002,0102):
-  the dataset's length and CRC-32.  It lets the spool rename a file into
+  the dataset's length and 64-bit XXH3 hash.  It lets the spool rename a file into
   place *before* its data are synced (the two syncs then overlap, see
   :meth:`storage.spool.Spool.write`): after a crash, a file under its final
   name whose check fails was never acknowledged, and is removed.
@@ -15,6 +15,11 @@ The prefix is what pynetdicom's ``encoded_dataset(include_meta=True)`` writes
 Encoded by hand: building a pydicom ``FileMetaDataset`` and encoding it took
 ~0.5 ms per instance, a large share of the C-STORE handler's time.  The file
 meta group is always explicit VR little endian (PS3.10 7.1).
+
+The check guards against a crash, not against a failing medium: it finds a
+file whose blocks were not all written.  XXH3 hashes 512 KiB in ~12 µs where
+zlib's CRC-32 took ~270 µs, a tenth of the node's time per received image;
+files written with the earlier CRC-32 check (``SNC1``) still verify.
 """
 
 from __future__ import annotations
@@ -23,14 +28,20 @@ import struct
 import zlib
 from pathlib import Path
 
+import xxhash
+
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 #: Private Information Creator UID of segnode's spool check (a UUID-derived UID, PS3.5 B.2).
 CHECK_CREATOR_UID = "2.25.45626568747275616171426808792795237683"
-_CHECK = struct.Struct("<4sQL")  # magic, dataset length, CRC-32 of the dataset
-_MAGIC = b"SNC1"
+_CHECK = struct.Struct("<4sQQ")  # magic, dataset length, XXH3-64 of the dataset
+_MAGIC = b"SNX3"
+_CRC_CHECK = struct.Struct("<4sQL")  # earlier files: magic SNC1, dataset length, CRC-32
+_CRC_MAGIC = b"SNC1"
+#: length of every check :func:`dataset_check` returns (the prefix's length is known before the data)
+CHECK_SIZE = _CHECK.size
 _SHORT = struct.Struct("<HH2sH")
 _LONG = struct.Struct("<HH2s2xL")
 
@@ -49,8 +60,8 @@ def _long(elem: int, vr: bytes, value: bytes) -> bytes:
 
 
 def dataset_check(dataset: memoryview | bytes) -> bytes:
-    """The Private Information value for ``dataset``: magic, length and CRC-32."""
-    return _CHECK.pack(_MAGIC, len(dataset), zlib.crc32(dataset))
+    """The Private Information value for ``dataset``: magic, length and XXH3-64."""
+    return _CHECK.pack(_MAGIC, len(dataset), xxhash.xxh3_64_intdigest(dataset))
 
 
 def file_prefix(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str,
@@ -89,4 +100,6 @@ def verify(path: Path) -> bool | None:
             return None
         dataset = fp.read()
     value = bytes(meta.get("PrivateInformation", b""))
-    return len(value) == _CHECK.size and value == dataset_check(dataset)
+    if value[:4] == _CRC_MAGIC:
+        return value == _CRC_CHECK.pack(_CRC_MAGIC, len(dataset), zlib.crc32(dataset))
+    return value == dataset_check(dataset)

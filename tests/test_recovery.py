@@ -55,8 +55,24 @@ def test_a_file_whose_uids_differ_from_its_path_is_left_alone(tmp_path: Path) ->
     assert wrong.exists() and index.instance_count() == 0
 
 
-def test_concurrent_writers_into_one_series_all_land_complete(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool")
+@pytest.fixture(params=["unnamed", "named"])
+def spool_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Unnamed temporary files (O_TMPFILE, the default where the file system has them), or named ones."""
+    if request.param == "named":
+        monkeypatch.setattr("storage.spool._O_TMPFILE", 0)
+    return str(request.param)
+
+
+def _spool(root: Path, kind: str) -> Spool:
+    spool = Spool(root)
+    if kind == "unnamed" and not spool._unnamed:
+        pytest.skip("this file system makes no unnamed files")
+    assert spool._unnamed == (kind == "unnamed")
+    return spool
+
+
+def test_concurrent_writers_into_one_series_all_land_complete(tmp_path: Path, spool_kind: str) -> None:
+    spool = _spool(tmp_path / "spool", spool_kind)
     errors: list[BaseException] = []
 
     def writer(k: int) -> None:
@@ -78,6 +94,31 @@ def test_concurrent_writers_into_one_series_all_land_complete(tmp_path: Path) ->
     assert all(f.read_bytes() == bytes([int(f.stem.split(".")[-2])]) * 1000 + bytes([int(f.stem.split(".")[-1])]) * 24
                for f in files)
     assert spool._dir_sync._dirs == {}  # nobody left waiting on a directory sync
+
+
+def test_writing_an_instance_again_replaces_it_whole(tmp_path: Path, spool_kind: str) -> None:
+    spool = _spool(tmp_path / "spool", spool_kind)
+    first = spool.write("1.2", "1.2.3", "1.2.3.4", (b"a" * 5000,), self_checking=True)
+    again = spool.write("1.2", "1.2.3", "1.2.3.4", (b"b" * 3000,), self_checking=True)
+    assert first == again and again.read_bytes() == b"b" * 3000
+    assert list(spool.root.rglob("*.dcm")) == [again] and list(spool.tmp.iterdir()) == []
+    spool.close()
+    assert not spool._ready  # the files opened ahead are closed
+
+
+def test_a_file_with_the_earlier_crc32_check_still_verifies(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from storage.part10 import CHECK_CREATOR_UID, file_prefix, verify
+
+    dataset = (THORAX / "CT0001.dcm").read_bytes()[-200_000:]  # any bytes: verify() reads no element
+    old = struct.pack("<4sQL", b"SNC1", len(dataset), zlib.crc32(dataset))
+    path = tmp_path / "old.dcm"
+    path.write_bytes(file_prefix("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1", "CT", old) + dataset)
+    assert CHECK_CREATOR_UID.encode() in path.read_bytes()[:400] and verify(path) is True
+    path.write_bytes(path.read_bytes()[:-4096] + bytes(4096))
+    assert verify(path) is False
 
 
 def _self_checked(spool: Spool, source: Path) -> tuple[Path, bytes]:
