@@ -16,6 +16,9 @@ What is recorded (``event``):
 ``delivery.attempt``     each C-STORE of a result: destination name, AE, host
                          and port, the SEG's SOP Instance UID, ok, message.
 ``association.rejected`` a calling AE or host refused at association.
+``instance.refused``     an instance the SCP did not store: sender, the SOP
+                         Instance UID of the request, the DIMSE status and its
+                         comment (undecodable, invalid UID, too large, disk).
 ``api.retry``            a retry asked through the HTTP API, with the client.
 ``audit.opened``         the writer started (and the cursor it resumes at).
 ``audit.rotated``        first line of a new file after rotation.
@@ -66,6 +69,7 @@ FIELDS = frozenset({
     "rule", "profile", "backend", "destinations", "backend_used", "model_version",
     "seg_series_uid", "seg_sop_uid", "deliveries", "destination", "destination_ae", "destination_host",
     "destination_port", "ok", "message", "attempts", "client", "previous", "path", "resumes_after",
+    "sop_uid", "status",
 })
 
 #: keys allowed inside the ``deliveries`` list of a record.

@@ -164,6 +164,10 @@ class Ops:
         if kind == "association_rejected":
             self.write_audit("association.rejected", calling_ae=data.get("calling_ae"), host=data.get("host"),
                              reason="not an allowed sender")
+        elif kind == "instance_refused":
+            self.write_audit("instance.refused", calling_ae=data.get("calling_ae"), host=data.get("host"),
+                             sop_uid=data.get("sop_uid"), status=f"0x{int(data.get('status', 0)):04X}",
+                             reason=data.get("reason"))
         elif kind == "delivery":
             self._audit_delivery(data)
         if kind in ("job_state", "delivery"):

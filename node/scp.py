@@ -196,40 +196,42 @@ class StoreHandler:
         return code if comment is None else _status(code, comment)
 
     def store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
-        """Store one instance; always return a status (this is the network boundary)."""
+        """Store one instance; always return a status (this is the network boundary).
+
+        A refusal is counted and notified (``instance_refused``: the sender,
+        the SOP Instance UID of the request, the status and its comment).
+        """
         try:
-            return self._store(request, dataset)
+            code, comment = self._store(request, dataset)
         except StorageError as exc:
             logger.error("store failed: %s", exc)
-            self.stats.add(refused=1)
-            return OUT_OF_RESOURCES, "write failed"
+            code, comment = OUT_OF_RESOURCES, "write failed"
         except Exception as exc:  # boundary: the peer gets a status, the log gets the traceback
             logger.exception("unexpected error storing an instance")
+            code, comment = CANNOT_DECODE, f"cannot process: {type(exc).__name__}"[:64]
+        if code != SUCCESS:
             self.stats.add(refused=1)
-            return CANNOT_DECODE, f"cannot process: {type(exc).__name__}"[:64]
+            self._notify("instance_refused", calling_ae=request.calling_ae, host=request.host,
+                         sop_uid=request.sop_instance_uid[:64], status=code, reason=comment)
+        return code, comment
 
     def _store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
         if dataset.nbytes > self.config.limits.max_instance_bytes:
-            self.stats.add(refused=1)
             return OUT_OF_RESOURCES, "instance larger than the node accepts"
         if self.spool.free_bytes() - dataset.nbytes < self.min_free:
             logger.warning("refusing instance: free disk below the %d MB minimum",
                            self.config.limits.min_free_disk_mb)
-            self.stats.add(refused=1)
             return OUT_OF_RESOURCES, "free disk below the node's minimum"
         uids = _header(request, dataset)
         if uids is None:
-            self.stats.add(refused=1)
             return CANNOT_DECODE, "dataset cannot be decoded"
         try:
             for tag in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
                 check_uid(uids.get(tag), tag)
         except InputError as exc:
             logger.warning("refusing instance: %s", exc)
-            self.stats.add(refused=1)
             return BAD_UID, (exc.message.split(" is ")[0] + " invalid")[:64]
         if uids["SOPInstanceUID"] != request.sop_instance_uid:
-            self.stats.add(refused=1)
             return UID_MISMATCH, "SOPInstanceUID differs from the request"
         return self._persist(request, dataset, uids)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from pydicom import dcmread
 
 from node.config import AllowedSender, NodeConfig
 from node.metrics import store_rejection_reason
-from node.ops import Ops
+from node.ops import Ops, audit_path
 from node.scp import start_scp
 from routing import RulesHolder
 from storage.index import Index, JobState
@@ -92,6 +93,13 @@ def test_counts_match_what_storescu_sent(scp_node, tmp_path):
     assert value(parsed, "segnode_jobs", state="received") == 1
     assert value(parsed, "segnode_jobs", state="done") == 0
     assert value(parsed, "segnode_free_disk_bytes") > 1024 * 1024
+
+    records = [json.loads(line) for line in audit_path(service.config).read_text().splitlines()]
+    refusals = [r for r in records if r["event"] == "instance.refused"]
+    assert [(r["calling_ae"], r["host"], r["sop_uid"], r["status"]) for r in refusals] == [
+        ("SCANNER", "127.0.0.1", no_study.SOPInstanceUID, "0xC211")]
+    assert "StudyInstanceUID" in refusals[0]["reason"]
+    assert str(no_study.PatientName) not in json.dumps(refusals) and no_study.PatientID not in json.dumps(refusals)
 
 
 def test_stage_histograms_jobs_and_dispatch_match_the_scripted_history(tmp_path):
