@@ -19,6 +19,7 @@ The ``segnode`` rows use the default native receiver (:mod:`node.native_scp`);
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -117,6 +118,7 @@ def measure_round(peers: dict, whole: Path, quarters: list[Path], images: int) -
     for name, (start_peer, called) in peers.items():
         for label, folders in zip(LABELS, ([whole], quarters)):
             with start_peer() as port:
+                os.sync()  # no receiver pays for the writeback of the previous one's unsynced files
                 out[name, label] = images / send(port, called, folders)
     print("  run: " + ", ".join(f"{n} {lab} {v:.0f}" for (n, lab), v in out.items()), flush=True)
     return out

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +154,33 @@ class OrthancPeer:
 
 @contextmanager
 def orthanc(work: Path, *, ae_title: str = "ORTHANC", node_port: int | None = None) -> Iterator[OrthancPeer]:
-    """Orthanc with a generated config on free ports, storage under ``work``."""
+    """Orthanc with a generated config on free ports, storage under ``work``.
+
+    A free port can be taken by another process before Orthanc binds it;
+    Orthanc then exits at start, and is started again on other ports (3 tries).
+    """
     work.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):
+        peer, log = _start_orthanc(work, ae_title, node_port)
+        try:
+            try:
+                wait_until(lambda: _orthanc_ready(peer), 30, "Orthanc")
+            except _OrthancExited:
+                if attempt == 2:
+                    raise RuntimeError(f"Orthanc exited at start 3 times; see {work / 'orthanc.log'}") from None
+                continue
+            yield peer
+            return
+        finally:
+            stop_process(peer.proc)
+            log.close()
+
+
+class _OrthancExited(Exception):
+    pass
+
+
+def _start_orthanc(work: Path, ae_title: str, node_port: int | None) -> tuple[OrthancPeer, BinaryIO]:
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "segnode-test", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
@@ -165,24 +191,18 @@ def orthanc(work: Path, *, ae_title: str = "ORTHANC", node_port: int | None = No
     }
     cfg = work / "orthanc.json"
     cfg.write_text(json.dumps(config))
-    log = open(work / "orthanc.log", "wb")
+    log = open(work / "orthanc.log", "ab")
     proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
-    peer = OrthancPeer(dicom_port, http_port, ae_title, proc)
+    return OrthancPeer(dicom_port, http_port, ae_title, proc), log
 
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited at start; see {work / 'orthanc.log'}")
-        try:
-            return bool(peer.get("/system")) and port_open(dicom_port)
-        except OSError:
-            return False
 
+def _orthanc_ready(peer: OrthancPeer) -> bool:
+    if peer.proc.poll() is not None:
+        raise _OrthancExited
     try:
-        wait_until(ready, 30, "Orthanc")
-        yield peer
-    finally:
-        stop_process(proc)
-        log.close()
+        return bool(peer.get("/system")) and port_open(peer.dicom_port)
+    except OSError:
+        return False
 
 
 # -- the node ----------------------------------------------------------------------------
