@@ -267,7 +267,7 @@ class Spool:
             dir_sync.result()  # raises the directory sync's OSError, if any
 
     def _ensure_dir(self, folder: Path) -> None:
-        """Create a series folder once, durably (the lock: no rename into a folder not yet synced)."""
+        """Create a series folder once, durably (the lock: no link into a folder not yet synced)."""
         with self._mkdir_lock:
             if folder in self._durable_dirs:
                 return
