@@ -48,7 +48,7 @@ from models.device import MemoryModel, resolve_device, run_within_budget
 from models.io_nifti import labels_from_nifti, volume_to_nifti
 from models.volume import LabelMap, Volume
 from models.weights import (ModelRecord, combined_hash, find_model, verify_or_raise, weights_root)
-from node.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
+from node.errors import BackendError, ConfigError, DependencyMissingError, WeightsError, WeightsNotInstalledError
 from profiles.schema import Backend, Profile, TotalSegmentatorOptions
 
 logger = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ def check_folders(root: Path, needed: list[RequiredFolder], options: TotalSegmen
                 f"{options.task!r} {options.resolution}" + (" with roi_subset" if options.roi_subset else "") + ")")
         try:
             record = find_model(root, Backend.TOTALSEGMENTATOR, Path(req.folder).name)
-        except WeightsError:
-            raise WeightsError(f"{what} are not installed in {base}; segnode never downloads: import them with "
+        except WeightsNotInstalledError:
+            raise WeightsNotInstalledError(f"{what} are not installed in {base}; segnode never downloads: import them with "
                                f"'segnode models import {Path(req.folder).name}.zip'") from None
         for fold in req.folds:
             if not (record.path / req.run / f"fold_{fold}" / "checkpoint_final.pth").is_file():

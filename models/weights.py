@@ -37,7 +37,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from node.errors import ConfigError, InputError, WeightsError
+from node.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
 from profiles.schema import Backend
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -192,7 +192,7 @@ def find_model(root: Path, backend: Backend, name: str) -> ModelRecord:
         folder = model_path(root, kind, backend, name)
         if folder.is_dir():
             return read_manifest(folder)
-    raise WeightsError(
+    raise WeightsNotInstalledError(
         f"{backend.value} weights {name!r} are not installed in {root}; "
         f"import them with: segnode models import PATH --backend {backend.value}"
         + ("" if backend is Backend.TOTALSEGMENTATOR else f" --name {name}"),

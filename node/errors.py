@@ -54,6 +54,10 @@ class WeightsError(BackendError):
     """Model weights are missing, unreadable or fail their hash check."""
 
 
+class WeightsNotInstalledError(WeightsError):
+    """No weights of this model were imported (a setting of the site, not a fault)."""
+
+
 class EncodeError(SegnodeError):
     """A result could not be encoded as DICOM SEG or NIfTI."""
 

@@ -19,7 +19,7 @@ import numpy as np
 from models.base import LoadedModel, RunSettings
 from models.registry import get_backend
 from models.volume import LabelMap, Volume
-from node.errors import BackendError, EncodeError
+from node.errors import BackendError, EncodeError, WeightsNotInstalledError
 from node.seg_writer import OutputFormat, SegType, write_nifti, write_seg
 from node.series import load_series
 from profiles import Backend, Profile, load_profile
@@ -69,6 +69,24 @@ def backend_chain(profile: Profile, override: str | None, use_fallback: bool = T
     return chain
 
 
+_not_installed_told: set[Backend] = set()
+
+
+def _fallback_level(backend: Backend, exc: BackendError) -> int:
+    """WARNING, except for weights a site never imported: WARNING once per process, then INFO.
+
+    A profile may list a backend first whose weights this site does not have
+    (its fallback then serves every job); saying so on every job would bury
+    the warnings that matter (a failed inference, a corrupted file).
+    """
+    if not isinstance(exc, WeightsNotInstalledError):
+        return logging.WARNING
+    if backend in _not_installed_told:
+        return logging.INFO
+    _not_installed_told.add(backend)
+    return logging.WARNING
+
+
 def segment_with_fallback(
     volume: Volume, profile: Profile, chain: list[Backend], settings: RunSettings,
     models: ModelSource | None = None,
@@ -80,7 +98,7 @@ def segment_with_fallback(
             model = models.get(backend.value, profile, settings) if models else get_backend(backend).load(profile, settings)
             labels = model.segment(volume)
         except BackendError as exc:  # weights missing, library missing, inference failed
-            logger.warning("backend %s failed for %s: %s", backend.value, profile.organ, exc)
+            logger.log(_fallback_level(backend, exc), "backend %s failed for %s: %s", backend.value, profile.organ, exc)
             attempts.append({"backend": backend.value, "error": str(exc)})
             continue
         attempts.append({"backend": backend.value, "error": ""})

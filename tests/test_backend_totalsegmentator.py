@@ -4,6 +4,7 @@ placed under its task folder names (fast 297, fastest 298)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -136,15 +137,21 @@ def test_every_builtin_profile_maps_to_totalsegmentator_classes() -> None:
         assert set(class_ids(profile)) == set(profile.label_values())
 
 
-def test_brain_falls_back_to_hu_based_without_weights(tmp_path: Path) -> None:
+def test_brain_falls_back_to_hu_based_without_weights(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.phantoms import head_phantom
 
+    monkeypatch.setattr("node.pipeline._not_installed_told", set())
     profile = load_profile("brain")
     chain = backend_chain(profile, None)
     assert chain == [Backend.TOTALSEGMENTATOR, Backend.HU_BASED]
     phantom = head_phantom()
-    labels, attempts = segment_with_fallback(phantom.volume, profile, chain, _settings(tmp_path / "empty"))
+    caplog.set_level(logging.INFO, logger="node.pipeline")
+    for _ in range(2):  # two jobs: weights never imported are a warning once per process, then information
+        labels, attempts = segment_with_fallback(phantom.volume, profile, chain, _settings(tmp_path / "empty"))
     assert labels.backend == "hu_based"
     assert attempts[0]["backend"] == "totalsegmentator" and "not installed" in attempts[0]["error"]
     assert "segnode models import Dataset297_TotalSegmentator_total_3mm_1559subj.zip" in attempts[0]["error"]
     assert attempts[1] == {"backend": "hu_based", "error": ""}
+    assert [r.levelno for r in caplog.records if "backend totalsegmentator failed" in r.message] == [
+        logging.WARNING, logging.INFO]
