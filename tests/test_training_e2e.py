@@ -20,6 +20,7 @@ from models.io_nifti import ras_affine, volume_to_nifti
 from models.segmentation_io import Grid, read_segmentation
 from models.weights import Kind, find_model, import_weights, sha256_file, verify
 from node.cli import main
+from node.errors import WeightsNotInstalledError
 from node.series import load_series
 from profiles.schema import Backend
 from tests.dicomtools import dciodvfy
@@ -140,3 +141,51 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
                  "--no-pictures"]) == 0
     assert "Abdomen.v1 on Abdomen@1 (test split" in capsys.readouterr().out
     assert (tmp_path / "eval" / "metrics.csv").read_text() == (tmp_path / "cmp" / "B" / "metrics.csv").read_text()
+
+
+def test_a_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path, monkeypatch, capsys):
+    """``kill -9`` of ``segnode train`` (and its nnU-Net process) after the first epoch; the same
+    command then continues at epoch 2 from the atomic per-epoch checkpoint, not from the start."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.peers import SEGNODE
+
+    weights = tmp_path / "weights"
+    import_weights(_tiny_base(tmp_path, monkeypatch), weights, backend=Backend.TOTALSEGMENTATOR)
+    msd, _ = _dataset(tmp_path)
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(SECRET)
+    store = ["dataset", "--store", str(tmp_path / "store"), "--secret-file", str(secret)]
+    assert main([*store, "add", str(msd), "--dataset", "Phantoms"]) == 0
+    assert main([*store, "freeze", "Phantoms"]) == 0
+    train = ["train", "--dataset", "Phantoms@1", "--store", str(tmp_path / "store"), "--base", "totalsegmentator",
+             "--epochs", "3", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--no-eval",
+             "--weights-dir", str(weights), "--augmentation-workers", "0", "--processes", "1", "--threads", "2"]
+    proc = subprocess.Popen([*SEGNODE, *train], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stderr:  # type: ignore[union-attr]
+            seen.append(line)
+            if "epoch 1/3" in line:
+                os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the nnU-Net process under it
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert any("epoch 1/3" in line for line in seen), "".join(seen[-20:])
+    assert proc.returncode == -signal.SIGKILL
+    with pytest.raises(WeightsNotInstalledError):
+        find_model(weights, Backend.NNUNET, "Phantoms.v1")  # nothing registered by the killed run
+
+    capsys.readouterr()
+    assert main(train) == 0
+    err = capsys.readouterr().err
+    assert "resuming from checkpoint_latest.pth at epoch 2/3" in err
+    assert "epoch 1/3" not in err and "epoch 2/3" in err and "epoch 3/3" in err
+    record = find_model(weights, Backend.NNUNET, "Phantoms.v1")
+    card = json.loads((record.path / "model_card.json").read_text())
+    assert card["training"]["epochs_done"] == 3 and verify(record) == []
