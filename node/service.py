@@ -54,12 +54,27 @@ def _rules_holder(config: NodeConfig) -> Any:
                        destinations=tuple(d.name for d in config.destinations))
 
 
+def _private_state_dir(folder: Path) -> None:
+    """Create the state folder for its owner only; warn if an existing one lets others in.
+
+    It holds the spool, that is patient data as received.
+    """
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        folder.chmod(0o700)  # mkdir's mode is filtered by the umask
+        return
+    mode = folder.stat().st_mode & 0o777
+    if mode & 0o077:
+        logger.warning("state folder %s (spool with patient data) is open to other users (mode %03o); "
+                       "chmod 700 it", folder, mode)
+
+
 class Service:
     """Everything ``segnode serve`` runs, in one object (also used by tests in-process)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        _private_state_dir(config.state_dir)
         self.spool = Spool(config.spool_dir)
         self.index = Index(config.index_path)
         self.rules = _rules_holder(config)

@@ -166,3 +166,20 @@ def test_a_failed_data_sync_after_the_rename_leaves_nothing(tmp_path: Path, monk
     with pytest.raises(StorageError, match="Input/output error"):
         spool.write("1.2", "1.2.3", "1.2.3.4", (b"x" * 1000,), self_checking=True)
     assert list(spool.root.rglob("*.dcm")) == [] and list(spool.tmp.iterdir()) == []
+
+
+def test_the_state_folder_is_created_for_its_owner_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import stat
+
+    from node.service import Service
+
+    fresh = NodeConfig(port=0, state_dir=tmp_path / "new" / "state")
+    Service(fresh).index.close()
+    assert stat.S_IMODE(fresh.state_dir.stat().st_mode) == 0o700
+    assert not caplog.records
+
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o755)
+    opened.chmod(0o755)
+    Service(NodeConfig(port=0, state_dir=opened)).index.close()
+    assert any("open to other users (mode 755)" in r.message and r.levelname == "WARNING" for r in caplog.records)
