@@ -132,9 +132,11 @@ def report(rounds: list[dict[tuple[str, str], float]], names: list[str]) -> dict
         print(f"  {name:<10} " + " ".join(f"{med[name, lab]:8.0f}" for lab in LABELS))
     for name in (n for n in names if n.startswith("segnode")):
         for label in LABELS:  # ratios per run, then their median (the load varies between runs)
-            to_ref = statistics.median(r[name, label] / r["storescp", label] for r in rounds)
-            to_orth = statistics.median(r[name, label] / r["Orthanc", label] for r in rounds)
-            print(f"  ratio {label}: {name}/storescp {to_ref:.2f}, {name}/Orthanc {to_orth:.2f}")
+            to_ref = [r[name, label] / r["storescp", label] for r in rounds]
+            to_orth = [r[name, label] / r["Orthanc", label] for r in rounds]
+            print(f"  ratio {label}: {name}/storescp {statistics.median(to_ref):.2f} "
+                  f"(runs {min(to_ref):.2f}-{max(to_ref):.2f}), {name}/Orthanc {statistics.median(to_orth):.2f} "
+                  f"(runs {min(to_orth):.2f}-{max(to_orth):.2f})")
     return med
 
 
