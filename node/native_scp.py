@@ -14,7 +14,9 @@ and answers them in line:
   there → A-ASSOCIATE-AC or -RJ;
 * P-DATA-TF → command fragments are collected (they are small); dataset
   fragments are received with ``recv_into`` straight into one buffer per
-  connection (no reassembly copy), and the complete dataset goes to
+  connection (no reassembly copy; past :data:`SPILL_BYTES` the buffer is a
+  mapping of an unnamed file in the spool's ``tmp/``, so a large multi-frame
+  instance does not hold its size in RAM), and the complete dataset goes to
   :meth:`node.scp.StoreHandler.store`, the one persistence path both
   receivers share (UID checks, size and free-disk limits, self-checked Part 10
   file, overlapped syncs, index row, duplicate policy, events);
@@ -32,8 +34,11 @@ responses), called with the attributes those handlers read.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +71,74 @@ _PDV = struct.Struct(">LBB")
 _ITEM = struct.Struct(">BxH")
 _ELEMENT = struct.Struct("<HHL")
 _LISTEN_POLL_S = 0.2
+#: datasets up to this size are received in memory; larger ones into a file mapping
+SPILL_BYTES = 64 << 20
+
+
+class DatasetBuffer:
+    """Where one connection's dataset fragments land, grown as a dataset needs.
+
+    In memory up to :data:`SPILL_BYTES`; beyond that in a shared mapping of
+    an unnamed file in ``spill_dir`` (allocated up front, so a full disk is an
+    error here, not a SIGBUS later), whose pages the kernel may write out and
+    reclaim.  :meth:`release` drops the mapping after a large dataset.
+    """
+
+    def __init__(self, spill_dir: os.PathLike[str] | str) -> None:
+        self.spill_dir = spill_dir
+        self.memory = bytearray(1 << 20)
+        self.mapping: mmap.mmap | None = None
+        self._file: Any = None
+
+    @property
+    def spilled(self) -> bool:
+        return self.mapping is not None
+
+    def view(self) -> memoryview:
+        return memoryview(self.mapping if self.mapping is not None else self.memory)
+
+    def reserve(self, end: int, filled: int) -> None:
+        """Room for ``end`` bytes, keeping the first ``filled``."""
+        current = self.mapping if self.mapping is not None else self.memory
+        if end <= len(current):
+            return
+        size = max(end, 2 * len(current))
+        if size > SPILL_BYTES:
+            try:
+                self._spill(size, filled)
+                return
+            except OSError as exc:  # e.g. no room on the spool's disk: receive in memory, as before
+                logger.warning("cannot buffer a %d-byte dataset on disk (%s); receiving it in memory", size, exc)
+        grown = bytearray(size)
+        grown[:filled] = current[:filled]
+        self.release()
+        self.memory = grown
+
+    def _spill(self, size: int, filled: int) -> None:
+        if self.mapping is not None:
+            os.posix_fallocate(self._file.fileno(), 0, size)
+            self.mapping.resize(size)
+            return
+        spill = tempfile.TemporaryFile(dir=self.spill_dir)  # unnamed: gone with the process
+        try:
+            os.posix_fallocate(spill.fileno(), 0, size)
+            mapping = mmap.mmap(spill.fileno(), size)
+        except OSError:
+            spill.close()
+            raise
+        mapping[:filled] = memoryview(self.memory)[:filled]
+        self.mapping, self._file = mapping, spill
+        self.memory = bytearray(1 << 20)
+
+    def release(self) -> None:
+        """Drop the file mapping, if any (the next dataset starts in memory)."""
+        if self.mapping is not None:
+            try:
+                self.mapping.close()
+            except BufferError:  # a view outlives us (an exception's traceback): collected with it
+                pass
+            self._file.close()
+            self.mapping = self._file = None
 
 
 class ProtocolError(Exception):
@@ -236,7 +309,7 @@ class _Connection:
         self.server, self.sock, self.host = server, sock, host
         self.limits = server.config.limits
         self.header = bytearray(6)
-        self.data = bytearray(1 << 20)  # dataset buffer, reused (grown by replacement, never resized)
+        self.data = DatasetBuffer(server.handler.spool.tmp)  # reused by the connection's datasets
         self.filled = 0
         self.command = bytearray()
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted: context ID -> (abstract, transfer syntax)
@@ -289,6 +362,8 @@ class _Connection:
                 self._abort()
         except OSError as exc:
             logger.info("association from %s ended: %s", self.host, exc)
+        finally:
+            self.data.release()
 
     def _abort(self) -> None:
         try:
@@ -376,11 +451,9 @@ class _Connection:
         end = self.filled + size
         if end > self.limits.max_instance_bytes:
             raise ProtocolError(f"dataset larger than {self.limits.max_instance_bytes} bytes")
-        if end > len(self.data):
-            grown = bytearray(max(end, 2 * len(self.data)))
-            grown[:self.filled] = memoryview(self.data)[:self.filled]
-            self.data = grown
-        self._recv_into(memoryview(self.data)[self.filled:end])
+        self.data.reserve(end, self.filled)
+        with self.data.view() as buffer:
+            self._recv_into(buffer[self.filled:end])
         self.filled = end
         if last:
             command, self.pending = self.pending, None
@@ -405,9 +478,10 @@ class _Connection:
         sop_instance = command.get(0x1000, b"")
         request = StoreRequest(_uid(sop_class) or abstract, _uid(sop_instance), transfer_syntax,
                                self.calling_ae, self.server.config.ae_title, self.host)
-        with memoryview(self.data)[:self.filled] as dataset:
+        with self.data.view() as buffer, buffer[:self.filled] as dataset:
             status, comment = self.server.handler.store(request, dataset)
         self.filled = 0
+        self.data.release()
         rsp = encode_response(0x8001, _us(command.get(0x0110)) or 0, sop_class, status, comment, sop_instance)
         self._send(p_data(context_id, rsp))
         self.server.fire_store_rsp(status, comment)

@@ -205,3 +205,61 @@ def test_native_receiver_processes_share_the_port_and_are_all_counted(tmp_path: 
         assert len(accepted) == 4 and statuses == [0] * len(files)
     finally:
         service.stop()
+
+
+def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from node import native_scp
+    from node.native_scp import DatasetBuffer
+
+    monkeypatch.setattr(native_scp, "SPILL_BYTES", 3 << 20)
+    buffer = DatasetBuffer(tmp_path)
+    content = os.urandom(10 << 20)
+    filled = 0
+    for step in (1 << 20, 2 << 20, 4 << 20, 10 << 20):  # in memory, then a mapping, then a larger one
+        buffer.reserve(step, filled)
+        with buffer.view() as view:
+            view[filled:step] = content[filled:step]
+        filled = step
+        assert buffer.spilled == (step > 2 << 20)
+        with buffer.view() as view:
+            assert view[:filled] == content[:filled]
+    assert list(tmp_path.iterdir()) == []  # the file behind the mapping has no name
+    buffer.release()
+    assert not buffer.spilled and len(buffer.view()) == 1 << 20
+
+
+def test_a_large_instance_received_through_the_spill_path_is_stored_whole(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from node import native_scp
+
+    monkeypatch.setattr(native_scp, "SPILL_BYTES", 1 << 20)
+    spilled: list[int] = []
+    reserve = native_scp.DatasetBuffer.reserve
+
+    def watched(self: native_scp.DatasetBuffer, end: int, filled: int) -> None:
+        reserve(self, end, filled)
+        if self.spilled:
+            spilled.append(end)
+
+    monkeypatch.setattr(native_scp.DatasetBuffer, "reserve", watched)
+    big = dcmread(THORAX / "CT0001.dcm")
+    big.Rows = big.Columns = 1536  # 4.5 MB of pixels
+    big.PixelData = np.random.default_rng(1).integers(0, 4000, (1536, 1536), dtype=np.uint16).tobytes()
+    big.save_as(tmp_path / "big.dcm")
+    server, spool, _ = make_scp(tmp_path)
+    try:
+        sent = storescu(server.port, [tmp_path / "big.dcm", THORAX / "CT0002.dcm"], calling="SCANNER")
+        assert store_statuses(sent.stdout + sent.stderr) == ["Success", "Success"], sent.stderr
+    finally:
+        server.stop()
+    assert spilled  # the 4.5 MB dataset went through the file mapping
+    stored = {dcmread(p).SOPInstanceUID: p for p in spooled(spool)}
+    assert dcmread(stored[big.SOPInstanceUID]).PixelData == big.PixelData
+    assert dcmread(stored[dcmread(THORAX / "CT0002.dcm").SOPInstanceUID]).PixelData == dcmread(
+        THORAX / "CT0002.dcm").PixelData
+    assert list(spool.tmp.iterdir()) == []
