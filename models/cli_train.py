@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train or fine-tune nnU-Net on a frozen dataset version and register the model",
         description="Export NAME@VERSION in nnU-Net's layout (patient-level split), plan, preprocess and train "
         "(progress per epoch; run the same command again to resume after an interruption), evaluate on the "
-        "test split and register the model under <weights>/finetuned/nnunet/NAME.vVERSION with a model card.",
+        "test split and register the model under <weights>/finetuned/NAME/VERSION with a model card.",
     )
     parser.add_argument("--dataset", required=True, metavar="NAME@VERSION", help="frozen dataset version")
     parser.add_argument("--store", type=Path, default=None,
@@ -38,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="nnU-Net data-augmentation workers (nnUNet_n_proc_DA; 0: in-process)")
     parser.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset number (default 501)")
     parser.add_argument("--test-fraction", type=float, default=0.2, help="patients held out for testing")
-    parser.add_argument("--name", help="registered model name (default NAME.vVERSION)")
+    parser.add_argument("--name", help="registered model: NAME or NAME/VERSION (default: the dataset's name "
+                        "and version, e.g. Liver/3)")
     parser.add_argument("--workdir", type=Path, help="work folder (default <weights>/.training/<model name>)")
     parser.add_argument("--weights-dir", type=Path, default=None, help="model weights directory")
     parser.add_argument("--fresh", action="store_true", help="discard an earlier run in the work folder")

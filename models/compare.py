@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import ConfigError, WeightsError
+from node.errors import ConfigError, WeightsError, WeightsNotInstalledError
 from profiles.schema import Backend
 
 logger = logging.getLogger(__name__)
@@ -62,17 +62,22 @@ class OrganVerdict:
 
 
 def resolve_model(spec: str, root: Path) -> ModelUnderTest:
-    """A model name from ``segnode models list`` (fine-tuned first) or a model folder path."""
-    from models.weights import list_models, verify_or_raise
+    """A model name from ``segnode models list`` (fine-tuned first; ``NAME``: its latest version) or a
+    model folder path."""
+    from models.weights import find_model, verify_or_raise
 
     path = Path(spec)
     if path.is_dir() and (path / "plans.json").exists():
         return ModelUnderTest(spec, path, "", _card(path))
-    matches = [r for r in list_models(root) if r.name == spec and r.backend in (Backend.NNUNET, Backend.TOTALSEGMENTATOR)]
-    if not matches:
-        raise WeightsError(f"no nnU-Net or TotalSegmentator model named {spec!r} (segnode models list)",
-                           where=str(root))
-    record = sorted(matches, key=lambda r: r.kind.value != "finetuned")[0]
+    for backend in (Backend.NNUNET, Backend.TOTALSEGMENTATOR):
+        try:
+            record = find_model(root, backend, spec)
+            break
+        except WeightsNotInstalledError:
+            continue
+    else:
+        raise WeightsNotInstalledError(f"no nnU-Net or TotalSegmentator model named {spec!r} (segnode models list)",
+                                       where=str(root))
     verify_or_raise(record)
     folder = record.path
     if record.backend is Backend.TOTALSEGMENTATOR:

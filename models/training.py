@@ -8,10 +8,12 @@
    weights (``--base totalsegmentator`` / ``--base nnunet``: nnU-Net's
    pretrained-weights transfer, output layers new);
 3. predict the held-out test cases and evaluate them (:mod:`models.evaluate`);
-4. register the model under ``<weights>/finetuned/nnunet/NAME.vVERSION`` with
-   a model card (JSON and Markdown) and a sha256 manifest of every file.
+4. register the model under ``<weights>/finetuned/NAME/VERSION`` (NAME: the
+   dataset's or ``--name``; VERSION: the dataset version's, or ``--name
+   NAME/VERSION``) with a model card (JSON and Markdown) and a sha256 manifest
+   of every file.
 
-Everything lives in a work folder (default ``<weights>/.training/<model>``);
+Everything lives in a work folder (default ``<weights>/.training/NAME/VERSION``);
 running the same command again after an interruption resumes where it
 stopped: finished stages are skipped and training continues from the last
 epoch's checkpoint.
@@ -418,7 +420,7 @@ def metrics_block(evaluation, stats) -> dict:
 def train(options: TrainOptions, say: Reporter | None = None) -> TrainResult:
     """Export, train, evaluate and register; see the module docstring."""
     from models.device import resolve_device
-    from models.weights import Kind, check_name, import_weights, model_path, weights_root
+    from models.weights import Kind, import_weights, model_path, split_finetuned, weights_root
     from storage.dataset import DatasetStore
     from storage.export_nnunet import parse_ref
     from storage.manifest import rows_hash
@@ -427,11 +429,12 @@ def train(options: TrainOptions, say: Reporter | None = None) -> TrainResult:
     started = time.perf_counter()
     name, version = parse_ref(options.dataset)
     root = weights_root(options.weights_dir)
-    model_name = check_name(options.name or f"{name}.v{version}")
+    model, model_version = split_finetuned(options.name or name)
+    model_name = f"{model}/{model_version or version}"  # NAME/VERSION: the dataset's version unless given
     target = model_path(root, Kind.FINETUNED, Backend.NNUNET, model_name)
     if target.exists() and not options.force:
         raise WeightsError(f"a fine-tuned model {model_name!r} is already registered; remove it, use --force or "
-                           "--name", where=str(target))
+                           "--name NAME/VERSION", where=str(target))
     if not (Path(options.store) / "store.json").exists():
         raise ConfigError("no dataset store here", where=str(options.store))
     store = DatasetStore.open_read_only(Path(options.store))

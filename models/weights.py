@@ -4,8 +4,12 @@ Layout of the weights directory (``$SEGNODE_WEIGHTS_DIR``, else
 ``~/.local/share/segnode/weights``; ``RunSettings.weights_dir`` overrides)::
 
     <root>/pretrained/<backend>/<name>/...          imported as published
-    <root>/finetuned/<backend>/<name>/...           trained or fine-tuned here
-    <root>/<kind>/<backend>/<name>/segnode-manifest.json
+    <root>/finetuned/<NAME>/<VERSION>/...           trained or fine-tuned here (``segnode train``)
+    <model folder>/segnode-manifest.json
+
+A fine-tuned model is named ``NAME/VERSION`` (``Liver/3``); ``NAME`` alone
+means its latest version (numerically), and a fine-tuned model wins over a
+pretrained one of the same name.  Its backend is in its manifest.
 
 Every model folder holds a manifest written at import: the sha256 of every
 file, the source it came from and a ``weights_hash`` (sha256 over the sorted
@@ -30,11 +34,11 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from node.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
@@ -94,8 +98,28 @@ def weights_root(weights_dir: Path | None) -> Path:
 
 
 def model_path(root: Path, kind: Kind, backend: Backend, name: str) -> Path:
+    """Folder of a model: ``pretrained/<backend>/<name>`` or ``finetuned/<NAME>/<VERSION>``."""
+    if Kind(kind) is Kind.FINETUNED:
+        model, version = split_finetuned(name)
+        if version is None:
+            raise ConfigError(f"a fine-tuned model is named NAME/VERSION (e.g. Liver/3), not {name!r}")
+        return root / Kind.FINETUNED.value / model / version
     check_name(name)
     return root / Kind(kind).value / Backend(backend).value / name
+
+
+def split_finetuned(name: str) -> tuple[str, str | None]:
+    """``NAME/VERSION`` → ``(NAME, VERSION)``, ``NAME`` → ``(NAME, None)``; both parts checked."""
+    model, slash, version = name.partition("/")
+    check_name(model)
+    if slash:
+        check_name(version)
+    return model, version if slash else None
+
+
+def _version_key(folder: Path) -> tuple[int, int, str]:
+    """Versions sort numerically (``10`` after ``9``), names after numbers."""
+    return (0, int(folder.name), "") if folder.name.isdigit() else (1, 0, folder.name)
 
 
 def check_name(name: str) -> str:
@@ -167,35 +191,50 @@ def _write_manifest(folder: Path, name: str, backend: Backend, kind: Kind, sourc
 # --------------------------------------------------------------------------- queries
 
 
+def _model_folders(root: Path) -> Iterator[Path]:
+    for backend in Backend:
+        base = root / Kind.PRETRAINED.value / backend.value
+        if base.is_dir():
+            yield from sorted(p for p in base.iterdir() if p.is_dir())
+    base = root / Kind.FINETUNED.value
+    if base.is_dir():
+        for model in sorted(p for p in base.iterdir() if p.is_dir()):
+            yield from sorted((p for p in model.iterdir() if p.is_dir()), key=_version_key)
+
+
 def list_models(root: Path) -> list[ModelRecord]:
     """Every imported model under ``root`` (folders without a manifest are skipped, logged)."""
     out: list[ModelRecord] = []
-    for kind in Kind:
-        for backend in Backend:
-            base = root / kind.value / backend.value
-            if not base.is_dir():
-                continue
-            for folder in sorted(p for p in base.iterdir() if p.is_dir()):
-                if (folder / MANIFEST).exists():
-                    out.append(read_manifest(folder))
-                else:
-                    logger.warning("weights folder without manifest ignored: %s", folder)
+    for folder in _model_folders(root):
+        if (folder / MANIFEST).exists():
+            out.append(read_manifest(folder))
+        else:
+            logger.warning("weights folder without manifest ignored: %s", folder)
     return out
 
 
 def find_model(root: Path, backend: Backend, name: str) -> ModelRecord:
-    """The model ``name`` of ``backend`` (a fine-tuned one wins over a pretrained one).
+    """The model ``name`` of ``backend``: fine-tuned ``NAME/VERSION`` or ``NAME`` (latest), else pretrained.
 
-    Raises :class:`WeightsError` naming the import command when it is missing.
+    Raises :class:`WeightsNotInstalledError` naming the import command when it is missing.
     """
-    for kind in (Kind.FINETUNED, Kind.PRETRAINED):
-        folder = model_path(root, kind, backend, name)
+    model, version = split_finetuned(name)
+    tuned = root / Kind.FINETUNED.value / model
+    if version is not None:
+        candidates = [tuned / version]
+    else:
+        versions = sorted((p for p in tuned.iterdir() if p.is_dir()), key=_version_key) if tuned.is_dir() else []
+        candidates = [*versions[-1:], model_path(root, Kind.PRETRAINED, backend, name)]
+    for folder in candidates:
         if folder.is_dir():
-            return read_manifest(folder)
+            record = read_manifest(folder)
+            if record.backend is backend:
+                return record
     raise WeightsNotInstalledError(
         f"{backend.value} weights {name!r} are not installed in {root}; "
         f"import them with: segnode models import PATH --backend {backend.value}"
-        + ("" if backend is Backend.TOTALSEGMENTATOR else f" --name {name}"),
+        + ("" if backend is Backend.TOTALSEGMENTATOR else f" --name {name}")
+        + (" --kind finetuned" if version is not None else ""),
     )
 
 
@@ -234,6 +273,8 @@ def remove(root: Path, name: str, backend: Backend | None = None, kind: Kind | N
         raise ConfigError(f"model name {name!r} is ambiguous ({which}); give --backend/--kind")
     for record in matches:
         shutil.rmtree(record.path)
+        if record.kind is Kind.FINETUNED and not any(record.path.parent.iterdir()):
+            record.path.parent.rmdir()  # the NAME folder of its last version
         logger.info("removed %s/%s/%s", record.kind.value, record.backend.value, record.name)
     return matches
 
@@ -368,7 +409,7 @@ def _import_one(candidate: Candidate, root: Path, name: str, kind: Kind, force: 
     if final.exists() and not force:
         raise WeightsError(f"{kind.value}/{candidate.backend.value}/{name} is already imported; "
                            "remove it first or use --force", where=str(final))
-    staging = tmp / f"stage-{candidate.backend.value}-{name}"
+    staging = tmp / f"stage-{candidate.backend.value}-{name.replace('/', '-')}"
     if candidate.folder.is_file():
         staging.mkdir(parents=True)
         shutil.copy2(candidate.folder, staging / f"model{candidate.folder.suffix}")

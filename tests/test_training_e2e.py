@@ -83,9 +83,10 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     assert main(train) == 0
     out = capsys.readouterr()
     assert "starting from the base model's weights" in out.err and "epoch 2/2" in out.err
-    assert "model: Abdomen.v1" in out.out
+    assert "model: Abdomen/1" in out.out
 
-    record = find_model(weights, Backend.NNUNET, "Abdomen.v1")
+    record = find_model(weights, Backend.NNUNET, "Abdomen/1")
+    assert record.path == weights / "finetuned" / "Abdomen" / "1"
     assert record.kind is Kind.FINETUNED and verify(record) == []
     card = json.loads((record.path / "model_card.json").read_text())
     assert card["dataset"]["ref"] == "Abdomen@1" and card["dataset"]["split"] == "patient-level"
@@ -98,14 +99,14 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     organs = {o["segment"] for o in card["metrics"]["organs"]}
     assert organs and organs <= {"spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "aorta"}
     assert card["metrics"]["seconds_per_case"] > 0
-    assert (record.path / "model_card.md").read_text().startswith("# Model card: Abdomen.v1")
-    evaluation = weights / ".training" / "Abdomen.v1" / "evaluation"
+    assert (record.path / "model_card.md").read_text().startswith("# Model card: Abdomen/1")
+    evaluation = weights / ".training" / "Abdomen" / "1" / "evaluation"
     assert (evaluation / "metrics.csv").exists() and (evaluation / "boxplot_dice.png").exists()
 
     # running the same command again resumes: every stage is found done, nothing retrained
     assert main([*train, "--force", "--no-eval"]) == 0
     assert "training already finished" in capsys.readouterr().err
-    record = find_model(weights, Backend.NNUNET, "Abdomen.v1")  # registered again (--force): a new card
+    record = find_model(weights, Backend.NNUNET, "Abdomen/1")  # registered again (--force): a new card
 
     # a profile points at the fine-tuned model; segnode run writes a valid SEG with it
     liver_value = int(next(k for k, v in card["labels"].items() if v == "liver"))
@@ -114,7 +115,7 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     profile.write_text(
         "organ: liver\ndescription: Liver (fine-tuned)\nmodel_type: nnunet\nfallback: []\n"
         f"tissues:\n- name: liver\n  description: Liver\n  codes_from: liver\n  label: {liver_value}\n"
-        "options:\n  nnunet:\n    model: Abdomen.v1\n    folds: [0]\n    use_mirroring: false\n")
+        "options:\n  nnunet:\n    model: Abdomen\n    folds: [0]\n    use_mirroring: false\n")
     assert main(["run", str(DATA / "thorax_cta"), "-o", str(tmp_path / "run"), "--organ", str(profile),
                  "--model", "nnunet", "--no-fallback", "--device", "cpu", "--weights-dir", str(weights)]) == 0
     (seg,) = (tmp_path / "run").glob("SEG_*.dcm")
@@ -125,7 +126,7 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     # the pre-trained base against the fine-tuned model on the same test split, with the report
     capsys.readouterr()
     base_name = "Dataset297_TotalSegmentator_total_3mm_1559subj"
-    assert main(["models", "--weights-dir", str(weights), "compare", base_name, "Abdomen.v1", "--dataset",
+    assert main(["models", "--weights-dir", str(weights), "compare", base_name, "Abdomen/1", "--dataset",
                  "Abdomen@1", "--split", "test", "--store", str(tmp_path / "store"), "--device", "cpu",
                  "-o", str(tmp_path / "cmp"), "--no-pictures"]) == 0
     table = capsys.readouterr().out
@@ -136,10 +137,10 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "cmp" / "B" / "metrics.csv").exists()
 
     # one model on the dataset's test split, through segnode evaluate: same figures as compare's B side
-    assert main(["evaluate", "--dataset", "Abdomen@1", "--model", "Abdomen.v1", "--weights-dir", str(weights),
+    assert main(["evaluate", "--dataset", "Abdomen@1", "--model", "Abdomen/1", "--weights-dir", str(weights),
                  "--store", str(tmp_path / "store"), "--device", "cpu", "-o", str(tmp_path / "eval"),
                  "--no-pictures"]) == 0
-    assert "Abdomen.v1 on Abdomen@1 (test split" in capsys.readouterr().out
+    assert "Abdomen/1 on Abdomen@1 (test split" in capsys.readouterr().out
     assert (tmp_path / "eval" / "metrics.csv").read_text() == (tmp_path / "cmp" / "B" / "metrics.csv").read_text()
 
 
@@ -179,13 +180,13 @@ def test_a_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path, monkeyp
     assert any("epoch 1/3" in line for line in seen), "".join(seen[-20:])
     assert proc.returncode == -signal.SIGKILL
     with pytest.raises(WeightsNotInstalledError):
-        find_model(weights, Backend.NNUNET, "Phantoms.v1")  # nothing registered by the killed run
+        find_model(weights, Backend.NNUNET, "Phantoms/1")  # nothing registered by the killed run
 
     capsys.readouterr()
     assert main(train) == 0
     err = capsys.readouterr().err
     assert "resuming from checkpoint_latest.pth at epoch 2/3" in err
     assert "epoch 1/3" not in err and "epoch 2/3" in err and "epoch 3/3" in err
-    record = find_model(weights, Backend.NNUNET, "Phantoms.v1")
+    record = find_model(weights, Backend.NNUNET, "Phantoms/1")
     card = json.loads((record.path / "model_card.json").read_text())
     assert card["training"]["epochs_done"] == 3 and verify(record) == []

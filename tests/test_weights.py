@@ -16,7 +16,7 @@ import pytest
 from models.weights import (MANIFEST, Kind, combined_hash, detect, find_model, import_weights, list_models,
                             read_manifest, remove, verify, verify_or_raise)
 from node.cli import main
-from node.errors import ConfigError, InputError, WeightsError
+from node.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
 from profiles.schema import Backend
 
 TS_297 = "Dataset297_TotalSegmentator_total_3mm_1559subj"
@@ -67,19 +67,33 @@ def test_import_folder_records_every_file_hash(tmp_path: Path) -> None:
 def test_import_zip_with_name_and_kind(tmp_path: Path) -> None:
     src = _nnunet_folder(tmp_path / "src")
     zip_path = _zip(src, tmp_path / "liver.zip", tmp_path / "src")
-    [record] = import_weights(zip_path, tmp_path / "w", name="liver", kind=Kind.FINETUNED)
-    assert record.path == tmp_path / "w" / "finetuned" / "nnunet" / "liver"
-    assert find_model(tmp_path / "w", Backend.NNUNET, "liver").path == record.path
-    assert [r.name for r in list_models(tmp_path / "w")] == ["liver"]
+    with pytest.raises(ConfigError, match="a fine-tuned model is named NAME/VERSION"):
+        import_weights(zip_path, tmp_path / "w", name="liver", kind=Kind.FINETUNED)
+    [record] = import_weights(zip_path, tmp_path / "w", name="liver/3", kind=Kind.FINETUNED)
+    assert record.path == tmp_path / "w" / "finetuned" / "liver" / "3"
+    assert find_model(tmp_path / "w", Backend.NNUNET, "liver/3").path == record.path
+    assert [r.name for r in list_models(tmp_path / "w")] == ["liver/3"]
     # nothing left behind by the staging area
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["finetuned"]
 
 
-def test_finetuned_wins_over_pretrained(tmp_path: Path) -> None:
+def test_finetuned_wins_over_pretrained_and_a_bare_name_means_the_latest_version(tmp_path: Path) -> None:
     root = tmp_path / "w"
-    import_weights(_nnunet_folder(tmp_path / "a", b"v1"), root, name="liver")
-    tuned = import_weights(_nnunet_folder(tmp_path / "b", b"v2"), root, name="liver", kind=Kind.FINETUNED)[0]
-    assert find_model(root, Backend.NNUNET, "liver").weights_hash == tuned.weights_hash
+    pretrained = import_weights(_nnunet_folder(tmp_path / "a", b"p"), root, name="liver")[0]
+    versions = {v: import_weights(_nnunet_folder(tmp_path / v, v.encode()), root, name=f"liver/{v}",
+                                  kind=Kind.FINETUNED)[0] for v in ("2", "10", "9")}
+    assert find_model(root, Backend.NNUNET, "liver").weights_hash == versions["10"].weights_hash  # 10 > 9 > 2
+    assert find_model(root, Backend.NNUNET, "liver/2").weights_hash == versions["2"].weights_hash
+    assert [r.name for r in list_models(root)] == ["liver", "liver/2", "liver/9", "liver/10"]
+    remove(root, "liver/10")
+    assert find_model(root, Backend.NNUNET, "liver").weights_hash == versions["9"].weights_hash
+    for v in ("2", "9"):
+        remove(root, f"liver/{v}")
+    assert find_model(root, Backend.NNUNET, "liver").weights_hash == pretrained.weights_hash
+    with pytest.raises(WeightsNotInstalledError, match="--name liver/2 --kind finetuned"):
+        find_model(root, Backend.NNUNET, "liver/2")
+    with pytest.raises(WeightsNotInstalledError):
+        find_model(root, Backend.MONAI, "liver")  # the name exists, not for this backend
 
 
 def test_reimport_needs_force(tmp_path: Path) -> None:
