@@ -52,11 +52,11 @@ t1=$(date +%s)
 
 "${SEGNODE[@]}" -v train --dataset Bench@1 --store "$WORK/store" --base "$BASE" --device cuda \
   --epochs "$EPOCHS" --iterations "$ITERATIONS" --val-iterations 10 --processes 8 \
-  --weights-dir "${SEGNODE_WEIGHTS_DIR:-$WORK/weights}" --workdir "$WORK/training" --name "Bench.v1.$BASE" --force \
+  --weights-dir "${SEGNODE_WEIGHTS_DIR:-$WORK/weights}" --workdir "$WORK/training" --name "Bench-$BASE/1" --force \
   2>&1 | tee "$WORK/train.log"
 t2=$(date +%s)
 
-CARD=$(ls "${SEGNODE_WEIGHTS_DIR:-$WORK/weights}"/finetuned/nnunet/"Bench.v1.$BASE"/model_card.json)
+CARD=$(ls "${SEGNODE_WEIGHTS_DIR:-$WORK/weights}"/finetuned/"Bench-$BASE"/1/model_card.json)
 "$PY" - "$CARD" "$((t1 - t0))" "$((t2 - t1))" "$EPOCHS" "$ITERATIONS" <<'PYEOF'
 import json, sys
 card = json.load(open(sys.argv[1]))

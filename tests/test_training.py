@@ -84,7 +84,7 @@ def test_verdicts_per_organ():
 
 def test_card_markdown_lists_split_metrics_and_hashes():
     card = {
-        "model": "Liver.v1", "created": "2026-01-01T00:00:00+00:00",
+        "model": "Liver/1", "created": "2026-01-01T00:00:00+00:00",
         "dataset": {"ref": "Liver@1", "rows_sha256": "ab" * 32, "test_fraction": 0.2,
                     "train_cases": ["C1", "C2"], "test_cases": ["C3"]},
         "labels": {"1": "liver"}, "base_model": {"kind": "totalsegmentator", "name": "Dataset297", "weights_hash": "f"},
