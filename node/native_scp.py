@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
@@ -88,7 +88,7 @@ class DatasetBuffer:
         self.spill_dir = spill_dir
         self.memory = bytearray(1 << 20)
         self.mapping: mmap.mmap | None = None
-        self._file: Any = None
+        self._file: BinaryIO | None = None
 
     @property
     def spilled(self) -> bool:
@@ -115,7 +115,7 @@ class DatasetBuffer:
         self.memory = grown
 
     def _spill(self, size: int, filled: int) -> None:
-        if self.mapping is not None:
+        if self.mapping is not None and self._file is not None:
             os.posix_fallocate(self._file.fileno(), 0, size)
             self.mapping.resize(size)
             return
@@ -137,7 +137,8 @@ class DatasetBuffer:
                 self.mapping.close()
             except BufferError:  # a view outlives us (an exception's traceback): collected with it
                 pass
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
             self.mapping = self._file = None
 
 
