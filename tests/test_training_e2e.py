@@ -64,16 +64,23 @@ def _dataset(tmp: Path) -> tuple[Path, Path]:
     return msd, real
 
 
-def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
-    weights = tmp_path / "weights"
-    import_weights(_tiny_base(tmp_path, monkeypatch), weights, backend=Backend.TOTALSEGMENTATOR)
-    msd, real = _dataset(tmp_path)
-    secret = tmp_path / "secret.key"
+def _weights_and_frozen_dataset(tmp: Path, monkeypatch, name: str, with_real_case: bool) -> Path:
+    """The tiny base installed as TotalSegmentator weights, and dataset ``name``@1 frozen in ``tmp/store``."""
+    weights = tmp / "weights"
+    import_weights(_tiny_base(tmp, monkeypatch), weights, backend=Backend.TOTALSEGMENTATOR)
+    msd, real = _dataset(tmp)
+    secret = tmp / "secret.key"
     secret.write_bytes(SECRET)
-    store = ["dataset", "--store", str(tmp_path / "store"), "--secret-file", str(secret)]
-    assert main([*store, "add", str(msd), "--dataset", "Abdomen"]) == 0
-    assert main([*store, "add", str(real), "--dataset", "Abdomen", "--label-map", "1=aorta"]) == 0
-    assert main([*store, "freeze", "Abdomen"]) == 0
+    store = ["dataset", "--store", str(tmp / "store"), "--secret-file", str(secret)]
+    assert main([*store, "add", str(msd), "--dataset", name]) == 0
+    if with_real_case:
+        assert main([*store, "add", str(real), "--dataset", name, "--label-map", "1=aorta"]) == 0
+    assert main([*store, "freeze", name]) == 0
+    return weights
+
+
+def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
+    weights = _weights_and_frozen_dataset(tmp_path, monkeypatch, "Abdomen", with_real_case=True)
     capsys.readouterr()
 
     train = ["train", "--dataset", "Abdomen@1", "--store", str(tmp_path / "store"), "--base", "totalsegmentator",
@@ -153,14 +160,7 @@ def test_a_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path, monkeyp
 
     from tests.peers import SEGNODE
 
-    weights = tmp_path / "weights"
-    import_weights(_tiny_base(tmp_path, monkeypatch), weights, backend=Backend.TOTALSEGMENTATOR)
-    msd, _ = _dataset(tmp_path)
-    secret = tmp_path / "secret.key"
-    secret.write_bytes(SECRET)
-    store = ["dataset", "--store", str(tmp_path / "store"), "--secret-file", str(secret)]
-    assert main([*store, "add", str(msd), "--dataset", "Phantoms"]) == 0
-    assert main([*store, "freeze", "Phantoms"]) == 0
+    weights = _weights_and_frozen_dataset(tmp_path, monkeypatch, "Phantoms", with_real_case=False)
     train = ["train", "--dataset", "Phantoms@1", "--store", str(tmp_path / "store"), "--base", "totalsegmentator",
              "--epochs", "3", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--no-eval",
              "--weights-dir", str(weights), "--augmentation-workers", "0", "--processes", "1", "--threads", "2"]
