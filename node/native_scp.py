@@ -52,7 +52,7 @@ from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 
 from node.config import NodeConfig
-from node.scp import CT_FAMILY, MAX_CONTROL_PDU, TRANSFER_SYNTAXES, StoreHandler, StoreRequest
+from node.scp import CT_FAMILY, MAX_CONTROL_PDU, TRANSFER_SYNTAXES, RunningSCP, StoreHandler, StoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -602,28 +602,11 @@ class NativeServer:
             thread.join(timeout=5)
 
 
-@dataclass
-class NativeSCP:
-    """A listening native SCP; same surface as :class:`node.scp.RunningSCP` for the service and ops."""
-
-    server: NativeServer
-    handler: StoreHandler
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.thread.join(timeout=5)
-
-
-def start_native_scp(config: NodeConfig, handler: StoreHandler, *, reuse_port: bool = False) -> NativeSCP:
+def start_native_scp(config: NodeConfig, handler: StoreHandler, *, reuse_port: bool = False) -> RunningSCP:
     """Listen on ``config.host:config.port`` with the native receiver, in a background thread."""
     server = NativeServer(config, handler, reuse_port=reuse_port)
     thread = threading.Thread(target=server.serve_forever, name="segnode-native-scp", daemon=True)
     thread.start()
     logger.info("SCP %s listening on %s:%d (native receiver)", config.ae_title, config.host,
                 server.server_address[1])
-    return NativeSCP(server, handler, thread)
+    return RunningSCP(server, handler, thread)

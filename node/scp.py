@@ -64,7 +64,7 @@ from storage.spool import Spool
 from storage.uids import check_uid
 
 if TYPE_CHECKING:
-    from node.native_scp import NativeSCP
+    from node.native_scp import NativeServer
 
 logger = logging.getLogger(__name__)
 
@@ -558,12 +558,12 @@ def build_ae(config: NodeConfig) -> AE:
 
 @dataclass
 class RunningSCP:
-    """A listening SCP; ``stop()`` closes the port and waits for the accept thread."""
+    """A listening SCP, either receiver; ``stop()`` closes the port and waits for the accept thread."""
 
-    ae: AE
-    server: SegnodeServer
+    server: SegnodeServer | NativeServer
     handler: StoreHandler
     thread: threading.Thread
+    ae: AE | None = None  # the pynetdicom receiver's application entity
 
     @property
     def port(self) -> int:
@@ -572,11 +572,12 @@ class RunningSCP:
     def stop(self) -> None:
         self.server.shutdown()
         self.thread.join(timeout=5)
-        self.ae.shutdown()
+        if self.ae is not None:
+            self.ae.shutdown()
 
 
 def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None, *,
-              reuse_port: bool = False) -> RunningSCP | NativeSCP:
+              reuse_port: bool = False) -> RunningSCP:
     """Listen on ``config.host:config.port`` in a background thread.
 
     ``reuse_port``: bind with ``SO_REUSEPORT``, so receiver processes
@@ -608,4 +609,4 @@ def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener
     thread = threading.Thread(target=server.serve_forever, name="segnode-scp", daemon=True)
     thread.start()
     logger.info("SCP %s listening on %s:%d", config.ae_title, config.host, server.server_address[1])
-    return RunningSCP(ae, server, handler, thread)
+    return RunningSCP(server, handler, thread, ae)

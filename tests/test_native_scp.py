@@ -15,7 +15,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from node.config import NodeConfig
-from node.native_scp import NativeSCP
+from node.native_scp import NativeServer
 from node.scp import RunningSCP, start_scp
 from storage.index import Index
 from storage.spool import Spool
@@ -26,17 +26,17 @@ THORAX = DATA / "thorax_cta"
 pytestmark = pytest.mark.peer
 
 
-def make_scp(tmp_path: Path, **config: object) -> tuple[NativeSCP, Spool, Index]:
+def make_scp(tmp_path: Path, **config: object) -> tuple[RunningSCP, Spool, Index]:
     limits = {"min_free_disk_mb": 1, "receiver": "native", **config.pop("limits", {})}  # type: ignore[dict-item]
     cfg = NodeConfig(**{"port": 0, "state_dir": tmp_path / "state", "limits": limits, **config})
     spool, index = Spool(cfg.spool_dir), Index(cfg.index_path)
     running = start_scp(cfg, spool, index)
-    assert isinstance(running, NativeSCP)
+    assert isinstance(running.server, NativeServer)
     return running, spool, index
 
 
 @pytest.fixture
-def scp(tmp_path: Path) -> Iterator[tuple[NativeSCP, Spool, Index]]:
+def scp(tmp_path: Path) -> Iterator[tuple[RunningSCP, Spool, Index]]:
     running = make_scp(tmp_path)
     yield running
     running[0].stop()
@@ -64,7 +64,7 @@ def stored_files(spool: Spool) -> list[str]:
     return sorted(p.name for p in state.rglob("*") if p.is_file() and not p.name.startswith("index.sqlite"))
 
 
-def test_c_echo_with_echoscu(scp: tuple[NativeSCP, Spool, Index]) -> None:
+def test_c_echo_with_echoscu(scp: tuple[RunningSCP, Spool, Index]) -> None:
     server, _, _ = scp
     result = subprocess.run(["echoscu", "-v", "-aet", "SCANNER", "-aec", "SEGNODE", "127.0.0.1", str(server.port)],
                             env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
@@ -86,7 +86,7 @@ def test_rejections_reach_bound_event_handlers(tmp_path: Path) -> None:
         server.stop()
 
 
-def test_pynetdicom_scu_proposing_several_contexts(scp: tuple[NativeSCP, Spool, Index]) -> None:
+def test_pynetdicom_scu_proposing_several_contexts(scp: tuple[RunningSCP, Spool, Index]) -> None:
     server, spool, index = scp
     ae = AE("SCANNER")
     ae.add_requested_context(Verification)
@@ -106,7 +106,7 @@ def test_pynetdicom_scu_proposing_several_contexts(scp: tuple[NativeSCP, Spool, 
     assert index.instance_count() == 3 and len(spooled(spool)) == 3
 
 
-def test_four_concurrent_storescu_associations(scp: tuple[NativeSCP, Spool, Index]) -> None:
+def test_four_concurrent_storescu_associations(scp: tuple[RunningSCP, Spool, Index]) -> None:
     server, spool, index = scp
     files = sorted(THORAX.glob("*.dcm"))
     chunks = [files[k::4] for k in range(4)]
@@ -118,7 +118,7 @@ def test_four_concurrent_storescu_associations(scp: tuple[NativeSCP, Spool, Inde
     assert index.instance_count() == 164 and len(spooled(spool)) == 164
 
 
-def test_abort_mid_dataset_writes_nothing(scp: tuple[NativeSCP, Spool, Index]) -> None:
+def test_abort_mid_dataset_writes_nothing(scp: tuple[RunningSCP, Spool, Index]) -> None:
     server, spool, index = scp
     ae = AE("SCANNER")
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
@@ -149,7 +149,7 @@ def _c_store_rq(sop_class: str, sop_instance: str) -> bytes:
     return element(0x0000, struct.pack("<L", len(body))) + body
 
 
-def test_malformed_and_oversized_pdus_close_only_that_connection(scp: tuple[NativeSCP, Spool, Index]) -> None:
+def test_malformed_and_oversized_pdus_close_only_that_connection(scp: tuple[RunningSCP, Spool, Index]) -> None:
     server, spool, _ = scp
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(bytes([0x01, 0x00]) + (0x7FFFFFF0).to_bytes(4, "big") + b"\x00" * 64)
@@ -187,7 +187,7 @@ def test_native_receiver_processes_share_the_port_and_are_all_counted(tmp_path: 
     port = service.start()
     accepted: list[int] = []
     statuses: list[int] = []
-    assert isinstance(service.scp, NativeSCP) and service.receivers is not None
+    assert isinstance(service.scp, RunningSCP) and service.receivers is not None
     service.scp.server.bind(evt.EVT_ACCEPTED, lambda e: accepted.append(1))
     service.scp.server.bind(evt.EVT_DIMSE_SENT, lambda e: statuses.append(int(e.message.command_set.Status)))
     try:
