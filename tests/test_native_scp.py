@@ -174,39 +174,6 @@ def test_tls_config_keeps_the_pynetdicom_receiver(tmp_path: Path) -> None:
         running.stop()
 
 
-def test_native_receiver_processes_share_the_port_and_are_all_counted(tmp_path: Path) -> None:
-    from node.service import Service
-
-    config = NodeConfig(port=0, state_dir=tmp_path / "state",
-                        limits={"min_free_disk_mb": 1, "receiver_processes": 2, "receiver": "native"},
-                        allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"}],
-                        completion={"quiet_period_s": 3600})
-    service = Service(config)
-    events: list[str] = []
-    service.listeners.append(lambda kind, data: events.append(kind))
-    port = service.start()
-    accepted: list[int] = []
-    statuses: list[int] = []
-    assert isinstance(service.scp, RunningSCP) and service.receivers is not None
-    service.scp.server.bind(evt.EVT_ACCEPTED, lambda e: accepted.append(1))
-    service.scp.server.bind(evt.EVT_DIMSE_SENT, lambda e: statuses.append(int(e.message.command_set.Status)))
-    try:
-        files = sorted(THORAX.glob("*.dcm"))
-        chunks = [files[k::4] for k in range(4)]
-        with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda chunk: store_statuses(storescu(port, chunk).stderr), chunks))
-        assert [len(r) for r in results] == [len(c) for c in chunks]
-        assert all(status == "Success" for r in results for status in r)
-        assert store_statuses(storescu(port, files[:1], calling="INTRUDER").stderr) == []
-        assert service.index.instance_count() == len(files)
-        stats = service.scp.handler.stats
-        assert (stats.stored, stats.associations_rejected) == (len(files), 1)
-        assert events.count("instance_stored") == len(files) and events.count("association_rejected") == 1
-        assert len(accepted) == 4 and statuses == [0] * len(files)
-    finally:
-        service.stop()
-
-
 def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import os

@@ -25,8 +25,10 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
 
 
-def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(tmp_path: Path) -> None:
-    config = NodeConfig(port=0, state_dir=tmp_path / "state", limits={"min_free_disk_mb": 1, "receiver_processes": 3},
+@pytest.mark.parametrize("receiver", ["native", "pynetdicom"])
+def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(tmp_path: Path, receiver: str) -> None:
+    config = NodeConfig(port=0, state_dir=tmp_path / "state",
+                        limits={"min_free_disk_mb": 1, "receiver_processes": 3, "receiver": receiver},
                         allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"}],
                         completion={"quiet_period_s": 3600})
     service = Service(config)
@@ -34,8 +36,10 @@ def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(t
     service.listeners.append(lambda kind, data: events.append(kind))
     port = service.start()
     accepted: list[int] = []
+    statuses: list[int] = []
     assert service.scp is not None and service.receivers is not None
     service.scp.server.bind(evt.EVT_ACCEPTED, lambda e: accepted.append(1))
+    service.scp.server.bind(evt.EVT_DIMSE_SENT, lambda e: statuses.append(int(e.message.command_set.Status)))
     pids = service.receivers.pids
     try:
         files = sorted(THORAX.glob("*.dcm"))
@@ -58,7 +62,7 @@ def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(t
         stats = service.scp.handler.stats
         assert (stats.stored, stats.associations_rejected) == (len(files), 1)
         assert events.count("instance_stored") == len(files) and events.count("association_rejected") == 1
-        assert len(accepted) == 6
+        assert len(accepted) == 6 and statuses == [0] * len(files)  # every process's C-STORE responses seen
     finally:
         service.stop()
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
