@@ -7,7 +7,7 @@ The prefix is what pynetdicom's ``encoded_dataset(include_meta=True)`` writes
   DCMTK's ``storescp`` writes it (:mod:`storage.recovery` reads the sender
   from there if the index row was lost);
 * a self-check in the file meta's Private Information (0002,0100)/(0002,0102):
-  the dataset's length and 64-bit XXH3 hash.  It lets the spool rename a file into
+  the dataset's length and 64-bit XXH3 hash.  It lets the spool link a file into
   place *before* its data are synced (the two syncs then overlap, see
   :meth:`storage.spool.Spool.write`): after a crash, a file under its final
   name whose check fails was never acknowledged, and is removed.
@@ -29,7 +29,6 @@ import zlib
 from pathlib import Path
 
 import xxhash
-
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
@@ -40,8 +39,6 @@ _CHECK = struct.Struct("<4sQQ")  # magic, dataset length, XXH3-64 of the dataset
 _MAGIC = b"SNX3"
 _CRC_CHECK = struct.Struct("<4sQL")  # earlier files: magic SNC1, dataset length, CRC-32
 _CRC_MAGIC = b"SNC1"
-#: length of every check :func:`dataset_check` returns (the prefix's length is known before the data)
-CHECK_SIZE = _CHECK.size
 _SHORT = struct.Struct("<HH2sH")
 _LONG = struct.Struct("<HH2s2xL")
 
