@@ -4,7 +4,7 @@ The C-STORE handler writes the bytes the peer sent as a Part 10 file without
 decoding and re-encoding them (preamble, file meta from the presentation
 context with the dataset's self-check, then the received dataset straight
 from pynetdicom's buffer), through :meth:`storage.spool.Spool.write`
-(temporary file, atomic rename, data and directory sync), commits the index
+(unnamed temporary file, atomic link, data and directory sync), commits the index
 row, and only then answers Success (docs/node.md, "Durability").  Only the
 five identifying attributes are read, by :mod:`node.dicom_header`.  It never
 raises; it answers a named status:
