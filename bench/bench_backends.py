@@ -141,8 +141,8 @@ def prepare(work: Path, slices: int, size: int) -> None:
     """The CT (``ct.npy``), the profile and the imported weights, built once per work folder."""
     import numpy as np
 
-    from models.weights import import_weights
-    from profiles.schema import Backend
+    from segnode.models.weights import import_weights
+    from segnode.profiles.schema import Backend
 
     work.mkdir(parents=True, exist_ok=True)
     (work / "benchabdomen.yaml").write_text(PROFILE)
@@ -185,10 +185,10 @@ def run_child(backend: str, work: Path, device: str, threads: int | None, warm: 
     import numpy as np
     import torch
 
-    from models.base import RunSettings
-    from models.cache import ModelCache
-    from models.volume import Volume
-    from profiles import load_profile
+    from segnode.models.base import RunSettings
+    from segnode.models.cache import ModelCache
+    from segnode.models.volume import Volume
+    from segnode.profiles import load_profile
 
     import_s = time.perf_counter() - t0
     meta = json.loads((work / "ct.json").read_text())

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.base import RunSettings  # noqa: E402
-from models.hu_based import BACKEND  # noqa: E402
-from models.metrics import dice  # noqa: E402
-from profiles.loader import load_profile  # noqa: E402
+from segnode.models.base import RunSettings  # noqa: E402
+from segnode.models.hu_based import BACKEND  # noqa: E402
+from segnode.models.metrics import dice  # noqa: E402
+from segnode.profiles.loader import load_profile  # noqa: E402
 from tests.phantoms import head_phantom, thorax_phantom  # noqa: E402
 
 

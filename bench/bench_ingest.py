@@ -35,7 +35,12 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.peers import (  # noqa: E402  (bench tooling reuses the test peers)
-    DCMTK_ENV, node, orthanc, storescp, wait_until, write_node_config,
+    DCMTK_ENV,
+    node,
+    orthanc,
+    storescp,
+    wait_until,
+    write_node_config,
 )
 
 
@@ -215,7 +220,7 @@ def latency(work: Path, quiet: float) -> None:
     """Last image acknowledged → SEG acknowledged by Orthanc, minus the quiet period."""
     import yaml
 
-    from storage.index import Index, JobState
+    from segnode.storage.index import Index, JobState
 
     with orthanc(work / "orthanc-e2e") as pacs:
         run = work / "segnode-e2e"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pydicom
 
-from routing import load_rules
+from segnode.routing import load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE = """\

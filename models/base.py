@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from models.volume import LabelMap, Volume
-from profiles.schema import Backend, Profile
+from segnode.models.volume import LabelMap, Volume
+from segnode.profiles.schema import Backend, Profile
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from models.base import LoadedModel, RunSettings
-from models.registry import get_backend
-from profiles.schema import Backend, Profile
+from segnode.models.base import LoadedModel, RunSettings
+from segnode.models.registry import get_backend
+from segnode.profiles.schema import Backend, Profile
 
 logger = logging.getLogger(__name__)
 

@@ -6,16 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
-from models.cli_compare import register_compare
-from models.weights import Kind, import_weights, list_models, remove, verify, weights_root
-from node.errors import WeightsError
-from profiles.schema import Backend
+from segnode.cliargs import group_option
+from segnode.errors import WeightsError
+from segnode.models.cli_compare import register_compare
+from segnode.models.weights import Kind, import_weights, list_models, remove, verify, weights_root
+from segnode.profiles.schema import Backend
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="manage model weights (import, list, verify, remove)")
-    parser.add_argument("--weights-dir", type=Path, default=None,
-                        help="weights directory (default: $SEGNODE_WEIGHTS_DIR or ~/.local/share/segnode/weights)")
     sub = parser.add_subparsers(dest="models_command", required=True)
 
     p = sub.add_parser("list", help="imported models with their weights hash")
@@ -42,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_remove)
 
     register_compare(sub)
+    group_option(parser, sub, "--weights-dir", type=Path,
+                 help="weights directory (default: $SEGNODE_WEIGHTS_DIR or ~/.local/share/segnode/weights)")
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -31,10 +31,10 @@ def register_compare(models_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from models.compare import compare, format_comparison
-    from models.device import resolve_device
-    from models.report import write_report
-    from models.weights import weights_root
+    from segnode.models.compare import compare, format_comparison
+    from segnode.models.device import resolve_device
+    from segnode.models.report import write_report
+    from segnode.models.weights import weights_root
 
     store = args.store or Path(os.environ.get("SEGNODE_DATASET_STORE") or "segnode-datasets")
     result = compare(args.model_a, args.model_b, dataset=args.dataset, store=store,

@@ -12,9 +12,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from models.evaluate import CaseInput, EvalGrid, evaluate_cases, format_table, parse_map
-from models.segmentation_io import NIFTI_SUFFIXES, Grid, load_labels_file, read_segmentation
-from node.errors import ConfigError, InputError
+from segnode.errors import ConfigError, InputError
+from segnode.models.evaluate import CaseInput, EvalGrid, evaluate_cases, format_table, parse_map
+from segnode.models.segmentation_io import NIFTI_SUFFIXES, Grid, load_labels_file, read_segmentation
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def _on_split(args: argparse.Namespace):
     """Predict a split of a frozen dataset version with a model, then evaluate it."""
     import os
 
-    from models.compare import card_test_fraction, evaluate_on_split, resolve_model
-    from models.device import resolve_device
-    from models.weights import weights_root
+    from segnode.models.compare import card_test_fraction, evaluate_on_split, resolve_model
+    from segnode.models.device import resolve_device
+    from segnode.models.weights import weights_root
 
     model = resolve_model(args.model, weights_root(args.weights_dir))
     store = args.store or Path(os.environ.get("SEGNODE_DATASET_STORE") or "segnode-datasets")
@@ -104,7 +104,7 @@ def _on_split(args: argparse.Namespace):
 
 
 def _load_image(path: Path):
-    from node.series import load_series
+    from segnode.models.series import load_series
 
     volume = load_series(path)
     return volume, Grid.of_volume(volume)

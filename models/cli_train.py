@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from models.training import BaseModel, TrainOptions, train
+from segnode.models.training import BaseModel, TrainOptions, train
 
 
 def register(sub: argparse._SubParsersAction) -> None:

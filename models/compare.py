@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import ConfigError, WeightsError, WeightsNotInstalledError
-from profiles.schema import Backend
+from segnode.errors import ConfigError, WeightsError, WeightsNotInstalledError
+from segnode.profiles.schema import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ModelUnderTest:
 
     @property
     def organs_available(self) -> list[str]:
-        from models.predict_cases import model_labels
+        from segnode.models.predict_cases import model_labels
 
         return sorted(model_labels(self.folder).values())
 
@@ -64,7 +64,7 @@ class OrganVerdict:
 def resolve_model(spec: str, root: Path) -> ModelUnderTest:
     """A model name from ``segnode models list`` (fine-tuned first; ``NAME``: its latest version) or a
     model folder path."""
-    from models.weights import find_model, verify_or_raise
+    from segnode.models.weights import find_model, verify_or_raise
 
     path = Path(spec)
     if path.is_dir() and (path / "plans.json").exists():
@@ -94,8 +94,8 @@ def _card(folder: Path) -> dict | None:
 
 
 def export_split(store_root: Path, dataset: str, out: Path, test_fraction: float, dataset_id: int = 501) -> Path:
-    from storage.dataset import DatasetStore
-    from storage.export_nnunet import export_nnunet
+    from segnode.storage.dataset import DatasetStore
+    from segnode.storage.export_nnunet import export_nnunet
 
     if not (Path(store_root) / "store.json").exists():
         raise ConfigError("no dataset store here", where=str(store_root))
@@ -129,8 +129,8 @@ def evaluate_on_split(model: ModelUnderTest, *, dataset: str, store: Path, out_d
     Returns ``(Evaluation, PredictionStats, organs)``; the split is the store's
     patient-level split, the same as at training for the same test fraction.
     """
-    from models.segmentation_io import load_labels_file
-    from models.training import evaluate_model_folder
+    from segnode.models.segmentation_io import load_labels_file
+    from segnode.models.training import evaluate_model_folder
 
     if split not in ("test", "train"):
         raise ConfigError(f"--split must be test or train, got {split!r}")
@@ -150,7 +150,7 @@ def compare(spec_a: str, spec_b: str, *, dataset: str, store: Path, root: Path, 
             split: str = "test", device: str = "cpu", threads: int | None = None, test_fraction: float | None = None,
             pictures: bool = True) -> Comparison:
     """Evaluate both models on the split and pair their per-organ results."""
-    from models.evaluate import summarise
+    from segnode.models.evaluate import summarise
 
     models = (resolve_model(spec_a, root), resolve_model(spec_b, root))
     fraction = test_fraction if test_fraction is not None else card_test_fraction(models, dataset)

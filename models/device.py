@@ -28,9 +28,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from models.base import RunSettings
-from models.volume import LabelMap, Volume
-from node.errors import BackendError, ConfigError, DependencyMissingError
+from segnode.errors import BackendError, ConfigError, DependencyMissingError
+from segnode.models.base import RunSettings
+from segnode.models.volume import LabelMap, Volume
 
 logger = logging.getLogger(__name__)
 

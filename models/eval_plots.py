@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.evaluate import Row
-from models.segmentation_io import Grid
-from node.errors import DependencyMissingError
+from segnode.errors import DependencyMissingError
+from segnode.models.evaluate import Row
+from segnode.models.segmentation_io import Grid
 
 #: soft-tissue window (centre, width) in HU
 WINDOW = (40.0, 400.0)

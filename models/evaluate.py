@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.metrics import segment_metrics
-from models.segmentation_io import Grid, Segmentation, normalise_name
-from node.errors import InputError
+from segnode.errors import InputError
+from segnode.models.metrics import segment_metrics
+from segnode.models.segmentation_io import Grid, Segmentation, normalise_name
 
 logger = logging.getLogger(__name__)
 
@@ -327,15 +327,15 @@ def evaluate_cases(
     if out_dir is not None:
         files.append(write_csv(evaluation.rows, out_dir / "metrics.csv"))
         if pictures:
-            from models.eval_plots import boxplots
+            from segnode.models.eval_plots import boxplots
 
             files.extend(boxplots(evaluation.rows, out_dir))
     return Evaluation(evaluation.results, tuple(files))
 
 
 def _overlay_hook(item: CaseInput, folder: Path, files: list[Path]) -> PairHook:
-    from models.eval_plots import overlay
-    from models.segmentation_io import resample_labels
+    from segnode.models.eval_plots import overlay
+    from segnode.models.segmentation_io import resample_labels
 
     def draw(row: Row, pred: np.ndarray, ref: np.ndarray, grid: Grid) -> None:
         image = item.image

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import RunSettings
-from models.hu_bone import segment_bone
-from models.hu_brain import segment_brain
-from models.hu_lungs import segment_lungs
-from models.volume import LabelMap, Volume
-from node.errors import BackendError, ConfigError
-from profiles.schema import Backend, Profile
+from segnode.errors import BackendError, ConfigError
+from segnode.models.base import RunSettings
+from segnode.models.hu_bone import segment_bone
+from segnode.models.hu_brain import segment_brain
+from segnode.models.hu_lungs import segment_lungs
+from segnode.models.volume import LabelMap, Volume
+from segnode.profiles.schema import Backend, Profile
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from models import morphology as mm
-from models.hu_regions import Grid, body_mask, in_range, refine, working_grid
-from models.volume import Volume
+from segnode.models import morphology as mm
+from segnode.models.hu_regions import Grid, body_mask, in_range, refine, working_grid
+from segnode.models.volume import Volume
 
 #: Working grid (mm): ribs and cortex are thin, so finer than for lungs.
 WORK_MM = 1.5

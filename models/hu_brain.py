@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models import morphology as mm
-from models.hu_regions import BODY_HU, body_mask, in_range, refine, working_grid
-from models.volume import Volume
+from segnode.models import morphology as mm
+from segnode.models.hu_regions import BODY_HU, body_mask, in_range, refine, working_grid
+from segnode.models.volume import Volume
 
 #: Working grid (mm); boundaries are refined on the source grid.
 WORK_MM = 2.0

@@ -26,9 +26,9 @@ import logging
 import numpy as np
 from scipy import ndimage
 
-from models import morphology as mm
-from models.hu_regions import DEEP_AIR_HU, Grid, body_mask, outside_air, refine, touching_fraction, working_grid
-from models.volume import Volume
+from segnode.models import morphology as mm
+from segnode.models.hu_regions import DEEP_AIR_HU, Grid, body_mask, outside_air, refine, touching_fraction, working_grid
+from segnode.models.volume import Volume
 
 logger = logging.getLogger(__name__)
 

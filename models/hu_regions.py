@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from models import morphology as mm
-from models.volume import Volume
+from segnode.models import morphology as mm
+from segnode.models.volume import Volume
 
 #: Default target voxel size of the working grid (mm); each method picks its own.
 WORK_MM = 2.0

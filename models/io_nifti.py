@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.volume import Volume
+from segnode.models.volume import Volume
 
 #: LPS → RAS (and back: the matrix is its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

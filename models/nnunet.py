@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from models.base import RunSettings
-from models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
-from models.io_nifti import from_closest_ras, to_closest_ras
-from models.volume import LabelMap, Volume
-from models.weights import ModelFolderBackend, ModelRecord, verify_or_raise
-from node.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
-from profiles.schema import Backend, Profile
+from segnode.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
+from segnode.models.base import RunSettings
+from segnode.models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
+from segnode.models.io_nifti import from_closest_ras, to_closest_ras
+from segnode.models.volume import LabelMap, Volume
+from segnode.models.weights import ModelFolderBackend, ModelRecord, verify_or_raise
+from segnode.profiles.schema import Backend, Profile
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from node.errors import BackendError, InputError
+from segnode.errors import BackendError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class PredictionStats:
 
 def model_labels(model_folder: Path) -> dict[int, str]:
     """``{value: name}`` of a model folder's ``dataset.json``."""
-    from models.segmentation_io import load_labels_file
+    from segnode.models.segmentation_io import load_labels_file
 
     return load_labels_file(Path(model_folder) / "dataset.json")
 
@@ -67,7 +67,7 @@ def _predict(model_folder: str, images: list[str], out_dir: str, device: str, th
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from models.io_nifti import ras_affine, volume_from_nifti
+    from segnode.models.io_nifti import ras_affine, volume_from_nifti
 
     if threads:
         torch.set_num_threads(threads)

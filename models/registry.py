@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-from models.base import SegmentationBackend
-from node.errors import ConfigError
-from profiles.schema import Backend
+from segnode.errors import ConfigError
+from segnode.models.base import SegmentationBackend
+from segnode.profiles.schema import Backend
 
 _MODULES = {
-    Backend.HU_BASED: "models.hu_based",
-    Backend.TOTALSEGMENTATOR: "models.totalsegmentator",
-    Backend.NNUNET: "models.nnunet",
-    Backend.MONAI: "models.monai",
+    Backend.HU_BASED: "segnode.models.hu_based",
+    Backend.TOTALSEGMENTATOR: "segnode.models.totalsegmentator",
+    Backend.NNUNET: "segnode.models.nnunet",
+    Backend.MONAI: "segnode.models.monai",
 }
 
 

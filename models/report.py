@@ -14,7 +14,7 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.compare import Comparison
+from segnode.models.compare import Comparison
 
 
 def _num(value: float, digits: int) -> str:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.volume import Volume
-from node.errors import InputError
+from segnode.errors import InputError
+from segnode.models.volume import Volume
 
 logger = logging.getLogger(__name__)
 

@@ -43,13 +43,13 @@ from typing import Iterator
 
 import numpy as np
 
-from models.base import RunSettings
-from models.device import MemoryModel, resolve_device, run_within_budget
-from models.io_nifti import labels_from_nifti, volume_to_nifti
-from models.volume import LabelMap, Volume
-from models.weights import (ModelRecord, combined_hash, find_model, verify_or_raise, weights_root)
-from node.errors import BackendError, ConfigError, DependencyMissingError, WeightsError, WeightsNotInstalledError
-from profiles.schema import Backend, Profile, TotalSegmentatorOptions
+from segnode.errors import BackendError, ConfigError, DependencyMissingError, WeightsError, WeightsNotInstalledError
+from segnode.models.base import RunSettings
+from segnode.models.device import MemoryModel, resolve_device, run_within_budget
+from segnode.models.io_nifti import labels_from_nifti, volume_to_nifti
+from segnode.models.volume import LabelMap, Volume
+from segnode.models.weights import ModelRecord, combined_hash, find_model, verify_or_raise, weights_root
+from segnode.profiles.schema import Backend, Profile, TotalSegmentatorOptions
 
 logger = logging.getLogger(__name__)
 

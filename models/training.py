@@ -35,8 +35,8 @@ from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
-from node.errors import BackendError, ConfigError, WeightsError
-from profiles.schema import Backend
+from segnode.errors import BackendError, ConfigError, WeightsError
+from segnode.profiles.schema import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class _Base:
 
 def resolve_base(options: TrainOptions, root: Path) -> _Base | None:
     """The base model's folder and checkpoint, or ``None`` for ``--base none``."""
-    from models.weights import find_model, verify_or_raise
+    from segnode.models.weights import find_model, verify_or_raise
 
     if options.base is BaseModel.NONE:
         return None
@@ -177,7 +177,7 @@ def _prepare_workdir(workdir: Path, identity: dict, fresh: bool, say: Reporter) 
 
 
 def _export(options: TrainOptions, store, raw: Path, say: Reporter) -> Path:
-    from storage.export_nnunet import export_nnunet, parse_ref
+    from segnode.storage.export_nnunet import export_nnunet, parse_ref
 
     name, _ = parse_ref(options.dataset)
     folder = raw / f"Dataset{options.dataset_id:03d}_{name}"
@@ -210,7 +210,7 @@ def patient_folds(case_patients: dict[str, str], n_folds: int = CV_FOLDS) -> lis
 def _write_splits(options: TrainOptions, store, folder: Path, preprocessed: Path) -> None:
     if options.fold == "all":
         return
-    from storage.export_nnunet import parse_ref
+    from segnode.storage.export_nnunet import parse_ref
 
     name, version = parse_ref(options.dataset)
     training = {p.name.removesuffix(".nii.gz") for p in (folder / "labelsTr").glob("*.nii.gz")}
@@ -241,11 +241,11 @@ def _nnunet_env(workdir: Path, options: TrainOptions) -> dict[str, str]:
 def _run_job(job: dict, workdir: Path, options: TrainOptions, say: Reporter) -> dict:
     job_file = workdir / "job.json"
     job_file.write_text(json.dumps(job, indent=2), encoding="utf-8")
-    command = [sys.executable, "-u", "-m", "models.nnunet_job", str(job_file)]
+    command = [sys.executable, "-u", "-m", "segnode.models.nnunet_job", str(job_file)]
     tail: list[str] = []
     result: dict | None = None
     process = subprocess.Popen(command, env=_nnunet_env(workdir, options), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+                               stderr=subprocess.STDOUT, text=True, cwd=str(workdir))
     try:
         assert process.stdout is not None
         for line in process.stdout:
@@ -300,7 +300,7 @@ def _training_log(run_folder: Path, fold: str) -> dict:
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    from models.weights import hash_tree
+    from segnode.models.weights import hash_tree
 
     return hash_tree(folder)
 
@@ -372,9 +372,9 @@ def evaluate_model_folder(model_folder: Path, dataset_folder: Path, out_dir: Pat
 
     Returns ``(Evaluation, PredictionStats)``.
     """
-    from models.evaluate import CaseInput, evaluate_cases
-    from models.predict_cases import model_labels, predict_folder
-    from models.segmentation_io import load_labels_file, read_segmentation
+    from segnode.models.evaluate import CaseInput, evaluate_cases
+    from segnode.models.predict_cases import model_labels, predict_folder
+    from segnode.models.segmentation_io import load_labels_file, read_segmentation
 
     pred_dir = out_dir / "predictions"
     stats = predict_folder(model_folder, dataset_folder / f"images{split}", pred_dir, device=device, threads=threads)
@@ -394,15 +394,15 @@ def read_image(path: Path):
     """A CT NIfTI as ``(array [k, j, i], Grid)`` for the overlay pictures."""
     import nibabel as nib
 
-    from models.io_nifti import volume_from_nifti
-    from models.segmentation_io import Grid
+    from segnode.models.io_nifti import volume_from_nifti
+    from segnode.models.segmentation_io import Grid
 
     volume = volume_from_nifti(nib.load(path))
     return volume.hu, Grid.of_volume(volume)
 
 
 def metrics_block(evaluation, stats) -> dict:
-    from models.evaluate import summarise
+    from segnode.models.evaluate import summarise
 
     return {
         "cases": len(evaluation.results),
@@ -419,11 +419,11 @@ def metrics_block(evaluation, stats) -> dict:
 
 def train(options: TrainOptions, say: Reporter | None = None) -> TrainResult:
     """Export, train, evaluate and register; see the module docstring."""
-    from models.device import resolve_device
-    from models.weights import Kind, import_weights, model_path, split_finetuned, weights_root
-    from storage.dataset import DatasetStore
-    from storage.export_nnunet import parse_ref
-    from storage.manifest import rows_hash
+    from segnode.models.device import resolve_device
+    from segnode.models.weights import Kind, import_weights, model_path, split_finetuned, weights_root
+    from segnode.storage.dataset import DatasetStore
+    from segnode.storage.export_nnunet import parse_ref
+    from segnode.storage.manifest import rows_hash
 
     say = say or (lambda message: logger.info("%s", message))
     started = time.perf_counter()

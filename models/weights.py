@@ -41,12 +41,12 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from node.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
-from profiles.schema import Backend
+from segnode.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
+from segnode.profiles.schema import Backend
 
 if TYPE_CHECKING:  # pragma: no cover
-    from models.base import RunSettings
-    from profiles.schema import Profile
+    from segnode.models.base import RunSettings
+    from segnode.profiles.schema import Profile
 
 logger = logging.getLogger(__name__)
 
@@ -451,7 +451,7 @@ class ModelFolderBackend:
 
     def cache_key(self, profile: Profile, settings: RunSettings) -> str:
         """What makes a loaded model reusable: weights, device, budget, options, tissues."""
-        from models.device import resolve_device
+        from segnode.models.device import resolve_device
 
         record = self.record(profile, settings)
         options = getattr(profile.options, self.name.value)

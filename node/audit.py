@@ -57,8 +57,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.errors import StorageError
-from node.opsdb import Event, OpsDB, StageSpan, stage_spans
+from segnode.errors import StorageError
+from segnode.node.opsdb import Event, OpsDB, StageSpan, stage_spans
 
 logger = logging.getLogger(__name__)
 

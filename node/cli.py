@@ -14,20 +14,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from node.errors import SegnodeError
+from segnode.errors import SegnodeError
 
 logger = logging.getLogger(__name__)
 
 #: modules that provide ``register(subparsers)``; each adds its subcommands.
 COMMAND_MODULES = (
-    "node.cli_run",
-    "profiles.cli",
-    "routing.cli",
-    "node.cli_serve",
-    "storage.cli",
-    "models.cli_evaluate",
-    "models.cli",
-    "models.cli_train",
+    "segnode.node.cli_run",
+    "segnode.profiles.cli",
+    "segnode.node.cli_route",
+    "segnode.node.cli_serve",
+    "segnode.storage.cli",
+    "segnode.models.cli_evaluate",
+    "segnode.models.cli",
+    "segnode.models.cli_train",
 )
 
 
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbosity: int, as_json: bool = False) -> None:
-    from node.logs import configure
+    from segnode.node.logs import configure
 
     configure(verbosity, as_json)
 

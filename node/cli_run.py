@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from models.base import RunSettings
-from node.pipeline import PipelineRequest, run_pipeline
-from node.seg_writer import OutputFormat, SegType
-from profiles import Backend
+from segnode.models.base import RunSettings
+from segnode.node.pipeline import PipelineRequest, run_pipeline
+from segnode.node.seg_writer import OutputFormat, SegType
+from segnode.profiles import Backend
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -12,16 +12,21 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from node.config import NodeConfig, load_config
-from node.errors import DispatchError, StorageError
-from storage.index import Index, JobState
+from segnode.cliargs import group_option
+from segnode.errors import DispatchError, StorageError
+from segnode.node.config import NodeConfig, load_config
+from segnode.storage.index import Index, JobState
 
 logger = logging.getLogger(__name__)
 
 
+CONFIG_OPTIONS = {"--config": "node YAML config (default: embedded defaults)",
+                  "--state-dir": "override the config's state_dir"}
+
+
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="node YAML config (default: embedded defaults)")
-    parser.add_argument("--state-dir", type=Path, help="override the config's state_dir")
+    for flag, text in CONFIG_OPTIONS.items():
+        parser.add_argument(flag, type=Path, help=text)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,18 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     jobs = sub.add_parser("jobs", help="list, show or retry jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
     p = jsub.add_parser("list", help="latest jobs")
-    _config_args(p)
     p.add_argument("--state", choices=[s.value for s in JobState])
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_jobs_list)
     p = jsub.add_parser("show", help="one job with its history and deliveries")
-    _config_args(p)
     p.add_argument("job_id", type=int)
     p.set_defaults(func=cmd_jobs_show)
     p = jsub.add_parser("retry", help="re-run a failed job, resend a dead-lettered one, re-route a not-routed one")
-    _config_args(p)
     p.add_argument("job_id", type=int)
     p.set_defaults(func=cmd_jobs_retry)
+    for flag, text in CONFIG_OPTIONS.items():  # before or after the verb
+        group_option(jobs, jsub, flag, type=Path, help=text)
 
     p = sub.add_parser("echo", help="C-ECHO a configured destination")
     _config_args(p)
@@ -85,19 +89,20 @@ def _log_to_file(config: NodeConfig) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.ops import Ops
-    from node.service import Service
+    from segnode.node.ops import Ops
+    from segnode.node.service import Service, private_state_dir
 
     config = _load(args)
     if args.port is not None:
         config = config.model_copy(update={"port": args.port})
+    private_state_dir(config.state_dir)  # before anything is made inside it (the log folder first)
     _log_to_file(config)
     service = Service(config)
     ops = Ops(service)  # audit log, metrics, HTTP API and status page (node/ops.py)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    from routing import install_sighup
+    from segnode.routing import install_sighup
 
     install_sighup(service.rules)  # kill -HUP: re-read the routes file
     port = service.start()
@@ -175,7 +180,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from node.dispatch import echo
+    from segnode.node.dispatch import echo
 
     config = _load(args)
     result = echo(config.destination(args.destination), calling_ae=config.ae_title,

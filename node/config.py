@@ -16,9 +16,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from node.errors import ConfigError
-from node.ops_config import AuditConfig, HttpConfig
-from node.yamlconf import Frozen, load_model
+from segnode.errors import ConfigError
+from segnode.node.ops_config import AuditConfig, HttpConfig
+from segnode.yamlconf import Frozen, load_model
 
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.+*/:")
 

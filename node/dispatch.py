@@ -22,8 +22,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from node.config import Destination, NodeConfig
-from node.errors import DispatchError
+from segnode.errors import DispatchError
+from segnode.node.config import Destination, NodeConfig
 
 logger = logging.getLogger(__name__)
 

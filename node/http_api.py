@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from node.errors import ConfigError, SegnodeError, StorageError
-from node.ops_config import HttpConfig
-from node.opsdb import FAILURE_STATES, OpsDB, stage_totals
-from storage.index import JobState
-from storage.uids import is_valid_uid
+from segnode.errors import ConfigError, SegnodeError, StorageError
+from segnode.node.ops_config import HttpConfig
+from segnode.node.opsdb import FAILURE_STATES, OpsDB, stage_totals
+from segnode.storage.index import JobState
+from segnode.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -234,12 +234,12 @@ class OpsApp:
         return Response(HTTPStatus.OK, self.status_page().encode("utf-8"), "text/html; charset=utf-8")
 
     def get_metrics(self, req: Request) -> Response:
-        from node.metrics import CONTENT_TYPE
+        from segnode.node.metrics import CONTENT_TYPE
 
         return Response(HTTPStatus.OK, self.metrics(), CONTENT_TYPE)
 
     def openapi(self, req: Request) -> Response:
-        from node.openapi import document_bytes
+        from segnode.node.openapi import document_bytes
 
         return Response(HTTPStatus.OK, document_bytes())
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,3 +38,10 @@ def configure(verbosity: int = 0, as_json: bool = False) -> None:
     root.setLevel(level)
     for noisy in ("pynetdicom", "highdicom", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: object = None, line: str | None = None) -> None:
+    """Libraries' warnings (highdicom's person-name form, ...) go to the log at DEBUG, not to the operator."""
+    logging.getLogger("py.warnings").debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno)

@@ -42,8 +42,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pynetdicom import evt
 
-from node.opsdb import STAGES, OpsDB, StageSpan
-from storage.index import JobState
+from segnode.node.opsdb import STAGES, OpsDB, StageSpan
+from segnode.storage.index import JobState
 
 logger = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 
-from node.config import NodeConfig
-from node.scp import CT_FAMILY, MAX_CONTROL_PDU, TRANSFER_SYNTAXES, RunningSCP, StoreHandler, StoreRequest
+from segnode.node.config import NodeConfig
+from segnode.node.scp import CT_FAMILY, MAX_CONTROL_PDU, TRANSFER_SYNTAXES, RunningSCP, StoreHandler, StoreRequest
 
 logger = logging.getLogger(__name__)
 

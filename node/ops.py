@@ -18,13 +18,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from node.audit import AuditFollower, AuditLog
-from node.config import NodeConfig
-from node.errors import ConfigError, StorageError
-from node.http_api import OpsApp, RunningHTTP, start_http
-from node.metrics import NodeMetrics
-from node.opsdb import OpsDB
-from node.status_page import render_status
+from segnode.errors import ConfigError, StorageError
+from segnode.node.audit import AuditFollower, AuditLog
+from segnode.node.config import NodeConfig
+from segnode.node.http_api import OpsApp, RunningHTTP, start_http
+from segnode.node.metrics import NodeMetrics
+from segnode.node.opsdb import OpsDB
+from segnode.node.status_page import render_status
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def dataset_store_root(config: NodeConfig) -> Path:
     ``dataset_store`` if it appears, else ``$SEGNODE_DATASET_STORE`` (as
     ``segnode dataset`` does), else ``<state_dir>/datasets``.
     """
-    from storage.cli import STORE_ENV
+    from segnode.storage.cli import STORE_ENV
 
     root = getattr(config, "dataset_store", None) or os.environ.get(STORE_ENV)
     return Path(root) if root else config.state_dir / "datasets"
@@ -50,7 +50,7 @@ def datasets_summary(root: Path) -> dict[str, Any]:
     """Datasets, case counts by label status, and frozen versions of the store at ``root``."""
     if not (root / "store.json").is_file():
         return {"store": str(root), "exists": False, "datasets": [], "quarantined": 0}
-    from storage.dataset import DatasetStore
+    from segnode.storage.dataset import DatasetStore
 
     store = DatasetStore.open_read_only(root)
     out = []
@@ -132,8 +132,8 @@ class Ops:
         return self.follower.alive, str(self.audit.path)
 
     def validate_rules(self, path: Path) -> list[str]:
-        from profiles.loader import profile_paths
-        from routing import load_rules
+        from segnode.profiles.loader import profile_paths
+        from segnode.routing import load_rules
 
         rules = load_rules(path, profiles=tuple(profile_paths()),
                            destinations=tuple(d.name for d in self.config.destinations))

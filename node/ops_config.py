@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from node.yamlconf import Frozen
+from segnode.yamlconf import Frozen
 
 
 class HttpConfig(Frozen):

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.errors import StorageError
-from storage.index import JobState
+from segnode.errors import StorageError
+from segnode.storage.index import JobState
 
 STAGES = ("ingest", "queue", "segment", "dispatch")
 

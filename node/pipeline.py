@@ -16,13 +16,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from models.base import LoadedModel, RunSettings
-from models.registry import get_backend
-from models.volume import LabelMap, Volume
-from node.errors import BackendError, EncodeError, WeightsNotInstalledError
-from node.seg_writer import OutputFormat, SegType, write_nifti, write_seg
-from node.series import load_series
-from profiles import Backend, Profile, load_profile
+from segnode.errors import BackendError, EncodeError, WeightsNotInstalledError
+from segnode.models.base import LoadedModel, RunSettings
+from segnode.models.registry import get_backend
+from segnode.models.series import load_series
+from segnode.models.volume import LabelMap, Volume
+from segnode.node.seg_writer import OutputFormat, SegType, write_nifti, write_seg
+from segnode.profiles import Backend, Profile, load_profile
 
 logger = logging.getLogger(__name__)
 

@@ -29,10 +29,10 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 
-from node.config import NodeConfig
-from node.scp import IngestStats, RunningSCP, start_scp
-from storage.index import Index
-from storage.spool import Spool
+from segnode.node.config import NodeConfig
+from segnode.node.scp import IngestStats, RunningSCP, start_scp
+from segnode.storage.index import Index
+from segnode.storage.spool import Spool
 
 logger = logging.getLogger(__name__)
 

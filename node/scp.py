@@ -45,26 +45,26 @@ from typing import TYPE_CHECKING, Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from node.config import NodeConfig
-from node.dicom_header import read_header
-from node.errors import InputError, StorageError
-from storage.index import Index, InstanceRecord
-from storage.part10 import dataset_check, file_prefix
-from storage.spool import Spool
-from storage.uids import check_uid
+from segnode.errors import InputError, StorageError
+from segnode.node.config import NodeConfig
+from segnode.node.dicom_header import read_header
+from segnode.storage.index import Index, InstanceRecord
+from segnode.storage.part10 import dataset_check, file_prefix
+from segnode.storage.spool import Spool
+from segnode.uids import check_uid
 
 if TYPE_CHECKING:
-    from node.native_scp import NativeServer
+    from segnode.node.native_scp import NativeServer
 
 logger = logging.getLogger(__name__)
 
@@ -587,7 +587,7 @@ def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener
     handler = StoreHandler(config, spool, index, listener)
     if config.limits.receiver == "native":
         if config.tls is None:
-            from node.native_scp import start_native_scp  # it builds on this module
+            from segnode.node.native_scp import start_native_scp  # it builds on this module
 
             return start_native_scp(config, handler, reuse_port=reuse_port)
         logger.info("limits.receiver is 'native', but TLS is configured: the pynetdicom receiver serves "

@@ -28,10 +28,10 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
-from models.volume import LabelMap, Volume
-from node import __version__
-from node.errors import EncodeError
-from profiles.schema import Code, Profile, Tissue
+from segnode import __version__
+from segnode.errors import EncodeError
+from segnode.models.volume import LabelMap, Volume
+from segnode.profiles.schema import Code, Profile, Tissue
 
 logger = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import dcmread
 
-from node.config import NodeConfig
-from node.dispatch import backoff_s, deliver
-from node.errors import ConfigError, SegnodeError
-from node.receivers import ReceiverPool
-from node.scp import Listener, RunningSCP, start_scp
-from node.worker import JobSpec, run_job
-from storage.index import Index, Job, JobState
-from storage.recovery import reindex_spool
-from storage.spool import Spool
+from segnode.errors import ConfigError, SegnodeError
+from segnode.node.config import NodeConfig
+from segnode.node.dispatch import backoff_s, deliver
+from segnode.node.receivers import ReceiverPool
+from segnode.node.scp import Listener, RunningSCP, start_scp
+from segnode.node.worker import JobSpec, run_job
+from segnode.storage.index import Index, Job, JobState
+from segnode.storage.recovery import reindex_spool
+from segnode.storage.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,14 @@ SENDER = "@sender"
 
 
 def _rules_holder(config: NodeConfig) -> Any:
-    from profiles.loader import profile_paths
-    from routing import RulesHolder
+    from segnode.profiles.loader import profile_paths
+    from segnode.routing import RulesHolder
 
     return RulesHolder(config.routes, profiles=tuple(profile_paths()),
                        destinations=tuple(d.name for d in config.destinations))
 
 
-def _private_state_dir(folder: Path) -> None:
+def private_state_dir(folder: Path) -> None:
     """Create the state folder for its owner only; warn if an existing one lets others in.
 
     It holds the spool, that is patient data as received.
@@ -74,7 +74,7 @@ class Service:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        _private_state_dir(config.state_dir)
+        private_state_dir(config.state_dir)
         self.spool = Spool(config.spool_dir)
         self.index = Index(config.index_path)
         self.rules = _rules_holder(config)

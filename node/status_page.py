@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from node.opsdb import FAILURE_STATES, STAGES, OpsDB, percentile, stage_spans, stage_totals
-from storage.index import JobState
+from segnode.node.opsdb import FAILURE_STATES, STAGES, OpsDB, percentile, stage_spans, stage_totals
+from segnode.storage.index import JobState
 
 #: how many of the latest jobs the latency table is computed over.
 LATENCY_WINDOW = 500

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from node.errors import SegnodeError
+from segnode.errors import SegnodeError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class WorkerProcess:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.worker", "--serve"],
+            [sys.executable, "-m", "segnode.node.worker", "--serve"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
         )
 
@@ -217,8 +217,8 @@ def _exit_with_parent() -> None:
 
 def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
     """Run the pipeline for ``spec`` in this process; return the result record."""
-    from models.base import RunSettings
-    from node.pipeline import PipelineRequest, run_pipeline
+    from segnode.models.base import RunSettings
+    from segnode.node.pipeline import PipelineRequest, run_pipeline
 
     settings = RunSettings(device=spec.device, threads=spec.threads,
                            weights_dir=Path(spec.weights_dir) if spec.weights_dir else None,
@@ -245,8 +245,9 @@ def harvest(spec: JobSpec, result: Any) -> dict[str, str]:
     Harvesting never fails the clinical job: the SEG still goes to the PACS;
     a quarantined series or a store error is reported in the result.
     """
-    from storage.dataset import DatasetStore, harvest as harvest_case
-    from storage.pseudonyms import load_secret
+    from segnode.storage.dataset import DatasetStore
+    from segnode.storage.dataset import harvest as harvest_case
+    from segnode.storage.pseudonyms import load_secret
 
     record = {"dataset": str(spec.harvest)}
     try:
@@ -285,9 +286,8 @@ def run_one(spec_path: Path, cache: Any) -> int:
 
 def serve(lines: Any = None) -> int:
     """Worker loop: a spec path per input line, ``done`` per output line, until EOF."""
-    from models.cache import ModelCache
-
-    from node.logs import configure
+    from segnode.models.cache import ModelCache
+    from segnode.node.logs import configure
 
     replies = os.fdopen(os.dup(1), "w")  # the protocol channel; fd 1 itself goes to job logs
     configure(1)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args == ["--serve"]:
         return serve()
-    from node.logs import configure
+    from segnode.node.logs import configure
 
     configure(1)
     return run_one(Path(args[0]), cache=None)  # one job, from the command line

@@ -1,7 +1,7 @@
 """Organ profiles: data (``*.yaml``) and their validated schema."""
 
-from profiles.loader import load_all, load_profile, load_profile_file, profile_paths
-from profiles.schema import Backend, Code, Profile, Tissue
+from segnode.profiles.loader import load_all, load_profile, load_profile_file, profile_paths
+from segnode.profiles.schema import Backend, Code, Profile, Tissue
 
 __all__ = [
     "Backend", "Code", "Profile", "Tissue",

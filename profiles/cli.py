@@ -6,7 +6,7 @@ import argparse
 
 import yaml
 
-from profiles.loader import load_all, load_profile, profile_paths
+from segnode.profiles.loader import load_all, load_profile, profile_paths
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,9 +7,9 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from node.errors import ConfigError
-from node.yamlconf import read_yaml, validate
-from profiles.schema import Profile
+from segnode.errors import ConfigError
+from segnode.profiles.schema import Profile
+from segnode.yamlconf import read_yaml, validate
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 SNOMED_TABLE = BUILTIN_DIR / "totalsegmentator_snomed_mapping.csv"

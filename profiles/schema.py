@@ -7,7 +7,7 @@ from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
 
-from node.yamlconf import Frozen
+from segnode.yamlconf import Frozen
 
 
 class Backend(str, Enum):

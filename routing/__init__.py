@@ -3,8 +3,8 @@
 ``from routing import RuleSet, Decision, load_rules``; see ``docs/routing.md``.
 """
 
-from routing.matcher import Decision, RuleSet, RuleTrace, load_rules
-from routing.reload import RulesHolder, install_sighup
-from routing.rules import SENDER
+from segnode.routing.matcher import Decision, RuleSet, RuleTrace, load_rules
+from segnode.routing.reload import RulesHolder, install_sighup
+from segnode.routing.rules import SENDER
 
 __all__ = ["SENDER", "Decision", "RuleSet", "RuleTrace", "RulesHolder", "install_sighup", "load_rules"]

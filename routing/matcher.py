@@ -19,7 +19,7 @@ from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 from pydicom.multival import MultiValue
 
-from routing.rules import Action, Condition, Rule, _Operators, host_network, read_rules, resolve_tag
+from segnode.routing.rules import Action, Condition, Rule, _Operators, host_network, read_rules, resolve_tag
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from node.errors import ConfigError
-from routing.matcher import RuleSet, load_rules
+from segnode.errors import ConfigError
+from segnode.routing.matcher import RuleSet, load_rules
 
 logger = logging.getLogger(__name__)
 

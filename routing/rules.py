@@ -23,9 +23,9 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 from pydicom.datadict import keyword_dict, tag_for_keyword
 from pydicom.tag import BaseTag, Tag
 
-from node.errors import ConfigError
-from node.yamlconf import Frozen, _line_of, read_yaml, validate
-from profiles.schema import Backend
+from segnode.errors import ConfigError
+from segnode.profiles.schema import Backend
+from segnode.yamlconf import Frozen, _line_of, read_yaml, validate
 
 #: the destination that means "back to the sender's configured AE".
 SENDER = "@sender"
@@ -192,7 +192,7 @@ class Condition(_Operators):
 
 def _dataset_name(name: str) -> str:
     """The dataset store's own naming rule (names become nnU-Net dataset names)."""
-    from storage.dataset import check_dataset_name
+    from segnode.storage.dataset import check_dataset_name
 
     try:
         return check_dataset_name(name)

@@ -14,13 +14,14 @@ import json
 import os
 from pathlib import Path
 
-from node.errors import ConfigError
-from storage.dataset import DatasetStore
-from storage.export_nnunet import export_nnunet
-from storage.importers import Layout, import_path, summary
-from storage.labels import parse_label_mapping
-from storage.manifest import LabelStatus
-from storage.pseudonyms import SECRET_ENV, load_secret
+from segnode.cliargs import group_option
+from segnode.errors import ConfigError
+from segnode.storage.dataset import DatasetStore
+from segnode.storage.export_nnunet import export_nnunet
+from segnode.storage.importers import Layout, import_path, summary
+from segnode.storage.labels import parse_label_mapping
+from segnode.storage.manifest import LabelStatus
+from segnode.storage.pseudonyms import SECRET_ENV, load_secret
 
 STORE_ENV = "SEGNODE_DATASET_STORE"
 DEFAULT_STORE = Path("segnode-datasets")
@@ -28,10 +29,6 @@ DEFAULT_STORE = Path("segnode-datasets")
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("dataset", help="curate the de-identified training dataset store")
-    parser.add_argument("--store", type=Path, default=None,
-                        help=f"store folder (default ${STORE_ENV}, else ./{DEFAULT_STORE})")
-    parser.add_argument("--secret-file", type=Path, default=None,
-                        help=f"HMAC secret for pseudonyms (default ${SECRET_ENV}); never inside the store")
     commands = parser.add_subparsers(dest="dataset_command", required=True)
     commands.add_parser("list", help="datasets, cases and versions").set_defaults(func=_list)
     show = commands.add_parser("show", help="one dataset: labels, cases, versions")
@@ -61,6 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--id", type=int, default=501, help="nnU-Net dataset number (default 501)")
     export.add_argument("--test-fraction", type=float, default=0.2)
     export.set_defaults(func=_export)
+    group_option(parser, commands, "--store", type=Path,
+                 help=f"store folder (default ${STORE_ENV}, else ./{DEFAULT_STORE})")
+    group_option(parser, commands, "--secret-file", type=Path,
+                 help=f"HMAC secret for pseudonyms (default ${SECRET_ENV}); never inside the store")
 
 
 def _root(args: argparse.Namespace) -> Path:

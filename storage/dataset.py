@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.errors import ConfigError, InputError, StorageError
-from storage import nifti
-from storage.deid import Deidentifier, burned_in_reason, read_dicom
-from storage.deid_table import Option
-from storage.labels import seg_to_labels, translate
-from storage.manifest import (
+from segnode.errors import ConfigError, InputError, StorageError
+from segnode.storage import nifti
+from segnode.storage.deid import Deidentifier, burned_in_reason, read_dicom
+from segnode.storage.deid_table import Option
+from segnode.storage.labels import seg_to_labels, translate
+from segnode.storage.manifest import (
     CaseRecord,
     LabelStatus,
     read_json,
@@ -42,7 +42,7 @@ from storage.manifest import (
     sha256_bytes,
     write_json_atomic,
 )
-from storage.pseudonyms import Pseudonymizer, check_secret
+from segnode.storage.pseudonyms import Pseudonymizer, check_secret
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
-from node.errors import InputError
-from storage.deid_table import BASIC_PROFILE_CODE, OPTION_CODES, Action, Option, Table, load_table
-from storage.pseudonyms import Pseudonymizer
+from segnode.errors import InputError
+from segnode.storage.deid_table import BASIC_PROFILE_CODE, OPTION_CODES, Action, Option, Table, load_table
+from segnode.storage.pseudonyms import Pseudonymizer
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from enum import Enum
 from functools import lru_cache
 from importlib import resources
 
-from node.errors import ConfigError
+from segnode.errors import ConfigError
 
 TABLE_FILE = "confidentiality_profile_attributes.json"
 
@@ -169,11 +169,11 @@ def parse_table(rows: list[dict[str, str]]) -> Table:
 @lru_cache(maxsize=1)
 def load_table() -> Table:
     """The vendored table, parsed once."""
-    text = resources.files("storage").joinpath("data", TABLE_FILE).read_text(encoding="utf-8")
+    text = resources.files("segnode.storage").joinpath("data", TABLE_FILE).read_text(encoding="utf-8")
     return parse_table(json.loads(text))
 
 
 def raw_rows() -> list[dict[str, str]]:
     """The vendored rows as JSON objects (for table-driven tests and docs)."""
-    text = resources.files("storage").joinpath("data", TABLE_FILE).read_text(encoding="utf-8")
+    text = resources.files("segnode.storage").joinpath("data", TABLE_FILE).read_text(encoding="utf-8")
     return json.loads(text)

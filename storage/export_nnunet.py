@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from node.errors import ConfigError, InputError, StorageError
-from storage import nifti
-from storage.dataset import DatasetStore, check_dataset_name
-from storage.manifest import CaseRecord, write_json_atomic
+from segnode.errors import ConfigError, InputError, StorageError
+from segnode.storage import nifti
+from segnode.storage.dataset import DatasetStore, check_dataset_name
+from segnode.storage.manifest import CaseRecord, write_json_atomic
 
 logger = logging.getLogger(__name__)
 

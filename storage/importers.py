@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from node.errors import InputError
-from storage import nifti
-from storage.dataset import CaseInput, DatasetStore, QuarantinedError, deidentified_case
-from storage.deid import read_dicom
-from storage.labels import apply_mapping, tissue_name
-from storage.manifest import CaseRecord, LabelStatus
+from segnode.errors import InputError
+from segnode.storage import nifti
+from segnode.storage.dataset import CaseInput, DatasetStore, QuarantinedError, deidentified_case
+from segnode.storage.deid import read_dicom
+from segnode.storage.labels import apply_mapping, tissue_name
+from segnode.storage.manifest import CaseRecord, LabelStatus
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from node.errors import StorageError
+from segnode.errors import StorageError
 
 SCHEMA_VERSION = 1
 

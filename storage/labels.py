@@ -14,7 +14,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.errors import InputError
+from segnode.errors import InputError
 
 
 def tissue_name(label: str) -> str:

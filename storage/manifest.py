@@ -16,7 +16,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from node.errors import StorageError
+from segnode.errors import StorageError
 
 
 class LabelStatus(str, Enum):

@@ -11,7 +11,6 @@ give the same bytes, and so the same content hash.
 from __future__ import annotations
 
 import gzip
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.errors import InputError
+from segnode.errors import InputError
 
 #: LPS (DICOM) → RAS (NIfTI) world axes
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

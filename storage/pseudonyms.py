@@ -14,7 +14,7 @@ import hmac
 import os
 from pathlib import Path
 
-from node.errors import ConfigError
+from segnode.errors import ConfigError
 
 #: environment variable naming the secret file when no path is given
 SECRET_ENV = "SEGNODE_DEID_SECRET_FILE"

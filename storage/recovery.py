@@ -27,11 +27,11 @@ import logging
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.errors import InputError, StorageError
-from storage.index import Index, InstanceRecord
-from storage.part10 import verify
-from storage.spool import Spool
-from storage.uids import check_uid
+from segnode.errors import InputError, StorageError
+from segnode.storage.index import Index, InstanceRecord
+from segnode.storage.part10 import verify
+from segnode.storage.spool import Spool
+from segnode.uids import check_uid
 
 logger = logging.getLogger(__name__)
 

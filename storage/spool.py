@@ -42,8 +42,8 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from node.errors import StorageError
-from storage.uids import check_uid
+from segnode.errors import StorageError
+from segnode.uids import check_uid
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 
-from models.volume import Volume
+from segnode.models.volume import Volume
 
 
 def dciodvfy(path: Path) -> list[str]:

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # pragma: no cover - when run as a script
     sys.path.insert(0, str(REPO))
 
-from models.volume import Volume  # noqa: E402
+from segnode.models.volume import Volume  # noqa: E402
 
 #: bump when a builder changes in a way the parameters below do not show
 FIXTURE_VERSION = "4"
@@ -141,7 +141,7 @@ def _environ(**values: str):
 def _save_nifti(volume: Volume, array: np.ndarray | None, path: Path) -> None:
     import nibabel as nib
 
-    from models.io_nifti import ras_affine, volume_to_nifti
+    from segnode.models.io_nifti import ras_affine, volume_to_nifti
 
     # canonical RAS voxel order, as TotalSegmentator's models were trained (and are fed)
     if array is None:
@@ -201,7 +201,8 @@ def _train(preprocessed: Path) -> Path:
     import torch
     from batchgeneratorsv2.transforms.utils.random import RandomTransform
     from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring import (
-        nnUNetTrainer_4000epochs_NoMirroring)
+        nnUNetTrainer_4000epochs_NoMirroring,
+    )
 
     class TinyTrainer(nnUNetTrainer_4000epochs_NoMirroring):
         """Short CPU training: a few epochs of a few iterations, Adam, no intensity augmentation.
@@ -260,7 +261,10 @@ def build_tiny_nnunet(workdir: Path, n_cases: int = 8) -> Path:
            "nnUNet_n_proc_DA": "1", "nnUNet_compile": "false"}
     with _environ(**env):
         from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-            extract_fingerprints, plan_experiments, preprocess)
+            extract_fingerprints,
+            plan_experiments,
+            preprocess,
+        )
 
         _write_raw_dataset(raw, n_cases)
         extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True,
@@ -335,8 +339,8 @@ def _fitted_monai_state() -> dict:
     import torch
     from monai.losses import DiceCELoss
 
-    from models.monai import labels_to_network_array, to_network_array
-    from profiles.schema import MonaiOptions
+    from segnode.models.monai import labels_to_network_array, to_network_array
+    from segnode.profiles.schema import MonaiOptions
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -431,8 +435,8 @@ def abdomen_profile_file(folder: Path, model_type: str = "nnunet", resolution: s
 
 def import_all(models: dict[str, Path], root: Path) -> Path:
     """Import every tiny model into the weights directory ``root`` with segnode's importer."""
-    from models.weights import import_weights
-    from profiles.schema import Backend
+    from segnode.models.weights import import_weights
+    from segnode.profiles.schema import Backend
 
     if (root / ".complete").exists():
         return root

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from storage.index import Index, InstanceRecord, JobState
+from segnode.storage.index import Index, InstanceRecord, JobState
 
 T0 = 1_700_000_000.0
 STUDY = "1.2.826.0.1.3680043.8.498.1"

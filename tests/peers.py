@@ -17,16 +17,16 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from typing import BinaryIO
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 ROOT = Path(__file__).resolve().parents[1]
-SEGNODE = [sys.executable, "-m", "node.cli"]
+SEGNODE = [sys.executable, "-m", "segnode.node.cli"]
 
 
 def free_port() -> int:

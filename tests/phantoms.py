@@ -13,7 +13,7 @@ patient's left lung (``+x``) stays the left lung whatever the array order.
 * :func:`write_ct_series`: one CT Image Storage file per slice, int16 with a
   rescale intercept, correct IPP/IOP/PixelSpacing, fresh valid UIDs.
 * :func:`read_ct_series`: the inverse, for tests (a minimal reader that trusts
-  its input; the node's own loader is ``node.series``).
+  its input; the node's own loader is ``segnode.models.series``).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
-from models.volume import Volume
+from segnode.models.volume import Volume
 
 AIR_HU = -1000.0
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from node.audit import FIELDS, AuditFollower, AuditLog, last_index_event, read_records
-from node.errors import StorageError
-from node.opsdb import OpsDB
+from segnode.errors import StorageError
+from segnode.node.audit import FIELDS, AuditFollower, AuditLog, last_index_event, read_records
+from segnode.node.opsdb import OpsDB
 from tests.ops_helpers import STUDY, scripted_index
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from models import hu_based
-from models.base import RunSettings
-from models.cache import ModelCache, cache_key
-from models.registry import get_backend
-from node.errors import WeightsError
-from profiles import load_profile
+from segnode.errors import WeightsError
+from segnode.models import hu_based
+from segnode.models.base import RunSettings
+from segnode.models.cache import ModelCache, cache_key
+from segnode.models.registry import get_backend
+from segnode.profiles import load_profile
 
 
 def test_same_profile_and_settings_reuse_the_loaded_model() -> None:

@@ -11,11 +11,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.base import RunSettings
-from models.registry import get_backend
-from node.cli import main
-from node.series import load_series
-from profiles import load_profile
+from segnode.models.base import RunSettings
+from segnode.models.registry import get_backend
+from segnode.models.series import load_series
+from segnode.node.cli import main
+from segnode.profiles import load_profile
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
 from tests.dl_fixtures import abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
 from tests.phantoms import head_phantom, write_ct_series

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from models.io_nifti import labels_from_nifti, ras_affine, volume_from_nifti, volume_to_nifti
-from models.volume import Volume
+from segnode.models.io_nifti import labels_from_nifti, ras_affine, volume_from_nifti, volume_to_nifti
+from segnode.models.volume import Volume
 
 
 def _rotation(deg: float) -> np.ndarray:

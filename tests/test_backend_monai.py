@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.base import RunSettings
-from models.metrics import dice
-from models.monai import BACKEND, from_network_array, labels_to_network_array
-from models.volume import Volume
-from node.errors import WeightsError
-from profiles import load_profile
-from profiles.schema import Profile
+from segnode.errors import WeightsError
+from segnode.models.base import RunSettings
+from segnode.models.metrics import dice
+from segnode.models.monai import BACKEND, from_network_array, labels_to_network_array
+from segnode.models.volume import Volume
+from segnode.profiles import load_profile
+from segnode.profiles.schema import Profile
 from tests.dl_fixtures import TS_LABELS, abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
 
 pytestmark = pytest.mark.slow

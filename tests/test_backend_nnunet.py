@@ -10,18 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.base import RunSettings
-from models.cache import ModelCache
-from models.io_nifti import to_closest_ras, volume_to_nifti
-from models.volume import Volume
-from models.metrics import dice
-from models.nnunet import BACKEND
-from models.weights import import_weights
-from node.errors import BackendError, ConfigError, WeightsError
-from profiles import load_profile
-from profiles.schema import Backend, Profile
-from tests.dl_fixtures import (TS_LABELS, abdomen_profile_file, dl_models, dl_weights,  # noqa: F401
-                               synthetic_case)
+from segnode.errors import BackendError, ConfigError, WeightsError
+from segnode.models.base import RunSettings
+from segnode.models.cache import ModelCache
+from segnode.models.io_nifti import to_closest_ras, volume_to_nifti
+from segnode.models.metrics import dice
+from segnode.models.nnunet import BACKEND
+from segnode.models.volume import Volume
+from segnode.models.weights import import_weights
+from segnode.profiles import load_profile
+from segnode.profiles.schema import Backend, Profile
+from tests.dl_fixtures import TS_LABELS, abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +58,8 @@ def test_segments_the_phantom_with_profile_labels(dl_weights: Path, profile: Pro
 def test_same_labels_as_nnunet_predicting_from_files(dl_weights: Path, dl_models: dict, profile: Profile,
                                                      case: tuple, tmp_path: Path) -> None:
     """segnode's in-memory path equals nnU-Net's own file-based prediction (axes, spacing, resampling)."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     volume, _ = case
     ours = BACKEND.load(profile, _settings(dl_weights)).segment(volume)

@@ -13,17 +13,22 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.base import RunSettings
-from models.io_nifti import volume_to_nifti
-from models.totalsegmentator import (BACKEND, HOME_DIRNAME, _task_config, class_ids, required_folders,
-                                     ts_weights_dir)
-from node.errors import ConfigError, WeightsError
-from node.pipeline import segment_with_fallback, backend_chain
-from profiles import load_profile
-from profiles.schema import Backend, Profile, TotalSegmentatorOptions
-from models.metrics import dice
-from tests.dl_fixtures import (TS_FOLDERS, TS_LABELS, abdomen_profile_file, dl_models, dl_weights,  # noqa: F401
-                               synthetic_case)
+from segnode.errors import ConfigError, WeightsError
+from segnode.models.base import RunSettings
+from segnode.models.io_nifti import volume_to_nifti
+from segnode.models.metrics import dice
+from segnode.models.totalsegmentator import (
+    BACKEND,
+    HOME_DIRNAME,
+    _task_config,
+    class_ids,
+    required_folders,
+    ts_weights_dir,
+)
+from segnode.node.pipeline import backend_chain, segment_with_fallback
+from segnode.profiles import load_profile
+from segnode.profiles.schema import Backend, Profile, TotalSegmentatorOptions
+from tests.dl_fixtures import TS_FOLDERS, TS_LABELS, abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -141,12 +146,12 @@ def test_brain_falls_back_to_hu_based_without_weights(tmp_path: Path, caplog: py
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.phantoms import head_phantom
 
-    monkeypatch.setattr("node.pipeline._not_installed_told", set())
+    monkeypatch.setattr("segnode.node.pipeline._not_installed_told", set())
     profile = load_profile("brain")
     chain = backend_chain(profile, None)
     assert chain == [Backend.TOTALSEGMENTATOR, Backend.HU_BASED]
     phantom = head_phantom()
-    caplog.set_level(logging.INFO, logger="node.pipeline")
+    caplog.set_level(logging.INFO, logger="segnode.node.pipeline")
     for _ in range(2):  # two jobs: weights never imported are a warning once per process, then information
         labels, attempts = segment_with_fallback(phantom.volume, profile, chain, _settings(tmp_path / "empty"))
     assert labels.backend == "hu_based"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from node.cli import main
-from node.series import load_series
+from segnode.models.series import load_series
+from segnode.node.cli import main
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.cli import main
-from node.errors import ConfigError, InputError, StorageError
-from storage.dataset import DatasetStore, QuarantinedError, harvest
-from storage.labels import seg_to_labels
-from storage.manifest import LabelStatus
+from segnode.errors import ConfigError, InputError, StorageError
+from segnode.node.cli import main
+from segnode.storage.dataset import DatasetStore, QuarantinedError, harvest
+from segnode.storage.labels import seg_to_labels
+from segnode.storage.manifest import LabelStatus
 from tests.deid_study import make_canary_study, make_seg
 from tests.dicomtools import dciodvfy
 

@@ -12,11 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from node.cli import main
-from node.errors import ConfigError, InputError
-from storage.dataset import DatasetStore, harvest
-from storage.export_nnunet import export_nnunet, split_patients
-from storage.importers import import_path
+from segnode.errors import ConfigError, InputError
+from segnode.node.cli import main
+from segnode.storage.dataset import DatasetStore, harvest
+from segnode.storage.export_nnunet import export_nnunet, split_patients
+from segnode.storage.importers import import_path
 from tests.deid_study import make_canary_study, make_seg
 
 SECRET = b"export-test-secret-0123"

@@ -13,11 +13,11 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 
-from node.errors import ConfigError
-from storage.deid import Deidentifier, burned_in_reason, shift_date
-from storage.deid_table import Action, Option, load_table, raw_rows, resolve_combined
-from storage.pseudonyms import Pseudonymizer, load_secret
-from storage.uids import is_valid_uid
+from segnode.errors import ConfigError
+from segnode.storage.deid import Deidentifier, burned_in_reason, shift_date
+from segnode.storage.deid_table import Action, Option, load_table, raw_rows, resolve_combined
+from segnode.storage.pseudonyms import Pseudonymizer, load_secret
+from segnode.uids import is_valid_uid
 
 SECRET = b"0123456789abcdef-test-secret"
 #: PatientID, PatientName, AccessionNumber carry pseudonyms (checked separately)

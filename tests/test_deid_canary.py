@@ -20,10 +20,10 @@ import pydicom
 import pytest
 from pydicom.charset import encode_string
 
-from node.errors import InputError
-from storage.dataset import DatasetStore, QuarantinedError, harvest
-from storage.deid import write_dicom
-from storage.deid_table import Action
+from segnode.errors import InputError
+from segnode.storage.dataset import DatasetStore, QuarantinedError, harvest
+from segnode.storage.deid import write_dicom
+from segnode.storage.deid_table import Action
 from tests.deid_study import make_canary_study, make_seg
 
 SECRET = b"canary-secret-0123456789"

@@ -9,7 +9,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
-from node.dicom_header import WANTED, HeaderError, read_header
+from segnode.node.dicom_header import WANTED, HeaderError, read_header
 
 DATA = Path(__file__).parent / "data"
 FILES = sorted(p for p in DATA.rglob("*.dcm") if p.stat().st_size < 8_000_000)
@@ -90,7 +90,7 @@ def test_hand_encoded_file_meta_equals_pydicoms(sop_uid: str, source_ae: str, ch
 
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-    from storage.part10 import CHECK_CREATOR_UID, dataset_check, file_prefix
+    from segnode.storage.part10 import CHECK_CREATOR_UID, dataset_check, file_prefix
 
     meta = create_file_meta(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop_uid,
                             transfer_syntax="1.2.840.10008.1.2.1")

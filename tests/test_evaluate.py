@@ -11,12 +11,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from models.evaluate import evaluate_case, pair_segments, parse_map, read_csv, summarise, write_csv
-from models.metrics import dice, hausdorff_percentile
-from models.segmentation_io import LPS_TO_RAS, Grid, read_segmentation
-from node.cli import main
-from node.errors import InputError
-from node.series import load_series
+from segnode.errors import InputError
+from segnode.models.evaluate import evaluate_case, pair_segments, parse_map, read_csv, summarise, write_csv
+from segnode.models.metrics import dice, hausdorff_percentile
+from segnode.models.segmentation_io import LPS_TO_RAS, Grid, read_segmentation
+from segnode.models.series import load_series
+from segnode.node.cli import main
 
 LABELS = Path(__file__).resolve().parent / "data" / "thorax_cta_labels"
 LIVER = Path(__file__).resolve().parent / "data" / "liver_3slice"
@@ -180,7 +180,7 @@ def test_no_common_segments_is_an_input_error():
 
 
 def _two_label(aorta):
-    from models.segmentation_io import labelmap_segmentation
+    from segnode.models.segmentation_io import labelmap_segmentation
 
     array = aorta.mask("aorta").astype(np.uint8)
     return labelmap_segmentation(array, {1: "foo", 2: "bar"}, aorta.grid, "two labels")

@@ -10,15 +10,15 @@ import types
 import numpy as np
 import pytest
 
-from node.audit import read_records
-from node.config import NodeConfig
-from node.errors import ConfigError
-from node.http_api import start_http, token_matches
-from node.ops import Ops, audit_path
-from node.ops_config import HttpConfig
-from node.scp import start_scp
-from routing import RulesHolder
-from storage.spool import Spool
+from segnode.errors import ConfigError
+from segnode.node.audit import read_records
+from segnode.node.config import NodeConfig
+from segnode.node.http_api import start_http, token_matches
+from segnode.node.ops import Ops, audit_path
+from segnode.node.ops_config import HttpConfig
+from segnode.node.scp import start_scp
+from segnode.routing import RulesHolder
+from segnode.storage.spool import Spool
 from tests.ops_helpers import STUDY, http, json_of, scripted_index
 
 TOKEN = "s3cret-token-0123456789abcdef"
@@ -278,8 +278,8 @@ def test_datasets_without_and_with_a_store(api, monkeypatch, tmp_path):
     monkeypatch.setenv("SEGNODE_DATASET_STORE", str(tmp_path / "store"))
     assert json_of(http(url + "/api/v1/datasets")) == {"store": str(tmp_path / "store"), "exists": False,
                                                        "datasets": [], "quarantined": 0}
-    from storage.dataset import CaseInput, DatasetStore
-    from storage.manifest import LabelStatus
+    from segnode.storage.dataset import CaseInput, DatasetStore
+    from segnode.storage.manifest import LabelStatus
 
     store = DatasetStore.open(tmp_path / "store", b"k" * 32)
     store.add_case(CaseInput(case_id="C0123456789ABCDE", dataset="lungs", patient="P1",

@@ -16,14 +16,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.base import RunSettings
-from models.hu_based import BACKEND, VERSION, HuBasedModel
-from models.metrics import dice
-from models.volume import Volume
-from node.errors import ConfigError
-from node.series import load_series
-from profiles.loader import load_profile
-from profiles.schema import Backend
+from segnode.errors import ConfigError
+from segnode.models.base import RunSettings
+from segnode.models.hu_based import BACKEND, VERSION, HuBasedModel
+from segnode.models.metrics import dice
+from segnode.models.series import load_series
+from segnode.models.volume import Volume
+from segnode.profiles.loader import load_profile
+from segnode.profiles.schema import Backend
 from tests.phantoms import (
     flipped_rows,
     head_phantom,
@@ -193,7 +193,7 @@ def cta() -> Volume:
 
 @pytest.fixture(scope="module")
 def upper_abdomen() -> Volume:
-    # node.series refuses this series (its UIDs are empty, so no SEG could reference it);
+    # models.series refuses this series (its UIDs are empty, so no SEG could reference it);
     # the pixels and geometry are fine for measuring the segmentation.
     return read_ct_series(DATA / "upper_abdomen")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import StorageError
-from storage.index import DeliveryState, Index, InstanceRecord, JobState
+from segnode.errors import StorageError
+from segnode.storage.index import DeliveryState, Index, InstanceRecord, JobState
 
 
 class Clock:

@@ -10,13 +10,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
-from node.config import AllowedSender, NodeConfig
-from node.metrics import store_rejection_reason
-from node.ops import Ops, audit_path
-from node.scp import start_scp
-from routing import RulesHolder
-from storage.index import Index, JobState
-from storage.spool import Spool
+from segnode.node.config import AllowedSender, NodeConfig
+from segnode.node.metrics import store_rejection_reason
+from segnode.node.ops import Ops, audit_path
+from segnode.node.scp import start_scp
+from segnode.routing import RulesHolder
+from segnode.storage.index import Index, JobState
+from segnode.storage.spool import Spool
 from tests.ops_helpers import http, scripted_index
 from tests.peers import store_statuses, storescu
 

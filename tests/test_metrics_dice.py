@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import dice, hausdorff_percentile, segment_metrics, surface
+from segnode.models.metrics import dice, hausdorff_percentile, segment_metrics, surface
 
 
 def _ball(shape, centre, radius, spacing=(1.0, 1.0, 1.0)):

@@ -14,12 +14,12 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from node.config import NodeConfig
-from node.native_scp import NativeServer
-from node.scp import RunningSCP, start_scp
-from storage.index import Index
-from storage.spool import Spool
-from tests.peers import DCMTK_ENV, storescu, store_statuses
+from segnode.node.config import NodeConfig
+from segnode.node.native_scp import NativeServer
+from segnode.node.scp import RunningSCP, start_scp
+from segnode.storage.index import Index
+from segnode.storage.spool import Spool
+from tests.peers import DCMTK_ENV, store_statuses, storescu
 
 DATA = Path(__file__).parent / "data"
 THORAX = DATA / "thorax_cta"
@@ -178,8 +178,8 @@ def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from node import native_scp
-    from node.native_scp import DatasetBuffer
+    from segnode.node import native_scp
+    from segnode.node.native_scp import DatasetBuffer
 
     monkeypatch.setattr(native_scp, "SPILL_BYTES", 3 << 20)
     buffer = DatasetBuffer(tmp_path)
@@ -202,7 +202,7 @@ def test_a_large_instance_received_through_the_spill_path_is_stored_whole(tmp_pa
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 
-    from node import native_scp
+    from segnode.node import native_scp
 
     monkeypatch.setattr(native_scp, "SPILL_BYTES", 1 << 20)
     spilled: list[int] = []

@@ -16,9 +16,17 @@ import pytest
 import yaml
 from pydicom import dcmread
 
-from storage.index import DeliveryState, Index, JobState
+from segnode.storage.index import DeliveryState, Index, JobState
 from tests.peers import (
-    DCMTK_ENV, NodeProcess, free_port, node, orthanc, storescp, storescu, store_statuses, wait_until,
+    DCMTK_ENV,
+    NodeProcess,
+    free_port,
+    node,
+    orthanc,
+    store_statuses,
+    storescp,
+    storescu,
+    wait_until,
     write_node_config,
 )
 from tests.phantoms import thorax_phantom, write_ct_series
@@ -195,7 +203,7 @@ def _worker_pid(node_pid: int) -> int | None:
                 parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if b"node.worker" in cmd and parent == node_pid:
+            if b"segnode.node.worker" in cmd and parent == node_pid:
                 return int(proc.name)
     return None
 

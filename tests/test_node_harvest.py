@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from storage.dataset import DatasetStore
-from storage.index import Index, JobState
+from segnode.storage.dataset import DatasetStore
+from segnode.storage.index import Index, JobState
 from tests.peers import node, store_statuses, storescu, wait_until, write_node_config
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"

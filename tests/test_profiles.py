@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from node.cli import main
-from node.errors import ConfigError
-from profiles import Backend, load_all, load_profile, load_profile_file
+from segnode.errors import ConfigError
+from segnode.node.cli import main
+from segnode.profiles import Backend, load_all, load_profile, load_profile_file
 
 GOOD = """\
 organ: {organ}

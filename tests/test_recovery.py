@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from node.config import NodeConfig
-from node.scp import start_scp
-from storage.index import Index, JobState
-from storage.recovery import UNKNOWN_HOST, reindex_spool
-from storage.spool import Spool
-from tests.peers import storescu, store_statuses
+from segnode.node.config import NodeConfig
+from segnode.node.scp import start_scp
+from segnode.storage.index import Index, JobState
+from segnode.storage.recovery import UNKNOWN_HOST, reindex_spool
+from segnode.storage.spool import Spool
+from tests.peers import store_statuses, storescu
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 
@@ -59,7 +59,7 @@ def test_a_file_whose_uids_differ_from_its_path_is_left_alone(tmp_path: Path) ->
 def spool_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Unnamed temporary files (O_TMPFILE, the default where the file system has them), or named ones."""
     if request.param == "named":
-        monkeypatch.setattr("storage.spool._O_TMPFILE", 0)
+        monkeypatch.setattr("segnode.storage.spool._O_TMPFILE", 0)
     return str(request.param)
 
 
@@ -110,7 +110,7 @@ def test_a_file_with_the_earlier_crc32_check_still_verifies(tmp_path: Path) -> N
     import struct
     import zlib
 
-    from storage.part10 import CHECK_CREATOR_UID, file_prefix, verify
+    from segnode.storage.part10 import CHECK_CREATOR_UID, file_prefix, verify
 
     dataset = (THORAX / "CT0001.dcm").read_bytes()[-200_000:]  # any bytes: verify() reads no element
     old = struct.pack("<4sQL", b"SNC1", len(dataset), zlib.crc32(dataset))
@@ -125,7 +125,7 @@ def _self_checked(spool: Spool, source: Path) -> tuple[Path, bytes]:
     """Spool ``source`` as the SCP does: hand-made prefix with the self-check, then the dataset."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
-    from storage.part10 import dataset_check, file_prefix
+    from segnode.storage.part10 import dataset_check, file_prefix
 
     with source.open("rb") as fp:
         read_preamble(fp, False)
@@ -155,7 +155,7 @@ def test_an_incomplete_self_checked_file_is_removed_and_a_complete_one_indexed(t
 def test_a_failed_data_sync_after_the_rename_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from node.errors import StorageError
+    from segnode.errors import StorageError
 
     spool = Spool(tmp_path / "spool")
 
@@ -171,7 +171,7 @@ def test_a_failed_data_sync_after_the_rename_leaves_nothing(tmp_path: Path, monk
 def test_the_state_folder_is_created_for_its_owner_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import stat
 
-    from node.service import Service
+    from segnode.node.service import Service
 
     fresh = NodeConfig(port=0, state_dir=tmp_path / "new" / "state")
     Service(fresh).index.close()

@@ -9,10 +9,10 @@ import pytest
 from pydicom import Dataset
 from pydicom.sequence import Sequence
 
-from node.errors import ConfigError
-from routing import Decision, RuleSet, load_rules
-from routing.matcher import Facts, check
-from routing.rules import Condition
+from segnode.errors import ConfigError
+from segnode.routing import Decision, RuleSet, load_rules
+from segnode.routing.matcher import Facts, check
+from segnode.routing.rules import Condition
 
 DATA = Path(__file__).resolve().parent / "data"
 ASSOC = {"calling_ae": "ER_CT1", "called_ae": "SEGNODE", "sender_host": "10.1.2.3"}

@@ -12,9 +12,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node import cli
-from node.errors import ConfigError
-from routing import RulesHolder, install_sighup
+from segnode.errors import ConfigError
+from segnode.node import cli
+from segnode.routing import RulesHolder, install_sighup
 
 DATA = Path(__file__).resolve().parent / "data"
 HEAD = DATA / "gantry_tilt"
@@ -41,7 +41,7 @@ def rules(tmp_path: Path) -> Path:
 
 
 def test_registered() -> None:
-    assert "routing.cli" in cli.COMMAND_MODULES
+    assert "segnode.node.cli_route" in cli.COMMAND_MODULES
 
 
 def test_route_test_matches(rules: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,7 +165,7 @@ def test_sighup_keeps_old_rules_on_error(
 ) -> None:
     before = sighup_holder.current
     rules.write_text(RULES.replace("BodyPartExamined, one_of", "BodyPart, one_of"))
-    with caplog.at_level(logging.ERROR, logger="routing"):
+    with caplog.at_level(logging.ERROR, logger="segnode.routing"):
         os.kill(os.getpid(), signal.SIGHUP)
     assert sighup_holder.current is before
     assert f"keeping the previous ones: {rules}:6: rules[0].match.all[1].tag: unknown DICOM keyword" in caplog.text

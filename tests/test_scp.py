@@ -14,11 +14,11 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from node.config import NodeConfig
-from node.scp import RunningSCP, start_scp
-from storage.index import Index, JobState
-from storage.spool import Spool
-from tests.peers import storescu, store_statuses
+from segnode.node.config import NodeConfig
+from segnode.node.scp import RunningSCP, start_scp
+from segnode.storage.index import Index, JobState
+from segnode.storage.spool import Spool
+from tests.peers import store_statuses, storescu
 
 DATA = Path(__file__).parent / "data"
 THORAX = DATA / "thorax_cta"
@@ -164,7 +164,7 @@ def test_failed_write_leaves_nothing_half_written(tmp_path: Path) -> None:
         yield b"x" * 1000
         raise OSError(28, "No space left on device")
 
-    from node.errors import StorageError
+    from segnode.errors import StorageError
 
     with pytest.raises(StorageError, match="No space left"):
         spool.write("1.2", "1.2.3", "1.2.3.4", parts())

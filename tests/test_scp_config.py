@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from node.cli import main
-from node.config import NodeConfig, load_config
-from node.errors import ConfigError
+from segnode.errors import ConfigError
+from segnode.node.cli import main
+from segnode.node.config import NodeConfig, load_config
 
 
 def test_embedded_defaults() -> None:

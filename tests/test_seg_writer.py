@@ -10,11 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.volume import LabelMap, Volume
-from node.errors import EncodeError
-from node.seg_writer import write_nifti, write_seg
-from node.series import load_series
-from profiles import load_profile
+from segnode.errors import EncodeError
+from segnode.models.series import load_series
+from segnode.models.volume import LabelMap, Volume
+from segnode.node.seg_writer import write_nifti, write_seg
+from segnode.profiles import load_profile
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
 
 

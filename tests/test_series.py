@@ -10,8 +10,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from node.errors import InputError, SegnodeError
-from node.series import load_series, scan
+from segnode.errors import InputError, SegnodeError
+from segnode.models.series import load_series, scan
 
 
 def test_thorax_series_geometry_matches_its_nifti(data_dir: Path) -> None:

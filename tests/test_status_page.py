@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from node.config import NodeConfig
-from node.ops import Ops
-from node.status_page import render_status
-from routing import RulesHolder
+from segnode.node.config import NodeConfig
+from segnode.node.ops import Ops
+from segnode.node.status_page import render_status
+from segnode.routing import RulesHolder
+from segnode.storage.index import JobState
 from tests.ops_helpers import scripted_index
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -51,7 +52,7 @@ def node(tmp_path):
 
 
 def _hostile_instance():
-    from storage.index import InstanceRecord
+    from segnode.storage.index import InstanceRecord
 
     return InstanceRecord(sop_uid="1.2.9.1", series_uid="1.2.9", study_uid="1.2.9.0", sop_class_uid="1.2",
                           transfer_syntax_uid="1.2", modality="CT", path="x", size_bytes=1,
@@ -92,9 +93,9 @@ def test_status_page_in_headless_chromium(node, tmp_path):
 def test_values_from_the_index_are_escaped(tmp_path):
     s = scripted_index(tmp_path / "index.sqlite")
     s.index.record_instance(_hostile_instance())
-    s.index.transition(s.index.jobs(limit=1)[0].job_id, __import__("storage.index").index.JobState.NOT_ROUTED,
+    s.index.transition(s.index.jobs(limit=1)[0].job_id, JobState.NOT_ROUTED,
                        "<img src=x onerror=alert(1)>")
-    from node.opsdb import OpsDB
+    from segnode.node.opsdb import OpsDB
 
     page = render_status(OpsDB(tmp_path / "index.sqlite"), node="<b>SEG</b>", clock=lambda: s.clock.now)
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-from models.compare import OrganVerdict, verdicts
-from models.evaluate import OrganSummary
-from models.training import BaseModel, TrainOptions, _prepare_workdir, card_markdown, patient_folds, resolve_base
-from node.cli import main
-from node.errors import ConfigError, WeightsError
+from segnode.errors import ConfigError, WeightsError
+from segnode.models.compare import OrganVerdict, verdicts
+from segnode.models.evaluate import OrganSummary
+from segnode.models.training import (
+    BaseModel,
+    TrainOptions,
+    _prepare_workdir,
+    card_markdown,
+    patient_folds,
+    resolve_base,
+)
+from segnode.node.cli import main
 
 
 def test_patient_folds_keep_each_patient_on_one_side():

@@ -13,11 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from models.weights import (MANIFEST, Kind, combined_hash, detect, find_model, import_weights, list_models,
-                            read_manifest, remove, verify, verify_or_raise)
-from node.cli import main
-from node.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
-from profiles.schema import Backend
+from segnode.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
+from segnode.models.weights import (
+    MANIFEST,
+    Kind,
+    combined_hash,
+    detect,
+    find_model,
+    import_weights,
+    list_models,
+    read_manifest,
+    remove,
+    verify,
+    verify_or_raise,
+)
+from segnode.node.cli import main
+from segnode.profiles.schema import Backend
 
 TS_297 = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TS_RUN = "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"

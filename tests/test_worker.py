@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.worker import JobSpec, run_job
+from segnode.node.worker import JobSpec, run_job
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 

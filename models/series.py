@@ -28,8 +28,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from models.volume import SourceSeries, Volume
-from node.errors import InputError
+from segnode.errors import InputError
+from segnode.models.volume import SourceSeries, Volume
 
 logger = logging.getLogger(__name__)
 

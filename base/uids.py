@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from node.errors import InputError
+from segnode.errors import InputError
 
 MAX_UID_LENGTH = 64
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")

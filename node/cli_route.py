@@ -9,9 +9,10 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.errors import InputError
-from profiles.loader import profile_paths
-from routing.matcher import RuleSet, load_rules
+from segnode.errors import InputError
+from segnode.node.config import load_config
+from segnode.profiles.loader import profile_paths
+from segnode.routing.matcher import RuleSet, load_rules
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,6 @@ def _rules_for(args: argparse.Namespace) -> tuple[RuleSet, str]:
     """The rules to test and our called AE title, from ``--rules`` / ``--config``."""
     rules_path, destinations, called_ae = args.rules, None, "SEGNODE"
     if args.config is not None:
-        from node.config import load_config
-
         config = load_config(args.config)
         rules_path = rules_path or config.routes
         destinations = [d.name for d in config.destinations]
