@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 APT_PACKAGES = dcmtk dicom3tools orthanc chromium
 
-.PHONY: run test install install-test peers bench clean
+.PHONY: run test install install-test peers bench wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,15 @@ run: install
 test: install-test
 	$(BIN)/pytest -q
 
+# dist/: the sdist and the wheel pip builds from it, as tests/test_install.py builds and tests them
+# (the Dockerfiles build theirs the same way)
+wheel: $(BIN)/python
+	$(BIN)/pip install -q 'setuptools>=77' wheel
+	rm -rf dist && $(BIN)/python -c 'from setuptools import build_meta as b; b.build_sdist("dist")'
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist dist/segnode-*.tar.gz
+
 bench: install
 	$(BIN)/python bench/bench_run.py
 
 clean:
-	rm -rf $(VENV) out build *.egg-info
+	rm -rf $(VENV) out build dist *.egg-info

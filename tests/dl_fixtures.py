@@ -1,27 +1,33 @@
-"""Tiny real deep-learning models for the backend tests, built on the CPU.
+"""Tiny real deep-learning models for the backend tests, and the script that made them.
 
-Nothing here is mocked: the models are trained or built with the libraries
-themselves and run through their real inference code.
+Nothing here is mocked: the models are trained with the libraries themselves
+and run through their real inference code.  Training on a CPU is not
+reproducible across CPU families (floating-point kernels differ), so the
+tests never train what they assert on: they use the models committed in
+``tests/data/tiny_models/`` (``MANIFEST.json`` there records their hashes,
+seeds, parameters and the library versions that made them), and
+``tests/test_tiny_models.py`` only checks that this script still runs end to end.
 
 * :func:`synthetic_case`: a small synthetic abdominal CT (body, fat, spine,
   liver, spleen, kidneys, gallbladder) with its truth labels, numbered as
   TotalSegmentator's ``total`` task numbers them (1 spleen, 2 kidney_right,
   3 kidney_left, 4 gallbladder, 5 liver).
 * :func:`build_tiny_nnunet`: plans, preprocesses and trains a tiny nnU-Net v2
-  (a few feature maps, a few hundred iterations; about two minutes on two
-  CPU cores) on such cases stored in canonical RAS voxel order (as
-  TotalSegmentator's models are trained), and returns its model folder (``dataset.json``,
-  ``plans.json``, ``fold_0/checkpoint_final.pth``).
+  (a few feature maps, a few hundred iterations; about a minute on two CPU
+  cores) on such cases stored in canonical RAS voxel order (as
+  TotalSegmentator's models are trained), and returns its model folder
+  (``dataset.json``, ``plans.json``, ``fold_0/checkpoint_final.pth``).
 * :func:`place_in_totalsegmentator_layout`: the same model under the folder
   names TotalSegmentator's task table expects for ``total`` fast (297) and
   fastest (298), so that ``totalsegmentator()`` itself runs offline on it.
 * :func:`build_tiny_monai_bundle` / :func:`build_tiny_torchscript`: a tiny
   MONAI UNet as a bundle directory and as a TorchScript file.
 
-The builders cache their output for the test session (``tmp_path_factory``);
-set ``SEGNODE_DL_FIXTURE_CACHE=/some/dir`` to keep them across sessions while
-developing.  Run ``python tests/dl_fixtures.py OUT_DIR`` to build them by hand
-(the benchmark does this).
+Rebuild the committed models (then commit ``tests/data/tiny_models``)::
+
+    python tests/dl_fixtures.py tests/data/tiny_models
+
+``--quick`` trains for a few iterations only (what the end-to-end test runs).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import shutil
 import sys
 import zipfile
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +52,9 @@ if str(REPO) not in sys.path:  # pragma: no cover - when run as a script
 
 from segnode.models.volume import Volume  # noqa: E402
 
-#: bump when a builder changes in a way the parameters below do not show
-FIXTURE_VERSION = "4"
+#: the committed models the tests use (built by this script, see the module docstring)
+COMMITTED = Path(__file__).resolve().parent / "data" / "tiny_models"
+MANIFEST = "MANIFEST.json"
 #: TotalSegmentator ``total`` class numbers used by the synthetic phantom
 TS_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5}
 SHAPE = (32, 48, 48)  # k, j, i
@@ -151,16 +159,6 @@ def _save_nifti(volume: Volume, array: np.ndarray | None, path: Path) -> None:
         nib.save(nib.as_closest_canonical(img), path)
 
 
-def _cache_root(default: Path) -> Path:
-    root = os.environ.get("SEGNODE_DL_FIXTURE_CACHE")
-    if not root:
-        return default
-    # a change of the builders' parameters invalidates the cache (bump FIXTURE_VERSION for code changes)
-    key = repr((FIXTURE_VERSION, SHAPE, SPACING, TRAIN_EPOCHS, TRAIN_ITERATIONS, PATCH, TS_LABELS, MONAI_NET,
-                MONAI_STEPS))
-    return Path(root) / hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
 # --------------------------------------------------------------------------- nnU-Net
 
 
@@ -197,7 +195,7 @@ def _shrink_plans(plans_file: Path) -> None:
     plans_file.write_text(json.dumps(plans, indent=2))
 
 
-def _train(preprocessed: Path) -> Path:
+def _train(preprocessed: Path, epochs: int, iterations: int) -> Path:
     import torch
     from batchgeneratorsv2.transforms.utils.random import RandomTransform
     from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring import (
@@ -213,8 +211,8 @@ def _train(preprocessed: Path) -> Path:
 
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = TRAIN_EPOCHS
-            self.num_iterations_per_epoch = TRAIN_ITERATIONS
+            self.num_epochs = epochs
+            self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = 1
             self.initial_lr = 5e-3
             self.logger.plot_progress_png = lambda *args, **kwargs: None  # seaborn plot: seconds per epoch
@@ -232,8 +230,8 @@ def _train(preprocessed: Path) -> Path:
     plans = json.loads((preprocessed / DATASET_NAME / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False  # nnunetv2 2.8 pops this key in the trainer
     dataset_json = json.loads((preprocessed / DATASET_NAME / "dataset.json").read_text())
-    # patch sampling and augmentation run in this process (nnUNet_n_proc_DA=0) on the global RNGs:
-    # seeded, the tiny model comes out the same in every session (its Dice is asserted)
+    # patch sampling and augmentation run in this process (nnUNet_n_proc_DA=0) on the global RNGs: seeded,
+    # a rebuild on the same CPU family gives the same model (another family's float kernels may not)
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
@@ -242,7 +240,8 @@ def _train(preprocessed: Path) -> Path:
     return Path(trainer.output_folder).parent
 
 
-def build_tiny_nnunet(workdir: Path, n_cases: int = 8) -> Path:
+def build_tiny_nnunet(workdir: Path, n_cases: int = 8, epochs: int = TRAIN_EPOCHS,
+                      iterations: int = TRAIN_ITERATIONS) -> Path:
     """Train the tiny nnU-Net v2 once; return its model folder.
 
     The checkpoint's trainer name is set to ``nnUNetTrainer`` so that the
@@ -273,7 +272,7 @@ def build_tiny_nnunet(workdir: Path, n_cases: int = 8) -> Path:
         _shrink_plans(pre / DATASET_NAME / "nnUNetPlans.json")
         preprocess([DATASET_ID], configurations=("3d_fullres",), num_processes=(1,), verbose=False)
         with _environ(nnUNet_n_proc_DA="0"):  # augment in-process (planning needs >= 1)
-            trained = _train(pre)
+            trained = _train(pre, epochs, iterations)
     staging = workdir / "nnunet_model.partial"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "fold_0").mkdir(parents=True)
@@ -323,7 +322,7 @@ def zip_folder(folder: Path, zip_path: Path, arcroot: str | None = None) -> Path
 
 MONAI_NET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 6, "channels": [8, 16, 32], "strides": [2, 2],
              "num_res_units": 0}
-MONAI_STEPS = 100
+MONAI_STEPS = 400
 
 
 def _tiny_monai_net():
@@ -333,7 +332,7 @@ def _tiny_monai_net():
 
 
 @functools.cache
-def _fitted_monai_state() -> dict:
+def _fitted_monai_state(steps: int = MONAI_STEPS) -> dict:
     """Train the tiny MONAI UNet on random 32-voxel crops of four phantoms (as MONAI training does),
     in the layout the backend feeds it (RAS ``x, y, z``); return its state dict."""
     import torch
@@ -352,7 +351,7 @@ def _fitted_monai_state() -> dict:
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     net.train()
-    for _ in range(MONAI_STEPS):
+    for _ in range(steps):
         xs, ys = [], []
         for _ in range(2):
             data, labels = cases[rng.integers(len(cases))]
@@ -367,7 +366,7 @@ def _fitted_monai_state() -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def build_tiny_monai_bundle(workdir: Path) -> Path:
+def build_tiny_monai_bundle(workdir: Path, steps: int = MONAI_STEPS) -> Path:
     """A MONAI bundle directory: ``configs/inference.json``, ``configs/metadata.json``,
     ``models/model.pt`` (state dict)."""
     bundle = workdir / "monai_bundle"
@@ -377,7 +376,7 @@ def build_tiny_monai_bundle(workdir: Path) -> Path:
 
     (bundle / "configs").mkdir(parents=True, exist_ok=True)
     (bundle / "models").mkdir(parents=True, exist_ok=True)
-    torch.save(_fitted_monai_state(), bundle / "models" / "model.pt")
+    torch.save(_fitted_monai_state(steps), bundle / "models" / "model.pt")
     inference = {"network_def": {"_target_": "monai.networks.nets.UNet", **MONAI_NET}, "network": "$@network_def"}
     metadata = {
         "version": "0.1.0", "name": "segnode tiny abdomen",
@@ -389,7 +388,7 @@ def build_tiny_monai_bundle(workdir: Path) -> Path:
     return bundle
 
 
-def build_tiny_torchscript(workdir: Path) -> Path:
+def build_tiny_torchscript(workdir: Path, steps: int = MONAI_STEPS) -> Path:
     """The same tiny MONAI network saved as a TorchScript file."""
     path = workdir / "monai_tiny.ts"
     if path.exists():
@@ -397,7 +396,7 @@ def build_tiny_torchscript(workdir: Path) -> Path:
     import torch
 
     net = _tiny_monai_net()
-    net.load_state_dict(_fitted_monai_state())
+    net.load_state_dict(_fitted_monai_state(steps))
     torch.jit.script(net.eval()).save(str(path))
     return path
 
@@ -450,21 +449,69 @@ def import_all(models: dict[str, Path], root: Path) -> Path:
     return root
 
 
-# --------------------------------------------------------------------------- session cache
+# --------------------------------------------------------------------------- committed models
+
+
+#: what :func:`build_all` writes, by the name the fixtures use
+MODEL_PATHS = {"nnunet": "nnunet_model", "monai_bundle": "monai_bundle", "monai_torchscript": "monai_tiny.ts"}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def build_all(out: Path, *, quick: bool = False) -> dict[str, Path]:
+    """Train every tiny model into ``out`` and write its ``MANIFEST.json``; return their paths.
+
+    ``quick``: a few iterations only, to prove the script runs (not for use).
+    """
+    import torch
+
+    epochs, iterations, steps = (1, 2, 2) if quick else (TRAIN_EPOCHS, TRAIN_ITERATIONS, MONAI_STEPS)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".work"
+    paths = {"nnunet": build_tiny_nnunet(work, epochs=epochs, iterations=iterations),
+             "monai_bundle": build_tiny_monai_bundle(work, steps),
+             "monai_torchscript": build_tiny_torchscript(work, steps)}
+    for name, path in paths.items():
+        target = out / MODEL_PATHS[name]
+        if target.is_dir():
+            shutil.rmtree(target)
+        target.unlink(missing_ok=True)
+        shutil.move(path, target)
+    shutil.rmtree(work)
+    manifest = {
+        "made_by": "python tests/dl_fixtures.py" + (" --quick" if quick else "") + " OUT",
+        "seeds": {"nnunet_cases": [1000, 1000 + 7], "nnunet_training": 0, "monai_cases": [2000, 2003],
+                  "monai_training": 0},
+        "parameters": {"shape": SHAPE, "spacing": SPACING, "patch": PATCH, "epochs": epochs,
+                       "iterations_per_epoch": iterations, "monai_net": MONAI_NET, "monai_steps": steps},
+        "built_with": {**{lib: version(lib) for lib in ("torch", "nnunetv2", "monai", "numpy")},
+                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "files_sha256": _files(out),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return {name: out / rel for name, rel in MODEL_PATHS.items()}
+
+
+def committed_models(root: Path = COMMITTED) -> dict[str, Path]:
+    """Paths of the committed tiny models, after checking every file against the manifest."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    if _files(root) != manifest["files_sha256"]:
+        raise AssertionError(f"{root} does not match its {MANIFEST}: rebuild with python tests/dl_fixtures.py {root}")
+    return {name: root / rel for name, rel in MODEL_PATHS.items()}
 
 
 @functools.cache
 def built_models(base: Path) -> dict[str, Path]:
-    """Build (once per process and base directory) every tiny model; return their paths."""
-    root = _cache_root(base)
-    root.mkdir(parents=True, exist_ok=True)
-    nnunet = build_tiny_nnunet(root)
-    return {
-        "nnunet": nnunet,
-        "ts_weights": place_in_totalsegmentator_layout(nnunet, root / "ts_weights"),
-        "monai_bundle": build_tiny_monai_bundle(root),
-        "monai_torchscript": build_tiny_torchscript(root),
-    }
+    """The committed models, and the nnU-Net one placed in TotalSegmentator's layout under ``base``."""
+    models = committed_models()
+    return {**models, "ts_weights": place_in_totalsegmentator_layout(models["nnunet"], base / "ts_weights")}
 
 
 try:  # pytest fixtures, when imported by a test module
@@ -472,7 +519,7 @@ try:  # pytest fixtures, when imported by a test module
 
     @pytest.fixture(scope="session")
     def dl_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-        """Paths of the tiny models (built once per session)."""
+        """Paths of the tiny models (committed; read-only)."""
         return built_models(tmp_path_factory.getbasetemp() / "dl_models")
 
     @pytest.fixture(scope="session")
@@ -483,14 +530,16 @@ except ImportError:  # pragma: no cover - script use without pytest
     pass
 
 
-def _main(argv: list[str]) -> int:  # pragma: no cover - manual use
-    if len(argv) != 1:
-        print("usage: python tests/dl_fixtures.py OUT_DIR", file=sys.stderr)
+def _main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    args = [a for a in argv if a != "--quick"]
+    if len(args) != 1:
+        print("usage: python tests/dl_fixtures.py [--quick] OUT_DIR", file=sys.stderr)
         return 2
-    for name, path in built_models(Path(argv[0]).resolve()).items():
+    for name, path in build_all(Path(args[0]).resolve(), quick=quick).items():
         print(f"{name}: {path}")
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))

@@ -12,6 +12,7 @@ from segnode.node.cli import main
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
 
 
+@pytest.mark.peer
 def test_run_writes_a_valid_seg_and_a_summary(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["run", "--organ", "lungs", "--model", "hu_based", str(data_dir / "thorax_cta"), "-o", str(tmp_path)])
     out, err = capsys.readouterr()

@@ -108,6 +108,7 @@ def test_burned_in_series_is_quarantined_not_harvested(store: DatasetStore, tmp_
     assert not (store.root / "objects").exists()
 
 
+@pytest.mark.peer
 def test_validators_pass_on_deidentified_thorax_study_and_seg(store: DatasetStore, tmp_path: Path,
                                                              data_dir: Path) -> None:
     files = sorted((data_dir / "thorax_cta").glob("*.dcm"))

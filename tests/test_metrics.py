@@ -59,6 +59,7 @@ def scp_node(tmp_path):
     service.scp.stop()
 
 
+@pytest.mark.peer
 def test_counts_match_what_storescu_sent(scp_node, tmp_path):
     service, ops = scp_node
     port = service.scp.port

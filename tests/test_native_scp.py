@@ -161,19 +161,6 @@ def test_malformed_and_oversized_pdus_close_only_that_connection(scp: tuple[Runn
     assert stored_files(spool) == []
 
 
-def test_tls_config_keeps_the_pynetdicom_receiver(tmp_path: Path) -> None:
-    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    cfg = NodeConfig(port=0, state_dir=tmp_path / "state", tls={"cert": str(cert), "key": str(key)},
-                     limits={"min_free_disk_mb": 1, "receiver": "native"})
-    running = start_scp(cfg, Spool(cfg.spool_dir), Index(cfg.index_path))
-    try:
-        assert isinstance(running, RunningSCP)
-    finally:
-        running.stop()
-
-
 def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import os

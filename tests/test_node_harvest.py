@@ -6,11 +6,14 @@ import json
 import secrets
 from pathlib import Path
 
+import pytest
 import yaml
 
 from segnode.storage.dataset import DatasetStore
 from segnode.storage.index import Index, JobState
 from tests.peers import node, store_statuses, storescu, wait_until, write_node_config
+
+pytestmark = pytest.mark.peer  # DCMTK storescu sends the series
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 PHI = (b"Synthetic^Clara", b"SYN-TS-CTA-002", b"19490302", b"SYNACC22061102")

@@ -224,8 +224,9 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_idle_tls_client_does_not_block_other_senders(tmp_path: Path) -> None:
+    """``receiver: native`` with TLS: the pynetdicom receiver serves (the native one is plain TCP only)."""
     cert, key = _self_signed(tmp_path)
-    server, _, _ = make_scp(tmp_path, tls={"cert": str(cert), "key": str(key), "handshake_timeout_s": 30})
+    server, _, _ = make_scp(tmp_path, "native", tls={"cert": str(cert), "key": str(key), "handshake_timeout_s": 30})
     client = ssl.create_default_context(cafile=str(cert))
     client.check_hostname = False
     try:

@@ -17,6 +17,8 @@ from segnode.node.seg_writer import write_nifti, write_seg
 from segnode.profiles import load_profile
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
 
+pytestmark = pytest.mark.peer  # dciodvfy validates every SEG
+
 
 def threshold_labels(volume: Volume, organ: str, *, empty: tuple[str, ...] = ()) -> LabelMap:
     """A deterministic label map: left/right air, or bone, by thresholds."""

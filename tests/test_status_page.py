@@ -59,6 +59,7 @@ def _hostile_instance():
                           calling_ae="<script>x</script>", called_ae="SEGNODE", sender_host="127.0.0.1")
 
 
+@pytest.mark.peer
 def test_status_page_in_headless_chromium(node, tmp_path):
     s, ops = node
     url = ops.http.url + "/status"

@@ -1,8 +1,7 @@
 """End to end on the CPU: dataset store → frozen version → fine-tuned tiny nnU-Net → evaluated →
 registered → ``segnode run --model nnunet`` → a SEG that passes ``dciodvfy``.
 
-The base model is the tiny nnU-Net of :mod:`tests.dl_fixtures` (trained here for one epoch of two
-iterations: only its architecture and a start matter), installed as TotalSegmentator weights so
+The base model is the committed tiny nnU-Net of :mod:`tests.dl_fixtures`, installed as TotalSegmentator weights so
 that ``--base totalsegmentator`` takes the real transfer-learning path.  The dataset holds
 synthetic abdominal phantoms and the real thorax CTA with TotalSegmentator's aorta.
 """
@@ -31,12 +30,11 @@ SECRET = b"training-e2e-secret-0123"
 pytestmark = pytest.mark.slow
 
 
-def _tiny_base(tmp: Path, monkeypatch) -> Path:
+def _tiny_base(tmp: Path) -> Path:
+    """The committed tiny nnU-Net, laid out as TotalSegmentator's ``total`` fast weights."""
     import tests.dl_fixtures as fixtures
 
-    monkeypatch.setattr(fixtures, "TRAIN_EPOCHS", 1)
-    monkeypatch.setattr(fixtures, "TRAIN_ITERATIONS", 2)
-    model = fixtures.build_tiny_nnunet(tmp / "base_build", n_cases=5)
+    model = fixtures.committed_models()["nnunet"]
     return fixtures.place_in_totalsegmentator_layout(model, tmp / "ts_weights") / fixtures.TS_FOLDERS["fast"]
 
 
@@ -64,10 +62,10 @@ def _dataset(tmp: Path) -> tuple[Path, Path]:
     return msd, real
 
 
-def _weights_and_frozen_dataset(tmp: Path, monkeypatch, name: str, with_real_case: bool) -> Path:
+def _weights_and_frozen_dataset(tmp: Path, name: str, with_real_case: bool) -> Path:
     """The tiny base installed as TotalSegmentator weights, and dataset ``name``@1 frozen in ``tmp/store``."""
     weights = tmp / "weights"
-    import_weights(_tiny_base(tmp, monkeypatch), weights, backend=Backend.TOTALSEGMENTATOR)
+    import_weights(_tiny_base(tmp), weights, backend=Backend.TOTALSEGMENTATOR)
     msd, real = _dataset(tmp)
     secret = tmp / "secret.key"
     secret.write_bytes(SECRET)
@@ -79,8 +77,8 @@ def _weights_and_frozen_dataset(tmp: Path, monkeypatch, name: str, with_real_cas
     return weights
 
 
-def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
-    weights = _weights_and_frozen_dataset(tmp_path, monkeypatch, "Abdomen", with_real_case=True)
+def test_store_to_finetuned_model_to_seg(tmp_path, capsys):
+    weights = _weights_and_frozen_dataset(tmp_path, "Abdomen", with_real_case=True)
     capsys.readouterr()
 
     train = ["train", "--dataset", "Abdomen@1", "--store", str(tmp_path / "store"), "--base", "totalsegmentator",
@@ -151,7 +149,7 @@ def test_store_to_finetuned_model_to_seg(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "eval" / "metrics.csv").read_text() == (tmp_path / "cmp" / "B" / "metrics.csv").read_text()
 
 
-def test_a_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path, monkeypatch, capsys):
+def test_a_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path, capsys):
     """``kill -9`` of ``segnode train`` (and its nnU-Net process) after the first epoch; the same
     command then continues at epoch 2 from the atomic per-epoch checkpoint, not from the start."""
     import os
@@ -160,7 +158,7 @@ def test_a_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path, monkeyp
 
     from tests.peers import SEGNODE
 
-    weights = _weights_and_frozen_dataset(tmp_path, monkeypatch, "Phantoms", with_real_case=False)
+    weights = _weights_and_frozen_dataset(tmp_path, "Phantoms", with_real_case=False)
     train = ["train", "--dataset", "Phantoms@1", "--store", str(tmp_path / "store"), "--base", "totalsegmentator",
              "--epochs", "3", "--iterations", "2", "--val-iterations", "1", "--device", "cpu", "--no-eval",
              "--weights-dir", str(weights), "--augmentation-workers", "0", "--processes", "1", "--threads", "2"]
