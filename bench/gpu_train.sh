@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np, nibabel as nib
 sys.path.insert(0, ".")
 from tests.dl_fixtures import TS_LABELS, synthetic_case
-from models.io_nifti import ras_affine, volume_to_nifti
+from segnode.models.io_nifti import ras_affine, volume_to_nifti
 work, n = Path(sys.argv[1]), int(sys.argv[2])
 msd = work / "phantoms"
 for sub in ("imagesTr", "labelsTr"):
@@ -45,7 +45,7 @@ for i in range(n):
 (msd / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **TS_LABELS}}))
 (work / "secret.key").write_bytes(b"gpu-bench-secret-0123456789")
 PYEOF
-SEGNODE=("$PY" -m node.cli)
+SEGNODE=("$PY" -m segnode.node.cli)
 "${SEGNODE[@]}" dataset --store "$WORK/store" --secret-file "$WORK/secret.key" add "$WORK/phantoms" --dataset Bench
 "${SEGNODE[@]}" dataset --store "$WORK/store" freeze Bench
 t1=$(date +%s)

@@ -4,7 +4,7 @@ The default receiver (``limits.receiver: native``; :func:`node.scp.start_scp` pi
 with TLS configured the pynetdicom receiver serves instead).  pynetdicom's
 DUL/DIMSE machinery (a DUL thread, an association thread, queues and a state
 machine per association) caps one association at ~300–430 images/s even when
-nothing is stored (``PEERS.md``); here one thread per connection reads PDUs
+nothing is stored (measured on 2 cores: 308/s with a no-op handler); here one thread per connection reads PDUs
 and answers them in line:
 
 * A-ASSOCIATE-RQ → the same checks, in the same order and with the same

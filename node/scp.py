@@ -395,8 +395,8 @@ class GuardedSocket(AssociationSocket):
 # outgoing queue and the socket, and sleeps ``_run_loop_delay`` (1 ms) whenever
 # neither had work; the association thread sleeps 1 ms and then looks for a
 # complete DIMSE message.  Every C-STORE therefore waits on both sleeps, and
-# one association leaves the CPU idle much of the time (PEERS.md: 0.6–0.8 of
-# 2 cores; a delay of 0 busy-spins).  Here both loops block instead, and are
+# one association leaves the CPU idle much of the time (measured on 2 cores:
+# 0.6–0.8 of them busy; a delay of 0 busy-spins).  Here both loops block instead, and are
 # woken by the thing they wait for:
 #
 # * the DUL's loop delay is 0, and :meth:`GuardedSocket.ready` (called once per

@@ -2,7 +2,9 @@
 
 Each peer starts on a free loopback port and is waited for by a readiness
 check (a TCP connect, an HTTP answer, or the node's "listening" line), never
-by a blind sleep.  Every DCMTK tool runs with ``TCP_NODELAY=1`` (PEERS.md).
+by a blind sleep.  Every DCMTK tool runs with ``TCP_NODELAY=1``: DCMTK 3.6.7 sends each
+C-STORE response in two small writes, and with Nagle's algorithm every image waits ~44 ms
+for a delayed ACK (~23 images/s into ``storescp`` instead of ~1,068).
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ def test_bundle_and_torchscript_segment_the_phantom(model: str, dl_weights: Path
     labels = loaded.segment(volume)
     assert labels.array.shape == volume.shape and labels.backend == "monai"
     assert labels.model_version.startswith(model) and len(labels.weights_hash) == 64
-    assert dice(labels.array == 1, truth == TS_LABELS["liver"]) > 0.6
-    assert dice(labels.array == 4, truth == TS_LABELS["kidney_left"]) > 0.3
+    # the committed model reaches 0.80 / 0.86 here (the same with AVX2-only kernels)
+    assert dice(labels.array == 1, truth == TS_LABELS["liver"]) > 0.7
+    assert dice(labels.array == 4, truth == TS_LABELS["kidney_left"]) > 0.7
 
 
 def test_orientation_follows_the_patient_not_the_array(dl_weights: Path, tmp_path: Path) -> None:
