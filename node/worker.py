@@ -243,7 +243,10 @@ def harvest(spec: JobSpec, result: Any) -> dict[str, str]:
     """Put a de-identified copy of the series and its SEG into the route's dataset.
 
     Harvesting never fails the clinical job: the SEG still goes to the PACS;
-    a quarantined series or a store error is reported in the result.
+    a quarantined series or a store error is reported in the result.  The
+    record and the log never name the case ID: the job folder holds the
+    original series UID (``job.json``), and the pair would link a store case to
+    a patient without the key.
     """
     from segnode.storage.dataset import DatasetStore
     from segnode.storage.dataset import harvest as harvest_case
@@ -260,8 +263,8 @@ def harvest(spec: JobSpec, result: Any) -> dict[str, str]:
     except SegnodeError as exc:  # quarantined, no secret, store unwritable
         logger.warning("job %d: not harvested into %s: %s", spec.job_id, spec.harvest, exc)
         return {**record, "status": "not harvested", "reason": str(exc)}
-    logger.info("job %d: harvested into %s as case %s", spec.job_id, spec.harvest, case.case_id)
-    return {**record, "status": "harvested", "case_id": case.case_id}
+    logger.info("job %d: harvested into %s (%s labels)", spec.job_id, spec.harvest, case.label_status.value)
+    return {**record, "status": "harvested"}
 
 
 def run_one(spec_path: Path, cache: Any) -> int:

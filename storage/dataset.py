@@ -7,7 +7,7 @@ Layout under the store root::
     datasets/NAME/cases.json        working manifest: case ID → row (see storage.manifest)
     datasets/NAME/labels.json       the dataset's label table (value → tissue name)
     datasets/NAME/versions/N.json   frozen versions: rows + their hash, read-only
-    quarantine.jsonl                series refused for possible burned-in text (pseudonyms only)
+    quarantine.jsonl                series refused for possible burned-in or embedded text (pseudonyms only)
 
 The HMAC secret is never written here; :meth:`DatasetStore.open` refuses a
 secret that lives inside the store or differs from the one the store was
@@ -16,6 +16,7 @@ created with.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import io
 import json
@@ -42,6 +43,7 @@ from segnode.storage.manifest import (
     sha256_bytes,
     write_json_atomic,
 )
+from segnode.storage.pixel_text import PixelTextError
 from segnode.storage.pseudonyms import Pseudonymizer, check_secret
 
 logger = logging.getLogger(__name__)
@@ -51,10 +53,16 @@ STORE_FORMAT = 1
 DEFAULT_OPTIONS = (Option.RETAIN_LONGITUDINAL_MODIFIED_DATES, Option.RETAIN_PATIENT_CHARACTERISTICS)
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,49}")
 _CASE = re.compile(r"C[0-9A-F]{15}")
+#: the modality of every dataset: the organ profiles segment CT and the export names its channel CT
+MODALITY = "CT"
 
 
 class QuarantinedError(InputError):
-    """The series may carry burned-in text; it was recorded, not harvested."""
+    """The series may carry burned-in or embedded text; it was recorded, not harvested."""
+
+
+class ModalityError(InputError):
+    """The series is not of the modality the datasets hold."""
 
 
 def check_dataset_name(name: str) -> str:
@@ -159,6 +167,10 @@ class DatasetStore:
     def deidentifier(self) -> Deidentifier:
         return Deidentifier(self.pseudonyms, self.options)
 
+    def case_id(self, dataset: str, source_key: str) -> str:
+        """The keyed case ID of a source in a dataset: one source in two datasets gets two IDs."""
+        return self.pseudonyms.case_id(f"{check_dataset_name(dataset)}|{source_key}")
+
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Serialise writers (harvests from several worker threads or processes)."""
@@ -230,9 +242,10 @@ class DatasetStore:
         """Store a de-identified case (objects first, then the manifest row)."""
         with self.locked():
             cases = self.cases(case.dataset)
+            _check_profile(case, cases)
             existing = cases.get(case.case_id)
             if existing is not None and existing.label_status is not LabelStatus.AUTO:
-                logger.info("case %s in %s has curated labels; kept as it is", case.case_id, case.dataset)
+                logger.info("a case in %s has curated labels; kept as it is", case.dataset)
                 return existing
             table = self.label_table(case.dataset)
             label = translate(case.label, case.label_names, table)
@@ -261,9 +274,9 @@ class DatasetStore:
             )
             cases[record.case_id] = record
             self._save(case.dataset, cases, table)
-        logger.info(
-            "stored case %s in %s: %d slices, labels %s (%s)",
-            record.case_id, record.dataset, case.image.shape[0], sorted(table.values()), record.label_status.value,
+        logger.info(  # no case ID: the node's job log must not link it to the job's series
+            "stored a case in %s: %d slices, labels %s (%s)",
+            record.dataset, case.image.shape[0], sorted(table.values()), record.label_status.value,
         )
         return record
 
@@ -272,7 +285,7 @@ class DatasetStore:
         line = json.dumps({"case_id": case_id, "dataset": dataset, "reason": reason, "files": files})
         with self.locked(), open(self.root / "quarantine.jsonl", "a", encoding="utf-8") as out:
             out.write(line + "\n")
-        logger.warning("quarantined case %s (%s): %s; not harvested", case_id, dataset, reason)
+        logger.warning("quarantined a series of %s: %s; not harvested", dataset, reason)
 
     def quarantined(self) -> list[dict]:
         path = self.root / "quarantine.jsonl"
@@ -302,10 +315,7 @@ class DatasetStore:
                         mapping: dict[int, str] | None) -> tuple[np.ndarray, dict[int, str]]:
         data = _read_input(path)
         if data[128:132] == b"DICM":
-            seg = read_dicom(path)
-            if str(seg.get("PatientIdentityRemoved", "")).upper() != "YES":
-                self.deidentifier().deidentify(seg)  # remaps its references like the source's
-            array, names = seg_to_labels(seg, record.instances)
+            array, names = self._seg_labels(record, read_dicom(path), path.name)
         else:
             grid = nifti.read_nifti(data, path.name)
             image = nifti.read_nifti(self.read_object(record.image), "image")
@@ -320,6 +330,29 @@ class DatasetStore:
             names = {v: n for v, n in mapping.items() if n != "-"}
             array = np.where(np.isin(array, list(names)), array, 0).astype(np.uint8)
         return array, names
+
+    def _seg_labels(self, record: CaseRecord, seg: Dataset, where: str) -> tuple[np.ndarray, dict[int, str]]:
+        """A curator's SEG painted on the case: of the stored (de-identified) slices as it is, or of
+        the original slices once de-identified with this store's key; anything else is refused."""
+        if not record.instances:
+            raise InputError("this case has no DICOM slices to map a SEG onto; give a NIfTI on its image grid",
+                             where=where)
+        matching = seg if _references_only(seg, record.instances) else self._deidentified_copy(seg)
+        if not _references_only(matching, record.instances):
+            raise InputError(
+                f"the SEG references {len(_referenced_instances(seg))} instance(s), not all of them (as they are "
+                "or de-identified with this store's key) among this case's slices: it belongs to another series "
+                "or was de-identified with another key or tool; labels left unchanged",
+                where=where,
+            )
+        array, names = seg_to_labels(matching, record.instances)
+        if not array.any() and _has_foreground(matching):
+            raise InputError("the SEG's segments fall on none of this case's slices; labels left unchanged",
+                             where=where)
+        return array, names
+
+    def _deidentified_copy(self, seg: Dataset) -> Dataset:
+        return self.deidentifier().deidentify(copy.deepcopy(seg)).dataset
 
     def versions(self, name: str) -> list[int]:
         base = self._dir(name) / "versions"
@@ -388,6 +421,31 @@ def _image_dtype(array: np.ndarray) -> type:
     return np.int16 if np.issubdtype(array.dtype, np.integer) else np.float32
 
 
+def _check_profile(case: CaseInput, cases: dict[str, CaseRecord]) -> None:
+    """A dataset holds the labels of one organ profile."""
+    profiles = {r.profile for r in cases.values()}
+    if profiles and case.profile not in profiles:
+        held = ", ".join(repr(p) for p in sorted(profiles))
+        raise InputError(f"dataset {case.dataset} holds cases of profile {held}, not {case.profile!r}")
+
+
+def _referenced_instances(seg: Dataset) -> set[str]:
+    return {str(i.get("ReferencedSOPInstanceUID", "")) for s in seg.get("ReferencedSeriesSequence", [])
+            for i in s.get("ReferencedInstanceSequence", [])}
+
+
+def _references_only(seg: Dataset, instances: Sequence[str]) -> bool:
+    referenced = _referenced_instances(seg)
+    return bool(referenced) and referenced <= set(instances)
+
+
+def _has_foreground(seg: Dataset) -> bool:
+    try:
+        return bool(np.any(seg.pixel_array))
+    except (AttributeError, ValueError, RuntimeError):
+        return True  # undecodable: an empty result would be a loss, not a curator's choice
+
+
 def _dicom_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -395,6 +453,18 @@ def _dicom_bytes(ds: Dataset) -> bytes:
 
 
 # --- harvest -----------------------------------------------------------------------------------
+def _check_modality(datasets: list[Dataset], dataset: str) -> None:
+    found = sorted({str(ds.get("Modality", "") or "none") for ds in datasets})
+    if found != [MODALITY]:
+        raise ModalityError(f"a {'/'.join(found)} series cannot join a dataset of {MODALITY} series", where=dataset)
+
+
+def _quarantine(store: DatasetStore, dataset: str, case_id: str, reason: str, files: int) -> None:
+    """Record the refusal and raise (the error names the dataset, never the case ID)."""
+    store.quarantine(dataset, case_id, reason, files)
+    raise QuarantinedError(f"not harvested: {reason}", where=dataset)
+
+
 def _references_series(seg: Dataset, series_uid: str) -> bool:
     return any(str(item.get("SeriesInstanceUID", "")) == series_uid for item in seg.get("ReferencedSeriesSequence", []))
 
@@ -410,23 +480,27 @@ def deidentified_case(
 ) -> CaseInput:
     """De-identify a series and its SEG with the store's key and build the case.
 
-    Raises :class:`QuarantinedError` (after recording it) when any image may
-    carry burned-in text.
+    Raises :class:`ModalityError` for a series that is not CT, and
+    :class:`QuarantinedError` (after recording it) when any image may carry
+    burned-in text or text in its pixel data stream that cannot be removed.
     """
     check_dataset_name(dataset)
     if not datasets:
         raise InputError("the series has no images")
     series_uid = str(datasets[0].get("SeriesInstanceUID", ""))
-    case_id = store.pseudonyms.case_id(source_key or "series|" + series_uid)
+    case_id = store.case_id(dataset, source_key or "series|" + series_uid)
     reasons = {r for r in map(burned_in_reason, datasets) if r}
     if reasons:
-        store.quarantine(dataset, case_id, "; ".join(sorted(reasons)), len(datasets))
-        raise QuarantinedError(f"not harvested: {'; '.join(sorted(reasons))}", where=case_id)
+        _quarantine(store, dataset, case_id, "; ".join(sorted(reasons)), len(datasets))
+    _check_modality(datasets, dataset)
     if not _references_series(seg, series_uid):
-        raise InputError("the SEG does not reference the harvested series", where=case_id)
+        raise InputError("the SEG does not reference the harvested series", where=dataset)
     deid = store.deidentifier()
-    results = [deid.deidentify(ds) for ds in datasets]
-    deid.deidentify(seg)
+    try:
+        results = [deid.deidentify(ds) for ds in datasets]
+        deid.deidentify(seg)
+    except PixelTextError as exc:
+        _quarantine(store, dataset, case_id, exc.message, len(datasets))
     slices = nifti.sort_slices(datasets)
     grid = nifti.series_grid(slices)
     instances = tuple(str(ds.SOPInstanceUID) for ds in slices)

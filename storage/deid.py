@@ -4,12 +4,21 @@ Every attribute is handled by the action that the standard's own table
 (:mod:`storage.deid_table`) gives it under the chosen options:
 
 * ``X`` removed, ``Z`` emptied, ``D`` replaced by a dummy of the attribute's VR,
-  ``U`` replaced by a keyed pseudonym UID (:mod:`storage.pseudonyms`), ``K`` kept,
-  ``C`` cleaned (dates moved by one keyed shift per patient, free text scrubbed
-  of the identifying values found in the same object);
+  ``U`` replaced by a keyed pseudonym UID (:mod:`storage.pseudonyms`), ``K`` kept;
+* ``C`` cleaned, by VR (:meth:`Deidentifier.cleaning`): dates and date-times moved
+  by one keyed number of days per patient and times of day by one keyed number
+  of seconds (time-zone offsets dropped); AE titles replaced by keyed pseudonyms;
+  free text scrubbed of the identifying values found in the same object, but only
+  where Clean Descriptors says ``C`` for it (free text that no enabled option
+  lets us scrub, such as Allergies under Retain Patient Characteristics alone,
+  is removed: it cannot be shown to be free of identity); anything else that
+  cannot be cleaned (binary timestamps with VR OB, ...) is removed;
+* dates, date-times and times that the table does not list are cleaned the same way;
 * sequences not in the table are walked item by item with the same rules;
-* private attributes (odd groups), curve groups 50xx and overlay groups 60xx
-  are removed;
+* private attributes (odd groups), curve groups 50xx, overlay groups 60xx, group
+  lengths and standard-group elements the data dictionary does not know are removed;
+* text inside encapsulated pixel data (JPEG COM/APPn segments, JPEG 2000
+  comments) is removed without re-encoding (:mod:`storage.pixel_text`);
 * any other UID that is not a registered (class, transfer syntax, coding
   scheme) UID is remapped too, so no instance UID survives anywhere;
 * PatientID, PatientName and AccessionNumber carry keyed pseudonyms (a ``D``
@@ -26,9 +35,12 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
 from pathlib import Path
 
 import pydicom
+from pydicom.datadict import get_entry
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -37,6 +49,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from segnode.errors import InputError
 from segnode.storage.deid_table import BASIC_PROFILE_CODE, OPTION_CODES, Action, Option, Table, load_table
+from segnode.storage.pixel_text import strip_stream_text
 from segnode.storage.pseudonyms import Pseudonymizer
 
 logger = logging.getLogger(__name__)
@@ -66,6 +79,9 @@ _DUMMY: dict[str, object] = {
 }
 _TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "UC", "PN", "CS", "AE"}
 _BINARY_VRS = {"OB", "OW", "OD", "OF", "OL", "OV", "UN"}
+_TEMPORAL_VRS = {"DA", "DT", "TM"}
+_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?")
+_DT_OFFSET = re.compile(r"[+-]\d{4}$")
 
 SECONDARY_CAPTURE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7",
@@ -80,6 +96,16 @@ DOCUMENT_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.76": "Patient Radiation Dose SR",
     "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
 }
+
+
+class Cleaning(str, Enum):
+    """What a ``C`` does to one attribute, by its VR and the options."""
+
+    WALK = "walked"  #: a sequence: its items are de-identified by the same rules
+    SHIFT = "shifted"  #: a date, time or date-time moved by the patient's keyed shift
+    PSEUDONYM = "pseudonym"  #: an AE title replaced by a keyed pseudonym
+    SCRUB = "scrubbed"  #: free text kept without the identifying values of its object
+    REMOVE = "removed"  #: cannot be shown clean (free text not under Clean Descriptors, OB, offsets)
 
 
 def burned_in_reason(ds: Dataset) -> str | None:
@@ -132,13 +158,50 @@ def shift_date(value: str, days: int) -> str:
     return "-".join(moved)
 
 
-def shift_datetime(value: str, days: int) -> str:
-    """Move a DT value ``days`` into the past, keeping its time and offset."""
-    text = value.strip()
-    if len(text) < 8:
-        return ""
-    moved = shift_date(text[:8], days)
-    return moved + text[8:] if moved else ""
+def shift_time(value: str, seconds: int) -> str:
+    """Move a TM value (or a ``from-to`` range) ``seconds`` later, modulo a day; ``""`` if unparseable.
+
+    The precision of the value (hours, minutes, seconds, fraction) is kept.
+    """
+    moved = [_shift_one_time(p.strip(), seconds) if p.strip() else "" for p in value.split("-")]
+    return "" if None in moved else "-".join(m or "" for m in moved)
+
+
+def _shift_one_time(text: str, seconds: int) -> str | None:
+    match = _TM.fullmatch(text)
+    if match is None or int(match[1]) > 23 or int(match[2] or 0) > 59 or int(match[3] or 0) > 60:
+        return None
+    total = (int(match[1]) * 3600 + int(match[2] or 0) * 60 + min(int(match[3] or 0), 59) + seconds) % 86400
+    out = f"{total // 3600:02d}"
+    if match[2]:
+        out += f"{total // 60 % 60:02d}"
+    if match[3]:
+        out += f"{total % 60:02d}" + (match[4] or "")
+    return out
+
+
+def shift_datetime(value: str, days: int, seconds: int = 0) -> str:
+    """Move a DT value: its date ``days`` into the past, its time of day ``seconds`` later.
+
+    Date and time move apart (no carry), as a DA and TM pair does; the UTC
+    offset is dropped.  ``""`` if unparseable.
+    """
+    text = _DT_OFFSET.sub("", value.strip())
+    date = shift_date(text[:8], days) if len(text) >= 8 else ""
+    time = shift_time(text[8:], seconds) if len(text) > 8 else ""
+    return "" if not date or (len(text) > 8 and not time) else date + time
+
+
+@lru_cache(maxsize=4096)
+def unknown_tag(tag: int) -> bool:
+    """A group length, or a standard-group element that the data dictionary does not know."""
+    if tag & 0xFFFF == 0:
+        return True
+    try:
+        get_entry(tag)
+    except KeyError:
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -148,11 +211,14 @@ class DeidResult:
     dataset: Dataset
     patient_pseudonym: str
     date_shift_days: int | None
+    #: whether text was removed from the encapsulated pixel data
+    pixel_text_removed: bool = False
 
 
 @dataclass
 class _Context:
     shift_days: int | None
+    shift_seconds: int
     scrub: tuple[str, ...]
 
 
@@ -180,21 +246,44 @@ class Deidentifier:
             self._actions[tag] = None if row is None else row.action(self.options, tag)
         return self._actions[tag]
 
+    def scrubbed(self, tag: int) -> bool:
+        """Whether a ``C`` on ``tag`` scrubs its text (Clean Descriptors on and ``C`` for it)."""
+        row = self.table.row_for(tag)
+        return (Option.CLEAN_DESCRIPTORS in self.options and row is not None
+                and row.options.get(Option.CLEAN_DESCRIPTORS) is Action.CLEAN)
+
+    def cleaning(self, tag: int, vr: str) -> Cleaning:
+        """What a ``C`` on ``tag`` (of VR ``vr``) does under these options."""
+        if vr == "SQ":
+            return Cleaning.WALK
+        if vr in _TEMPORAL_VRS:
+            shifting = Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options
+            return Cleaning.SHIFT if shifting else Cleaning.REMOVE
+        if vr == "AE":
+            return Cleaning.PSEUDONYM
+        if vr in _TEXT_VRS and self.scrubbed(tag):
+            return Cleaning.SCRUB
+        return Cleaning.REMOVE
+
     def deidentify(self, ds: Dataset) -> DeidResult:
         """De-identify ``ds`` in place and return it with its pseudonyms.
 
-        The file meta is rebuilt and the preamble cleared.
+        The file meta is rebuilt and the preamble cleared.  Raises
+        :class:`~storage.pixel_text.PixelTextError` when the pixel data may hold
+        text that cannot be removed losslessly.
         """
+        pixel_text_removed = strip_stream_text(ds)
         key = patient_key(ds)
         shifting = Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in self.options
         ctx = _Context(
             shift_days=self.pseudonyms.date_shift_days(key) if shifting else None,
+            shift_seconds=self.pseudonyms.time_shift_seconds(key) if shifting else 0,
             scrub=self._scrub_terms(ds) if Option.CLEAN_DESCRIPTORS in self.options else (),
         )
         self._walk(ds, ctx)
         pseudonym = self.pseudonyms.patient_id(key)
         self._stamp(ds, pseudonym, shifting)
-        return DeidResult(ds, pseudonym, ctx.shift_days)
+        return DeidResult(ds, pseudonym, ctx.shift_days, pixel_text_removed)
 
     # --- walking --------------------------------------------------------------------------
     def _walk(self, ds: Dataset, ctx: _Context) -> None:
@@ -204,14 +293,16 @@ class Deidentifier:
 
     def _apply(self, ds: Dataset, elem: DataElement, ctx: _Context) -> None:
         tag = int(elem.tag)
-        if elem.tag.is_private or elem.VR == "UN" or (tag >> 16) in _DROPPED_GROUPS:
-            del ds[tag]  # private, uninspectable, file meta in the body, curves, overlays
+        if elem.tag.is_private or elem.VR == "UN" or (tag >> 16) in _DROPPED_GROUPS or unknown_tag(tag):
+            del ds[tag]  # private, uninspectable, file meta in the body, curves, overlays, unknown
             return
         if tag in (PATIENT_ID, PATIENT_NAME, ACCESSION):
             elem.value = self._identity_pseudonym(tag, ds, elem)
             return
         action = self.action_for(tag)
-        if action is None:
+        if action is None and elem.VR in _TEMPORAL_VRS:
+            self._clean(ds, elem, ctx)  # a date or time the table does not list
+        elif action is None:
             self._keep(elem, ctx)
         elif action is Action.REMOVE:
             del ds[tag]
@@ -224,7 +315,7 @@ class Deidentifier:
         elif action in (Action.UID_SEQUENCE, Action.KEEP):
             self._keep(elem, ctx)
         else:
-            self._clean(elem, ctx)
+            self._clean(ds, elem, ctx)
 
     def _identity_pseudonym(self, tag: int, ds: Dataset, elem: DataElement) -> str:
         if tag == ACCESSION:
@@ -253,39 +344,55 @@ class Deidentifier:
             return b"\x00\x00"
         return _DUMMY.get(elem.VR, "ANONYMIZED")
 
-    def _clean(self, elem: DataElement, ctx: _Context) -> None:
-        if elem.VR == "SQ":
+    def _clean(self, ds: Dataset, elem: DataElement, ctx: _Context) -> None:
+        """``C``: keep what can be kept without identity; remove what cannot be cleaned."""
+        how = self.cleaning(int(elem.tag), elem.VR)
+        if how is Cleaning.WALK:
             self._keep(elem, ctx)
-        elif elem.VR in ("DA", "DT"):
+        elif how is Cleaning.SHIFT:
             elem.value = self._shift(elem, ctx)
-        elif elem.VR == "AE":
+        elif how is Cleaning.PSEUDONYM:
             elem.value = self.pseudonyms.ae_title(str(elem.value or "")) if elem.value else elem.value
-        elif elem.VR in _TEXT_VRS:
+        elif how is Cleaning.SCRUB:
             elem.value = self._scrub(elem.value, ctx)
-        # TM and numbers: kept (a whole-day shift leaves the time of day)
+        else:  # unscrubbable free text, TimezoneOffsetFromUTC, OB timestamps, unshifted dates
+            del ds[elem.tag]
 
     def _shift(self, elem: DataElement, ctx: _Context) -> object:
-        if ctx.shift_days is None or not elem.value:
-            return None
-        move = shift_date if elem.VR == "DA" else shift_datetime
+        assert ctx.shift_days is not None
+        if not elem.value:
+            return elem.value
         values = [elem.value] if isinstance(elem.value, str) else list(elem.value)
-        moved = [move(str(v), ctx.shift_days) for v in values]
+        moved = [self._shift_one(elem.VR, str(v), ctx) for v in values]
         return moved[0] if len(moved) == 1 else moved
+
+    @staticmethod
+    def _shift_one(vr: str, value: str, ctx: _Context) -> str:
+        assert ctx.shift_days is not None
+        if vr == "DA":
+            return shift_date(value, ctx.shift_days)
+        if vr == "TM":
+            return shift_time(value, ctx.shift_seconds)
+        return shift_datetime(value, ctx.shift_days, ctx.shift_seconds)
 
     # --- clean descriptors ----------------------------------------------------------------
     def _scrub_terms(self, ds: Dataset) -> tuple[str, ...]:
         """Identifying strings of this object (values of attributes not kept), longest first."""
         terms: set[str] = set()
         for elem in ds.iterall():
-            if elem.VR not in _TEXT_VRS | {"DA", "DT"} or elem.tag.is_private is False and self.action_for(
-                int(elem.tag)
-            ) in (None, Action.KEEP, Action.CLEAN):
+            if elem.VR not in _TEXT_VRS | {"DA", "DT"} or not self._removed(int(elem.tag)):
                 continue
             values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
             for value in (str(v) for v in values if v is not None):
                 terms.add(value.strip())
                 terms.update(re.split(r"[\^=\s,/]+", value))
         return tuple(sorted((t for t in terms if len(t) >= 3), key=len, reverse=True))
+
+    def _removed(self, tag: int) -> bool:
+        """Whether the value of ``tag`` goes (so it is identifying wherever else it appears)."""
+        if (tag >> 16) % 2 == 1 or unknown_tag(tag):
+            return True
+        return self.action_for(tag) not in (None, Action.KEEP, Action.CLEAN)
 
     def _scrub(self, value: object, ctx: _Context) -> object:
         if value is None:

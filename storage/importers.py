@@ -22,7 +22,8 @@ import pydicom
 
 from segnode.errors import InputError
 from segnode.storage import nifti
-from segnode.storage.dataset import CaseInput, DatasetStore, QuarantinedError, deidentified_case
+from segnode.profiles.loader import load_profile
+from segnode.storage.dataset import CaseInput, DatasetStore, ModalityError, QuarantinedError, deidentified_case
 from segnode.storage.deid import read_dicom
 from segnode.storage.labels import apply_mapping, tissue_name
 from segnode.storage.manifest import CaseRecord, LabelStatus
@@ -69,6 +70,8 @@ def import_path(
         raise InputError("not a folder", where=str(path))
     chosen = Layout(layout) if layout else detect_layout(path)
     status = LabelStatus(label_status)
+    if profile:
+        load_profile(profile)  # an unknown profile is a ConfigError naming the known ones
     if chosen is Layout.DICOM:
         return _import_dicom(store, path, dataset, mapping, profile, status)
     return _import_nifti(store, path, chosen, dataset, mapping, profile, status)
@@ -115,11 +118,11 @@ def _import_nifti(store, path, layout, dataset, mapping, profile, status) -> Imp
         image = nifti.read_nifti(_read(image_path), "image")
         label = nifti.read_nifti(_read(label_path), "label")
         if label.array.shape != image.array.shape or not np.allclose(label.affine_lps, image.affine_lps, atol=1e-3):
-            raise InputError("label grid differs from the image grid", where=store.pseudonyms.case_id(source))
+            raise InputError("label grid differs from the image grid", where=store.case_id(dataset, source))
         array, label_names = apply_mapping(label.array.astype(np.uint8), names)
         record = store.add_case(
             CaseInput(
-                case_id=store.pseudonyms.case_id(source),
+                case_id=store.case_id(dataset, source),
                 dataset=dataset,
                 patient=store.pseudonyms.patient_id(source),  # one patient per file: no identity known
                 image=_image_values(image.array),
@@ -175,12 +178,16 @@ def _import_dicom(store, path, dataset, mapping, profile, status) -> ImportRepor
         except QuarantinedError:
             report.quarantined += 1
             continue
+        except ModalityError as exc:
+            report.skipped.append(exc.message)
+            continue
         if mapping:
             case.label, case.label_names = _remap_segments(case.label, case.label_names, mapping)
         case.profile, case.backend = profile, "import-dicom"
         report.added.append(store.add_case(case))
     if not report.added and not report.quarantined:
-        raise InputError("no CT series with a SEG referencing it were found", where=str(path))
+        why = f" ({'; '.join(report.skipped)})" if report.skipped else ""
+        raise InputError(f"no CT series with a SEG referencing it were found{why}", where=str(path))
     return report
 
 
@@ -193,7 +200,7 @@ def _remap_segments(array: np.ndarray, names: dict[int, str], mapping: Mapping[i
 def summary(report: ImportReport) -> str:
     text = f"{len(report.added)} case(s) added"
     if report.quarantined:
-        text += f", {report.quarantined} series quarantined (possible burned-in text)"
+        text += f", {report.quarantined} series quarantined (possible burned-in or embedded text)"
     if report.skipped:
         text += f", {len(report.skipped)} skipped: " + "; ".join(report.skipped)
     return text

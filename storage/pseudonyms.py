@@ -87,6 +87,10 @@ class Pseudonymizer:
     def ae_title(self, ae_title: str) -> str:
         return "AE" + self._token("ae", ae_title.strip(), 14)
 
+    def time_shift_seconds(self, patient_key: str) -> int:
+        """Seconds to move every time of day of this patient (0 … 86399, modulo a day)."""
+        return int.from_bytes(self._digest("time-shift", patient_key)[:4], "big") % 86400
+
     def date_shift_days(self, patient_key: str) -> int:
         """Days to move every date of this patient into the past (1 … 3652)."""
         return 1 + int.from_bytes(self._digest("date-shift", patient_key)[:4], "big") % MAX_SHIFT_DAYS

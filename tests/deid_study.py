@@ -2,14 +2,23 @@
 
 ``make_canary_study`` writes a CT series in which every PHI-bearing attribute
 (names in several scripts, IDs, accession, dates, institution, descriptions,
-private tags, nested sequences) holds a unique token, and returns the tokens so
-a test can search for them.
+private tags of VR LO/OB/UN/SQ, standard-group elements unknown to the
+dictionary, a known attribute stored as UN, C-coded free text such as
+PatientState, TimezoneOffsetFromUTC, OB timestamps, nested sequences) holds a
+unique token, and returns the tokens so a test can search for them.  With a
+compressed ``syntax`` every frame also carries tokens in its stream (JPEG / JPEG-LS
+COM and APP1 segments and bytes after the end of image, JPEG 2000 comments in
+the main and tile-part headers).  :data:`TOKEN_TAGS` names the attribute each
+token sits in, so a test can tell which tokens an option lets survive.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
+import pydicom.uid as tsuid
+from pydicom.encaps import encapsulate, generate_frames
 
 import highdicom as hd
 import numpy as np
@@ -68,7 +77,37 @@ def canary_tokens(tag: str) -> dict[str, str]:
         "private_lo": f"CNRYPRIVLO{t}",
         "private_nested": f"Cnryprivnest{t}",
         "private_un": f"CNRYPRIVUN{t}",
+        "private_ob": f"CNRYPRIVOB{t}",
+        "allergies": f"CnryAllergy{t}",
+        "patient_state": f"CnryState{t}",
+        "special_needs": f"CnryNeeds{t}",
+        "premedication": f"CnryPremed{t}",
+        "timezone": f"CNRYTZ{t}",
+        "frame_origin_ts": f"CNRYFRAMETS{t}",
+        "certified_ts": f"CNRYCERTTS{t}",
+        "unknown_lo": f"CNRYUNKLO{t}",
+        "unknown_ob": f"CNRYUNKOB{t}",
+        "unknown_un": f"CNRYUNKUN{t}",
+        "unknown_sq": f"CnryUnkSeq{t}",
+        "known_as_un": f"Cnrybirthname{t}",
+        "pixel_com": f"CNRYJPEGCOM{t}",
+        "pixel_app": f"CNRYJPEGAPP{t}",
+        "pixel_tail": f"CNRYJPEGTAIL{t}",
+        "j2k_com": f"CNRYJ2KCOM{t}",
+        "j2k_tile_com": f"CNRYJ2KTILE{t}",
     }
+
+
+#: the attribute each token is planted in (``None``: in the pixel data stream or a private/unknown
+#: element, never allowed to survive); a test allows a token to survive only where the options keep
+#: or scrub that attribute
+TOKEN_TAGS: dict[str, int | None] = {
+    "study_desc": 0x00081030, "series_desc": 0x0008103E, "protocol": 0x00181030, "comments": 0x00204000,
+    "station": 0x00081010, "serial": 0x00181000, "history": 0x001021B0, "requested_desc": 0x00321060,
+    "allergies": 0x00102110, "patient_state": 0x00380500, "special_needs": 0x00380050,
+    "premedication": 0x00400012, "greek": 0x00104000, "study_id": 0x00200010, "department": 0x00081040,
+    "institution": 0x00080080,
+}
 
 
 def make_canary_study(
@@ -78,16 +117,20 @@ def make_canary_study(
     n_slices: int = 6,
     size: int = 24,
     patient_tag: str | None = None,
+    syntax: str | None = None,
 ) -> tuple[list[Path], dict[str, str]]:
     """Write a CT series full of canary PHI; return its files and every token planted.
 
     ``patient_tag`` (default ``tag``) chooses the patient tokens, so two studies
     can share a patient.  UIDs are tokens too (returned under ``uid_*`` keys).
+    ``syntax`` (JPEG-LS or JPEG 2000 lossless) compresses the pixel data and plants
+    tokens in every frame's stream; JPEG 2000 needs ``size`` of 32 or more.
     """
     tok = canary_tokens(tag)
     ptok = canary_tokens(patient_tag or tag)
     for key in ("patient_family", "patient_given", "patient_ideographic", "patient_phonetic",
-                "patient_id", "issuer", "other_id", "birth_date", "address", "phone", "mother", "history"):
+                "patient_id", "issuer", "other_id", "birth_date", "address", "phone", "mother", "history",
+                "known_as_un"):
         tok[key] = ptok[key]
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     ref_uid = generate_uid()
@@ -100,6 +143,8 @@ def make_canary_study(
         tok[f"uid_sop{k}"] = sop_uid
         ds = _base_slice(tok, study_uid, series_uid, frame_uid, ref_uid, sop_uid, k, size)
         ds.PixelData = (rng.integers(-100, 200, (size, size)).astype(np.int16) + 1000).tobytes()
+        if syntax is not None:
+            compress_with_text(ds, syntax, tok)
         path = folder / f"slice{k:03d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
@@ -126,6 +171,18 @@ def _base_slice(tok, study_uid, series_uid, frame_uid, ref_uid, sop_uid, k, size
     ds.PatientAddress, ds.PatientTelephoneNumbers = tok["address"], tok["phone"]
     ds.PatientMotherBirthName, ds.AdditionalPatientHistory = tok["mother"], tok["history"]
     ds.PatientComments = tok["greek"]
+    # C-coded free text under Retain Patient Characteristics: the family name hides in PatientState
+    ds.Allergies, ds.SpecialNeeds, ds.PreMedication = tok["allergies"], tok["special_needs"], tok["premedication"]
+    ds.PatientState = f"fasting {tok['patient_family']} {tok['patient_state']}"
+    ds.TimezoneOffsetFromUTC = tok["timezone"]
+    ds.add_new(0x00340007, "OB", tok["frame_origin_ts"].encode())  # FrameOriginTimestamp
+    ds.add_new(0x04000310, "OB", tok["certified_ts"].encode())  # CertifiedTimestamp
+    # standard-group elements the dictionary does not know, and a known one stored as UN
+    ds.add_new(0x00A00010, "LO", tok["unknown_lo"])
+    ds.add_new(0x00A00012, "OB", tok["unknown_ob"].encode())
+    ds.add_new(0x00A00014, "UN", tok["unknown_un"].encode())
+    ds.add_new(0x00A00016, "SQ", DicomSequence([_item(PatientName=tok["unknown_sq"])]))
+    ds.add_new(0x00101005, "UN", tok["known_as_un"].encode())  # PatientBirthName
     ds.AccessionNumber, ds.StudyID = tok["accession"], tok["study_id"]
     for attr in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstanceCreationDate"):
         setattr(ds, attr, tok["study_date"])
@@ -153,6 +210,7 @@ def _base_slice(tok, study_uid, series_uid, frame_uid, ref_uid, sop_uid, k, size
     block.add_new(0x01, "LO", tok["private_lo"])
     block.add_new(0x02, "SQ", DicomSequence([_item(PatientName=tok["private_nested"])]))
     block.add_new(0x03, "UN", tok["private_un"].encode())
+    block.add_new(0x04, "OB", tok["private_ob"].encode())
     ds.add_new(0x60000010, "US", size)  # an overlay: removed whole
     ds.add_new(0x60003000, "OW", b"\x00" * (size * size // 8))
     ds.Rows = ds.Columns = size
@@ -167,6 +225,42 @@ def _base_slice(tok, study_uid, series_uid, frame_uid, ref_uid, sop_uid, k, size
     ds.RescaleIntercept, ds.RescaleSlope, ds.KVP = "-1000", "1", "120"
     ds.BurnedInAnnotation = "NO"
     return ds
+
+
+def compress_with_text(ds: Dataset, syntax: str, tok: dict[str, str]) -> None:
+    """Compress ``ds`` losslessly and plant canary text in every frame's stream."""
+    ds.compress(syntax)
+    plant = _plant_jpeg if syntax in (tsuid.JPEGLSLossless, tsuid.JPEGLSNearLossless) else _plant_j2k
+    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+    ds.PixelData = encapsulate([plant(f.rstrip(b"\x00") if f.endswith(b"\xd9\x00") else f, tok) for f in frames])
+
+
+def jpeg_segment(marker: int, body: bytes) -> bytes:
+    return bytes((0xFF, marker)) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def _plant_jpeg(frame: bytes, tok: dict[str, str]) -> bytes:
+    """COM and APP1 segments after SOI, a COM before the scan, and text after EOI."""
+    com = jpeg_segment(0xFE, tok["pixel_com"].encode())
+    head = com + jpeg_segment(0xE1, b"Exif\x00\x00" + tok["pixel_app"].encode())
+    scan = frame.index(b"\xff\xda")
+    body = frame[2:scan] + com + frame[scan:]
+    return frame[:2] + head + body + tok["pixel_tail"].encode()
+
+
+def _plant_j2k(frame: bytes, tok: dict[str, str]) -> bytes:
+    """A COM after SIZ in the main header and a COM in the first tile-part header (Psot adjusted)."""
+    siz_end = 4 + int.from_bytes(frame[4:6], "big")
+    com = b"\xff\x64" + (len(tok["j2k_com"]) + 4).to_bytes(2, "big") + b"\x00\x01" + tok["j2k_com"].encode()
+    frame = frame[:siz_end] + com + frame[siz_end:]
+    sot = frame.index(b"\xff\x90")
+    tile_com = b"\xff\x64" + (len(tok["j2k_tile_com"]) + 4).to_bytes(2, "big") + b"\x00\x01"
+    tile_com += tok["j2k_tile_com"].encode()
+    psot = int.from_bytes(frame[sot + 6:sot + 10], "big")
+    header = bytearray(frame[sot:sot + 12])
+    if psot:
+        header[6:10] = (psot + len(tile_com)).to_bytes(4, "big")
+    return frame[:sot] + bytes(header) + tile_com + frame[sot + 12:]
 
 
 def make_seg(

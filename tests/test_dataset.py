@@ -14,7 +14,8 @@ import pytest
 
 from segnode.errors import ConfigError, InputError, StorageError
 from segnode.node.cli import main
-from segnode.storage.dataset import DatasetStore, QuarantinedError, harvest
+from segnode.storage.dataset import CaseInput, DatasetStore, ModalityError, QuarantinedError, harvest
+from segnode.storage.importers import import_path
 from segnode.storage.labels import seg_to_labels
 from segnode.storage.manifest import LabelStatus
 from tests.deid_study import make_canary_study, make_seg
@@ -206,3 +207,109 @@ def test_cli_list_show_freeze_and_secret_errors(tmp_path: Path, capsys, monkeypa
     assert main([*base, "correct", record.case_id, str(seg)]) == 2  # no secret: refused
     assert "no de-identification secret" in capsys.readouterr().err
     assert main([*base, "--secret-file", str(secret), "correct", record.case_id, str(seg)]) == 0
+
+
+def _label_sum(store: DatasetStore, record) -> int:
+    return int(np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(store.read_object(record.label))).dataobj).sum())
+
+
+def test_correct_with_the_stores_own_deidentified_seg(store: DatasetStore, tmp_path: Path) -> None:
+    files, seg, _ = _study(tmp_path, "d1")
+    record = _harvest(store, files, seg)
+    own = tmp_path / "own.dcm"
+    own.write_bytes(store.read_object(record.seg))
+    assert pydicom.dcmread(own).PatientIdentityRemoved == "YES"
+    updated = store.correct(record.case_id, own)
+    assert updated.label_status is LabelStatus.CORRECTED and _label_sum(store, updated) == _label_sum(store, record) > 0
+
+
+def test_a_seg_deidentified_elsewhere_is_refused_not_stored_empty(store: DatasetStore, tmp_path: Path,
+                                                                 capsys, monkeypatch) -> None:
+    monkeypatch.delenv("SEGNODE_DEID_SECRET_FILE", raising=False)
+    files, seg, _ = _study(tmp_path, "d2")
+    record = _harvest(store, files, seg)
+    other = DatasetStore.open(tmp_path / "other", b"another-secret-0123456789")
+    foreign = tmp_path / "foreign.dcm"
+    foreign.write_bytes(other.read_object(_harvest(other, files, seg).seg))  # YES, but other UIDs
+    with pytest.raises(InputError, match="not all of them .* among this case's slices"):
+        store.correct(record.case_id, foreign)
+    assert store.cases("Liver")[record.case_id] == record
+    secret = tmp_path / "secret.key"
+    secret.write_bytes(SECRET)
+    args = ["dataset", "--store", str(store.root), "--secret-file", str(secret), "correct", record.case_id]
+    assert main([*args, str(foreign)]) == 3
+    captured = capsys.readouterr()
+    assert "labels corrected" not in captured.out and "another key" in captured.err
+
+
+def test_a_seg_of_another_series_is_refused(store: DatasetStore, tmp_path: Path) -> None:
+    files, seg, _ = _study(tmp_path, "d3")
+    _, other_seg, _ = _study(tmp_path, "d4")
+    record = _harvest(store, files, seg)
+    with pytest.raises(InputError, match="another series"):
+        store.correct(record.case_id, other_seg)
+
+
+def test_a_non_ct_series_is_refused_and_skipped_on_import(store: DatasetStore, tmp_path: Path) -> None:
+    files, seg, _ = _study(tmp_path, "m1")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    with pytest.raises(ModalityError, match="a MR series cannot join a dataset of CT series"):
+        _harvest(store, files, seg)
+    folder = tmp_path / "mixed"
+    ct_files, _ = make_canary_study(folder / "ct", "m2")
+    make_seg(ct_files, folder / "ct_seg.dcm")
+    shutil.copytree(files[0].parent, folder / "mr")
+    shutil.copy(seg, folder / "mr_seg.dcm")
+    report = import_path(store, folder, dataset="Mixed")
+    assert len(report.added) == 1 and report.skipped == ["a MR series cannot join a dataset of CT series"]
+
+
+def test_profiles_are_checked(store: DatasetStore, tmp_path: Path) -> None:
+    files, seg, _ = _study(tmp_path, "pr")
+    _harvest(store, files, seg)  # profile liver
+    with pytest.raises(InputError, match="holds cases of profile 'liver', not 'lungs'"):
+        harvest(store, dataset="Liver", series_files=files, seg_path=seg, profile="lungs", backend="b",
+                model_version="1", weights_hash="h", rule="r", calling_ae="AE")
+    with pytest.raises(ConfigError, match="unknown profile 'livr'"):
+        import_path(store, files[0].parent, dataset="Other", profile="livr")
+
+
+def test_one_series_in_two_datasets_gets_two_case_ids(store: DatasetStore, tmp_path: Path) -> None:
+    files, seg, _ = _study(tmp_path, "n1")
+    near = tmp_path / "near"
+    near.mkdir()
+    for path in files:  # a near-copy: the same series, one attribute changed
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = "re-exported"
+        ds.save_as(near / path.name)
+    first = _harvest(store, files, seg, dataset="Liver")
+    second = _harvest(store, sorted(near.iterdir()), seg, dataset="LiverCopy")
+    assert first.case_id != second.case_id and first.patient == second.patient
+    assert store.find_case(first.case_id) == first and store.find_case(second.case_id) == second
+
+
+def test_times_of_day_on_the_stored_seg_are_shifted(store: DatasetStore, tmp_path: Path) -> None:
+    files, seg, _ = _study(tmp_path, "t1")
+    record = _harvest(store, files, seg)
+    original, stored = pydicom.dcmread(seg), _dicom(store, record.seg)
+    for keyword in ("StudyTime", "ContentTime", "InstanceCreationTime"):
+        assert stored.get(keyword) and stored.get(keyword) != original.get(keyword), keyword
+    contributions = [str(i.ContributionDateTime) for i in stored.ContributingEquipmentSequence]
+    assert not {c[8:14] for c in contributions} & {str(i.ContributionDateTime)[8:14]
+                                                   for i in original.ContributingEquipmentSequence}
+    image = _dicom(store, record.dicom[0])
+    assert image.StudyTime != "101010" and image.StudyTime == stored.StudyTime  # one shift per patient
+
+
+def test_a_seg_cannot_correct_a_case_without_dicom_slices(store: DatasetStore, tmp_path: Path) -> None:
+    _, seg, _ = _study(tmp_path, "ns")
+    record = store.add_case(CaseInput(case_id="C0123456789ABCDE", dataset="Nifti", patient="P1",
+                                      image=np.zeros((6, 24, 24), np.int16), affine_lps=np.eye(4),
+                                      label=np.ones((6, 24, 24), np.uint8), label_names={1: "liver"},
+                                      label_status=LabelStatus.REVIEWED))
+    with pytest.raises(InputError, match="no DICOM slices to map a SEG onto"):
+        store.correct(record.case_id, seg)
+    assert store.cases("Nifti")[record.case_id] == record

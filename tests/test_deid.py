@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 from pathlib import Path
 
 import pydicom
@@ -14,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 
 from segnode.errors import ConfigError
-from segnode.storage.deid import Deidentifier, burned_in_reason, shift_date
+from segnode.storage.deid import Deidentifier, burned_in_reason, shift_date, shift_datetime, shift_time
 from segnode.storage.deid_table import Action, Option, load_table, raw_rows, resolve_combined
 from segnode.storage.pseudonyms import Pseudonymizer, load_secret
 from segnode.uids import is_valid_uid
@@ -275,3 +276,108 @@ def test_burned_in_text_is_detected(attrs: dict, quarantined: bool) -> None:
 def test_keywords_of_rows_exist_in_pydicom() -> None:
     # guards the table loader: every single-tag row resolves to a real attribute
     assert all(keyword_for_tag(_tag(r)) for r in ROWS)
+
+
+# --- C: what "clean" does per option ------------------------------------------------------------
+CHARACTERISTICS_TEXT = {"Allergies": "penicillin Doe", "PatientState": "fasting Doe",
+                        "SpecialNeeds": "wheelchair Doe", "PreMedication": "aspirin Doe"}
+
+
+def _patient_text() -> Dataset:
+    ds = _dataset_with(0x00080018)
+    ds.PatientName = "Doe^Johnathan"
+    for keyword, value in CHARACTERISTICS_TEXT.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def test_free_text_under_patient_characteristics_alone_is_removed() -> None:
+    out = Deidentifier(Pseudonymizer(SECRET), [Option.RETAIN_PATIENT_CHARACTERISTICS]).deidentify(_patient_text())
+    assert not [k for k in CHARACTERISTICS_TEXT if k in out.dataset]
+
+
+def test_free_text_is_scrubbed_only_where_clean_descriptors_says_c() -> None:
+    options = [Option.RETAIN_PATIENT_CHARACTERISTICS, Option.CLEAN_DESCRIPTORS]
+    out = Deidentifier(Pseudonymizer(SECRET), options).deidentify(_patient_text()).dataset
+    assert out.Allergies == "penicillin" and out.PatientState == "fasting"  # C under both options
+    assert "SpecialNeeds" not in out and "PreMedication" not in out  # C only under the characteristics
+
+
+def test_dates_option_shifts_times_drops_offsets_and_removes_ob_timestamps() -> None:
+    deid = Deidentifier(Pseudonymizer(SECRET), [Option.RETAIN_LONGITUDINAL_MODIFIED_DATES])
+    ds = _dataset_with(0x00080018)
+    ds.PatientID = "PAT-1"
+    ds.StudyDate, ds.StudyTime, ds.SeriesTime = "20010203", "101010.250", "1010"
+    ds.AcquisitionDateTime = "20010203101010+0100"
+    ds.TimezoneOffsetFromUTC = "+0100"
+    ds.add_new(0x00340007, "OB", b"\x01\x02\x03\x04\x05\x06\x07\x08")  # FrameOriginTimestamp
+    ds.add_new(0x04000310, "OB", b"20010203101010")  # CertifiedTimestamp
+    out = deid.deidentify(ds).dataset
+    seconds = deid.pseudonyms.time_shift_seconds("|PAT-1")
+    days = deid.pseudonyms.date_shift_days("|PAT-1")
+    assert out.StudyTime == shift_time("101010.250", seconds) != "101010.250"
+    assert out.SeriesTime == shift_time("1010", seconds) and len(out.SeriesTime) == 4
+    assert out.AcquisitionDateTime == shift_date("20010203", days) + out.StudyTime[:6]
+    assert "TimezoneOffsetFromUTC" not in out and "FrameOriginTimestamp" not in out
+    assert "CertifiedTimestamp" not in out
+
+
+def test_shift_time_keeps_precision_ranges_and_wraps() -> None:
+    assert shift_time("235959", 2) == "000001"
+    assert shift_time("10", 3600) == "11" and shift_time("1030", 60) == "1031"
+    assert shift_time("101010.5-111111", 1) == "101011.5-111112"
+    assert shift_time("25", 1) == "" and shift_time("10:10", 1) == ""
+    assert shift_datetime("2001", 1) == "" and shift_datetime("20010203", 1, 5) == "20010202"
+
+
+def test_dates_and_times_the_table_does_not_list_are_cleaned_too() -> None:
+    unlisted = {0x00140102: ("DA", "20010203"), 0x00140103: ("TM", "101010"), 0x0008041F: ("DT", "20010203101010")}
+    assert all(load_table().row_for(tag) is None for tag in unlisted)
+    for options, shifted in (([Option.RETAIN_LONGITUDINAL_MODIFIED_DATES], True), ([], False)):
+        ds = _dataset_with(0x00080018)
+        for tag, (vr, value) in unlisted.items():
+            ds.add_new(tag, vr, value)
+        out = Deidentifier(Pseudonymizer(SECRET), options).deidentify(ds).dataset
+        for tag, (_, value) in unlisted.items():
+            assert (tag in out and out[tag].value != value) if shifted else tag not in out
+
+
+def test_unknown_standard_group_elements_and_group_lengths_are_removed(deid: Deidentifier) -> None:
+    ds = _dataset_with(0x00080018)
+    ds.add_new(0x00A00010, "LO", "Token^Unknown")
+    ds.add_new(0x00A00012, "OB", b"token")
+    ds.add_new(0x00A00016, "SQ", [Dataset()])
+    ds.add_new(0x00080000, "UL", 100)
+    ds.add_new(0x00101005, "UN", b"Token^Birthname")  # known tag stored as UN: read as PN, then table X
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    read = _roundtrip(ds)
+    assert read[0x00A00010].value == "Token^Unknown" and read.PatientBirthName == "Token^Birthname"
+    out = _roundtrip(deid.deidentify(read).dataset)
+    assert not [e for e in out if e.tag.group == 0x00A0 or e.tag.element == 0]
+    assert "PatientBirthName" not in out
+
+
+def option_effects(option: Option) -> dict[str, set[str]]:
+    """Per outcome (kept, shifted, scrubbed, ...), the keywords of the rows ``option`` names."""
+    deid = Deidentifier(Pseudonymizer(SECRET), [option])
+    out: dict[str, set[str]] = {}
+    for row in raw_rows():
+        tag = _tag(row)
+        if row.get(option.value) is None or tag is None or tag >> 16 in (0x0000, 0x0002):
+            continue
+        try:
+            vr = _vr(tag)
+        except KeyError:
+            continue
+        kind = "kept" if deid.action_for(tag) is Action.KEEP else deid.cleaning(tag, vr).value
+        out.setdefault(kind, set()).add(keyword_for_tag(tag))
+    return out
+
+
+def test_the_curators_table_lists_what_each_option_does() -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "curators.md").read_text(encoding="utf-8")
+    listed = {(m[1], m[2]): (int(m[3]), set(m[4].split(", ")))
+              for m in re.finditer(r"^- `(\w+) (\w+)` \((\d+)\): (.*)$", docs, re.MULTILINE)}
+    expected = {(o.value, kind): (len(names), names) for o in Option for kind, names in option_effects(o).items()}
+    assert listed == expected

@@ -1,4 +1,8 @@
-"""A route with ``harvest:`` puts a de-identified copy of the job into the dataset store."""
+"""A route with ``harvest:`` puts a de-identified copy of the job into the dataset store.
+
+The job's folder (``job.json``, ``result.json``, ``worker.log``) and the node's
+logs never name the case ID, which would link it to the original series UID.
+"""
 
 from __future__ import annotations
 
@@ -40,16 +44,20 @@ def test_harvested_case_is_in_the_store_without_phi(tmp_path: Path) -> None:
     with node(_config(tmp_path, secret)) as n:
         assert set(store_statuses(storescu(n.port, [THORAX]).stderr)) == {"Success"}
         result = _done_job(tmp_path)
-    assert result["harvest"]["status"] == "harvested", result["harvest"]
+    assert result["harvest"] == {"dataset": "lungs_v1", "status": "harvested"}
     store = DatasetStore.open_read_only(tmp_path / "store")
     cases = store.cases("lungs_v1")
-    assert list(cases) == [result["harvest"]["case_id"]]
-    case = cases[result["harvest"]["case_id"]]
+    assert len(cases) == 1
+    case_id, case = next(iter(cases.items()))
     assert case.profile == "lungs" and case.backend == "hu_based" and case.rule == "chest-to-dataset"
     for file in (tmp_path / "store").rglob("*"):
         if file.is_file():
             data = file.read_bytes()
             assert not [token for token in PHI if token in data], file
+    # the state and log folders hold the original series UID: never next to the case ID
+    outside = [f for f in tmp_path.rglob("*") if f.is_file() and not f.is_relative_to(tmp_path / "store")]
+    assert any(f.name == "worker.log" for f in outside) and any(f.name == "job.json" for f in outside)
+    assert not [f.name for f in outside if case_id.encode() in f.read_bytes()]
 
 
 def test_without_a_secret_the_seg_is_still_made_and_the_reason_recorded(tmp_path: Path) -> None:
