@@ -89,11 +89,14 @@ class AllowedSender(Frozen):
 
 class Limits(Frozen):
     max_associations: int = Field(16, ge=1, le=1000)
+    # connections accepted whose A-ASSOCIATE-RQ is not yet read (node/guards.py): in all, and from one host
+    max_pending_connections: int = Field(64, ge=1, le=10000)
+    max_pending_per_host: int = Field(16, ge=1, le=10000)
     max_pdu_bytes: int = Field(131072, ge=4096, le=16 * 1024 * 1024)
     max_instance_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
     min_free_disk_mb: int = Field(1024, ge=0)
-    acse_timeout_s: float = Field(30.0, gt=0)
-    network_timeout_s: float = Field(60.0, gt=0)
+    acse_timeout_s: float = Field(30.0, gt=0)  # deadline for the whole A-ASSOCIATE-RQ, from accept()
+    network_timeout_s: float = Field(60.0, gt=0)  # deadline for each later PDU, idle wait included
     receiver_processes: int = Field(1, ge=1, le=64)  # SCP processes sharing the port (node/receivers.py)
     receiver: Literal["pynetdicom", "native"] = "native"  # native: node/native_scp.py; TLS always uses pynetdicom
 

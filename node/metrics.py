@@ -12,7 +12,8 @@ metric                                 type       source
                                                   ``too_many_associations``) and C-STORE
                                                   (``too_large``, ``disk_full``, ``write_failed``,
                                                   ``cannot_decode``, ``invalid_uid``,
-                                                  ``uid_mismatch``)
+                                                  ``uid_mismatch``, ``sop_class_not_supported``,
+                                                  ``sop_class_mismatch``, ``internal_error``)
 ``segnode_jobs``                       gauge      jobs per ``state`` (read from the index)
 ``segnode_stage_duration_seconds``     histogram  per ``stage`` (ingest, queue, segment,
                                                   dispatch), see :mod:`node.opsdb`
@@ -20,6 +21,11 @@ metric                                 type       source
                                                   ``destination``
 ``segnode_dispatch_failures_total``    counter    failed attempts, per ``destination``
 ``segnode_free_disk_bytes``            gauge      free space on the state directory's disk
+``segnode_listener_up``                gauge      1 while the accept loop serves (its watchdog,
+                                                  :mod:`node.guards`), 0 while accepting fails
+``segnode_accept_errors_total``        counter    failed ``accept()`` / thread starts (backed off)
+``segnode_connections_pending``        gauge      connections not yet associated
+``segnode_connections_refused_total``  counter    connections closed at once: pending caps reached
 ``segnode_audit_errors_total``         counter    audit records that could not be written
 =====================================  =========  ============================================
 
@@ -53,12 +59,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 
 #: C-STORE status → rejection reason (0xA700 is split by the SCP's error comment).
-_STORE_REASONS = {0xC210: "cannot_decode", 0xC211: "invalid_uid", 0xC212: "uid_mismatch"}
-_OUT_OF_RESOURCES = (("larger", "too_large"), ("free disk", "disk_full"), ("write", "write_failed"))
+_STORE_REASONS = {0xC210: "cannot_decode", 0xC211: "invalid_uid", 0xC212: "uid_mismatch",
+                  0x0122: "sop_class_not_supported", 0xA900: "sop_class_mismatch"}
+_OUT_OF_RESOURCES = (("larger", "too_large"), ("free disk", "disk_full"), ("write", "write_failed"),
+                     ("internal", "internal_error"))
 
 #: A-ASSOCIATE-RJ diagnostic (source 1: service user; source 3: provider presentation) → reason.
 _ASSOC_REASONS = {(1, 0x03): "sender_not_allowed", (1, 0x07): "called_ae_unknown",
-                  (3, 0x02): "too_many_associations"}
+                  (3, 0x02): "too_many_associations", (1, 0x01): "invalid_request",
+                  (1, 0x02): "application_context_unknown", (2, 0x02): "protocol_version_unsupported"}
 
 
 def store_rejection_reason(status: int, comment: str | None) -> str | None:
@@ -175,6 +184,8 @@ class _StateCollector(Collector):
             ("segnode_duplicates", "duplicates", "Instances received again (first copy kept)"),
         ):
             yield CounterMetricFamily(name, text, value=stats.get(key, 0))
+        if "listener_up" in stats:
+            yield from _listener_metrics(stats)
         if self.db is not None:
             jobs = GaugeMetricFamily("segnode_jobs", "Jobs per state", labels=["state"])
             counts = self.db.counts()
@@ -184,3 +195,15 @@ class _StateCollector(Collector):
         if self.disk_path is not None:
             yield GaugeMetricFamily("segnode_free_disk_bytes", "Free bytes on the state directory's disk",
                                     value=shutil.disk_usage(self.disk_path).free)
+
+
+def _listener_metrics(stats: dict[str, int]) -> Iterator[Metric]:
+    """The accept loop's watchdog and the pending-connection gate (:mod:`node.guards`)."""
+    yield GaugeMetricFamily("segnode_listener_up", "1 while the DICOM accept loop serves",
+                            value=stats["listener_up"])
+    yield CounterMetricFamily("segnode_accept_errors", "Failed accept() calls and thread starts (backed off)",
+                              value=stats["accept_errors"])
+    yield GaugeMetricFamily("segnode_connections_pending", "DICOM connections not yet associated",
+                            value=stats["connections_pending"])
+    yield CounterMetricFamily("segnode_connections_refused", "Connections closed at once: pending caps reached",
+                              value=stats["connections_refused"])

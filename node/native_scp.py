@@ -7,24 +7,34 @@ machine per association) caps one association at ~300–430 images/s even when
 nothing is stored (measured on 2 cores: 308/s with a no-op handler); here one thread per connection reads PDUs
 and answers them in line:
 
-* A-ASSOCIATE-RQ → the same checks, in the same order and with the same
-  reasons, as :mod:`node.scp` (allow-list by calling AE and host, called AE,
+* A-ASSOCIATE-RQ → decoded and checked by :mod:`node.pdu` (protocol
+  version, AE-title and UID grammar, application context, odd unique context
+  IDs), then the same checks, in the same order and with the same reasons, as
+  :mod:`node.scp` (allow-list by calling AE and host, called AE,
   ``max_associations``), the same presentation contexts (SOP classes and
   :data:`node.scp.TRANSFER_SYNTAXES`), our maximum PDU length capped as
   there → A-ASSOCIATE-AC or -RJ;
 * P-DATA-TF → command fragments are collected (they are small); dataset
   fragments are received with ``recv_into`` straight into one buffer per
-  connection (no reassembly copy; past :data:`SPILL_BYTES` the buffer is a
-  mapping of an unnamed file in the spool's ``tmp/``, so a large multi-frame
-  instance does not hold its size in RAM), and the complete dataset goes to
+  connection, allocated with its first dataset (no reassembly copy; past
+  :data:`SPILL_BYTES` the buffer is a mapping of an unnamed file in the
+  spool's ``tmp/``, so a large multi-frame instance does not hold its size in
+  RAM), and the complete dataset goes to
   :meth:`node.scp.StoreHandler.store`, the one persistence path both
-  receivers share (UID checks, size and free-disk limits, self-checked Part 10
-  file, overlapped syncs, index row, duplicate policy, events);
+  receivers share (UID and SOP class checks, size, inflated-size and free-disk
+  limits, self-checked Part 10 file, overlapped syncs, index row, duplicate
+  policy, events);
 * C-STORE-RSP / C-ECHO-RSP with the status it returns; A-RELEASE-RQ →
-  A-RELEASE-RP; an A-ABORT, a malformed or oversized PDU, or a timeout
-  (``acse_timeout_s`` for the request, ``network_timeout_s`` when idle) closes
-  the connection, and a dataset not yet complete is dropped from memory:
-  nothing partial is ever written.
+  A-RELEASE-RP; an A-ABORT, a malformed or oversized PDU, or a missed
+  deadline (the whole A-ASSOCIATE-RQ within ``acse_timeout_s`` of
+  ``accept()``, each later PDU within ``network_timeout_s``) closes the
+  connection (with an A-ABORT giving the reason), and a dataset not yet
+  complete is dropped from memory: nothing partial is ever written; an
+  internal error aborts that association and is logged with its traceback.
+
+The accept loop never ends on an error (:mod:`node.guards`: logged, counted,
+backed off, visible in ``/readyz``), and connections not yet associated are
+capped in all and per host before a thread is started for them.
 
 For the node's metrics the server offers pynetdicom's ``bind(event, handler)``
 for ``EVT_ACCEPTED``, ``EVT_REJECTED`` and ``EVT_DIMSE_SENT`` (C-STORE
@@ -37,42 +47,71 @@ import logging
 import mmap
 import os
 import socket
-import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 from pynetdicom.sop_class import Verification
 
 from segnode.node.config import NodeConfig
-from segnode.node.scp import CT_FAMILY, MAX_CONTROL_PDU, TRANSFER_SYNTAXES, RunningSCP, StoreHandler, StoreRequest
+from segnode.node.guards import AcceptWatchdog, PendingGate, PendingSlot
+from segnode.node.pdu import (
+    ABORT,
+    ABORT_NOT_SPECIFIED,
+    ABORT_UNEXPECTED_PDU,
+    ABORT_UNRECOGNISED_PDU,
+    ACCEPTANCE,
+    ASSOCIATE_RQ,
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    NO_DATASET,
+    P_DATA,
+    PDU_HEADER,
+    PDU_TYPES,
+    PDV_HEADER,
+    REJECT_BUSY,
+    REJECT_CALLED_AE,
+    REJECT_SENDER,
+    RELEASE_RP_PDU,
+    RELEASE_RQ,
+    ProtocolError,
+    Reason,
+    Rejection,
+    check_control_pdu,
+    encode_abort,
+    encode_associate_ac,
+    encode_associate_rj,
+    encode_response,
+    negotiate,
+    p_data,
+    parse_associate_rq,
+    parse_command,
+    us,
+)
+from segnode.node.scp import (
+    CT_FAMILY,
+    MAX_CONTROL_PDU,
+    TRANSFER_SYNTAXES,
+    RunningSCP,
+    StoreHandler,
+    StoreRequest,
+    network_uid,
+)
 
 logger = logging.getLogger(__name__)
 
-APPLICATION_CONTEXT = b"1.2.840.10008.3.1.1.1"
-ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
-C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
-NO_DATASET = 0x0101
-
-#: (result, source, reason) of the A-ASSOCIATE-RJs, as node/scp.py and pynetdicom send them.
-REJECT_SENDER = (0x01, 0x01, 0x03)
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)
-REJECT_BUSY = (0x02, 0x03, 0x02)
-
-_PDU = struct.Struct(">BxL")
-_PDV = struct.Struct(">LBB")
-_ITEM = struct.Struct(">BxH")
-_ELEMENT = struct.Struct("<HHL")
 _LISTEN_POLL_S = 0.2
 #: datasets up to this size are received in memory; larger ones into a file mapping
 SPILL_BYTES = 64 << 20
+#: the first in-memory buffer of a connection (grown by doubling), allocated with its first dataset
+FIRST_BUFFER = 1 << 20
 
 
 class DatasetBuffer:
@@ -86,7 +125,7 @@ class DatasetBuffer:
 
     def __init__(self, spill_dir: os.PathLike[str] | str) -> None:
         self.spill_dir = spill_dir
-        self.memory = bytearray(1 << 20)
+        self.memory = bytearray()  # allocated with the first dataset: an idle connection costs nothing
         self.mapping: mmap.mmap | None = None
         self._file: BinaryIO | None = None
 
@@ -102,7 +141,7 @@ class DatasetBuffer:
         current = self.mapping if self.mapping is not None else self.memory
         if end <= len(current):
             return
-        size = max(end, 2 * len(current))
+        size = max(end, 2 * len(current), FIRST_BUFFER)
         if size > SPILL_BYTES:
             try:
                 self._spill(size, filled)
@@ -128,7 +167,7 @@ class DatasetBuffer:
             raise
         mapping[:filled] = memoryview(self.memory)[:filled]
         self.mapping, self._file = mapping, spill
-        self.memory = bytearray(1 << 20)
+        self.memory = bytearray()
 
     def release(self) -> None:
         """Drop the file mapping, if any (the next dataset starts in memory)."""
@@ -142,172 +181,28 @@ class DatasetBuffer:
             self.mapping = self._file = None
 
 
-class ProtocolError(Exception):
-    """The peer broke PS3.8 (or a limit); the connection is aborted."""
-
-
 class PeerGone(Exception):
-    """The peer closed the connection, aborted, or stayed silent past a timeout."""
+    """The peer closed the connection, aborted, or missed a deadline."""
 
 
-# -- PDU encoding and decoding ------------------------------------------------------------
-
-
-def _item(kind: int, value: bytes) -> bytes:
-    return _ITEM.pack(kind, len(value)) + value
-
-
-def _uid(value: bytes) -> str:
-    return value.rstrip(b"\x00 ").decode("ascii", "replace")
-
-
-@dataclass
-class AssociateRequest:
-    """The parts of an A-ASSOCIATE-RQ this node acts on."""
-
-    called_ae: str
-    calling_ae: str
-    contexts: list[tuple[int, str, list[str]]]  # (context ID, abstract syntax, transfer syntaxes)
-    raw_called: bytes
-    raw_calling: bytes
-
-
-def parse_associate_rq(body: bytes) -> AssociateRequest:
-    """Decode an A-ASSOCIATE-RQ's body (PS3.8 9.3.2); raises :class:`ProtocolError`."""
-    if len(body) < 68:
-        raise ProtocolError("A-ASSOCIATE-RQ too short")
-    raw_called, raw_calling = body[4:20], body[20:36]
-    contexts: list[tuple[int, str, list[str]]] = []
-    for kind, value in _items(body, 68):
-        if kind == 0x20:
-            contexts.append(_parse_context(value))
-    called, calling = (raw.decode("ascii", "replace").strip() for raw in (raw_called, raw_calling))
-    return AssociateRequest(called, calling, contexts, raw_called, raw_calling)
-
-
-def _items(data: bytes, offset: int) -> list[tuple[int, bytes]]:
-    out = []
-    while offset < len(data):
-        if offset + 4 > len(data):
-            raise ProtocolError("truncated item")
-        kind, length = _ITEM.unpack_from(data, offset)
-        if offset + 4 + length > len(data):
-            raise ProtocolError(f"item 0x{kind:02x} longer than its PDU")
-        out.append((kind, data[offset + 4:offset + 4 + length]))
-        offset += 4 + length
-    return out
-
-
-def _parse_context(value: bytes) -> tuple[int, str, list[str]]:
-    if len(value) < 4:
-        raise ProtocolError("presentation context item too short")
-    abstract, transfers = "", []
-    for kind, sub in _items(value, 4):
-        if kind == 0x30:
-            abstract = _uid(sub)
-        elif kind == 0x40:
-            transfers.append(_uid(sub))
-    return value[0], abstract, transfers
-
-
-def negotiate(contexts: list[tuple[int, str, list[str]]],
-              supported: dict[str, tuple[str, ...]]) -> list[tuple[int, int, str]]:
-    """``(context ID, result, transfer syntax)`` per proposed context, as pynetdicom's acceptor decides.
-
-    Result 0 accepts the first proposed transfer syntax we support, 3 refuses
-    an abstract syntax we do not support, 4 one with no transfer syntax we do.
-    """
-    results = []
-    for context_id, abstract, transfers in contexts:
-        ours = supported.get(abstract)
-        chosen = next((ts for ts in transfers if ours is not None and ts in ours), None)
-        if ours is None:
-            results.append((context_id, 3, transfers[0] if transfers else ""))
-        elif chosen is None:
-            results.append((context_id, 4, transfers[0] if transfers else ""))
-        else:
-            results.append((context_id, 0, chosen))
-    return results
-
-
-def encode_associate_ac(request: AssociateRequest, results: list[tuple[int, int, str]], max_pdu: int) -> bytes:
-    """A-ASSOCIATE-AC (PS3.8 9.3.3): the request's AE fields, context results, our user information."""
-    body = [struct.pack(">HH", 1, 0), request.raw_called, request.raw_calling, bytes(32),
-            _item(0x10, APPLICATION_CONTEXT)]
-    for context_id, result, syntax in results:
-        body.append(_item(0x21, bytes([context_id, 0, result, 0]) + _item(0x40, syntax.encode("ascii"))))
-    user = (_item(0x51, struct.pack(">L", max_pdu)),
-            _item(0x52, str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii")),
-            _item(0x55, PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")))
-    body.append(_item(0x50, b"".join(user)))
-    payload = b"".join(body)
-    return _PDU.pack(ASSOCIATE_AC, len(payload)) + payload
-
-
-def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
-    return _PDU.pack(ASSOCIATE_RJ, 4) + bytes([0, result, source, reason])
-
-
-RELEASE_RP_PDU = _PDU.pack(RELEASE_RP, 4) + bytes(4)
-ABORT_PDU = _PDU.pack(ABORT, 4) + bytes([0, 0, 2, 0])  # source: service provider, reason not specified
-
-
-# -- DIMSE command sets (implicit VR little endian, group 0000) ---------------------------------
-
-
-def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
-    """The elements of a command set, by element number (group 0000 only)."""
-    out, offset = {}, 0
-    while offset + 8 <= len(data):
-        group, elem, length = _ELEMENT.unpack_from(data, offset)
-        offset += 8
-        if group != 0 or offset + length > len(data):
-            raise ProtocolError("malformed command set")
-        out[elem] = bytes(data[offset:offset + length])
-        offset += length
-    return out
-
-
-def _us(value: bytes | None) -> int | None:
-    return int.from_bytes(value[:2], "little") if value is not None and len(value) >= 2 else None
-
-
-def _element(elem: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0, elem, len(value)) + value
-
-
-def encode_response(command_field: int, message_id: int, sop_class: bytes, status: int,
-                    comment: str | None = None, sop_instance: bytes | None = None) -> bytes:
-    """A C-STORE-RSP / C-ECHO-RSP command set, elements in tag order, with its group length."""
-    def pad(value: bytes) -> bytes:
-        return value + b"\x00" if len(value) % 2 else value
-
-    elements = [_element(0x0002, pad(sop_class)), _element(0x0100, struct.pack("<H", command_field)),
-                _element(0x0120, struct.pack("<H", message_id)), _element(0x0800, struct.pack("<H", NO_DATASET)),
-                _element(0x0900, struct.pack("<H", status))]
-    if comment:
-        raw = comment.encode("ascii", "replace")[:64]
-        elements.append(_element(0x0902, raw + b" " if len(raw) % 2 else raw))
-    if sop_instance is not None:
-        elements.append(_element(0x1000, pad(sop_instance)))
-    body = b"".join(elements)
-    return _element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def p_data(context_id: int, command: bytes) -> bytes:
-    """One P-DATA-TF carrying a whole command set as its last fragment."""
-    pdv = _PDV.pack(len(command) + 2, context_id, 0x03) + command
-    return _PDU.pack(P_DATA, len(pdv)) + pdv
+class _TimedOut(PeerGone):
+    """The peer missed a deadline (answered with an A-ABORT)."""
 
 
 # -- one association ---------------------------------------------------------------------------
 
 
 class _Connection:
-    """One accepted connection, served on its own thread from request to release."""
+    """One accepted connection, served on its own thread from request to release.
 
-    def __init__(self, server: NativeServer, sock: socket.socket, host: str) -> None:
-        self.server, self.sock, self.host = server, sock, host
+    Every read has a deadline, not a per-``recv`` timeout: the whole
+    A-ASSOCIATE-RQ must arrive within ``acse_timeout_s`` of ``accept()``, and
+    each later PDU within ``network_timeout_s`` of the moment we start waiting
+    for it, so a peer dribbling bytes holds a slot no longer than that.
+    """
+
+    def __init__(self, server: NativeServer, sock: socket.socket, slot: PendingSlot) -> None:
+        self.server, self.sock, self.host = server, sock, slot.host
         self.limits = server.config.limits
         self.header = bytearray(6)
         self.data = DatasetBuffer(server.handler.spool.tmp)  # reused by the connection's datasets
@@ -318,22 +213,30 @@ class _Connection:
         self.pending: dict[int, bytes] | None = None  # command awaiting its dataset
         self.pending_context = 0
         self.entered = False  # counted in the server's open associations
+        self.slot = slot  # in the server's gate until the A-ASSOCIATE-RQ is read
+        self.deadline = time.monotonic() + self.limits.acse_timeout_s
 
     # -- reading ----------------------------------------------------------------------
     def _recv_into(self, view: memoryview) -> None:
-        got, want, sock = 0, len(view), self.sock
-        try:
-            while got < want:
+        got, want, sock, deadline = 0, len(view), self.sock, self.deadline
+        while got < want:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _TimedOut("deadline passed")
+            sock.settimeout(remaining)
+            try:
                 n = sock.recv_into(view[got:], want - got)
-                if not n:
-                    raise PeerGone("connection closed by peer")
-                got += n
-        except TimeoutError as exc:
-            raise PeerGone("timed out") from exc
+            except TimeoutError as exc:
+                raise _TimedOut("deadline passed") from exc
+            if not n:
+                raise PeerGone("connection closed by peer")
+            got += n
 
     def _read_pdu_header(self) -> tuple[int, int]:
         self._recv_into(memoryview(self.header))
-        kind, length = _PDU.unpack(self.header)
+        kind, length = PDU_HEADER.unpack(self.header)
+        if kind not in PDU_TYPES:
+            raise ProtocolError(f"unknown PDU type 0x{kind:02x}", ABORT_UNRECOGNISED_PDU)
         return kind, length
 
     def _read_body(self, length: int) -> bytearray:
@@ -344,90 +247,102 @@ class _Connection:
         return body
 
     def _send(self, data: bytes) -> None:
+        self.sock.settimeout(self.limits.network_timeout_s)  # a peer that does not read cannot hold us
         self.sock.sendall(data)
 
     # -- the association ----------------------------------------------------------------
     def serve(self) -> None:
         try:
-            self.sock.settimeout(self.limits.acse_timeout_s)
-            if not self._associate():
-                return
-            self.sock.settimeout(self.limits.network_timeout_s)
-            self._serve_messages()
+            if self._associate():
+                self._serve_messages()
         except ProtocolError as exc:
             logger.warning("aborting association from %s: %s", self.host, exc)
-            self._abort()
+            self._abort(exc.reason)
+        except _TimedOut:
+            logger.info("aborting association from %s: it missed its deadline", self.host)
+            self._abort(ABORT_NOT_SPECIFIED)
         except PeerGone as exc:
             logger.info("association from %s ended: %s", self.host, exc)
-            if str(exc) == "timed out":
-                self._abort()
         except OSError as exc:
             logger.info("association from %s ended: %s", self.host, exc)
+        except Exception:  # boundary: our own fault ends this association, not the thread silently
+            logger.exception("internal error serving an association from %s; aborting it", self.host)
+            self._abort(ABORT_NOT_SPECIFIED)
         finally:
             self.data.release()
 
-    def _abort(self) -> None:
+    def _abort(self, reason: int) -> None:
         try:
-            self._send(ABORT_PDU)
+            self._send(encode_abort(reason))
         except OSError:
             pass
 
     def _associate(self) -> bool:
-        kind, length = self._read_pdu_header()
-        if kind != ASSOCIATE_RQ:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}")
-        request = parse_associate_rq(self._read_body(length))
+        try:
+            kind, length = self._read_pdu_header()
+            if kind != ASSOCIATE_RQ:
+                raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02x}", ABORT_UNEXPECTED_PDU)
+            body = self._read_body(length)
+        finally:
+            self.slot.release()  # no longer pending, whatever came
+        try:
+            request = parse_associate_rq(body)
+        except Rejection as exc:
+            return self._reject(exc.reason, str(exc))
         self.calling_ae = request.calling_ae
         server = self.server
         if not server.handler.admit(request.calling_ae, self.host):
-            self._send(encode_associate_rj(*REJECT_SENDER))
+            self._send(encode_associate_rj(REJECT_SENDER))
             return False
-        reason = None
         if request.called_ae != server.config.ae_title.strip():
-            reason = REJECT_CALLED_AE
-        elif not server.enter():
-            reason = REJECT_BUSY
-        if reason is not None:
-            logger.info("rejecting association from %r at %s: %s", request.calling_ae, self.host, reason)
-            self._send(encode_associate_rj(*reason))
-            server.fire_rejected(reason)
-            return False
+            return self._reject(REJECT_CALLED_AE, f"called AE title {request.called_ae!r}")
+        if not server.enter():
+            return self._reject(REJECT_BUSY, "max_associations reached")
         self.entered = True
         results = negotiate(request.contexts, server.supported)
-        self.contexts = {cid: (request_abstract, ts) for (cid, result, ts), (_, request_abstract, _)
-                         in zip(results, request.contexts) if result == 0}
+        self.contexts = {r.context_id: (r.abstract_syntax, r.transfer_syntax) for r in results
+                         if r.result == ACCEPTANCE}
         self._send(encode_associate_ac(request, results, self.limits.max_pdu_bytes))
         server.fire(evt.EVT_ACCEPTED, SimpleNamespace(assoc=SimpleNamespace(is_acceptor=True)))
         return True
 
+    def _reject(self, reason: Reason, why: str) -> bool:
+        logger.info("rejecting association from %s: %s %s", self.host, why, reason)
+        self._send(encode_associate_rj(reason))
+        self.server.fire_rejected(reason)
+        return False
+
     def _serve_messages(self) -> None:
         limit = self.limits.max_pdu_bytes + 6
         while True:
+            self.deadline = time.monotonic() + self.limits.network_timeout_s
             kind, length = self._read_pdu_header()
             if kind == P_DATA:
                 if length > limit:
                     raise ProtocolError(f"peer declared a {length}-byte PDU (limit {limit})")
                 self._read_pdvs(length)
             elif kind == RELEASE_RQ:
-                self._read_body(length)
+                check_control_pdu(kind, self._read_body(length))
                 self._send(RELEASE_RP_PDU)
                 return
             elif kind == ABORT:
                 self._read_body(length)
                 raise PeerGone("aborted by peer")
             else:
-                raise ProtocolError(f"unexpected PDU type 0x{kind:02x}")
+                raise ProtocolError(f"unexpected PDU type 0x{kind:02x}", ABORT_UNEXPECTED_PDU)
 
     def _read_pdvs(self, length: int) -> None:
         header = memoryview(self.header)
+        if length == 0:
+            raise ProtocolError("P-DATA-TF without a PDV")
         while length > 0:
             if length < 6:
                 raise ProtocolError("truncated PDV")
             self._recv_into(header)
-            item_length, context_id, control = _PDV.unpack(self.header)
+            item_length, context_id, control = PDV_HEADER.unpack(self.header)
             size = item_length - 2
-            if item_length < 2 or 4 + item_length > length:
-                raise ProtocolError("PDV longer than its PDU")
+            if item_length < 2 or 4 + item_length > length or control & 0xFC:
+                raise ProtocolError("PDV longer than its PDU or with a reserved control bit")
             length -= 4 + item_length
             if context_id not in self.contexts:
                 raise ProtocolError(f"PDV on presentation context {context_id}, not accepted")
@@ -461,14 +376,14 @@ class _Connection:
             self._store(context_id, command)
 
     def _on_command(self, context_id: int, command: dict[int, bytes]) -> None:
-        field_ = _us(command.get(0x0100))
-        message_id = _us(command.get(0x0110))
+        field_ = us(command.get(0x0100))
+        message_id = us(command.get(0x0110))
         if message_id is None:
             raise ProtocolError("command without a Message ID")
         if field_ == C_ECHO_RQ:
             rsp = encode_response(0x8030, message_id, command.get(0x0002, str(Verification).encode()), 0x0000)
             self._send(p_data(context_id, rsp))
-        elif field_ == C_STORE_RQ and _us(command.get(0x0800)) != NO_DATASET:
+        elif field_ == C_STORE_RQ and us(command.get(0x0800)) != NO_DATASET:
             self.pending, self.pending_context, self.filled = command, context_id, 0
         else:
             raise ProtocolError(f"unsupported DIMSE command 0x{field_ or 0:04x}")
@@ -477,16 +392,15 @@ class _Connection:
         abstract, transfer_syntax = self.contexts[context_id]
         sop_class = command.get(0x0002, b"")
         sop_instance = command.get(0x1000, b"")
-        request = StoreRequest(_uid(sop_class) or abstract, _uid(sop_instance), transfer_syntax,
-                               self.calling_ae, self.server.config.ae_title, self.host)
+        request = StoreRequest(network_uid(sop_class) or abstract, network_uid(sop_instance), transfer_syntax,
+                               self.calling_ae, self.server.config.ae_title, self.host, abstract)
         with self.data.view() as buffer, buffer[:self.filled] as dataset:
             status, comment = self.server.handler.store(request, dataset)
         self.filled = 0
         self.data.release()
-        rsp = encode_response(0x8001, _us(command.get(0x0110)) or 0, sop_class, status, comment, sop_instance)
+        rsp = encode_response(0x8001, us(command.get(0x0110)) or 0, sop_class, status, comment, sop_instance)
         self._send(p_data(context_id, rsp))
         self.server.fire_store_rsp(status, comment)
-
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -510,12 +424,15 @@ class NativeServer:
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
+        self.watchdog = AcceptWatchdog()
+        limits = config.limits
+        self.gate = PendingGate(limits.max_pending_connections, limits.max_pending_per_host)
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:  # receiver processes share the port (node/receivers.py)
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         self.socket.bind((config.host, config.port))
-        self.socket.listen(64)
+        self.socket.listen(128)
         self.socket.settimeout(_LISTEN_POLL_S)
         self.server_address = self.socket.getsockname()
 
@@ -557,35 +474,59 @@ class NativeServer:
 
     def serve_forever(self) -> None:
         while not self._stopping.is_set():
-            try:
-                client, address = self.socket.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping.is_set():
-                    return
-                raise
-            client.settimeout(None)
-            # small C-STORE responses must not wait for the peer's delayed ACK (Nagle)
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            thread = threading.Thread(target=self._serve, args=(client, address[0]),
-                                      name="segnode-native-assoc", daemon=True)
-            with self._lock:
-                self._connections.add(client)
-                self._threads.add(thread)
-            thread.start()
+            self._accept_one()
 
-    def _serve(self, client: socket.socket, host: str) -> None:
-        conn = _Connection(self, client, host)
+    def _accept_one(self) -> None:
+        """Accept and start one connection; any failure is logged, counted and backed off, never fatal."""
+        try:
+            client, address = self.socket.accept()
+        except TimeoutError:
+            self.watchdog.beat()
+            return
+        except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ECONNABORTED...; or the socket closed by shutdown()
+            if not self._stopping.is_set():
+                self._stopping.wait(self.watchdog.failed("accept()", exc))
+            return
+        slot = self.gate.admit(address[0])
+        if slot is None:
+            client.close()  # refused cheaply: no thread, no buffer
+            return
+        try:
+            self._start(client, slot)
+        except (OSError, RuntimeError) as exc:  # "can't start new thread", setsockopt on a reset socket
+            slot.release()
+            client.close()
+            self._stopping.wait(self.watchdog.failed("starting a connection thread", exc))
+            return
+        self.watchdog.beat()
+
+    def _start(self, client: socket.socket, slot: PendingSlot) -> None:
+        # small C-STORE responses must not wait for the peer's delayed ACK (Nagle)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Connection(self, client, slot)
+        thread = threading.Thread(target=self._serve, args=(conn,), name="segnode-native-assoc", daemon=True)
+        with self._lock:
+            self._connections.add(client)
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._connections.discard(client)
+                self._threads.discard(thread)
+            raise
+
+    def _serve(self, conn: _Connection) -> None:
         try:
             conn.serve()
         finally:
+            conn.slot.release()
             with self._lock:
                 if conn.entered:
                     self._active -= 1
-                self._connections.discard(client)
+                self._connections.discard(conn.sock)
                 self._threads.discard(threading.current_thread())
-            client.close()
+            conn.sock.close()
 
     def shutdown(self) -> None:
         """Stop accepting, close open connections, wait for their threads."""

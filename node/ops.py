@@ -115,8 +115,11 @@ class Ops:
 
     def _scp_ok(self) -> tuple[bool, str]:
         scp = self.service.scp
-        if scp is None or not scp.thread.is_alive():
+        if scp is None:
             return False, "the DICOM listener is not running"
+        health = scp.health()  # the accept loop's watchdog (node/guards.py)
+        if not health.up:
+            return False, health.detail
         return True, f"{self.config.ae_title} on {self.config.host}:{scp.port}"
 
     def _disk_ok(self) -> tuple[bool, str]:
@@ -147,9 +150,12 @@ class Ops:
         scp = self.service.scp
         if scp is None:
             return {}
-        stats = scp.handler.stats
+        stats, health = scp.handler.stats, scp.health()
+        listener = {"listener_up": int(health.up), "accept_errors": health.accept_errors,
+                    "connections_refused": health.refused_pending, "connections_pending": health.pending}
         with stats.lock:
-            return {"stored": stats.stored, "bytes_stored": stats.bytes_stored, "duplicates": stats.duplicates}
+            return {"stored": stats.stored, "bytes_stored": stats.bytes_stored, "duplicates": stats.duplicates,
+                    **listener}
 
     def write_audit(self, event: str, **fields: Any) -> None:
         try:

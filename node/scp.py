@@ -6,16 +6,25 @@ context with the dataset's self-check, then the received dataset straight
 from pynetdicom's buffer), through :meth:`storage.spool.Spool.write`
 (unnamed temporary file, atomic link, data and directory sync), commits the index
 row, and only then answers Success (docs/node.md, "Durability").  Only the
-five identifying attributes are read, by :mod:`node.dicom_header`.  It never
+five identifying attributes are read, by :mod:`node.dicom_header` (of a
+deflated dataset: by :mod:`node.inflate`, from a bounded inflated prefix, the
+rest inflated only to be counted against ``limits.max_instance_bytes``, never
+held).  It never
 raises; it answers a named status:
 
 ==========  ===========================================================
 ``0x0000``  stored (or a duplicate SOP Instance UID: first copy kept)
-``0xA700``  out of resources: below the free-disk minimum, instance
-            larger than ``limits.max_instance_bytes``, or a failed write
+``0x0122``  refused, SOP class not supported: the request's SOP class is not
+            the accepted context's abstract syntax, or not a storage class
+            this node is configured for
+``0xA700``  out of resources: below the free-disk minimum, instance (or its
+            inflated dataset) larger than ``limits.max_instance_bytes``, a
+            failed write, or an internal error (logged with its traceback;
+            the comment says so, and the sender may retry)
+``0xA900``  the dataset's SOP Class UID differs from the request's
 ``0xC210``  cannot understand: the dataset does not decode
-``0xC211``  cannot understand: a Study/Series/SOP Instance UID is missing
-            or breaks the UID grammar
+``0xC211``  cannot understand: a SOP Class/Instance, Study or Series UID (of
+            the request or the dataset) is missing or breaks the UID grammar
 ``0xC212``  cannot understand: SOP Instance UID differs from the request
 ==========  ===========================================================
 
@@ -47,21 +56,63 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.fsm import StateMachine
+from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
     Verification,
 )
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from segnode.errors import InputError, StorageError
 from segnode.node.config import NodeConfig
 from segnode.node.dicom_header import read_header
+from segnode.node.guards import (
+    AcceptWatchdog,
+    ListenerHealth,
+    PendingGate,
+    PendingSlot,
+    listener_health,
+)
+from segnode.node.inflate import DEFLATED, InflatesTooLarge, inflated_header
+from segnode.node.pdu import (
+    ABORT,
+    ABORT_INVALID_PARAMETER,
+    ABORT_NOT_SPECIFIED,
+    ABORT_UNEXPECTED_PDU,
+    ASSOCIATE_AC,
+    ASSOCIATE_RJ,
+    ASSOCIATE_RQ,
+    P_DATA,
+    PDV_HEADER,
+    REJECT_BUSY,
+    REJECT_NO_REASON,
+    REJECT_SENDER,
+    RELEASE_RP,
+    RELEASE_RQ,
+    AssociateRequest,
+    ProtocolError,
+    Rejection,
+    ae_title,
+    check_command_set,
+    check_control_pdu,
+    check_pdvs,
+    encode_abort,
+    encode_associate_rj,
+    parse_associate_rq,
+)
+
+from segnode.node.pdu import uid as pdu_uid
 from segnode.storage.index import Index, InstanceRecord
 from segnode.storage.part10 import dataset_check, file_prefix
 from segnode.storage.spool import Spool
-from segnode.uids import check_uid
+from segnode.uids import check_uid, is_valid_uid
 
 if TYPE_CHECKING:
     from segnode.node.native_scp import NativeServer
@@ -88,7 +139,9 @@ TRANSFER_SYNTAXES = (
 )
 
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
 CANNOT_DECODE = 0xC210
 BAD_UID = 0xC211
 UID_MISMATCH = 0xC212
@@ -128,13 +181,19 @@ class StoreRequest:
     calling_ae: str
     called_ae: str
     host: str
+    abstract_syntax: str  # of the presentation context the instance came on
 
     @classmethod
     def from_event(cls, event: evt.Event) -> StoreRequest:
-        assoc, request = event.assoc, event.request
-        return cls(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
-                   str(event.context.transfer_syntax), assoc.requestor.ae_title, assoc.acceptor.ae_title,
-                   assoc.requestor.address)
+        assoc, request, context = event.assoc, event.request, event.context
+        return cls(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+                   str(context.transfer_syntax), assoc.requestor.ae_title, assoc.acceptor.ae_title,
+                   assoc.requestor.address, str(context.abstract_syntax))
+
+
+def network_uid(raw: bytes) -> str:
+    """A UID from a command set as text (padding stripped); never fails, :func:`check_uid` judges it."""
+    return raw.rstrip(b"\x00 ").decode("latin-1")
 
 
 #: a C-STORE outcome: the status and, for a refusal, its error comment.
@@ -164,6 +223,7 @@ class StoreHandler:
         self.listener = listener
         self.stats = IngestStats()
         self.min_free = config.limits.min_free_disk_mb * 1024 * 1024
+        self.storage_classes = frozenset(map(str, (*CT_FAMILY, *config.storage_classes)))
 
     def _notify(self, kind: str, **data: Any) -> None:
         if self.listener is not None:
@@ -179,20 +239,39 @@ class StoreHandler:
         return False
 
     def on_requested(self, event: evt.Event) -> None:
-        """Reject at association a calling AE / host that is not allowed to send."""
+        """Reject at association a calling AE / host that may not send, or one past ``max_associations``.
+
+        pynetdicom counts every connection's thread against its own maximum,
+        idle ones not yet associated included; here only established
+        associations count (its own maximum is set above ours plus the
+        pending cap, see :func:`build_ae`).
+        """
         assoc = event.assoc
         if not self.admit(assoc.requestor.primitive.calling_ae_title.strip(), assoc.requestor.address):
-            assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
-            assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
+            reason = REJECT_SENDER
+        elif _established(assoc) >= self.config.limits.max_associations:
+            logger.info("rejecting association from %s: max_associations reached", assoc.requestor.address)
+            reason = REJECT_BUSY
+        else:
+            return
+        assoc.acse.send_reject(*reason)
+        if reason == REJECT_BUSY:
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
 
     def on_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
     def on_store(self, event: evt.Event) -> int | Dataset:
         """pynetdicom's C-STORE handler: :meth:`store` on the dataset exactly as sent."""
+        try:
+            request = StoreRequest.from_event(event)
+        except (ValueError, TypeError, AttributeError, UnicodeError) as exc:  # pydicom could not decode a UID
+            logger.warning("refusing instance: its C-STORE-RQ does not decode (%s)", exc)
+            return _status(BAD_UID, "AffectedSOPClassUID invalid")
         received = event.request.DataSet  # BytesIO holding the dataset exactly as sent
         with received.getbuffer() as dataset:  # a view: the bytes are never copied or decoded
-            code, comment = self.store(StoreRequest.from_event(event), dataset)
+            code, comment = self.store(request, dataset)
         return code if comment is None else _status(code, comment)
 
     def store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
@@ -206,9 +285,9 @@ class StoreHandler:
         except StorageError as exc:
             logger.error("store failed: %s", exc)
             code, comment = OUT_OF_RESOURCES, "write failed"
-        except Exception as exc:  # boundary: the peer gets a status, the log gets the traceback
-            logger.exception("unexpected error storing an instance")
-            code, comment = CANNOT_DECODE, f"cannot process: {type(exc).__name__}"[:64]
+        except Exception as exc:  # boundary: our fault, not the sender's; it may retry, the log has the traceback
+            logger.exception("internal error storing instance %s", request.sop_instance_uid[:64])
+            code, comment = OUT_OF_RESOURCES, f"internal error ({type(exc).__name__}), retry later"[:64]
         if code != SUCCESS:
             self.stats.add(refused=1)
             self._notify("instance_refused", calling_ae=request.calling_ae, host=request.host,
@@ -216,24 +295,51 @@ class StoreHandler:
         return code, comment
 
     def _store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
-        if dataset.nbytes > self.config.limits.max_instance_bytes:
+        limit = self.config.limits.max_instance_bytes
+        if dataset.nbytes > limit:
             return OUT_OF_RESOURCES, "instance larger than the node accepts"
         if self.spool.free_bytes() - dataset.nbytes < self.min_free:
             logger.warning("refusing instance: free disk below the %d MB minimum",
                            self.config.limits.min_free_disk_mb)
             return OUT_OF_RESOURCES, "free disk below the node's minimum"
-        uids = _header(request, dataset)
+        refusal = self._check_request(request)
+        if refusal is not None:
+            return refusal
+        try:
+            uids = _header(request, dataset, limit)
+        except InflatesTooLarge:
+            logger.warning("refusing instance %s: its deflated dataset inflates past %d bytes",
+                           request.sop_instance_uid, limit)
+            return OUT_OF_RESOURCES, "inflated instance larger than the node accepts"
         if uids is None:
             return CANNOT_DECODE, "dataset cannot be decoded"
+        return self._check_dataset(request, uids) or self._persist(request, dataset, uids)
+
+    def _check_request(self, request: StoreRequest) -> StoreStatus | None:
+        """The command's UIDs, and its SOP class against its context and the classes this node stores."""
+        for value, what in ((request.sop_class_uid, "AffectedSOPClassUID"),
+                            (request.sop_instance_uid, "AffectedSOPInstanceUID")):
+            if not is_valid_uid(value):
+                logger.warning("refusing instance: %s %r breaks the UID grammar", what, value[:80])
+                return BAD_UID, f"{what} invalid"
+        if request.sop_class_uid != request.abstract_syntax or request.sop_class_uid not in self.storage_classes:
+            logger.warning("refusing instance %s: SOP class %s on a %s context", request.sop_instance_uid,
+                           request.sop_class_uid, request.abstract_syntax)
+            return SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context"
+        return None
+
+    def _check_dataset(self, request: StoreRequest, uids: dict[str, str]) -> StoreStatus | None:
         try:
-            for tag in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
                 check_uid(uids.get(tag), tag)
         except InputError as exc:
             logger.warning("refusing instance: %s", exc)
             return BAD_UID, (exc.message.split(" is ")[0] + " invalid")[:64]
+        if uids["SOPClassUID"] != request.sop_class_uid:
+            return SOP_CLASS_MISMATCH, "SOPClassUID differs from the request"
         if uids["SOPInstanceUID"] != request.sop_instance_uid:
             return UID_MISMATCH, "SOPInstanceUID differs from the request"
-        return self._persist(request, dataset, uids)
+        return None
 
     def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> StoreStatus:
         sop_uid, study_uid, series_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
@@ -259,17 +365,21 @@ class StoreHandler:
         return SUCCESS, None
 
 
-def _header(request: StoreRequest, dataset: memoryview) -> dict[str, str] | None:
+def _header(request: StoreRequest, dataset: memoryview, limit: int) -> dict[str, str] | None:
     """The identifying attributes, or ``None`` if the dataset does not decode (logged)."""
     try:
+        if request.transfer_syntax == DEFLATED:
+            return inflated_header(dataset, limit)
         values = read_header(dataset, request.transfer_syntax)
         if values is not None:
             return values
-        # big endian, deflate or an unusual element before the UIDs: let pydicom read it
+        # big endian or an unusual element before the UIDs: let pydicom read it
         part10 = _part10_prefix(request, None) + bytes(dataset)
         ds = dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
         return {tag: str(ds.get(tag)) for tag in _HEADER_TAGS if ds.get(tag) is not None}
-    except Exception as exc:  # HeaderError, or any of pydicom's many error types: all mean "cannot decode"
+    except InflatesTooLarge:
+        raise
+    except Exception as exc:  # HeaderError, zlib.error, or any of pydicom's many error types: "cannot decode"
         logger.warning("cannot decode instance %s: %s", request.sop_instance_uid, exc)
         return None
 
@@ -278,39 +388,112 @@ def _header(request: StoreRequest, dataset: memoryview) -> dict[str, str] | None
 
 
 class GuardedSocket(AssociationSocket):
-    """An :class:`AssociationSocket` that refuses oversized PDUs and datasets.
+    """An :class:`AssociationSocket` that checks what pynetdicom would decode, with deadlines.
 
     pynetdicom's DUL reads a 6-byte PDU header, then exactly the length the
     peer declared.  Here the declared length is checked first (the negotiated
-    maximum for P-DATA, :data:`MAX_CONTROL_PDU` for the rest) and the P-DATA
-    fragments of one message are summed; past a limit the connection is
-    closed (the DUL sees a short read and ends the association).  Reads use
-    ``recv_into`` one preallocated buffer instead of 4 KiB appends.
+    maximum for P-DATA, :data:`MAX_CONTROL_PDU` for the rest), the body is
+    checked by :mod:`node.pdu` before pynetdicom decodes it (an
+    A-ASSOCIATE-RQ fully: AE titles, UIDs, contexts → A-ASSOCIATE-RJ with its
+    reason; a P-DATA-TF's PDV items, a release's or abort's length → A-ABORT),
+    and the P-DATA fragments of one message are summed; past a limit the
+    connection is closed (the DUL sees a short read and ends the association).
+    Reads have deadlines, as the native receiver's: the A-ASSOCIATE-RQ must be
+    whole within ``acse_timeout_s`` of the connection, every later PDU within
+    ``network_timeout_s`` of its first byte.  Reads use ``recv_into`` one
+    preallocated buffer instead of 4 KiB appends.
     """
 
     max_pdu: int = 131072
     max_dataset: int = 1 << 30
+    network_timeout: float = 60.0
+    slot: PendingSlot | None = None  # in the server's gate until the A-ASSOCIATE-RQ is read
+    _deadline: float = float("inf")
     _header_next: bool = True
     _pdu_type: int = 0
     _dataset_bytes: int = 0
+    _command: bytes = b""  # the command fragments of the message being received
+    _associated: bool = False  # pynetdicom has the A-ASSOCIATE-RQ
+    _abandoned: bool = False
 
     def recv(self, nr_bytes: int) -> bytearray:
+        data = self._recv_pdu_part(nr_bytes)
+        if len(data) < nr_bytes and not self._associated:
+            self._abandon()
+        return data
+
+    def _recv_pdu_part(self, nr_bytes: int) -> bytearray:
         if self._header_next and nr_bytes == 6:
+            if self._associated:
+                self._deadline = time.monotonic() + self.network_timeout
             data = self._recv_exact(6)
             if len(data) == 6:
                 self._pdu_type, _, length = struct.unpack(">BBL", data)
                 limit = self.max_pdu + 6 if self._pdu_type == 0x04 else MAX_CONTROL_PDU
                 if length > limit:
                     logger.warning("closing connection: peer declared a %d-byte PDU (limit %d)", length, limit)
-                    return self._refuse()
+                    return self._refuse(encode_abort(ABORT_INVALID_PARAMETER))
+                if (self._pdu_type == ASSOCIATE_RQ) == self._associated or self._pdu_type in _NOT_FOR_ACCEPTOR:
+                    logger.warning("aborting connection: unexpected PDU type 0x%02x", self._pdu_type)
+                    return self._refuse(encode_abort(ABORT_UNEXPECTED_PDU))
                 self._header_next = False
             return data
         self._header_next = True
         data = self._recv_exact(nr_bytes)
-        if self._pdu_type == 0x04 and not self._count_pdvs(data):
-            logger.warning("closing connection: dataset larger than %d bytes", self.max_dataset)
-            return self._refuse()
+        if len(data) == nr_bytes:
+            return self._checked(data)
         return data
+
+    def _checked(self, body: bytearray) -> bytearray:
+        """``body`` if :mod:`node.pdu` finds it sound, else an empty read after an A-ABORT or -RJ."""
+        kind = self._pdu_type
+        try:
+            if kind == ASSOCIATE_RQ and not self._associated:
+                self._release_slot()
+                _sound_for_pynetdicom(parse_associate_rq(body))
+                self._associated = True  # pynetdicom takes it from here
+            elif kind == P_DATA:
+                check_pdvs(body)
+                self._check_commands(body)
+                if not self._count_pdvs(body):
+                    logger.warning("closing connection: dataset larger than %d bytes", self.max_dataset)
+                    return self._refuse(encode_abort(ABORT_INVALID_PARAMETER))
+            elif kind in (RELEASE_RQ, RELEASE_RP, ABORT):
+                check_control_pdu(kind, body)
+        except Rejection as exc:
+            logger.info("rejecting association: %s %s", exc, exc.reason)
+            return self._refuse(encode_associate_rj(exc.reason))
+        except ProtocolError as exc:
+            logger.warning("aborting association: %s", exc)
+            return self._refuse(encode_abort(exc.reason))
+        return body
+
+    def _check_commands(self, body: bytearray) -> None:
+        """Command fragments collected and checked (:func:`node.pdu.check_command_set`) before pynetdicom
+        decodes them: it would raise on its DUL thread (a missing Command Field, a UID it cannot decode)."""
+        offset = 0
+        while offset < len(body):
+            length, _, control = PDV_HEADER.unpack_from(body, offset)
+            if control & 0x01:
+                self._command += bytes(body[offset + 6:offset + 4 + length])
+                if len(self._command) > MAX_CONTROL_PDU:
+                    raise ProtocolError("command set too long")
+                if control & 0x02:
+                    command, self._command = self._command, b""
+                    check_command_set(command)
+            offset += 4 + length
+
+    def _abandon(self) -> None:
+        """The connection ended before pynetdicom saw a request: free its slot and end its thread now.
+
+        pynetdicom's acceptor thread would wait out ``acse_timeout_s`` for a
+        request that cannot come (counted against its association maximum);
+        an empty primitive tells it none will.
+        """
+        self._release_slot()
+        if not self._abandoned:
+            self._abandoned = True
+            self.assoc.dul.to_user_queue.put(None)
 
     def _recv_exact(self, nr_bytes: int) -> bytearray:
         buf = bytearray(nr_bytes)
@@ -318,11 +501,24 @@ class GuardedSocket(AssociationSocket):
         got = 0
         sock = self.socket
         while got < nr_bytes and sock is not None:
-            n = sock.recv_into(view[got:], nr_bytes - got)
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                logger.info("aborting association: the peer missed its deadline")
+                self._refuse(encode_abort(ABORT_NOT_SPECIFIED))
+                return buf[:got]
+            sock.settimeout(min(remaining, _NO_DEADLINE_S))
+            try:
+                n = sock.recv_into(view[got:], nr_bytes - got)
+            except TimeoutError:
+                continue  # the deadline check above decides
             if not n:
                 return buf[:got]
             got += n
         return buf
+
+    def _release_slot(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
 
     def _count_pdvs(self, body: bytearray) -> bool:
         offset = 0
@@ -338,7 +534,15 @@ class GuardedSocket(AssociationSocket):
             offset += 4 + item_len
         return True
 
-    def _refuse(self) -> bytearray:
+    def _refuse(self, answer: bytes) -> bytearray:
+        """Send ``answer`` (an A-ABORT or -RJ) if the peer still reads, close, and read nothing."""
+        sock = self.socket
+        if sock is not None:
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(answer)
+            except OSError:
+                pass
         self.close()
         return bytearray()
 
@@ -383,10 +587,40 @@ class GuardedSocket(AssociationSocket):
         return sock.fileno() in events
 
     def close(self) -> None:
+        self._release_slot()
         super().close()
         for end in (self._bell_rx, self._bell_tx):
             if end is not None:
                 end.close()
+
+
+#: PDUs only an association requestor receives (pynetdicom would decode them, and log a traceback)
+_NOT_FOR_ACCEPTOR = frozenset({ASSOCIATE_AC, ASSOCIATE_RJ})
+#: the longest one ``recv`` waits while no deadline applies (pynetdicom's own timers then decide)
+_NO_DEADLINE_S = 3600.0
+
+
+#: user information sub-items pynetdicom decodes (PS3.7 D.3.3, PS3.8 D.1); it raises on any other
+_USER_ITEMS = frozenset(range(0x51, 0x59))
+
+
+def _sound_for_pynetdicom(request: AssociateRequest) -> None:
+    """What pynetdicom decodes of a request, beyond :func:`node.pdu.parse_associate_rq`, checked first.
+
+    A presentation context UID that breaks the grammar rejects the association
+    (pynetdicom would decode it); an unknown user information sub-item, an
+    implementation class UID or version name that pynetdicom cannot decode
+    aborts it (invalid PDU parameter).
+    """
+    if any(context.malformed for context in request.contexts):
+        raise Rejection("a presentation context UID breaks the UID grammar", REJECT_NO_REASON)
+    for kind, value in request.user_items:
+        if kind not in _USER_ITEMS:
+            raise ProtocolError(f"unknown user information sub-item 0x{kind:02x}")
+        if kind == 0x52 and pdu_uid(value) is None:
+            raise ProtocolError("implementation class UID breaks the UID grammar")
+        if kind == 0x55 and (not 0 < len(value) <= 16 or ae_title(value.ljust(16)) is None):
+            raise ProtocolError("implementation version name is not 1-16 characters of the AE repertoire")
 
 
 # -- prompt wake-ups instead of pynetdicom's 1 ms polling ----------------------------------
@@ -465,7 +699,44 @@ class _PromptAssociation(Association):
             super()._serve_request(msg, context_id)
 
 
-def _make_prompt(assoc: Association, sock: "GuardedSocket") -> None:
+class _TolerantStateMachine(StateMachine):
+    """pynetdicom's DUL state machine, with the boundary its DUL thread lacks.
+
+    pynetdicom's actions run on its DUL thread, and an exception there ends
+    the thread with a traceback while the connection stays open: an event
+    its table lacks (``InvalidEventError``: e.g. the A-ASSOCIATE-AC our side
+    queues after the peer's next, broken PDU has moved the machine to Sta13),
+    or a P-DATA whose command set pydicom cannot decode (``AttributeError``,
+    ``TypeError`` from DT-2).  Here the peer gets an A-ABORT, the connection is
+    closed, the association is told (an A-P-ABORT primitive), what our side
+    had queued is dropped, and the machine goes idle; the reason is logged.
+    """
+
+    def do_action(self, event: str) -> None:
+        try:
+            super().do_action(event)
+        except Exception as exc:  # boundary of pynetdicom's DUL thread: the peer's bytes broke an action
+            logger.warning("aborting association: upper-layer event %s in state %s failed (%s: %s)", event,
+                           self.current_state, type(exc).__name__, str(exc)[:200])
+            self._end()
+
+    def _end(self) -> None:
+        dul = self.dul
+        sock = dul.socket
+        if isinstance(sock, GuardedSocket):
+            sock._refuse(encode_abort(ABORT_NOT_SPECIFIED))
+        elif sock is not None:
+            sock.close()
+        with dul.to_provider_queue.mutex:
+            dul.to_provider_queue.queue.clear()
+        if self.current_state != "Sta1":
+            abort = A_P_ABORT()
+            abort.provider_reason = 0x00
+            dul.to_user_queue.put(abort)
+        self.current_state = "Sta1"
+
+
+def _make_prompt(assoc: Association, sock: GuardedSocket) -> None:
     """Switch one new (not yet started) association from polling to wake-ups."""
     bell = threading.Event()
     assoc.__class__ = _PromptAssociation  # same object and state; only _serve_request() differs
@@ -476,29 +747,55 @@ def _make_prompt(assoc: Association, sock: "GuardedSocket") -> None:
     sock.open_doorbell()
     assoc.dul.to_provider_queue = _RingingQueue(sock.ring)
     assoc.dul._run_loop_delay = 0  # the loop now blocks in GuardedSocket.ready() instead
+    assoc.dul.state_machine.__class__ = _TolerantStateMachine  # same object and state; only do_action() differs
+
+
+def _established(assoc: Association) -> int:
+    """Established acceptor associations of ``assoc``'s AE (the one asking included)."""
+    others = [a for a in assoc.ae.active_associations if a.is_acceptor and a.is_established and a is not assoc]
+    return len(others)
 
 
 class _GuardedRequestHandler(RequestHandler):
     def _create_association(self):  # type: ignore[no-untyped-def]
         assoc = super()._create_association()
+        server = self.server
         sock = assoc.dul.socket
-        sock.__class__ = GuardedSocket  # same object and state; only recv() and ready() differ
-        sock.max_pdu = self.server.max_pdu
-        sock.max_dataset = self.server.max_dataset
+        sock.__class__ = GuardedSocket  # same object and state; only recv(), ready() and close() differ
+        sock.max_pdu = server.max_pdu
+        sock.max_dataset = server.max_dataset
+        sock.network_timeout = server.network_timeout
+        sock._deadline = time.monotonic() + server.acse_timeout
+        sock.slot = server.take_slot()
         _make_prompt(assoc, sock)
         return assoc
 
 
 class SegnodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with the TLS handshake moved off the accept thread."""
+    """pynetdicom's threaded server, guarded as the native receiver is (:mod:`node.guards`).
+
+    The TLS handshake runs on the connection's thread, not the accept
+    thread; an ``accept()`` or thread-start failure is logged, counted and
+    backed off (socketserver would spin on EMFILE, or print a traceback);
+    connections not yet associated are capped by a :class:`PendingGate`
+    before a thread is started for them.
+    """
 
     max_pdu = 131072
     max_dataset = 1 << 30
+    acse_timeout = 30.0
+    network_timeout = 60.0
     handshake_timeout = 10.0
     reuse_port = False
+    request_queue_size = 128  # socketserver's listen() backlog (its default, 5, drops bursts of connections)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _GuardedRequestHandler
+        self.watchdog = AcceptWatchdog()
+        self.gate = PendingGate(64, 16)
+        self._slots: dict[int, PendingSlot] = {}  # by the accepted socket's file descriptor
+        self._local = threading.local()
+        self._accept_failed = False
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -506,24 +803,68 @@ class SegnodeServer(ThreadedAssociationServer):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def service_actions(self) -> None:
+        """Once per turn of socketserver's loop: a turn without a failed accept() is a healthy one."""
+        if self._accept_failed:
+            self._accept_failed = False
+        else:
+            self.watchdog.beat()
+
     def get_request(self):  # type: ignore[no-untyped-def]
         assert self.socket is not None
-        client, address = self.socket.accept()  # TLS, if any, is set up in process_request_thread
+        try:
+            client, address = self.socket.accept()  # TLS, if any, is set up in process_request_thread
+        except OSError as exc:  # socketserver skips the request; without a pause it would spin on EMFILE
+            self._accept_failed = True
+            time.sleep(self.watchdog.failed("accept()", exc))
+            raise
         # small C-STORE responses must not wait for the peer's delayed ACK (Nagle): ~40 ms per image
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
 
+    def verify_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        slot = self.gate.admit(client_address[0])
+        if slot is None:
+            return False  # socketserver closes it: no thread, no association
+        self._slots[request.fileno()] = slot
+        return True
+
+    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError as exc:  # "can't start new thread"
+            self._accept_failed = True
+            self._drop_slot(request)
+            self.shutdown_request(request)
+            time.sleep(self.watchdog.failed("starting a connection thread", exc))
+
+    def _drop_slot(self, request: socket.socket) -> None:
+        slot = self._slots.pop(request.fileno(), None)
+        if slot is not None:
+            slot.release()
+
+    def take_slot(self) -> PendingSlot | None:
+        """The pending slot of the connection this thread serves (handed to its :class:`GuardedSocket`)."""
+        slot, self._local.slot = getattr(self._local, "slot", None), None
+        return slot
+
     def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
-        if self.ssl_context is not None:
-            try:
-                request.settimeout(self.handshake_timeout)
-                request = self.ssl_context.wrap_socket(request, server_side=True)
-                request.settimeout(None)
-            except (OSError, ssl.SSLError) as exc:
-                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        self._local.slot = slot = self._slots.pop(request.fileno(), None)
+        try:
+            if self.ssl_context is not None:
+                try:
+                    request.settimeout(self.handshake_timeout)
+                    request = self.ssl_context.wrap_socket(request, server_side=True)
+                    request.settimeout(None)
+                except (OSError, ssl.SSLError) as exc:
+                    logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            if slot is not None and self._local.slot is slot:  # no association took it: handshake failed
+                slot.release()
+            self._local.slot = None
 
 
 class _SharedPortServer(SegnodeServer):
@@ -544,7 +885,8 @@ def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
 def build_ae(config: NodeConfig) -> AE:
     """An AE with our presentation contexts and limits (not yet listening)."""
     ae = AE(ae_title=config.ae_title)
-    ae.maximum_associations = config.limits.max_associations
+    # pynetdicom counts connections not yet associated too; StoreHandler.on_requested enforces ours
+    ae.maximum_associations = config.limits.max_associations + config.limits.max_pending_connections
     ae.maximum_pdu_size = config.limits.max_pdu_bytes
     ae.acse_timeout = config.limits.acse_timeout_s
     ae.network_timeout = config.limits.network_timeout_s
@@ -569,6 +911,10 @@ class RunningSCP:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
+    def health(self) -> ListenerHealth:
+        """The accept loop's watchdog (``/readyz``, metrics)."""
+        return listener_health(self.server.watchdog, self.server.gate, self.thread.is_alive())
+
     def stop(self) -> None:
         self.server.shutdown()
         self.thread.join(timeout=5)
@@ -587,7 +933,9 @@ def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener
     handler = StoreHandler(config, spool, index, listener)
     if config.limits.receiver == "native":
         if config.tls is None:
-            from segnode.node.native_scp import start_native_scp  # it builds on this module
+            from segnode.node.native_scp import (
+                start_native_scp,  # it builds on this module
+            )
 
             return start_native_scp(config, handler, reuse_port=reuse_port)
         logger.info("limits.receiver is 'native', but TLS is configured: the pynetdicom receiver serves "
@@ -601,8 +949,11 @@ def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener
     server = ae.make_server((config.host, config.port), evt_handlers=handlers,
                             ssl_context=server_ssl_context(config),
                             server_class=_SharedPortServer if reuse_port else SegnodeServer)
-    server.max_pdu = config.limits.max_pdu_bytes
-    server.max_dataset = config.limits.max_instance_bytes
+    limits = config.limits
+    server.max_pdu = limits.max_pdu_bytes
+    server.max_dataset = limits.max_instance_bytes
+    server.acse_timeout, server.network_timeout = limits.acse_timeout_s, limits.network_timeout_s
+    server.gate = PendingGate(limits.max_pending_connections, limits.max_pending_per_host)
     if config.tls is not None:
         server.handshake_timeout = config.tls.handshake_timeout_s
     ae._servers.append(server)  # as AE.start_server does, so AE.shutdown() stops it

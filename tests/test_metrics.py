@@ -138,7 +138,8 @@ def test_stage_histograms_jobs_and_dispatch_match_the_scripted_history(tmp_path)
     (0xA700, "free disk below the node's minimum", "disk_full"),
     (0xA700, "write failed", "write_failed"), (0xA702, None, "out_of_resources"),
     (0xC210, "x", "cannot_decode"), (0xC211, None, "invalid_uid"), (0xC212, None, "uid_mismatch"),
-    (0x0122, None, "status_0x0122"),
+    (0x0122, None, "sop_class_not_supported"), (0xA900, None, "sop_class_mismatch"),
+    (0xA700, "internal error (KeyError), retry later", "internal_error"), (0xA801, None, "status_0xA801"),
 ])
 def test_store_status_to_rejection_reason(status, comment, reason):
     assert store_rejection_reason(status, comment) == reason

@@ -153,10 +153,10 @@ def test_malformed_and_oversized_pdus_close_only_that_connection(scp: tuple[Runn
     server, spool, _ = scp
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(bytes([0x01, 0x00]) + (0x7FFFFFF0).to_bytes(4, "big") + b"\x00" * 64)
-        assert sock.recv(10) in (b"", bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))  # abort, then closed
+        assert sock.recv(10) == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6])  # A-ABORT: invalid PDU parameter value
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(bytes([0x09, 0x00, 0, 0, 0, 2, 0, 0]))  # no such PDU type
-        assert sock.recv(10)[:1] in (b"", b"\x07")
+        assert sock.recv(10) == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 1])  # A-ABORT: unrecognised PDU
     assert echo(server.port) == 0x0000
     assert stored_files(spool) == []
 
@@ -170,6 +170,7 @@ def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: P
 
     monkeypatch.setattr(native_scp, "SPILL_BYTES", 3 << 20)
     buffer = DatasetBuffer(tmp_path)
+    assert len(buffer.view()) == 0  # nothing allocated before a dataset arrives
     content = os.urandom(10 << 20)
     filled = 0
     for step in (1 << 20, 2 << 20, 4 << 20, 10 << 20):  # in memory, then a mapping, then a larger one
@@ -182,7 +183,7 @@ def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: P
             assert view[:filled] == content[:filled]
     assert list(tmp_path.iterdir()) == []  # the file behind the mapping has no name
     buffer.release()
-    assert not buffer.spilled and len(buffer.view()) == 1 << 20
+    assert not buffer.spilled and len(buffer.view()) == 0  # the next dataset allocates what it needs
 
 
 def test_a_large_instance_received_through_the_spill_path_is_stored_whole(tmp_path: Path,
@@ -217,3 +218,23 @@ def test_a_large_instance_received_through_the_spill_path_is_stored_whole(tmp_pa
     assert dcmread(stored[dcmread(THORAX / "CT0002.dcm").SOPInstanceUID]).PixelData == dcmread(
         THORAX / "CT0002.dcm").PixelData
     assert list(spool.tmp.iterdir()) == []
+
+
+def test_an_internal_error_outside_the_store_path_aborts_that_association_only(
+        scp: tuple[RunningSCP, Spool, Index], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 12, case 8: our fault is logged with its traceback and answered with an A-ABORT, never silence."""
+    from segnode.node import native_scp
+    from tests.raw_peer import RawPeer
+
+    server, _, _ = scp
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(native_scp, "negotiate", broken)
+    with RawPeer(server.port) as peer:
+        reply = peer.associate()
+        assert reply is not None and reply.kind == 0x07 and reply.abort_reason == (2, 0)
+    assert any("internal error serving an association" in r.getMessage() and r.exc_info for r in caplog.records)
+    monkeypatch.undo()
+    assert echo(server.port) == 0x0000
