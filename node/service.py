@@ -146,7 +146,8 @@ class Service:
             return
         destinations = self._resolve_destinations(decision.destinations, info.calling_ae, info.sender_host)
         self.index.mark_complete(job.job_id, rule=decision.rule, profile=decision.profile,
-                                 backend=decision.backend, destinations=destinations, harvest=decision.harvest)
+                                 backend=decision.backend, destinations=destinations, harvest=decision.harvest,
+                                 options=decision.options)
         logger.info("series %s complete (%d instances): rule %s, profile %s, to %s", job.series_uid,
                     info.instance_count, decision.rule, decision.profile, ", ".join(destinations) or "nowhere")
         self._emit("job_state", {"job_id": job.job_id, "state": JobState.COMPLETE.value})
@@ -192,7 +193,8 @@ class Service:
                        weights_dir=str(worker.weights_dir) if worker.weights_dir else None,
                        memory_budget_mb=worker.memory_budget_mb, harvest=job.harvest, rule=job.rule, calling_ae=info.calling_ae,
                        dataset_store=str(self.config.dataset_store or self.config.state_dir / "datasets"),
-                       deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None)
+                       deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None,
+                       options=job.options)
 
     def _segment(self, job: Job) -> None:
         try:

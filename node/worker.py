@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class JobSpec:
     calling_ae: str = ""
     dataset_store: str | None = None
     deid_secret_file: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the routing action's other settings (Job.options)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ class Decision:
     backend: str | None
     destinations: tuple[str, ...]  # "@sender": back to the sender's configured destination
     harvest: str | None  # dataset name, or None
+    options: dict[str, Any] = field(default_factory=dict)  # the action's other settings (Action.options)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class RuleSet:
         rule = next(r for r in self.rules if r.name == traces[-1].rule)
         action = rule.action
         backend = action.backend.value if action.backend is not None else None
-        return Decision(rule.name, action.profile, backend, action.destinations, action.harvest)
+        return Decision(rule.name, action.profile, backend, action.destinations, action.harvest, action.options())
 
 
 def load_rules(

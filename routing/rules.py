@@ -208,6 +208,15 @@ class Action(Frozen):
     destinations: tuple[Annotated[str, AfterValidator(_known_destination)], ...] = ()
     harvest: Annotated[str, AfterValidator(_dataset_name)] | None = None
 
+    def options(self) -> dict[str, Any]:
+        """Every setting beyond profile, backend, destinations and harvest, as JSON-ready data.
+
+        The job carries these (:attr:`storage.index.Job.options`) to the worker and the
+        dispatcher, so that a new action setting needs no new index column.
+        """
+        return self.model_dump(mode="json", exclude={"profile", "backend", "destinations", "harvest"},
+                               exclude_none=True, by_alias=True)
+
 
 class Rule(Frozen):
     """A named rule: a condition (or ``fallback: true``) and an action."""

@@ -43,9 +43,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from segnode.errors import StorageError
 
@@ -98,6 +99,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     backend_used      TEXT,
     model_version     TEXT,
     harvest           TEXT,
+    options           TEXT NOT NULL DEFAULT '{}',
     created_at        REAL NOT NULL,
     updated_at        REAL NOT NULL
 );
@@ -193,12 +195,14 @@ class Job:
     harvest: str | None
     created_at: float
     updated_at: float
+    options: dict[str, Any] = field(default_factory=dict)  # the routing action's other settings
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
         data = dict(row)
         data["state"] = JobState(data["state"])
         data["destinations"] = tuple(json.loads(data["destinations"]))
+        data["options"] = json.loads(data.get("options") or "{}")
         return cls(**data)
 
 
@@ -248,6 +252,8 @@ class Index:
         columns = {row["name"] for row in self._db().execute("PRAGMA table_info(jobs)")}
         if "harvest" not in columns:  # an index made before jobs could be harvested
             self._db().execute("ALTER TABLE jobs ADD COLUMN harvest TEXT")
+        if "options" not in columns:  # an index made before routes had options
+            self._db().execute("ALTER TABLE jobs ADD COLUMN options TEXT NOT NULL DEFAULT '{}'")
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
@@ -388,10 +394,11 @@ class Index:
         return [Job.from_row(r) for r in rows]
 
     def mark_complete(self, job_id: int, *, rule: str, profile: str, backend: str | None,
-                      destinations: tuple[str, ...], harvest: str | None = None) -> bool:
+                      destinations: tuple[str, ...], harvest: str | None = None,
+                      options: dict[str, Any] | None = None) -> bool:
         return self.transition(job_id, JobState.COMPLETE, f"routed by rule {rule!r}", rule=rule,
                                profile=profile, backend=backend, destinations=json.dumps(list(destinations)),
-                               harvest=harvest)
+                               harvest=harvest, options=json.dumps(options or {}, sort_keys=True))
 
     def claim_next(self) -> Job | None:
         """Atomically move the oldest ``complete`` job to ``segmenting`` and return it."""
