@@ -7,7 +7,11 @@ the array and a sign flip of the first two world axes; no resampling happens,
 so a round trip is exact, voxel for voxel.
 
 The affine keeps the volume's direction as given, including the shear of a
-gantry-tilted series.
+gantry-tilted series: right for handing a volume to a backend and reading its
+labels back voxel for voxel.  A NIfTI file meant to be read by others (the
+``--format nifti`` output) is written with :func:`regular_nifti` instead: on a
+regular orthonormal grid, resampled when the series is tilted or unevenly
+spaced (:mod:`segnode.regular_grid`), so no slice is misplaced.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from segnode.models.volume import Volume
+from segnode.regular_grid import Planes, regularize
 
 #: LPS → RAS (and back: the matrix is its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -144,3 +149,28 @@ def from_closest_ras(array: np.ndarray, volume: Volume) -> np.ndarray:
 
     _, inverse = _ras_transforms(volume)
     return np.ascontiguousarray(apply_orientation(array, inverse).transpose(2, 1, 0))
+
+
+def planes_of(volume: Volume) -> Planes:
+    """The image planes of ``volume`` as acquired (each slice at its own position)."""
+    direction = np.asarray(volume.direction, dtype=float)
+    return Planes(positions=volume.slice_origins(), row=direction[:, 0], col=direction[:, 1],
+                  spacing=(float(volume.spacing[0]), float(volume.spacing[1])))
+
+
+def regular_nifti(volume: Volume, array: np.ndarray, *, labels: bool, dtype: type | None = None):  # -> (Nifti1Image, note)
+    """``array[k, j, i]`` on ``volume`` as a NIfTI on a regular orthonormal grid, and the resampling note.
+
+    Exact (no resampling, ``note`` None) when the volume is regular; otherwise
+    nearest neighbour for ``labels``, linear for images (HU filled with −1024
+    outside the source).
+    """
+    import nibabel as nib
+
+    grid = regularize(np.asarray(array), planes_of(volume), labels=labels, fill=0 if labels else -1024)
+    data = grid.array.transpose(2, 1, 0)
+    img = nib.Nifti1Image(np.ascontiguousarray(data if dtype is None else data.astype(dtype)), LPS_TO_RAS @ grid.affine_lps)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    return img, grid.note

@@ -284,6 +284,7 @@ def _stack_volume(datasets: list[Dataset], arrays: list[np.ndarray], files: Iter
             files=tuple(files),
         ),
         notes=tuple(notes),
+        slice_positions=tuple(tuple(float(v) for v in p) for p in positions),  # type: ignore[misc]
     )
 
 
@@ -356,6 +357,7 @@ def _multiframe_volume(ds: Dataset, frames: np.ndarray, file: Path) -> Volume:
             frame_order=tuple(int(i) for i in order),
         ),
         notes=tuple(notes),
+        slice_positions=tuple(tuple(float(v) for v in p) for p in positions[order]),  # type: ignore[misc]
     )
 
 

@@ -51,6 +51,9 @@ class Volume:
     direction: np.ndarray
     source: SourceSeries | None = None
     notes: tuple[str, ...] = ()
+    #: LPS position of voxel (0, 0) of every slice as acquired, when known (DICOM
+    #: sources); differs from the affine's for unevenly spaced series
+    slice_positions: tuple[tuple[float, float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:
@@ -76,6 +79,22 @@ class Volume:
         out[:3, :3] = np.asarray(self.direction) * np.asarray(self.spacing)
         out[:3, 3] = self.origin
         return out
+
+    def slice_origins(self) -> np.ndarray:
+        """``(k, 3)`` LPS position of voxel ``(0, 0)`` of each slice: as acquired when known."""
+        if self.slice_positions is not None:
+            return np.asarray(self.slice_positions, dtype=float)
+        aff = self.affine()
+        return aff[:3, 3] + np.arange(self.shape[0])[:, None] * aff[:3, 2]
+
+    def is_regular(self, atol_mm: float = 1e-3) -> bool:
+        """True when the affine is orthonormal (no shear) and places every slice where it was acquired."""
+        direction = np.asarray(self.direction, dtype=float)
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
+            return False
+        aff = self.affine()
+        expected = aff[:3, 3] + np.arange(self.shape[0])[:, None] * aff[:3, 2]
+        return bool(np.allclose(self.slice_origins(), expected, atol=atol_mm))
 
     def world_x(self) -> np.ndarray:
         """Patient x (right → left, LPS) of every voxel, shape ``(k, j, i)``.

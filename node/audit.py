@@ -20,6 +20,8 @@ What is recorded (``event``):
                          Instance UID of the request, the DIMSE status and its
                          comment (undecodable, invalid UID, too large, disk).
 ``api.retry``            a retry asked through the HTTP API, with the client.
+``review.decision``      a held job approved or rejected (docs/review.md): the
+                         reviewer's name, the comment, the client, the new state.
 ``audit.opened``         the writer started (and the cursor it resumes at).
 ``audit.rotated``        first line of a new file after rotation.
 
@@ -69,7 +71,7 @@ FIELDS = frozenset({
     "rule", "profile", "backend", "destinations", "backend_used", "model_version",
     "seg_series_uid", "seg_sop_uid", "deliveries", "destination", "destination_ae", "destination_host",
     "destination_port", "ok", "message", "attempts", "client", "previous", "path", "resumes_after",
-    "sop_uid", "status",
+    "sop_uid", "status", "decision", "reviewer", "comment",
 })
 
 #: keys allowed inside the ``deliveries`` list of a record.

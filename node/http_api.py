@@ -14,6 +14,9 @@ GET      ``/api/v1/studies/{study_uid}``      one study
 GET      ``/api/v1/jobs``                     jobs (``state``, ``study``, ``limit``) with timings
 GET      ``/api/v1/jobs/{job_id}``            rule, profile, backend, errors, history, deliveries
 POST     ``/api/v1/jobs/{job_id}/retry``      re-run / resend / re-route
+POST     ``/api/v1/jobs/{job_id}/approve``    a held job approved: sent (JSON {reviewer, comment})
+POST     ``/api/v1/jobs/{job_id}/reject``     a held job rejected: never sent
+GET      ``/jobs/{job_id}/review``            job page: QC figures, pictures, approve/reject form
 GET      ``/api/v1/routes``                   the rules in force
 POST     ``/api/v1/routes/validate``          validate a candidate rules file (YAML body)
 GET      ``/api/v1/datasets``                 the dataset store's datasets and versions
@@ -173,7 +176,8 @@ class OpsApp:
                  rules: Any | None, readiness: dict[str, Callable[[], tuple[bool, str]]],
                  validate_rules: Callable[[Path], list[str]], datasets: Callable[[], dict[str, Any]],
                  status_page: Callable[[], str], audit: Callable[..., Any] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 review: Callable[[int, bool, str, str], str | None] | None = None, node: str = "segnode") -> None:
         self.db = db
         self.retry = retry
         self.metrics = metrics
@@ -184,6 +188,8 @@ class OpsApp:
         self.status_page = status_page
         self.audit = audit
         self.clock = clock
+        self.review = review
+        self.node = node
         self.routes: list[tuple[str, re.Pattern[str], Handler, bool]] = [
             ("GET", re.compile(r"/healthz"), self.healthz, False),
             ("GET", re.compile(r"/readyz"), self.readyz, False),
@@ -195,6 +201,11 @@ class OpsApp:
             ("GET", re.compile(f"{API}/jobs"), self.jobs, True),
             ("GET", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)"), self.job, True),
             ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/retry"), self.retry_job, True),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/approve"), self.approve_api, True),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/reject"), self.reject_api, True),
+            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review"), self.review_page, True),
+            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review/(?P<file>[^/]+)"), self.review_picture, True),
+            ("POST", re.compile(r"/jobs/(?P<job_id>[^/]+)/decision"), self.review_form, True),
             ("GET", re.compile(f"{API}/routes"), self.get_routes, True),
             ("POST", re.compile(f"{API}/routes/validate"), self.validate_routes, True),
             ("GET", re.compile(f"{API}/datasets"), self.datasets, True),
@@ -334,6 +345,73 @@ class OpsApp:
             self.audit("api.retry", job_id=job_id, state=state.value, client=req.client)
         logger.info("job %d retried through the API by %s: now %s", job_id, req.client, state.value)
         return json_response({"job_id": job_id, "state": state.value})
+
+    # -- review (docs/review.md) -----------------------------------------------------------
+    def approve_api(self, req: Request) -> Response:
+        return self._review_api(req, approve=True)
+
+    def reject_api(self, req: Request) -> Response:
+        return self._review_api(req, approve=False)
+
+    def _review_api(self, req: Request, *, approve: bool) -> Response:
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {reviewer, comment}") from None
+        if not isinstance(body, dict):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {reviewer, comment}")
+        state = self._decide(req, approve, body.get("reviewer"), body.get("comment"))
+        return json_response({"job_id": int(req.params["job_id"]), "state": state})
+
+    def review_form(self, req: Request) -> Response:
+        form = {k: v[-1] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()}
+        if form.get("decision") not in ("approve", "reject"):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "decision must be approve or reject")
+        self._decide(req, form["decision"] == "approve", form.get("reviewer"), form.get("comment"))
+        return self.review_page(req)
+
+    def _decide(self, req: Request, approve: bool, reviewer: Any, comment: Any) -> str:
+        job_id = self._job_id(req)
+        if self.review is None:
+            raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "this node takes no review decisions")
+        if not isinstance(reviewer, str) or not reviewer.strip() or len(reviewer) > 64:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "reviewer (1-64 characters) is required")
+        comment = comment if isinstance(comment, str) else ""
+        if len(comment) > 500:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "comment is longer than 500 characters")
+        if self.db.job(job_id) is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        state = self.review(job_id, approve, reviewer.strip(), comment.strip())
+        if state is None:
+            now = (self.db.job(job_id) or {}).get("state")
+            raise HttpError(HTTPStatus.CONFLICT, f"job {job_id} is {now}, not held for review")
+        if self.audit is not None:
+            self.audit("review.decision", job_id=job_id, decision="approve" if approve else "reject",
+                       reviewer=reviewer.strip(), comment=comment.strip(), state=state, client=req.client)
+        logger.info("job %d %s through the API by %s: now %s", job_id, "approved" if approve else "rejected",
+                    req.client, state)
+        return state
+
+    def review_page(self, req: Request) -> Response:
+        from segnode.node.review import job_summary
+        from segnode.node.status_page import render_review
+
+        job_id = self._job_id(req)
+        job = self.db.job(job_id)
+        if job is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        page = render_review(job, job_summary(job["seg_path"]), node=self.node,
+                             events=self.db.events_of([job_id])[job_id])
+        return Response(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
+
+    def review_picture(self, req: Request) -> Response:
+        from segnode.node.review import picture_path
+
+        job = self.db.job(self._job_id(req))
+        path = picture_path(job["seg_path"], req.params["file"]) if job else None
+        if path is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such picture")
+        return Response(HTTPStatus.OK, path.read_bytes(), "image/png")
 
     # -- routes ------------------------------------------------------------------------
     def get_routes(self, req: Request) -> Response:

@@ -119,6 +119,30 @@ PATHS: dict[str, dict[str, Any]] = {
                                                            "state": {"type": "string", "enum": _STATES}}}),
             "404": _error("No such job"), "409": _error("The job is not in a state that can be retried")},
         parameters=[_JOB_ID])},
+    **{f"/api/v1/jobs/{{job_id}}/{verb}": {"post": _op(
+        f"Review: {what} (the reviewer and comment go to the audit log)", {
+            "200": _json({"type": "object", "properties": {"job_id": {"type": "integer"},
+                                                           "state": {"type": "string", "enum": _STATES}}}),
+            "400": _error("No reviewer, or a bad body"), "404": _error("No such job"),
+            "409": _error("The job is not held for review")},
+        parameters=[_JOB_ID],
+        requestBody={"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["reviewer"],
+            "properties": {"reviewer": {"type": "string", "maxLength": 64},
+                           "comment": {"type": "string", "maxLength": 500}}}}}})}
+       for verb, what in (("approve", "send a held job's result"), ("reject", "never send a held job's result"))},
+    "/jobs/{job_id}/review": {"get": _op("The job page (HTML): QC figures, pictures, approve/reject form", {
+        "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+        "404": _error("No such job")}, parameters=[_JOB_ID])},
+    "/jobs/{job_id}/review/{file}": {"get": _op("One review picture (PNG)", {
+        "200": {"description": "PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        "404": _error("No such picture")},
+        parameters=[_JOB_ID, {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}])},
+    "/jobs/{job_id}/decision": {"post": _op("The job page's form: approve or reject (reviewer, comment)", {
+        "200": {"description": "the job page again", "content": {"text/html": {"schema": {"type": "string"}}}},
+        "400": _error("No reviewer or decision"), "409": _error("The job is not held for review")},
+        parameters=[_JOB_ID], requestBody={"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
     "/api/v1/routes": {"get": _op("The routing rules in force", {
         "200": _json({"type": "object", "properties": {"source": {"type": "string"},
                                                        "rules": {"type": "array", "items": {"type": "object"}}}}),

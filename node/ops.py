@@ -99,7 +99,8 @@ class Ops:
         return OpsApp(db=self.db, retry=self.service.index.retry, metrics=self.metrics.render,
                       rules=self.service.rules, readiness=self.readiness_checks(),
                       validate_rules=self.validate_rules, datasets=self.datasets,
-                      status_page=self.status_page, audit=self.write_audit)
+                      status_page=self.status_page, audit=self.write_audit,
+                      review=getattr(self.service, "review", None), node=self.config.ae_title)
 
     def status_page(self) -> str:
         checks = self.readiness_checks()

@@ -18,10 +18,12 @@ import numpy as np
 
 from segnode.errors import BackendError, EncodeError, WeightsNotInstalledError
 from segnode.models.base import LoadedModel, RunSettings
+from segnode.models.qc import run_qc
 from segnode.models.registry import get_backend
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.seg_writer import OutputFormat, SegType, write_nifti, write_seg
+from segnode.node.review import write_pictures
+from segnode.node.seg_writer import EncodedResult, OutputFormat, SegType, write_nifti
 from segnode.profiles import Backend, Profile, load_profile
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class PipelineRequest:
     output_format: str = OutputFormat.SEG.value
     settings: RunSettings = field(default_factory=RunSettings)
     use_fallback: bool = True
+    outputs: tuple[str, ...] = ("seg",)  # output kinds (node.outputs.OutputKind) when output_format is seg
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class PipelineResult:
     seg_series_uid: str
     seg_sop_instance_uid: str
     summary: dict[str, Any]
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # node.outputs.record of every object written
 
 
 def backend_chain(profile: Profile, override: str | None, use_fallback: bool = True) -> list[Backend]:
@@ -170,11 +174,22 @@ def run_pipeline(
     timings["segment_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    say(f"encoding {output_format.value}")
     if output_format is OutputFormat.SEG:
-        encoded = write_seg(volume, labels, profile, request.out_dir, seg_type=request.seg_type)
+        from segnode.node.outputs import encode_outputs, parse_kinds
+
+        kinds = parse_kinds(request.outputs) or ("seg",)
+        say(f"encoding {', '.join(kinds)}")
+        outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type)
+        first = next((o for o in outputs if o["kind"] == "seg"), outputs[0])
+        encoded = EncodedResult(path=Path(first["path"]), series_instance_uid=first["series_instance_uid"],
+                                sop_instance_uid=first["sop_instance_uid"], kind=first["kind"])
     else:
+        say("encoding nifti")
         encoded = write_nifti(volume, labels, profile, request.out_dir)
+        if encoded.note:
+            say(f"note: {encoded.note}")
+        outputs = [{"kind": "nifti", "profile": profile.organ, "path": str(encoded.path), "sop_class_uid": "",
+                    "sop_instance_uid": "", "series_instance_uid": "", "note": encoded.note}]
     timings["encode_s"] = time.perf_counter() - start
 
     summary = {
@@ -191,10 +206,13 @@ def run_pipeline(
             "series_instance_uid": encoded.series_instance_uid,
             "sop_instance_uid": encoded.sop_instance_uid,
         },
+        "outputs": outputs,
         "segments": segment_statistics(volume, labels),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "notes": list(labels.notes),
     }
+    summary["qc"] = [f.as_dict() for f in run_qc(volume, labels, profile)]  # quality checks (docs/review.md)
+    summary["pictures"] = write_pictures(volume, labels, profile, request.out_dir)
     stem = info["series_instance_uid"] or Path(request.input_path).name.split(".")[0]
     summary_path = request.out_dir / f"summary_{profile.organ}_{stem}.json"
     try:
@@ -210,6 +228,7 @@ def run_pipeline(
         seg_series_uid=encoded.series_instance_uid,
         seg_sop_instance_uid=encoded.sop_instance_uid,
         summary=summary,
+        outputs=outputs,
     )
 
 

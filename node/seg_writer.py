@@ -11,8 +11,15 @@
 * empty segments are kept in the segment list (a reader learns the organ was
   looked for and not found) with no frames of their own; a result with no
   segmented voxel at all is written with its empty frames so it stays valid;
-* UIDs are deterministic for (source series, profile, model version): a resend
-  after a crash yields the same SEG, which a PACS stores once.
+* UIDs are deterministic for (source series, profile, model version, SEG
+  type): a resend after a crash yields the same SEG, which a PACS stores once,
+  and the BINARY and LABELMAP SEG of one series never share a UID;
+* every frame carries the SliceThickness of its own source image (per-frame
+  Pixel Measures when the source thickness varies), and no SpacingBetweenSlices
+  is declared for an unevenly spaced source;
+* empty Type 1C/3 patient and study attributes copied from the source (an empty
+  DeidentificationMethod) are dropped, and a LABELMAP SEG has no "Background"
+  segment item 0 (pixel value 0 is simply not a segment).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
@@ -53,6 +61,9 @@ class EncodedResult:
     path: Path
     series_instance_uid: str = ""
     sop_instance_uid: str = ""
+    kind: str = "seg"
+    sop_class_uid: str = ""
+    note: str = ""  # e.g. the resampling a NIfTI needed
 
 
 def deterministic_uid(*parts: str) -> UID:
@@ -126,7 +137,9 @@ def write_seg(
     if dict(labels.labels) != expected:
         raise EncodeError(f"label map labels {labels.labels} do not match the profile segments {expected}")
     source = volume.source
-    seed = (source.series_instance_uid, profile.organ, labels.backend, labels.model_version)
+    seed: tuple[str, ...] = (source.series_instance_uid, profile.organ, labels.backend, labels.model_version)
+    if seg_type is SegType.LABELMAP:  # BINARY keeps the UIDs it always had (a resend stays one object)
+        seed += ("labelmap",)
     series_uid = deterministic_uid(*seed, "series")
     sop_uid = deterministic_uid(*seed, "instance")
     array = _frames_in_source_order(volume, labels.array.astype(np.uint8, copy=False))
@@ -162,24 +175,122 @@ def write_seg(
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"highdicom refused the segmentation: {exc}", where=source.series_instance_uid) from exc
+    drop_empty_conditional(seg)
+    if seg_type is SegType.LABELMAP:
+        _drop_background_item(seg)
+    _per_frame_pixel_measures(seg, volume)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"SEG_{profile.organ}_{sop_uid}.dcm"
     seg.save_as(path)
     logger.info("wrote %s SEG %s (%d frames, %d segments)", seg_type.value, path, seg.NumberOfFrames, len(descriptions))
-    return EncodedResult(path=path, series_instance_uid=str(series_uid), sop_instance_uid=str(sop_uid))
+    return EncodedResult(path=path, series_instance_uid=str(series_uid), sop_instance_uid=str(sop_uid),
+                         kind="seg", sop_class_uid=str(seg.SOPClassUID))
+
+
+#: modules whose root attributes highdicom copies from the source image
+_COPIED_MODULES = ("patient", "general-study", "patient-study", "clinical-trial-subject", "clinical-trial-study")
+
+
+UNSTATED_DEID_METHOD = "unspecified: the source says identity removed, names no method"
+
+
+def drop_empty_conditional(ds: Dataset) -> None:
+    """Delete empty Type 1C/3 patient and study attributes (copied from a sloppy source).
+
+    An empty Type 1C attribute is invalid (dciodvfy: "Empty attribute ... Type
+    1C"); absent is what the source meant.  Type 1/2 attributes stay.
+    """
+    from highdicom._standard_utils import get_module_attribute_map
+
+    table = get_module_attribute_map()
+    for module in _COPIED_MODULES:
+        for item in table.get(module, []):
+            keyword = str(item["keyword"])
+            if item["path"] or item["type"] not in ("1C", "3") or keyword not in ds:
+                continue
+            value = ds[keyword].value
+            if value is None or value == "" or (ds[keyword].VR == "SQ" and len(value) == 0):
+                delattr(ds, keyword)
+    removed = str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+    if removed and "DeidentificationMethod" not in ds and "DeidentificationMethodCodeSequence" not in ds:
+        ds.DeidentificationMethod = UNSTATED_DEID_METHOD  # required (1C) once identity removal is claimed
+
+
+def _drop_background_item(seg: Dataset) -> None:
+    """highdicom 0.28 always adds a "Background" item with SegmentNumber 0; validators reject it."""
+    seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
+
+
+def _source_measures(volume: Volume) -> dict[tuple[str, int | None], Dataset]:
+    """(source SOP instance UID, frame number or None) → its Pixel Measures (thickness, spacing)."""
+    source = volume.source
+    assert source is not None
+    out: dict[tuple[str, int | None], Dataset] = {}
+    for ds in source.datasets:
+        if source.multiframe:
+            shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+            frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+            for n, group in enumerate(frames, start=1):
+                seq = group.get("PixelMeasuresSequence") or shared.get("PixelMeasuresSequence")
+                if seq:
+                    out[(str(ds.SOPInstanceUID), n)] = seq[0]
+        else:
+            item = Dataset()
+            item.PixelSpacing = ds.PixelSpacing
+            if ds.get("SliceThickness") not in (None, ""):
+                item.SliceThickness = ds.SliceThickness
+            out[(str(ds.SOPInstanceUID), None)] = item
+    return out
+
+
+def _evenly_spaced(volume: Volume) -> bool:
+    origins = volume.slice_origins()
+    if len(origins) < 3:
+        return True
+    steps = np.linalg.norm(np.diff(origins, axis=0), axis=1)
+    return float(np.ptp(steps)) <= 1e-3 * max(1.0, float(np.median(steps)))
+
+
+def _per_frame_pixel_measures(seg: Dataset, volume: Volume) -> None:
+    """Give each frame its source image's SliceThickness when those differ; no false slice spacing."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if not _evenly_spaced(volume):
+        for item in shared.get("PixelMeasuresSequence") or []:
+            if "SpacingBetweenSlices" in item:
+                del item.SpacingBetweenSlices
+    measures = _source_measures(volume)
+    thicknesses = {str(m.get("SliceThickness", "")) for m in measures.values()}
+    if len(thicknesses) <= 1:
+        return
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        number = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
+        source = measures[(str(ref.ReferencedSOPInstanceUID), number)]
+        item = Dataset()
+        item.PixelSpacing = source.PixelSpacing
+        if "SliceThickness" in source:
+            item.SliceThickness = source.SliceThickness
+        frame.PixelMeasuresSequence = [item]
+    del shared.PixelMeasuresSequence
 
 
 def write_nifti(volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, name: str | None = None) -> EncodedResult:
-    """Write the label map as NIfTI (RAS affine; sheared grids kept exactly)."""
+    """Write the label map as NIfTI on a regular orthonormal grid (RAS affine).
+
+    A tilted or unevenly spaced series is resampled (nearest neighbour) onto
+    such a grid, with a note in the log and in :attr:`EncodedResult.note`: one
+    affine cannot place its slices where they were acquired.
+    """
     import nibabel as nib
 
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    image = nib.Nifti1Image(
-        np.ascontiguousarray(labels.array.transpose(2, 1, 0)).astype(np.uint8), lps_to_ras @ volume.affine()
-    )
+    from segnode.models.io_nifti import regular_nifti
+
+    image, note = regular_nifti(volume, labels.array.astype(np.uint8), labels=True)
+    if note:
+        logger.info("NIfTI labels %s", note)
     image.header.set_intent("label")
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = name or (volume.source.series_instance_uid if volume.source else "volume")
     path = out_dir / f"labels_{profile.organ}_{stem}.nii.gz"
     nib.save(image, path)
-    return EncodedResult(path=path)
+    return EncodedResult(path=path, kind="nifti", note=note or "")

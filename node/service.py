@@ -35,8 +35,10 @@ from segnode.errors import ConfigError, SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.dispatch import backoff_s, deliver
 from segnode.node.receivers import ReceiverPool
+from segnode.node.review import decide
 from segnode.node.scp import Listener, RunningSCP, start_scp
 from segnode.node.worker import JobSpec, run_job
+from segnode.routing.rules import QcPolicy
 from segnode.storage.index import Index, Job, JobState
 from segnode.storage.recovery import reindex_spool
 from segnode.storage.spool import Spool
@@ -219,16 +221,58 @@ class Service:
             self._emit("job_state", {"job_id": job.job_id, "state": JobState.FAILED.value, "reason": reason})
             return
         result = outcome.result or {}
+        verdict = decide(result.get("qc"), job.options.get("review"))  # docs/review.md
+        if verdict.policy is QcPolicy.FAIL:
+            self.index.transition(job.job_id, JobState.FAILED, verdict.reason)
+            self._emit("job_state", {"job_id": job.job_id, "state": JobState.FAILED.value, "reason": verdict.reason})
+            return
+        if verdict.policy is QcPolicy.SEND_WITH_WARNING:
+            logger.warning("job %d sent with a QC warning: %s", job.job_id, verdict.reason)
         self.index.mark_encoded(job.job_id, seg_path=result.get("seg_path"),
                                 seg_series_uid=result.get("seg_series_uid"),
                                 seg_sop_uid=result.get("seg_sop_instance_uid"),
                                 backend_used=str(result.get("backend_used")),
-                                model_version=str(result.get("model_version")))
+                                model_version=str(result.get("model_version")),
+                                hold=verdict.reason if verdict.policy is QcPolicy.HOLD else None,
+                                warning=verdict.reason if verdict.policy is QcPolicy.SEND_WITH_WARNING else None)
         logger.info("job %d segmented in %.1f s", job.job_id, time.monotonic() - started)
         if result.get("harvest"):
             self._emit("harvest", {"job_id": job.job_id, **result["harvest"]})
         self._emit("job_state", {"job_id": job.job_id, "state": JobState.ENCODED.value})
         self.dispatch_due()
+
+    def review(self, job_id: int, approve: bool, reviewer: str, comment: str = "") -> str | None:
+        """A reviewer's decision on a held job (HTTP API): the state it moved to, or None if not held.
+
+        An approved job is dispatched at once.
+        """
+        moved = (self.index.approve if approve else self.index.reject)(job_id, reviewer, comment)
+        if moved is None:
+            return None
+        state = moved.value
+        self._emit("job_state", {"job_id": job_id, "state": state})
+        if approve:
+            self.dispatch_due()
+        else:
+            self._label_rejected(self.index.job(job_id))
+        return state
+
+    def _label_rejected(self, job: Job | None) -> None:
+        """A rejected job's harvested case gets the label status ``rejected`` (the case ID is re-derived)."""
+        if job is None or not job.harvest:
+            return
+        from segnode.storage.dataset import DatasetStore
+        from segnode.storage.manifest import LabelStatus
+        from segnode.storage.pseudonyms import load_secret
+
+        try:
+            store = DatasetStore.open(self.config.dataset_store or self.config.state_dir / "datasets",
+                                      load_secret(self.config.deid_secret_file))
+            case_id = store.case_id(job.harvest, "series|" + job.series_uid)
+            if store.find_case(case_id, job.harvest).label_status is LabelStatus.AUTO:  # curated labels stay
+                store.set_label_status(case_id, LabelStatus.REJECTED, dataset=job.harvest)
+        except SegnodeError as exc:  # not harvested (quarantined, no secret): nothing to label
+            logger.warning("job %d: harvested case not labelled rejected: %s", job.job_id, exc)
 
     # -- 4. dispatch --------------------------------------------------------------------
     def dispatch_due(self) -> None:

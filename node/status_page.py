@@ -29,7 +29,9 @@ th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:#777}.uid{font-family:ui-monospace,monospace;font-size:12px}
 .state{padding:.05em .45em;border-radius:.6em;font-size:12px;background:#e8e8e8}
 .s-done{background:#cdeccd}.s-failed,.s-dead_letter{background:#f6c9c9}.s-not_routed{background:#f3e1b5}
-.s-segmenting,.s-sending{background:#cfe0f7}.ready{color:#176417}.notready{color:#a11}
+.s-segmenting,.s-sending{background:#cfe0f7}.s-held{background:#f7e08a}.s-rejected{background:#e0c0e8}
+.o-pass{color:#176417}.o-warn{color:#8a5a00;font-weight:bold}.o-fail{color:#a11;font-weight:bold}
+figure{display:inline-block;margin:.3em}figure img{max-height:300px;border:1px solid #ccc}.ready{color:#176417}.notready{color:#a11}
 td.t{white-space:nowrap}
 .grid{display:flex;gap:2em;flex-wrap:wrap}
 """
@@ -81,6 +83,7 @@ def render_status(db: OpsDB, *, node: str, readiness: Callable[[], dict[str, tup
     parts.append("</div><div>")
     parts.append(_latency(db))
     parts.append("</div></div>")
+    parts.append(_held(db.jobs(states=(JobState.HELD.value,), limit=recent)))
     parts.append(_failures(db.jobs(states=FAILURE_STATES, limit=recent)))
     jobs = db.jobs(limit=recent)
     parts.append(_recent(jobs, db.events_of([j["job_id"] for j in jobs]), now))
@@ -144,3 +147,66 @@ def _recent(jobs: list[dict[str, Any]], events: dict[int, list], now: float) -> 
     return ("<h2>Recent jobs</h2><table id=recent><tr><th>job</th><th>state</th><th>created (UTC)</th>"
             f"<th>study</th><th>series</th><th>rule</th><th>profile</th><th>backend</th>{head}</tr>"
             + "".join(rows) + "</table>")
+
+
+def _held(jobs: list[dict[str, Any]]) -> str:
+    if not jobs:
+        return "<h2>Held for review</h2><p id=held class=muted>none</p>"
+    rows = "".join(
+        f'<tr><td class=n><a href="/jobs/{j["job_id"]}/review">{j["job_id"]}</a></td>'
+        f"<td class=t>{_when(j['updated_at'])}</td><td>{_e(j['profile'] or '-')}</td><td>{_e(j['reason'])}</td></tr>"
+        for j in jobs)
+    return ("<h2>Held for review</h2><table id=held><tr><th>job</th><th>held since (UTC)</th>"
+            f"<th>profile</th><th>QC</th></tr>{rows}</table>")
+
+
+def render_review(job: dict[str, Any], summary: dict[str, Any], *, node: str, events: list | None = None) -> str:
+    """The job page of one result: QC figures, the pictures, and approve / reject for a held job."""
+    job_id = int(job["job_id"])
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        f"<title>segnode {_e(node)} job {job_id}</title><style>{_CSS}</style></head><body>",
+        f'<h1>Job {job_id} {_state(job["state"])}</h1>',
+        f'<div class=muted><a href="/status">status</a> · profile {_e(job["profile"])} · '
+        f'series {_uid(job["series_uid"])} · {_e(job["reason"])}</div>',
+        _qc_table(summary.get("qc") or []),
+        _pictures(job_id, summary.get("pictures") or []),
+    ]
+    if job["state"] == JobState.HELD.value:
+        parts.append(_decision_form(job_id))
+    if events:
+        rows = "".join(f"<tr><td class=t>{_when(e.at)}</td><td>{_state(e.state)}</td><td>{_e(e.reason)}</td></tr>"
+                       for e in events)
+        parts.append(f"<h2>History</h2><table id=history><tr><th>when (UTC)</th><th>state</th><th>reason</th></tr>"
+                     f"{rows}</table>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def _qc_table(findings: list[dict[str, Any]]) -> str:
+    if not findings:
+        return "<h2>Quality checks</h2><p id=qc class=muted>no QC recorded</p>"
+    rows = "".join(
+        f"<tr><td>{_e(f['tissue'])}</td><td>{_e(f['check'])}</td>"
+        f"<td class=o-{_e(f['outcome'])}>{_e(f['outcome'])}</td><td class=n>{_e(f['figure'])}</td>"
+        f"<td>{_e(f['expected'])}</td></tr>" for f in findings)
+    return ("<h2>Quality checks</h2><table id=qc><tr><th>tissue</th><th>check</th><th>outcome</th>"
+            f"<th>figure</th><th>expected</th></tr>{rows}</table>")
+
+
+def _pictures(job_id: int, pictures: list[dict[str, str]]) -> str:
+    if not pictures:
+        return "<h2>Pictures</h2><p id=pictures class=muted>none</p>"
+    figures = "".join(
+        f'<figure><img src="/jobs/{job_id}/review/{_e(p["file"].rsplit("/", 1)[-1])}" '
+        f'alt="{_e(p["tissue"])} {_e(p["plane"])}"><figcaption>{_e(p["tissue"])} · {_e(p["plane"])}</figcaption></figure>'
+        for p in pictures)
+    return f"<h2>Pictures</h2><div id=pictures>{figures}</div>"
+
+
+def _decision_form(job_id: int) -> str:
+    fields = ('<label>reviewer <input name=reviewer id=reviewer required maxlength=64></label> '
+              '<label>comment <input name=comment id=comment maxlength=500 size=40></label> ')
+    return (f'<h2>Review</h2><form id=review method=post action="/jobs/{job_id}/decision">{fields}'
+            '<button name=decision value=approve id=approve>Approve and send</button> '
+            '<button name=decision value=reject id=reject>Reject</button></form>')

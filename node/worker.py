@@ -226,8 +226,25 @@ def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
                            memory_budget_mb=spec.memory_budget_mb)
     request = PipelineRequest(input_path=Path(spec.input_dir), profile=spec.profile, out_dir=Path(spec.out_dir),
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
-                              output_format="seg", settings=settings)
+                              output_format="seg", settings=settings,
+                              outputs=_job_kinds(spec))
     result = run_pipeline(request, cache=cache)
+    return {
+        **result_record(result),
+        "harvest": harvest(spec, result) if spec.harvest else None,
+        "qc": result.summary.get("qc"),
+        "pictures": result.summary.get("pictures"),
+    }
+
+
+def _job_kinds(spec: JobSpec) -> tuple[str, ...]:
+    """Output kinds for this job (route/destinations, see node.outputs); harvesting needs the SEG."""
+    kinds = tuple(spec.options.get("outputs") or ("seg",))
+    return kinds if not spec.harvest or "seg" in kinds else ("seg", *kinds)
+
+
+def result_record(result: Any) -> dict[str, Any]:
+    """The part of a job's result record that one pipeline run gives (one profile's outputs)."""
     return {
         "seg_path": str(result.seg_path) if result.seg_path else None,
         "summary_path": str(result.summary_path),
@@ -236,7 +253,7 @@ def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
         "weights_hash": result.weights_hash,
         "seg_series_uid": result.seg_series_uid,
         "seg_sop_instance_uid": result.seg_sop_instance_uid,
-        "harvest": harvest(spec, result) if spec.harvest else None,
+        "outputs": list(getattr(result, "outputs", [])),  # node.outputs.record of every object, all kinds
     }
 
 

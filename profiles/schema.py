@@ -101,6 +101,55 @@ class BackendOptions(Frozen):
     monai: MonaiOptions = MonaiOptions()
 
 
+class Side(str, Enum):
+    """The patient's side a lateral organ's centroid must lie on (LPS: +x is left)."""
+
+    LEFT = "left"
+    RIGHT = "right"
+
+
+Range = tuple[float, float]
+
+
+def _check_range(value: Range | None, what: str) -> Range | None:
+    if value is not None and not 0 <= value[0] < value[1]:
+        raise ValueError(f"{what} {list(value)} must be 0 <= low < high")
+    return value
+
+
+class TissueQC(Frozen):
+    """Quality checks of one tissue's result (see models/qc.py); every check is optional."""
+
+    volume_ml: Range | None = Field(default=None, description="expected volume; outside: warn")
+    volume_fail_ml: Range | None = Field(default=None, description="plausible volume; outside: fail")
+    side: Side | None = Field(default=None, description="centroid on the patient's left or right; wrong: fail")
+    max_components: Annotated[int, Field(ge=1)] | None = Field(default=None, description="more: warn")
+    min_component_ml: Annotated[float, Field(ge=0)] = Field(default=1.0, description="smaller ones not counted")
+    max_edge_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="share of the tissue's voxels on the volume's faces (organ cut); more: warn"
+    )
+    allow_empty: bool = Field(default=False, description="an empty segment passes instead of failing")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "TissueQC":
+        _check_range(self.volume_ml, "volume_ml")
+        _check_range(self.volume_fail_ml, "volume_fail_ml")
+        if self.volume_ml and self.volume_fail_ml:
+            inner, outer = self.volume_ml, self.volume_fail_ml
+            if not outer[0] <= inner[0] < inner[1] <= outer[1]:
+                raise ValueError(f"volume_ml {list(inner)} must lie inside volume_fail_ml {list(outer)}")
+        return self
+
+
+class ProfileQC(Frozen):
+    """The ``qc:`` section of a profile: per-tissue checks and fallback agreement."""
+
+    tissues: dict[str, TissueQC] = {}
+    min_agreement_dice: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="Dice between primary and fallback results when both ran; below: warn"
+    )
+
+
 class Profile(Frozen):
     """An organ profile: what to segment, how, and how to code it in the SEG."""
 
@@ -111,12 +160,16 @@ class Profile(Frozen):
     fallback: tuple[Backend, ...] = ()
     tissues: Annotated[tuple[Tissue, ...], Field(min_length=1)]
     options: BackendOptions = BackendOptions()
+    qc: ProfileQC = ProfileQC()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Profile":
         names = [t.name for t in self.tissues]
         if len(set(names)) != len(names):
             raise ValueError(f"tissue names must be unique, got {names}")
+        unknown = sorted(set(self.qc.tissues) - set(names))
+        if unknown:
+            raise ValueError(f"qc names tissues {unknown} that the profile does not have")
         for tissue in self.tissues:
             if tissue.category is None or tissue.type is None:
                 raise ValueError(

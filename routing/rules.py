@@ -15,6 +15,7 @@ import ipaddress
 import re
 from collections.abc import Collection
 from contextvars import ContextVar
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -200,6 +201,41 @@ def _dataset_name(name: str) -> str:
         raise ValueError(exc.message) from None
 
 
+class QcPolicy(str, Enum):
+    """What a route does with a result whose quality checks (models/qc.py) warned or failed."""
+
+    SEND = "send"
+    SEND_WITH_WARNING = "send_with_warning"  # sent; the job's reason and the log say which check
+    HOLD = "hold"  # held for a reviewer (status page / POST /jobs/{id}/approve|reject)
+    FAIL = "fail"  # the job fails with the QC reason; nothing is sent
+
+
+#: ``review: <word>`` shorthands for the common policies.
+_REVIEW_WORDS = {
+    "never": {"on_warn": "send_with_warning", "on_fail": "send_with_warning"},
+    "on_fail": {"on_warn": "send_with_warning", "on_fail": "hold"},
+    "on_warn": {"on_warn": "hold", "on_fail": "hold"},
+    "always": {"on_warn": "hold", "on_fail": "hold", "always": True},
+}
+
+
+class Review(Frozen):
+    """When a route holds a result for clinical review (``action.review``)."""
+
+    on_warn: QcPolicy = QcPolicy.SEND_WITH_WARNING
+    on_fail: QcPolicy = QcPolicy.HOLD
+    always: bool = Field(default=False, description="hold every result, whatever the checks say")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value not in _REVIEW_WORDS:
+                raise ValueError(f"review must be one of {sorted(_REVIEW_WORDS)} or a mapping, got {value!r}")
+            return _REVIEW_WORDS[value]
+        return value
+
+
 class Action(Frozen):
     """What to do with a study that a rule matches."""
 
@@ -207,6 +243,7 @@ class Action(Frozen):
     backend: Backend | None = None
     destinations: tuple[Annotated[str, AfterValidator(_known_destination)], ...] = ()
     harvest: Annotated[str, AfterValidator(_dataset_name)] | None = None
+    review: Review | None = Field(default=None, description="QC policy; absent: send, QC only recorded")
 
     def options(self) -> dict[str, Any]:
         """Every setting beyond profile, backend, destinations and harvest, as JSON-ready data.

@@ -24,7 +24,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +311,15 @@ class DatasetStore:
         logger.info("case %s in %s: labels corrected", case_id, record.dataset)
         return updated
 
+    def set_label_status(self, case_id: str, status: LabelStatus, *, dataset: str | None = None) -> CaseRecord:
+        """Give a case another label status (a rejected clinical result: ``rejected``), labels unchanged."""
+        record = self.find_case(case_id, dataset)
+        with self.locked():
+            cases = self.cases(record.dataset)
+            cases[case_id] = replace(cases[case_id], label_status=status)
+            self._save(record.dataset, cases, self.label_table(record.dataset))
+        return cases[case_id]
+
     def _curated_labels(self, record: CaseRecord, path: Path,
                         mapping: dict[int, str] | None) -> tuple[np.ndarray, dict[int, str]]:
         data = _read_input(path)
@@ -505,6 +514,7 @@ def deidentified_case(
     grid = nifti.series_grid(slices)
     instances = tuple(str(ds.SOPInstanceUID) for ds in slices)
     label, names = seg_to_labels(seg, instances)
+    label = grid.labels_on_grid(label)  # the image grid may be resampled (tilted / uneven series)
     first = slices[0]
     return CaseInput(
         case_id=case_id,

@@ -136,6 +136,8 @@ class JobState(str, Enum):
     FAILED = "failed"
     DEAD_LETTER = "dead_letter"
     NOT_ROUTED = "not_routed"
+    HELD = "held"  # quality checks asked for a review before sending (node/review.py)
+    REJECTED = "rejected"  # a reviewer rejected the result: never sent
 
 
 class DeliveryState(str, Enum):
@@ -152,8 +154,10 @@ _FROM: dict[JobState, tuple[JobState, ...]] = {
     JobState.SEGMENTING: (JobState.COMPLETE,),
     JobState.ENCODED: (JobState.SEGMENTING,),
     JobState.FAILED: (JobState.SEGMENTING, JobState.COMPLETE),
-    JobState.SENDING: (JobState.ENCODED, JobState.DEAD_LETTER),
-    JobState.DONE: (JobState.ENCODED, JobState.SENDING),
+    JobState.SENDING: (JobState.ENCODED, JobState.DEAD_LETTER, JobState.HELD),
+    JobState.DONE: (JobState.ENCODED, JobState.SENDING, JobState.HELD),
+    JobState.HELD: (JobState.ENCODED,),
+    JobState.REJECTED: (JobState.HELD,),
     JobState.DEAD_LETTER: (JobState.SENDING,),
 }
 
@@ -411,8 +415,12 @@ class Index:
             return Job.from_row(db.execute("SELECT * FROM jobs WHERE job_id = ?", (row["job_id"],)).fetchone())
 
     def mark_encoded(self, job_id: int, *, seg_path: str | None, seg_series_uid: str | None,
-                     seg_sop_uid: str | None, backend_used: str, model_version: str) -> None:
-        """Record the SEG, open one delivery per destination, and move on."""
+                     seg_sop_uid: str | None, backend_used: str, model_version: str,
+                     hold: str | None = None, warning: str | None = None) -> None:
+        """Record the SEG, open one delivery per destination, and move on.
+
+        ``hold``: to HELD with this reason (review before send); ``warning``: a QC warning for the reason.
+        """
         now = self.clock()
         with self._tx() as db:
             moved = self._move(db, job_id, JobState.ENCODED, "segmentation encoded", seg_path=seg_path,
@@ -424,10 +432,36 @@ class Index:
             for name in job.destinations:
                 db.execute("INSERT OR REPLACE INTO deliveries (job_id, destination, state, attempts, "
                            "next_attempt_at) VALUES (?, ?, ?, 0, ?)", (job_id, name, DeliveryState.PENDING.value, now))
-            if job.destinations and seg_path:
-                self._move(db, job_id, JobState.SENDING, f"sending to {', '.join(job.destinations)}")
+            if hold:
+                self._move(db, job_id, JobState.HELD, hold)
+            elif job.destinations and seg_path:
+                self._move(db, job_id, JobState.SENDING, f"sending to {', '.join(job.destinations)}"
+                           + (f" with {warning}" if warning else ""))
             else:
-                self._move(db, job_id, JobState.DONE, "no destination")
+                self._move(db, job_id, JobState.DONE, "no destination" + (f"; {warning}" if warning else ""))
+
+    def approve(self, job_id: int, reviewer: str, comment: str = "") -> JobState | None:
+        """A held job's result approved: on to SENDING (DONE without destinations); None if not held."""
+        reason = _review_reason("approved", reviewer, comment)
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            if job.state is not JobState.HELD:
+                return None
+            sends = bool(job.destinations and job.seg_path)
+            if sends:
+                db.execute("UPDATE deliveries SET next_attempt_at = ? WHERE job_id = ? AND state = ?",
+                           (self.clock(), job_id, DeliveryState.PENDING.value))
+            target = JobState.SENDING if sends else JobState.DONE
+            return target if self._move(db, job_id, target, reason) else None
+
+    def reject(self, job_id: int, reviewer: str, comment: str = "") -> JobState | None:
+        """A held job's result rejected: REJECTED, never sent; None if not held."""
+        with self._tx() as db:
+            moved = self._move(db, job_id, JobState.REJECTED, _review_reason("rejected", reviewer, comment))
+            return JobState.REJECTED if moved else None
 
     # -- deliveries ---------------------------------------------------------------
     def due_deliveries(self) -> list[tuple[Job, Delivery]]:
@@ -548,3 +582,7 @@ def _delivery(row: sqlite3.Row) -> Delivery:
     data = dict(row)
     data["state"] = DeliveryState(data["state"])
     return Delivery(**data)
+
+
+def _review_reason(verdict: str, reviewer: str, comment: str) -> str:
+    return f"{verdict} by {reviewer}" + (f": {comment}" if comment else "")

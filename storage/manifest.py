@@ -25,6 +25,7 @@ class LabelStatus(str, Enum):
     AUTO = "auto"  #: written by a backend, unchecked
     REVIEWED = "reviewed"  #: checked by a curator, unchanged
     CORRECTED = "corrected"  #: replaced by a curator's labels
+    REJECTED = "rejected"  #: a clinical reviewer rejected this result before send (docs/review.md)
 
 
 @dataclass(frozen=True)

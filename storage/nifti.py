@@ -19,6 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from segnode.errors import InputError
+from segnode.regular_grid import Planes, regularize
 
 #: LPS (DICOM) → RAS (NIfTI) world axes
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -30,6 +31,14 @@ class Grid:
 
     array: np.ndarray
     affine_lps: np.ndarray
+    planes: Planes | None = None  # the source planes, when the series was resampled
+    note: str | None = None
+
+    def labels_on_grid(self, labels: np.ndarray) -> np.ndarray:
+        """Labels ``[k, j, i]`` on the source slices → on this grid (nearest neighbour when resampled)."""
+        if self.planes is None:
+            return labels
+        return regularize(labels, self.planes, labels=True).array
 
 
 def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
@@ -45,7 +54,7 @@ def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
 
 
 def series_grid(slices: Sequence[Dataset]) -> Grid:
-    """Stack sorted slices into Hounsfield units with their affine."""
+    """Stack sorted slices into Hounsfield units on a regular grid (resampled if tilted or uneven)."""
     first = slices[0]
     frames = [ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1)
               + float(ds.get("RescaleIntercept", 0) or 0) for ds in slices]
@@ -53,21 +62,30 @@ def series_grid(slices: Sequence[Dataset]) -> Grid:
         raise InputError("the slices of the series differ in size", where=str(first.SeriesInstanceUID))
     iop = np.asarray(first.ImageOrientationPatient, dtype=float)
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    affine = np.eye(4)
-    affine[:3, 0] = iop[:3] * col_spacing  # i: along a row, spaced by the column spacing
-    affine[:3, 1] = iop[3:] * row_spacing
-    origin = np.asarray(first.ImagePositionPatient, dtype=float)
-    if len(slices) > 1:
-        affine[:3, 2] = (np.asarray(slices[-1].ImagePositionPatient, float) - origin) / (len(slices) - 1)
-    else:
-        thickness = float(first.get("SliceThickness", 1) or 1)
-        affine[:3, 2] = np.cross(iop[:3], iop[3:]) * thickness
-    affine[:3, 3] = origin
-    return Grid(np.rint(np.stack(frames)).astype(np.int16), affine)
+    hu = np.rint(np.stack(frames)).astype(np.int16)
+    if len(slices) == 1:
+        affine = np.eye(4)
+        affine[:3, 0] = iop[:3] * col_spacing  # i: along a row, spaced by the column spacing
+        affine[:3, 1] = iop[3:] * row_spacing
+        affine[:3, 2] = np.cross(iop[:3], iop[3:]) * float(first.get("SliceThickness", 1) or 1)
+        affine[:3, 3] = np.asarray(first.ImagePositionPatient, dtype=float)
+        return Grid(hu, affine)
+    planes = Planes(positions=np.array([np.asarray(ds.ImagePositionPatient, float) for ds in slices]),
+                    row=iop[:3], col=iop[3:], spacing=(col_spacing, row_spacing))
+    grid = regularize(hu, planes, labels=False, fill=-1024)
+    return Grid(grid.array, grid.affine_lps, planes if grid.note else None, grid.note)
 
 
 def nifti_bytes(array_kji: np.ndarray, affine_lps: np.ndarray, dtype: type) -> bytes:
-    """A gzipped NIfTI-1 of ``array_kji`` with an RAS affine and an empty description."""
+    """A gzipped NIfTI-1 of ``array_kji`` with an RAS affine and an empty description.
+
+    Raises :class:`InputError` for a sheared (non-orthonormal) affine: readers
+    such as SimpleITK refuse it, and it stands for a grid that needs resampling.
+    """
+    axes = affine_lps[:3, :3] / np.linalg.norm(affine_lps[:3, :3], axis=0)
+    if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4):
+        raise InputError("refusing to write a NIfTI with a sheared (non-orthonormal) affine; "
+                         "resample the series onto a regular grid first (storage.nifti.series_grid)")
     img = nib.Nifti1Image(np.ascontiguousarray(array_kji.transpose(2, 1, 0)).astype(dtype), _LPS_TO_RAS @ affine_lps)
     img.header.set_qform(img.affine, code=1)
     img.header.set_sform(img.affine, code=1)

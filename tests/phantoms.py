@@ -445,3 +445,45 @@ def read_ct_series(folder: Path) -> Volume:
     dy, dx = (float(v) for v in datasets[0].PixelSpacing)
     direction = np.stack([row, col, step / sz], axis=1)
     return Volume(hu=hu, spacing=(dx, dy, sz), origin=tuple(ipps[0]), direction=direction)  # type: ignore[arg-type]
+
+
+def write_tilted_uneven_series(
+    volume_hu: np.ndarray,
+    folder: Path,
+    pixel_spacing: tuple[float, float],
+    offsets: list[float],
+    *,
+    tilt_degrees: float = 15.0,
+    origin: tuple[float, float, float] = (-100.0, -100.0, 0.0),
+) -> list[Path]:
+    """A gantry-tilted series with uneven slice spacing: slice ``k`` at ``offsets[k]`` mm along the tilted axis.
+
+    The image planes stay axial (IOP ``1\\0\\0\\0\\1\\0``); the slice axis leans
+    ``tilt_degrees`` towards ``y`` (a sheared grid, as a tilted gantry writes it).
+    ``pixel_spacing`` is ``(x, y)`` mm.  Returns the paths, in slice order.
+    """
+    if len(offsets) != volume_hu.shape[0]:
+        raise ValueError("one offset per slice")
+    t = np.radians(tilt_degrees)
+    direction = np.array([[1.0, 0, 0], [0, 1.0, np.sin(t)], [0, 0, np.cos(t)]])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = {"study": generate_uid(), "series": generate_uid(), "frame": generate_uid()}
+    now = datetime.datetime.now()
+    steps = np.diff(offsets)
+    thickness = float(np.median(steps)) if len(steps) else 1.0
+    paths = []
+    for k, offset in enumerate(offsets):
+        ipp = np.asarray(origin, float) + direction[:, 2] * float(offset)
+        ds = _ct_slice_header(volume_hu.shape, (*pixel_spacing, thickness), ipp, direction, 0, uids, now)
+        ds.InstanceNumber = k + 1
+        ds.PatientName = "Phantom^Tilted"
+        ds.PatientID = "PHANTOM-TILT"
+        ds.SeriesNumber = 1
+        ds.SeriesDescription = "Synthetic tilted uneven phantom"
+        stored = np.clip(np.rint(volume_hu[k]), -1024, 31743).astype(np.int32) + 1024
+        ds.PixelData = stored.astype("<i2").tobytes()
+        path = folder / f"CT{k + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

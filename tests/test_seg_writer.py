@@ -170,3 +170,68 @@ def test_labels_must_match_the_profile(thorax: Volume, tmp_path: Path) -> None:
     labels = LabelMap(np.zeros(thorax.shape, np.uint8), {1: "liver"}, backend="hu_based")
     with pytest.raises(EncodeError, match="do not match the profile segments"):
         write_seg(thorax, labels, load_profile("lungs"), tmp_path)
+
+
+# --- issue 14: UIDs per SEG type, empty Type 1C, LABELMAP background, per-frame thickness ---------
+
+
+def test_binary_and_labelmap_seg_of_one_series_have_distinct_uids(thorax: Volume, tmp_path: Path) -> None:
+    labels = threshold_labels(thorax, "lungs")
+    binary = write_seg(thorax, labels, load_profile("lungs"), tmp_path / "b")
+    labelmap = write_seg(thorax, labels, load_profile("lungs"), tmp_path / "l", seg_type="labelmap")
+    assert binary.sop_instance_uid != labelmap.sop_instance_uid
+    assert binary.series_instance_uid != labelmap.series_instance_uid
+    again = write_seg(thorax, labels, load_profile("lungs"), tmp_path / "l2", seg_type="labelmap")
+    assert (again.sop_instance_uid, again.series_instance_uid) == (labelmap.sop_instance_uid,
+                                                                   labelmap.series_instance_uid)
+    assert binary.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert labelmap.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+def test_empty_deidentification_method_from_the_source_is_not_copied(data_dir: Path, tmp_path: Path) -> None:
+    for file in sorted((data_dir / "thorax_cta").glob("*.dcm"))[:6]:
+        ds = pydicom.dcmread(file)
+        ds.DeidentificationMethod = ""  # Type 1C, present and empty: invalid
+        ds.save_as(tmp_path / file.name)
+    volume = load_series(tmp_path)
+    result = write_seg(volume, threshold_labels(volume, "bone"), load_profile("bone"), tmp_path / "out")
+    assert dciodvfy(result.path) == []
+    seg = pydicom.dcmread(result.path)
+    assert seg.PatientIdentityRemoved == "YES" and seg.DeidentificationMethod  # 1C satisfied, with a value
+
+
+def test_labelmap_seg_has_no_background_segment(thorax: Volume, tmp_path: Path) -> None:
+    labels = threshold_labels(thorax, "lungs")
+    result = write_seg(thorax, labels, load_profile("lungs"), tmp_path, seg_type="labelmap")
+    seg = pydicom.dcmread(result.path)
+    assert [int(item.SegmentNumber) for item in seg.SegmentSequence] == [1, 2]
+    assert "Background" not in {item.SegmentLabel for item in seg.SegmentSequence}
+    # dicom3tools (2022) does not know the Label Map SEG class; every other complaint must be gone
+    assert [e for e in dciodvfy(result.path) if "Information Object Not found" not in e] == []
+    assert np.array_equal(seg_labelmap_on_source(result.path, thorax), labels.array)
+
+
+def test_tilted_uneven_series_frames_keep_their_own_thickness_and_position(tmp_path: Path) -> None:
+    from tests.geometry_cases import THICK, write_tilted_head
+
+    paths = write_tilted_head(tmp_path / "ct")
+    volume = load_series(tmp_path / "ct")
+    labels = threshold_labels(volume, "bone")
+    result = write_seg(volume, labels, load_profile("bone"), tmp_path / "seg")
+    assert dciodvfy(result.path) == []
+    seg = pydicom.dcmread(result.path)
+    assert "PixelMeasuresSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    by_uid = {pydicom.dcmread(p).SOPInstanceUID: k for k, p in enumerate(paths)}
+    sources = {ds.SOPInstanceUID: ds for ds in volume.source.datasets}
+    seen = set()
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = by_uid[ref]
+        seen.add(k)
+        measures = frame.PixelMeasuresSequence[0]
+        assert float(measures.SliceThickness) == (7.0 if k in THICK else 4.0)
+        assert "SpacingBetweenSlices" not in measures
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(position, [float(v) for v in sources[ref].ImagePositionPatient])
+    assert seen & set(THICK) and seen - set(THICK)  # both kinds of slice carry frames
+    assert np.array_equal(seg_labelmap_on_source(result.path, volume), labels.array)

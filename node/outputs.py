@@ -1,0 +1,108 @@
+"""Output kinds of a segmentation job, and encoding a label map into the kinds asked for.
+
+* ``seg``: DICOM SEG (BINARY or LABELMAP), :mod:`node.seg_writer`;
+* ``rtstruct``: RT Structure Set, for PACS and TPS that cannot show SEG;
+* ``overlay``: a colour overlay series (secondary capture), any viewer shows it;
+* ``sr``: a measurement report (TID 1500) referencing the SEG.
+
+Each kind has its own deterministic UIDs (source series, profile, model
+version, kind), so every object of a job is stored once by a PACS, also on a
+resend.  ``sr`` references the SEG, so asking for ``sr`` also encodes ``seg``
+(a destination that does not take SEG still gets only what it takes).
+Writers are imported when used: a node that never asks for a kind never
+loads its libraries.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from segnode.errors import ConfigError
+from segnode.models.volume import LabelMap, Volume
+from segnode.node.seg_writer import EncodedResult, SegType, write_seg
+from segnode.profiles.schema import Profile
+
+logger = logging.getLogger(__name__)
+
+
+class OutputKind(str, Enum):
+    SEG = "seg"
+    RTSTRUCT = "rtstruct"
+    OVERLAY = "overlay"
+    SR = "sr"
+
+
+ALL_KINDS: tuple[str, ...] = tuple(k.value for k in OutputKind)
+
+
+def parse_kinds(kinds: object, *, where: str = "outputs") -> tuple[str, ...]:
+    """Validated kind names, in canonical order, without duplicates (``ConfigError`` on a bad one)."""
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    names = [str(getattr(k, "value", k)).strip().lower() for k in (kinds or ())]  # type: ignore[union-attr]
+    bad = [n for n in names if n not in ALL_KINDS]
+    if bad:
+        raise ConfigError(f"unknown output kind(s) {', '.join(bad)}; choose from {', '.join(ALL_KINDS)}", where=where)
+    return tuple(k for k in ALL_KINDS if k in names)
+
+
+def record(result: EncodedResult, profile: str) -> dict[str, Any]:
+    """One output as the JSON the worker, the index and the dispatcher exchange."""
+    return {"kind": result.kind, "profile": profile, "path": str(result.path),
+            "sop_class_uid": result.sop_class_uid, "sop_instance_uid": result.sop_instance_uid,
+            "series_instance_uid": result.series_instance_uid}
+
+
+def encode_outputs(
+    volume: Volume,
+    labels: LabelMap,
+    profile: Profile,
+    out_dir: Path,
+    kinds: tuple[str, ...] | list[str],
+    *,
+    seg_type: SegType | str = SegType.BINARY,
+    statistics: list[dict] | None = None,
+) -> list[dict[str, Any]]:
+    """Write every kind in ``kinds`` (SEG first); return one :func:`record` per object written."""
+    wanted = parse_kinds(kinds) or (OutputKind.SEG.value,)
+    if OutputKind.SR.value in wanted and OutputKind.SEG.value not in wanted:
+        wanted = (OutputKind.SEG.value, *wanted)
+    results: list[EncodedResult] = []
+    seg: EncodedResult | None = None
+    for kind in wanted:
+        if kind == OutputKind.SEG.value:
+            seg = write_seg(volume, labels, profile, out_dir, seg_type=seg_type)
+            results.append(seg)
+        elif kind == OutputKind.RTSTRUCT.value:
+            from segnode.node.rtstruct_writer import write_rtstruct
+
+            results.append(_as_kind(write_rtstruct(volume, labels, profile, out_dir), kind))
+        elif kind == OutputKind.OVERLAY.value:
+            from segnode.node.overlay_writer import write_overlay
+
+            results += [_as_kind(r, kind) for r in write_overlay(volume, labels, profile, out_dir)]
+        elif kind == OutputKind.SR.value:
+            from segnode.node.pipeline import segment_statistics
+            from segnode.node.sr_writer import write_sr
+
+            assert seg is not None  # SEG is encoded first
+            stats = statistics if statistics is not None else segment_statistics(volume, labels)
+            results.append(_as_kind(write_sr(volume, labels, profile, out_dir, seg_path=seg.path, statistics=stats),
+                                    kind))
+    logger.info("encoded %s: %d object(s)", ", ".join(wanted), len(results))
+    return [record(r, profile.organ) for r in results]
+
+
+def _as_kind(result: EncodedResult, kind: str) -> EncodedResult:
+    """Fill ``kind`` and the SOP class from the file when a writer left them at their defaults."""
+    from dataclasses import replace
+
+    sop_class = result.sop_class_uid
+    if not sop_class:
+        from pydicom.filereader import read_file_meta_info
+
+        sop_class = str(read_file_meta_info(result.path).MediaStorageSOPClassUID)
+    return replace(result, kind=kind, sop_class_uid=sop_class)
