@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc chromium
+APT_PACKAGES = dcmtk dicom3tools orthanc chromium nodejs npm
 
 .PHONY: run test install install-test peers bench wheel clean
 
@@ -17,6 +17,7 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python peers
 	$(BIN)/pip install -e '.[dl,test]'
+	cd tests/js && npm ci --no-audit --no-fund --ignore-scripts  # OHIF's SEG reader, pinned by package-lock.json
 
 # Debian peers the tests use as scanners, PACS and validators; installed only when missing.
 peers:
@@ -25,6 +26,7 @@ peers:
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v npm      >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  (apt-get update -q || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
