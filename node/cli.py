@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "segnode.profiles.cli",
     "segnode.node.cli_route",
     "segnode.node.cli_serve",
+    "segnode.node.cli_worker",
     "segnode.storage.cli",
     "segnode.models.cli_evaluate",
     "segnode.models.cli",

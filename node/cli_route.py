@@ -12,7 +12,9 @@ from pydicom.errors import InvalidDicomError
 from segnode.errors import InputError
 from segnode.node.config import load_config
 from segnode.profiles.loader import profile_paths
-from segnode.routing.matcher import RuleSet, load_rules
+from segnode.node.completion import judge, read_facts
+from segnode.routing.matcher import Decision, RuleSet, load_rules
+from segnode.routing.selection import SeriesFacts, choose, describe, ineligible
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +37,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _test(args: argparse.Namespace) -> int:
     rules, called_ae = _rules_for(args)
     print(f"rules: {rules.source}")
-    for path, ds, count in _series(args.path):
+    routed: dict[str, list[tuple[SeriesFacts, Decision]]] = {}
+    found = _series(args.path)
+    study = len(found) > 1  # a study folder: completion evidence and selection are shown too
+    for path, ds, files in found:
+        count = len(files)
         more = f" (+{count - 1} more files of series {ds.SeriesInstanceUID})" if count > 1 else ""
         print(f"{path}{more}")
+        series = read_facts(str(ds.get("SeriesInstanceUID", "")), files) if study else None
+        if series is not None:
+            verdict = judge(series)
+            print(f"  on release: {'whole' if verdict.whole else 'not whole'} ({verdict.reason}); "
+                  f"{describe(series)}")
         facts = {"calling_ae": args.calling_ae, "called_ae": called_ae, "sender_host": args.host}
         for trace in rules.explain(ds, **facts):
             print(f"  {'MATCH' if trace.matched else 'no   '} {trace.rule}: {trace.reason}")
@@ -45,13 +56,44 @@ def _test(args: argparse.Namespace) -> int:
         if decision is None:
             print("  => not routed")
             continue
+        profiles = ", ".join(decision.profiles or (decision.profile,))
         print(
-            f"  => rule {decision.rule}: profile {decision.profile}, "
+            f"  => rule {decision.rule}: profile {profiles}, "
             f"backend {decision.backend or '(from profile)'}, "
             f"destinations {', '.join(decision.destinations) or '(none)'}, "
             f"harvest {decision.harvest or '(no)'}"
         )
+        if series is not None:
+            routed.setdefault(decision.rule, []).append((series, decision))
+    _show_selection(routed)
     return 0
+
+
+def _show_selection(routed: dict[str, list[tuple[SeriesFacts, Decision]]]) -> None:
+    """What ``completion.group_by: study`` would segment: skips, then each rule's ``select``."""
+    if not any(d.select is not None for members in routed.values() for _, d in members):
+        return
+    print("study selection (completion.group_by: study):")
+    for rule, members in routed.items():
+        select = members[0][1].select
+        candidates = []
+        for series, _ in members:
+            skip = ineligible(series)
+            if skip is not None:
+                print(f"  skip   {series.series_uid}: {skip}")
+            else:
+                candidates.append(series)
+        if select is None:
+            for series in candidates:
+                print(f"  run    {series.series_uid}: rule {rule} (no select: every series it matches)")
+            continue
+        choice = choose(candidates, select)
+        if choice.chosen is not None:
+            print(f"  run    {choice.chosen}: rule {rule}, {choice.reason}")
+        else:
+            print(f"  none   rule {rule}: {choice.reason}")
+        for uid, why in choice.skipped.items():
+            print(f"  skip   {uid}: {why}")
 
 
 def _rules_for(args: argparse.Namespace) -> tuple[RuleSet, str]:
@@ -68,8 +110,8 @@ def _rules_for(args: argparse.Namespace) -> tuple[RuleSet, str]:
     return rules, args.called_ae or called_ae
 
 
-def _series(path: Path) -> list[tuple[Path, Dataset, int]]:
-    """First file, its data set and file count of each series under ``path``, in path order."""
+def _series(path: Path) -> list[tuple[Path, Dataset, list[Path]]]:
+    """First file, its data set and all files of each series under ``path``, in path order."""
     if not path.exists():
         raise InputError("no such file or folder", where=str(path))
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
@@ -84,7 +126,7 @@ def _series(path: Path) -> list[tuple[Path, Dataset, int]]:
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         key = (str(ds.get("StudyInstanceUID", "")), uid) if uid else file
-        groups.setdefault(key, [file, ds, 0])[2] += 1
+        groups.setdefault(key, [file, ds, []])[2].append(file)
     if skipped:
         print(f"skipped {skipped} files that are not readable as DICOM (-v lists them)")
     if not groups:

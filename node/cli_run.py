@@ -1,4 +1,4 @@
-"""``segnode run``: segment one CT series from disk and write a SEG (or NIfTI) + summary."""
+"""``segnode run``: segment one CT series from disk and write a SEG (or NIfTI, RTSTRUCT, ...) + summary."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from segnode.errors import ConfigError
 from segnode.models.base import RunSettings
 from segnode.node.pipeline import PipelineRequest, run_pipeline
 from segnode.node.seg_writer import OutputFormat, SegType
+from segnode.output_kinds import ALL_KINDS, parse_kinds
 from segnode.profiles import Backend
 
 
@@ -30,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID to use when the folder holds several")
     parser.add_argument("--seg-type", choices=[t.value for t in SegType], default=SegType.BINARY.value)
     parser.add_argument("--format", choices=[f.value for f in OutputFormat], default=OutputFormat.SEG.value)
+    parser.add_argument(
+        "--output", default="seg", metavar="KINDS", type=_kinds,
+        help=f"DICOM objects to write, comma-separated, of {','.join(ALL_KINDS)} (default seg; "
+        "sr brings its SEG); ignored with --format nifti",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
     parser.add_argument("--weights-dir", type=Path, default=None, help="model weights directory")
@@ -38,6 +45,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="deep-learning backends: segment in slabs, or refuse, above this estimated memory",
     )
     parser.set_defaults(func=_run)
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    try:
+        kinds = parse_kinds(text, where="--output")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+    if not kinds:
+        raise argparse.ArgumentTypeError("give at least one kind")
+    return kinds
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -52,12 +69,14 @@ def _run(args: argparse.Namespace) -> int:
         settings=RunSettings(device=args.device, threads=args.threads, weights_dir=args.weights_dir,
                              memory_budget_mb=args.memory_budget_mb),
         use_fallback=not args.no_fallback,
+        outputs=args.output,
     )
     result = run_pipeline(request, report=lambda message: print(message, file=sys.stderr, flush=True))
     for segment in result.summary["segments"]:
         mean = "-" if segment["mean_hu"] is None else f"{segment['mean_hu']:.0f} HU"
         print(f"  {segment['tissue']:16} {segment['volume_ml']:10.1f} mL  {segment['voxels']:10d} voxels  mean {mean}")
     print(f"backend: {result.backend_used} ({result.model_version})")
-    print(f"wrote {result.seg_path}")
+    written = [o for o in result.outputs if o.get("kind") != "seg"]
+    print(f"wrote {result.seg_path}" + "".join(f"\n      {o['path']} ({o['kind']})" for o in written))
     print(f"summary {result.summary_path}")
     return 0

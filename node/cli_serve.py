@@ -112,6 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               flush=True)
         if ops.http is not None:
             print(f"segnode: ops HTTP API on {ops.http.url}", flush=True)
+        if service.dicomweb is not None:
+            print(f"segnode: DICOMweb on {service.dicomweb.url}/dicomweb", flush=True)
         stop.wait()
     finally:
         ops.stop()
@@ -166,6 +168,9 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         print(f"  → {d.destination}: {d.state.value}, {d.attempts} attempt(s)"
               + (f", delivered {_when(d.delivered_at)}" if d.delivered_at else "")
               + (f", last error: {d.last_error}" if d.last_error and not d.delivered_at else ""))
+        for o in index.delivery_objects(job.job_id, d.destination):
+            error = f"  {o.last_error}" if o.last_error else ""
+            print(f"      {o.kind:<9} {o.state.value:<8} {o.sop_instance_uid}{error}")
     print("  history:")
     for at, state, reason in index.events(job.job_id):
         print(f"    {_when(at)}  {state.value:<11}  {reason or ''}")

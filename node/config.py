@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from segnode.errors import ConfigError
+from segnode.output_kinds import kinds_field
+from segnode.node.dicomweb_config import BrokerConfig, DicomWebConfig, StowTarget
 from segnode.node.ops_config import AuditConfig, HttpConfig
 from segnode.yamlconf import Frozen, load_model
 
@@ -102,18 +105,41 @@ class Limits(Frozen):
 
 
 class Completion(Frozen):
+    """When a series (or study) is complete: on evidence, else after the quiet period (node/completion.py)."""
+
     quiet_period_s: float = Field(10.0, ge=0)
     group_by: Literal["series", "study"] = "series"
     sweep_interval_s: float = Field(1.0, gt=0)
+    # complete on evidence: association released and a gap-free volume whose count matches its headers
+    evidence: bool = True
+    grace_s: float = Field(1.5, ge=0)  # after the evidence, before completing
 
 
 class Destination(Frozen):
+    """A DIMSE peer (``ae_title``, ``host``, ``port``) or a STOW-RS service (``dicomweb``)."""
+
     name: str = Field(min_length=1)
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    dicomweb: StowTarget | None = None  # STOW-RS instead of C-STORE (node/stow_destination.py)
     tls: ClientTLS | None = None
     calling_ae_title: AETitle | None = None  # default: our own AE title
+    # kinds this destination takes (seg, rtstruct, overlay, sr); None: whatever the job encodes (docs/node.md)
+    outputs: Annotated[tuple[str, ...] | None, BeforeValidator(kinds_field)] = None
+
+    @model_validator(mode="after")
+    def _dimse_or_dicomweb(self) -> "Destination":
+        dimse = (self.ae_title, self.host, self.port)
+        if self.dicomweb is None and None in dimse:
+            raise ValueError("a destination needs ae_title, host and port (C-STORE) or dicomweb (STOW-RS)")
+        if self.dicomweb is not None and any(v is not None for v in dimse):
+            raise ValueError("give ae_title/host/port (C-STORE) or dicomweb (STOW-RS), not both")
+        return self
+
+    def takes(self, encoded: Collection[str]) -> tuple[str, ...]:
+        """The kinds of ``encoded`` that this destination is sent."""
+        return tuple(k for k in encoded if self.outputs is None or k in self.outputs)
 
 
 class Dispatch(Frozen):
@@ -157,6 +183,8 @@ class NodeConfig(Frozen):
     housekeeping: Housekeeping = Housekeeping()
     http: HttpConfig = HttpConfig()  # ops API, status page, metrics (node/http_api.py)
     audit: AuditConfig = AuditConfig()  # audit log (node/audit.py)
+    dicomweb: DicomWebConfig = DicomWebConfig()  # STOW-RS / WADO-RS server (node/dicomweb.py)
+    broker: BrokerConfig | None = None  # set: jobs go to remote workers (node/remote.py, docs/scaling.md)
     dataset_store: Path | None = None  # harvest target (storage/dataset.py); default <state_dir>/datasets
     deid_secret_file: Path | None = None  # HMAC secret for pseudonyms; must live outside the store
 
@@ -235,6 +263,11 @@ def _resolve_paths(config: NodeConfig, base: Path) -> NodeConfig:
                                  "deid_secret_file": fix(config.deid_secret_file)}
     update["http"] = config.http.model_copy(update={"token_file": fix(config.http.token_file)})
     update["audit"] = config.audit.model_copy(update={"path": fix(config.audit.path)})
+    update["dicomweb"] = config.dicomweb.model_copy(update={"clients": tuple(
+        c.model_copy(update={"token_file": fix(c.token_file)}) for c in config.dicomweb.clients)})
+    update["destinations"] = tuple(d if d.dicomweb is None else d.model_copy(update={"dicomweb": d.dicomweb.model_copy(
+        update={k: fix(getattr(d.dicomweb, k)) for k in ("password_file", "token_file", "ca_bundle")})})
+        for d in config.destinations)
     if config.tls is not None:
         update["tls"] = config.tls.model_copy(update={
             "cert": fix(config.tls.cert), "key": fix(config.tls.key), "client_ca": fix(config.tls.client_ca)})

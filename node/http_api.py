@@ -312,6 +312,7 @@ class OpsApp:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
         events = self.db.events_of([job_id])[job_id]
         deliveries = self.db.deliveries(job_id)
+        objects = self.db.delivery_objects(job_id)
         view = _job_view(job, stage_totals(events, self.clock()))
         series = self.db.series(job["series_uid"])
         errors = [{"at": _iso(e.at), "state": e.state, "reason": e.reason}
@@ -329,7 +330,12 @@ class OpsApp:
             events=[{"at": _iso(e.at), "state": e.state, "reason": e.reason} for e in events],
             deliveries=[{"destination": d["destination"], "state": d["state"], "attempts": d["attempts"],
                          "next_attempt_at": _iso(d["next_attempt_at"]), "delivered_at": _iso(d["delivered_at"]),
-                         "last_error": d["last_error"]} for d in deliveries],
+                         "last_error": d["last_error"],
+                         "objects": [{"kind": o["kind"], "sop_class_uid": o["sop_class_uid"],
+                                      "sop_instance_uid": o["sop_instance_uid"], "state": o["state"],
+                                      "delivered_at": _iso(o["delivered_at"]), "last_error": o["last_error"]}
+                                     for o in objects if o["destination"] == d["destination"]]}
+                        for d in deliveries],
         )
         return json_response(view)
 
@@ -457,7 +463,8 @@ def _series_view(s: dict[str, Any]) -> dict[str, Any]:
 def _job_view(job: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
     return {"job_id": job["job_id"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
             "state": job["state"], "reason": job["reason"], "rule": job["rule"], "profile": job["profile"],
-            "backend": job["backend"], "created_at": _iso(job["created_at"]), "updated_at": _iso(job["updated_at"]),
+            "backend": job["backend"], "completion": job.get("completion"),
+            "created_at": _iso(job["created_at"]), "updated_at": _iso(job["updated_at"]),
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
 
@@ -543,7 +550,9 @@ class OpsHTTPServer(ThreadingHTTPServer):
 
 @dataclass
 class RunningHTTP:
-    server: OpsHTTPServer
+    """An HTTP server serving in a thread (the ops API, the DICOMweb server)."""
+
+    server: ThreadingHTTPServer
     thread: threading.Thread
 
     @property

@@ -214,6 +214,7 @@ class _Connection:
         self.pending_context = 0
         self.entered = False  # counted in the server's open associations
         self.slot = slot  # in the server's gate until the A-ASSOCIATE-RQ is read
+        self.released = False  # ended with A-RELEASE (completion evidence, node/completion.py)
         self.deadline = time.monotonic() + self.limits.acse_timeout_s
 
     # -- reading ----------------------------------------------------------------------
@@ -270,6 +271,7 @@ class _Connection:
             self._abort(ABORT_NOT_SPECIFIED)
         finally:
             self.data.release()
+            self.server.handler.association_ended(id(self), released=self.released)
 
     def _abort(self, reason: int) -> None:
         try:
@@ -324,6 +326,7 @@ class _Connection:
             elif kind == RELEASE_RQ:
                 check_control_pdu(kind, self._read_body(length))
                 self._send(RELEASE_RP_PDU)
+                self.released = True
                 return
             elif kind == ABORT:
                 self._read_body(length)
@@ -393,7 +396,7 @@ class _Connection:
         sop_class = command.get(0x0002, b"")
         sop_instance = command.get(0x1000, b"")
         request = StoreRequest(network_uid(sop_class) or abstract, network_uid(sop_instance), transfer_syntax,
-                               self.calling_ae, self.server.config.ae_title, self.host, abstract)
+                               self.calling_ae, self.server.config.ae_title, self.host, abstract, session=id(self))
         with self.data.view() as buffer, buffer[:self.filled] as dataset:
             status, comment = self.server.handler.store(request, dataset)
         self.filled = 0

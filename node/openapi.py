@@ -30,7 +30,7 @@ _STUDY_UID = {"name": "study_uid", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)*$", "maxLength": 64}}
 _LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
 _STATES = ["received", "complete", "segmenting", "encoded", "sending", "done", "failed", "dead_letter",
-           "not_routed"]
+           "not_routed", "skipped", "superseded"]
 _TIME = {"type": ["string", "null"], "format": "date-time"}
 
 
@@ -65,7 +65,13 @@ SCHEMAS: dict[str, Any] = {
             "at": _TIME, "state": {"type": "string"}, "reason": {"type": ["string", "null"]}}}},
         "deliveries": {"type": "array", "items": {"type": "object", "properties": {
             "destination": {"type": "string"}, "state": {"type": "string"}, "attempts": {"type": "integer"},
-            "next_attempt_at": _TIME, "delivered_at": _TIME, "last_error": {"type": ["string", "null"]}}}},
+            "next_attempt_at": _TIME, "delivered_at": _TIME, "last_error": {"type": ["string", "null"]},
+            "objects": {"type": "array", "description": "each object this destination takes, with its own state",
+                        "items": {"type": "object", "properties": {
+                            "kind": {"type": "string", "enum": ["seg", "rtstruct", "overlay", "sr"]},
+                            "sop_class_uid": {"type": "string"}, "sop_instance_uid": {"type": "string"},
+                            "state": {"type": "string", "enum": ["pending", "done", "dead"]},
+                            "delivered_at": _TIME, "last_error": {"type": ["string", "null"]}}}}}}},
     }}]},
     "Series": {"type": "object", "properties": {
         "series_uid": {"type": "string"}, "modality": {"type": ["string", "null"]},

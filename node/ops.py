@@ -85,6 +85,10 @@ class Ops:
         if self.service.scp is not None:
             self.metrics.bind(self.service.scp.server)
         self.follower.start()
+        if getattr(self.service, "remote", None) is not None or getattr(self.service, "dicomweb", None) is not None:
+            from segnode.node.remote_ops import ScaleoutCollector
+
+            self.metrics.registry.register(ScaleoutCollector(self.service))
         if self.config.http.enabled:
             self.http = start_http(self.config.http, self.app())
 
@@ -104,8 +108,14 @@ class Ops:
 
     def status_page(self) -> str:
         checks = self.readiness_checks()
-        return render_status(self.db, node=self.config.ae_title,
+        page = render_status(self.db, node=self.config.ae_title,
                              readiness=lambda: {name: check() for name, check in checks.items()})
+        remote = getattr(self.service, "remote", None)
+        if remote is not None:  # queues and in-flight remote jobs (node/remote_ops.py)
+            from segnode.node.remote_ops import render_remote
+
+            page = page.replace("</body>", render_remote(remote.snapshot()) + "</body>", 1)
+        return page
 
     def readiness_checks(self) -> dict[str, Any]:
         return {"index": self._index_ok, "scp": self._scp_ok, "disk": self._disk_ok, "rules": self._rules_ok,

@@ -190,6 +190,15 @@ class OpsDB:
         rows = self.query("SELECT * FROM deliveries WHERE job_id = ? ORDER BY destination", (job_id,))
         return [dict(r) for r in rows]
 
+    def delivery_objects(self, job_id: int) -> list[dict[str, Any]]:
+        """Each object of each delivery (SEG, RTSTRUCT, overlay image, SR) with its own state."""
+        try:
+            rows = self.query("SELECT * FROM delivery_objects WHERE job_id = ? ORDER BY destination, kind, path",
+                              (job_id,))
+        except StorageError:  # an index older than per-object tracking, not yet opened by the node
+            return []
+        return [dict(r) for r in rows]
+
     def counts(self) -> dict[str, int]:
         return {r[0]: r[1] for r in self.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
 

@@ -16,37 +16,17 @@ loads its libraries.
 from __future__ import annotations
 
 import logging
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from segnode.errors import ConfigError
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.seg_writer import EncodedResult, SegType, write_seg
+from segnode.output_kinds import ALL_KINDS, OutputKind, parse_kinds
 from segnode.profiles.schema import Profile
 
+__all__ = ["ALL_KINDS", "OutputKind", "encode_outputs", "parse_kinds", "record"]
+
 logger = logging.getLogger(__name__)
-
-
-class OutputKind(str, Enum):
-    SEG = "seg"
-    RTSTRUCT = "rtstruct"
-    OVERLAY = "overlay"
-    SR = "sr"
-
-
-ALL_KINDS: tuple[str, ...] = tuple(k.value for k in OutputKind)
-
-
-def parse_kinds(kinds: object, *, where: str = "outputs") -> tuple[str, ...]:
-    """Validated kind names, in canonical order, without duplicates (``ConfigError`` on a bad one)."""
-    if isinstance(kinds, str):
-        kinds = [kinds]
-    names = [str(getattr(k, "value", k)).strip().lower() for k in (kinds or ())]  # type: ignore[union-attr]
-    bad = [n for n in names if n not in ALL_KINDS]
-    if bad:
-        raise ConfigError(f"unknown output kind(s) {', '.join(bad)}; choose from {', '.join(ALL_KINDS)}", where=where)
-    return tuple(k for k in ALL_KINDS if k in names)
 
 
 def record(result: EncodedResult, profile: str) -> dict[str, Any]:
@@ -90,6 +70,10 @@ def encode_outputs(
 
             assert seg is not None  # SEG is encoded first
             stats = statistics if statistics is not None else segment_statistics(volume, labels)
+            if not any(s.get("voxels") and not s.get("empty") for s in stats):
+                # TID 1500 needs at least one measurement group (highdicom refuses none): no report to make
+                logger.warning("nothing segmented: no SR written (the SEG and the other kinds are)")
+                continue
             results.append(_as_kind(write_sr(volume, labels, profile, out_dir, seg_path=seg.path, statistics=stats),
                                     kind))
     logger.info("encoded %s: %d object(s)", ", ".join(wanted), len(results))

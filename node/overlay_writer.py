@@ -11,8 +11,8 @@
 * ImagePositionPatient / ImageOrientationPatient / PixelSpacing and the Frame
   of Reference are copied from each source image (extra to the SC IOD; viewers
   use them for linked scrolling), Source/Referenced Image Sequences name it;
-* UIDs are deterministic (source series, organ, backend, model version,
-  "overlay", source SOP instance / frame).
+* UIDs are deterministic (source series and its instances, organ, backend,
+  model version, "overlay", source SOP instance / frame).
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 
 from segnode import __version__
-from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.outline import draw_outlines
-from segnode.node.rtstruct_writer import COPIED
-from segnode.node.seg_writer import MANUFACTURER, EncodedResult, deterministic_uid
-from segnode.node.source_planes import SourcePlane, source_planes
+from segnode.node.seg_writer import MANUFACTURER, EncodedResult, checked_source, deterministic_uid, source_seed
+from segnode.node.source_planes import SourcePlane, patient_study_header, source_planes
 from segnode.profiles.schema import Profile
 
 logger = logging.getLogger(__name__)
@@ -75,14 +73,7 @@ def _ds(value: float) -> str:
 
 
 def _instance(first: Dataset, plane: SourcePlane, rgb: np.ndarray, number: int, uids: tuple[str, str], text: dict) -> Dataset:
-    ds = Dataset()
-    for keyword in COPIED:
-        if keyword in first:
-            setattr(ds, keyword, first[keyword].value)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
-        if keyword not in ds:
-            setattr(ds, keyword, "")
+    ds = patient_study_header(first)
     now = datetime.datetime.now(datetime.timezone.utc)
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SeriesInstanceUID, ds.SOPInstanceUID = uids
@@ -135,20 +126,14 @@ def write_overlay(
     series_number: int = 9003,
 ) -> list[EncodedResult]:
     """Write one RGB Secondary Capture per source slice with the outlines of ``labels`` burned in."""
+    source = checked_source(volume, labels, profile, "an overlay series needs them")
     planes = source_planes(volume)
-    if labels.array.shape != volume.shape:
-        raise EncodeError(f"label map shape {labels.array.shape} differs from the volume {volume.shape}")
-    expected = profile.label_values()
-    if dict(labels.labels) != expected:
-        raise EncodeError(f"label map labels {labels.labels} do not match the profile segments {expected}")
-    source = volume.source
-    assert source is not None
     colours = {value: tuple(profile.tissue(name).color) for value, name in labels.labels.items()}
     entries = [(name, colours[value]) for value, name in sorted(labels.labels.items())]
     if not_for_diagnosis:
         entries.append((NOT_FOR_DIAGNOSIS, WARNING_COLOUR))
     band = legend_band(volume.shape[2], entries)  # type: ignore[arg-type]
-    seed = (source.series_instance_uid, profile.organ, labels.backend, labels.model_version, "overlay")
+    seed = (source_seed(source), profile.organ, labels.backend, labels.model_version, "overlay")
     series_uid = str(deterministic_uid(*seed, "series"))
     suffix = f" {NOT_FOR_DIAGNOSIS}" if not_for_diagnosis else ""
     text = {

@@ -18,7 +18,7 @@ import numpy as np
 
 from segnode.errors import BackendError, EncodeError, WeightsNotInstalledError
 from segnode.models.base import LoadedModel, RunSettings
-from segnode.models.qc import run_qc
+from segnode.models.qc import Finding, Outcome, run_qc
 from segnode.models.registry import get_backend
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
@@ -49,6 +49,11 @@ class PipelineRequest:
     settings: RunSettings = field(default_factory=RunSettings)
     use_fallback: bool = True
     outputs: tuple[str, ...] = ("seg",)  # output kinds (node.outputs.OutputKind) when output_format is seg
+    # several profiles, one model run (node/shared_run.py): all of them, the folder the run is shared in,
+    # and whether this job encodes all of them in one result instead of ``profile`` alone
+    profiles: tuple[str, ...] = ()
+    shared_dir: Path | None = None
+    combine: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,25 @@ def segment_statistics(volume: Volume, labels: LabelMap) -> list[dict[str, Any]]
     ]
 
 
+def quality_checks(volume: Volume, labels: LabelMap, profile: Profile, settings: RunSettings,
+                   models: ModelSource | None = None, say: Reporter | None = None) -> list[Finding]:
+    """The profile's quality checks (docs/review.md), with its ``cross_check`` backend's agreement.
+
+    The cross-check runs only when it is not the backend that made ``labels``;
+    if it cannot run, that is a warning of its own (the result is not checked).
+    """
+    check = profile.qc.cross_check
+    other = None
+    findings: list[Finding] = []
+    if check is not None and check.value != labels.backend:
+        (say or logger.info)(f"cross-checking {profile.organ} with {check.value}")
+        try:
+            other, _ = segment_with_fallback(volume, profile, [check], settings, models)
+        except BackendError as exc:
+            findings.append(Finding("agreement_dice", "*", Outcome.WARN, None, f"cross-check {check.value} ran: {exc}"))
+    return findings + run_qc(volume, labels, profile, other)
+
+
 def describe_input(volume: Volume) -> dict[str, Any]:
     source = volume.source
     return {
@@ -153,6 +177,12 @@ def run_pipeline(
     """Run one job; raise :class:`InputError`, :class:`BackendError` or :class:`EncodeError`."""
     say = report or (lambda message: logger.info("%s", message))
     profile = load_profile(request.profile)
+    union = None
+    if len(request.profiles) > 1:
+        from segnode.node.shared_run import union_profile
+
+        union = union_profile([load_profile(name) for name in request.profiles])
+        profile = union if request.combine else profile
     output_format = OutputFormat(request.output_format)
     timings: dict[str, float] = {}
 
@@ -168,9 +198,7 @@ def run_pipeline(
         say(f"note: {note}")
 
     start = time.perf_counter()
-    chain = backend_chain(profile, request.backend, request.use_fallback)
-    say(f"segmenting {profile.organ} with {' → '.join(b.value for b in chain)}")
-    labels, attempts = segment_with_fallback(volume, profile, chain, request.settings, cache)
+    labels, attempts = _segment(volume, profile, union, request, cache, say)
     timings["segment_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -211,7 +239,7 @@ def run_pipeline(
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "notes": list(labels.notes),
     }
-    summary["qc"] = [f.as_dict() for f in run_qc(volume, labels, profile)]  # quality checks (docs/review.md)
+    summary["qc"] = [f.as_dict() for f in quality_checks(volume, labels, profile, request.settings, cache, say)]
     summary["pictures"] = write_pictures(volume, labels, profile, request.out_dir)
     stem = info["series_instance_uid"] or Path(request.input_path).name.split(".")[0]
     summary_path = request.out_dir / f"summary_{profile.organ}_{stem}.json"
@@ -230,6 +258,29 @@ def run_pipeline(
         summary=summary,
         outputs=outputs,
     )
+
+
+def _segment(volume: Volume, profile: Profile, union: Profile | None, request: PipelineRequest,
+             cache: ModelSource | None, say: Reporter) -> tuple[LabelMap, list[dict[str, str]]]:
+    """Run the backend chain; with several profiles, once for their union, shared between their jobs."""
+    model_profile = union or profile
+    chain = backend_chain(model_profile, request.backend, request.use_fallback)
+    say(f"segmenting {model_profile.organ} with {' → '.join(b.value for b in chain)}")
+
+    def run() -> tuple[LabelMap, list[dict[str, str]]]:
+        return segment_with_fallback(volume, model_profile, chain, request.settings, cache)
+
+    if union is None:
+        return run()
+    from segnode.node.shared_run import shared_labels, split
+
+    if request.shared_dir is None:
+        labels, attempts = run()
+    else:
+        labels, attempts, reused = shared_labels(request.shared_dir, volume.shape, run)
+        if reused:
+            say(f"model run shared with the route's other profiles ({request.shared_dir.name})")
+    return (labels if profile is union else split(labels, profile)), attempts
 
 
 def _progress(say: Reporter, what: str) -> Callable[[int, int], None]:

@@ -17,7 +17,7 @@
   and unevenly spaced series are exact; each contour references its image
   (and frame, for a multi-frame source);
 * an empty segment keeps its ROI, with no contours;
-* UIDs are deterministic (source series, organ, backend, model version, "rtstruct").
+* UIDs are deterministic (source series and its instances, organ, backend, model version, "rtstruct").
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from skimage.measure import find_contours
 from segnode import __version__
 from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.seg_writer import MANUFACTURER, EncodedResult, deterministic_uid
-from segnode.node.source_planes import SourcePlane, source_planes
+from segnode.node.seg_writer import MANUFACTURER, EncodedResult, checked_source, deterministic_uid, source_seed
+from segnode.node.source_planes import SourcePlane, patient_study_header, source_planes
 from segnode.profiles.schema import Profile, Tissue
 
 logger = logging.getLogger(__name__)
@@ -45,12 +45,6 @@ logger = logging.getLogger(__name__)
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 
 #: patient and study attributes copied from the source (Patient, General Study modules)
-COPIED = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
-)
-
-
 def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
     """Closed polygons (each ``(n, 2)`` row, column; not repeating the first point) of a 2D mask."""
     padded = np.pad(mask.astype(np.uint8), 1)
@@ -128,14 +122,7 @@ def _referenced_frame_of_reference(volume: Volume, planes: list[SourcePlane]) ->
 
 def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str, sop_uid: str, series_number: int) -> Dataset:
     first = volume.source.datasets[0]  # type: ignore[union-attr]
-    ds = Dataset()
-    for keyword in COPIED:
-        if keyword in first:
-            setattr(ds, keyword, first[keyword].value)
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
-        if keyword not in ds:
-            setattr(ds, keyword, "")
+    ds = patient_study_header(first)
     now = datetime.datetime.now(datetime.timezone.utc)
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = sop_uid
@@ -159,17 +146,11 @@ def write_rtstruct(
     volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, series_number: int = 9002
 ) -> EncodedResult:
     """Write ``labels`` as an RT Structure Set referencing the source images of ``volume``."""
+    source = checked_source(volume, labels, profile, "an RT Structure Set needs them")
     planes = source_planes(volume)
-    if labels.array.shape != volume.shape:
-        raise EncodeError(f"label map shape {labels.array.shape} differs from the volume {volume.shape}")
-    expected = profile.label_values()
-    if dict(labels.labels) != expected:
-        raise EncodeError(f"label map labels {labels.labels} do not match the profile segments {expected}")
-    source = volume.source
-    assert source is not None
     if "FrameOfReferenceUID" not in source.datasets[0]:
         raise EncodeError("the source has no FrameOfReferenceUID: contours cannot be placed", where=source.series_instance_uid)
-    seed = (source.series_instance_uid, profile.organ, labels.backend, labels.model_version, "rtstruct")
+    seed = (source_seed(source), profile.organ, labels.backend, labels.model_version, "rtstruct")
     series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
     ds = _header(volume, labels, profile, str(series_uid), str(sop_uid), series_number)
     frame_uid = source.datasets[0].FrameOfReferenceUID
@@ -177,7 +158,7 @@ def write_rtstruct(
     ds.PositionReferenceIndicator = source.datasets[0].get("PositionReferenceIndicator", "")
     ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame_of_reference(volume, planes)])
     rois, contours, observations = [], [], []
-    for value, name in expected.items():
+    for value, name in profile.label_values().items():
         tissue = profile.tissue(name)
         roi = Dataset()
         roi.ROINumber = value

@@ -182,13 +182,14 @@ class StoreRequest:
     called_ae: str
     host: str
     abstract_syntax: str  # of the presentation context the instance came on
+    session: int = 0  # which association (its object's id): completion on evidence needs its release
 
     @classmethod
     def from_event(cls, event: evt.Event) -> StoreRequest:
         assoc, request, context = event.assoc, event.request, event.context
         return cls(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
                    str(context.transfer_syntax), assoc.requestor.ae_title, assoc.acceptor.ae_title,
-                   assoc.requestor.address, str(context.abstract_syntax))
+                   assoc.requestor.address, str(context.abstract_syntax), session=id(assoc))
 
 
 def network_uid(raw: bytes) -> str:
@@ -224,6 +225,34 @@ class StoreHandler:
         self.stats = IngestStats()
         self.min_free = config.limits.min_free_disk_mb * 1024 * 1024
         self.storage_classes = frozenset(map(str, (*CT_FAMILY, *config.storage_classes)))
+        self._sessions: dict[int, set[str]] = {}  # association → series it stored (or re-sent) instances of
+        self._sessions_lock = threading.Lock()
+
+    def association_ended(self, session: int, *, released: bool) -> None:
+        """An association ended: with an A-RELEASE, its series are marked released (completion evidence).
+
+        An aborted or broken association gives no evidence; its series wait for the quiet period.
+        """
+        with self._sessions_lock:
+            series = self._sessions.pop(session, set())
+        if not released or not series:
+            return
+        try:
+            self.index.mark_released(sorted(series))
+        except StorageError as exc:  # the quiet period still completes them
+            logger.error("could not record the release of %d series: %s", len(series), exc)
+            return
+        self._notify("association_released", series=sorted(series))
+
+    def on_released(self, event: evt.Event) -> None:
+        self.association_ended(id(event.assoc), released=True)
+
+    def on_aborted(self, event: evt.Event) -> None:
+        self.association_ended(id(event.assoc), released=False)
+
+    def _stored_in(self, session: int, series_uid: str) -> None:
+        with self._sessions_lock:
+            self._sessions.setdefault(session, set()).add(series_uid)
 
     def _notify(self, kind: str, **data: Any) -> None:
         if self.listener is not None:
@@ -343,6 +372,7 @@ class StoreHandler:
 
     def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> StoreStatus:
         sop_uid, study_uid, series_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
+        self._stored_in(request.session, series_uid)
         if self.index.has_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
             self.index.touch_duplicate(series_uid)
             self.stats.add(duplicates=1)
@@ -945,6 +975,9 @@ def start_scp(config: NodeConfig, spool: Spool, index: Index, listener: Listener
         (evt.EVT_REQUESTED, handler.on_requested),
         (evt.EVT_C_ECHO, handler.on_echo),
         (evt.EVT_C_STORE, handler.on_store),
+        (evt.EVT_RELEASED, handler.on_released),
+        (evt.EVT_ABORTED, handler.on_aborted),
+        (evt.EVT_CONN_CLOSE, handler.on_aborted),  # closed without release: no evidence (a no-op after one)
     ]
     server = ae.make_server((config.host, config.port), evt_handlers=handlers,
                             ssl_context=server_ssl_context(config),

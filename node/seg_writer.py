@@ -11,9 +11,10 @@
 * empty segments are kept in the segment list (a reader learns the organ was
   looked for and not found) with no frames of their own; a result with no
   segmented voxel at all is written with its empty frames so it stays valid;
-* UIDs are deterministic for (source series, profile, model version, SEG
-  type): a resend after a crash yields the same SEG, which a PACS stores once,
-  and the BINARY and LABELMAP SEG of one series never share a UID;
+* UIDs are deterministic for (source series and its instances, profile, model
+  version, SEG type): a resend after a crash yields the same SEG, which a PACS
+  stores once; a re-run after a late instance is a new version with new UIDs;
+  the BINARY and LABELMAP SEG of one series never share a UID;
 * every frame carries the SliceThickness of its own source image (per-frame
   Pixel Measures when the source thickness varies), and no SpacingBetweenSlices
   is declared for an unevenly spaced source;
@@ -38,7 +39,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from segnode import __version__
 from segnode.errors import EncodeError
-from segnode.models.volume import LabelMap, Volume
+from segnode.models.volume import LabelMap, SourceSeries, Volume
 from segnode.profiles.schema import Code, Profile, Tissue
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,32 @@ def deterministic_uid(*parts: str) -> UID:
     """
     digest = hashlib.sha256("\x1f".join(("segnode", *parts)).encode()).digest()
     return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
+
+
+def checked_source(volume: Volume, labels: LabelMap, profile: Profile, why: str) -> SourceSeries:
+    """``volume``'s DICOM source, once ``labels`` are known to fit the volume and the profile."""
+    if volume.source is None:
+        raise EncodeError(f"the input has no DICOM source images (NIfTI?): {why}")
+    if labels.array.shape != volume.shape:
+        raise EncodeError(f"label map shape {labels.array.shape} differs from the volume {volume.shape}")
+    expected = profile.label_values()
+    if dict(labels.labels) != expected:
+        raise EncodeError(f"label map labels {labels.labels} do not match the profile segments {expected}")
+    return volume.source
+
+
+def source_seed(source: SourceSeries) -> str:
+    """The source series and exactly which of its instances a result was made from.
+
+    Part of every output's UID seed: the same instances give the same UIDs (a
+    resend is stored once), a late instance gives a new version with new UIDs
+    (a PACS keeps both; the node marks the older job superseded).
+    """
+    members = sorted(f"{ds.SOPInstanceUID}" for ds in source.datasets)
+    if source.frame_order is not None:
+        members.append(",".join(map(str, source.frame_order)))
+    digest = hashlib.sha256("\n".join(members).encode()).hexdigest()[:16]
+    return f"{source.series_instance_uid}/{digest}"
 
 
 def _code(code: Code) -> hd.sr.CodedConcept:
@@ -129,23 +156,16 @@ def write_seg(
 ) -> EncodedResult:
     """Write ``labels`` as a DICOM SEG referencing the source images of ``volume``."""
     seg_type = SegType(seg_type)
-    if volume.source is None:
-        raise EncodeError("the input has no DICOM source images (NIfTI?): a SEG needs them; use --format nifti")
-    if labels.array.shape != volume.shape:
-        raise EncodeError(f"label map shape {labels.array.shape} differs from the volume {volume.shape}")
-    expected = profile.label_values()
-    if dict(labels.labels) != expected:
-        raise EncodeError(f"label map labels {labels.labels} do not match the profile segments {expected}")
-    source = volume.source
-    seed: tuple[str, ...] = (source.series_instance_uid, profile.organ, labels.backend, labels.model_version)
+    source = checked_source(volume, labels, profile, "a SEG needs them; use --format nifti")
+    seed: tuple[str, ...] = (source_seed(source), profile.organ, labels.backend, labels.model_version)
     if seg_type is SegType.LABELMAP:  # BINARY keeps the UIDs it always had (a resend stays one object)
         seed += ("labelmap",)
     series_uid = deterministic_uid(*seed, "series")
     sop_uid = deterministic_uid(*seed, "instance")
     array = _frames_in_source_order(volume, labels.array.astype(np.uint8, copy=False))
     present = set(np.unique(array).tolist()) - {0}
-    descriptions = [segment_description(n, profile.tissue(name), labels) for n, name in expected.items()]
-    empty = [name for n, name in expected.items() if n not in present]
+    descriptions = [segment_description(n, profile.tissue(name), labels) for n, name in profile.label_values().items()]
+    empty = [name for n, name in profile.label_values().items() if n not in present]
     if empty:
         logger.info("empty segment(s) kept without frames: %s", ", ".join(empty))
     try:

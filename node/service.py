@@ -3,11 +3,13 @@
 Data flows one way through the index (:mod:`storage.index`):
 
 1. the SCP (:mod:`node.scp`) spools instances and opens ``received`` jobs;
-2. the completion sweep, after the quiet period, routes each series
-   (:mod:`routing`) → ``complete`` (or ``not_routed``);
+2. the completion sweep, on evidence or after the quiet period, selects and
+   routes each series (:mod:`node.completion_sweep`) → ``complete`` (or
+   ``skipped``, ``not_routed``);
 3. the job starter claims ``complete`` jobs (→ ``segmenting``) and runs each in
    its own process (:mod:`node.worker`) → ``encoded`` or ``failed``;
-4. the dispatcher sends each SEG to its destinations with retries and backoff
+4. the dispatcher sends each destination the objects it takes (SEG, RTSTRUCT,
+   overlay, SR), tracked one by one, with retries and backoff
    (:mod:`node.dispatch`) → ``done`` or ``dead_letter``;
 5. housekeeping removes spooled series some time after their job is done.
 
@@ -29,17 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from pydicom import dcmread
 
 from segnode.errors import ConfigError, SegnodeError
+from segnode.node.completion_sweep import CompletionSweep
 from segnode.node.config import NodeConfig
-from segnode.node.dispatch import backoff_s, deliver
+from segnode.node.dispatch import backoff_s, deliver, deliver_objects, encoded_kinds, summarise
 from segnode.node.receivers import ReceiverPool
 from segnode.node.review import decide
 from segnode.node.scp import Listener, RunningSCP, start_scp
-from segnode.node.worker import JobSpec, run_job
+from segnode.node.worker import JobOutcome, JobSpec, run_job
 from segnode.routing.rules import QcPolicy
-from segnode.storage.index import Index, Job, JobState
+from segnode.storage.index import DeliveryState, Index, Job, JobState, ObjectOutcome
 from segnode.storage.recovery import reindex_spool
 from segnode.storage.spool import Spool
 
@@ -80,9 +82,13 @@ class Service:
         self.spool = Spool(config.spool_dir)
         self.index = Index(config.index_path)
         self.rules = _rules_holder(config)
+        self._completion = CompletionSweep(config, self.index, self.spool, self.rules, self._emit,
+                                           self._resolve_destinations)
         self.listeners: list[Listener] = []
         self.scp: RunningSCP | None = None
         self.receivers: ReceiverPool | None = None
+        self.remote: Any = None  # node.remote.RemoteJobs when `broker:` is configured (docs/scaling.md)
+        self.dicomweb: Any = None  # node.http_api.RunningHTTP (node/dicomweb.py) when `dicomweb.enabled`
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
         self._running = 0
         self._lock = threading.Lock()
@@ -101,6 +107,7 @@ class Service:
         if extra:
             self.receivers = ReceiverPool(self.config, self.scp, extra)
             self.receivers.start()
+        self._start_scaleout()  # before the scheduler: start_jobs must see `remote` from its first call
         every = self._scheduler.add_job
         every(self.sweep_completion, "interval", seconds=self.config.completion.sweep_interval_s, id="completion")
         every(self.start_jobs, "interval", seconds=1.0, id="jobs")
@@ -111,8 +118,23 @@ class Service:
         self.start_jobs()  # resume at once what a restart left
         return self.scp.port
 
+    def _start_scaleout(self) -> None:
+        """Remote workers through the broker, and the DICOMweb server (node/remote.py, node/dicomweb.py)."""
+        if self.config.broker is not None:
+            from segnode.node.remote import RemoteJobs
+
+            self.remote = RemoteJobs(self)
+        if self.config.dicomweb.enabled:
+            from segnode.node.dicomweb import start_for_service
+
+            self.dicomweb = start_for_service(self)
+
     def stop(self) -> None:
         """Stop listening and scheduling; running worker processes exit with us."""
+        if self.dicomweb is not None:
+            self.dicomweb.stop()
+        if self.remote is not None:
+            self.remote.close()
         if self.receivers is not None:
             self.receivers.stop()
         if self.scp is not None:
@@ -127,32 +149,9 @@ class Service:
 
     # -- 2. completion and routing ------------------------------------------------------
     def sweep_completion(self) -> None:
-        quiet = self.config.completion
-        due = self.index.due_for_completion(quiet.quiet_period_s, by_study=quiet.group_by == "study")
-        for job in due:
-            self._route(job)
-        if due:
+        """Complete on evidence or quiet period, select and route (node/completion_sweep.py)."""
+        if self._completion.sweep():
             self.start_jobs()
-
-    def _route(self, job: Job) -> None:
-        info = self.index.series(job.series_uid)
-        paths = self.index.instance_paths(job.series_uid)
-        if info is None or not paths:
-            return
-        header = dcmread(self.spool.root / paths[0], stop_before_pixels=True)
-        decision = self.rules.current.evaluate(header, calling_ae=info.calling_ae, called_ae=info.called_ae,
-                                               sender_host=info.sender_host)
-        if decision is None:
-            self.index.transition(job.job_id, JobState.NOT_ROUTED, "no routing rule matched")
-            self._emit("job_state", {"job_id": job.job_id, "state": JobState.NOT_ROUTED.value})
-            return
-        destinations = self._resolve_destinations(decision.destinations, info.calling_ae, info.sender_host)
-        self.index.mark_complete(job.job_id, rule=decision.rule, profile=decision.profile,
-                                 backend=decision.backend, destinations=destinations, harvest=decision.harvest,
-                                 options=decision.options)
-        logger.info("series %s complete (%d instances): rule %s, profile %s, to %s", job.series_uid,
-                    info.instance_count, decision.rule, decision.profile, ", ".join(destinations) or "nowhere")
-        self._emit("job_state", {"job_id": job.job_id, "state": JobState.COMPLETE.value})
 
     def _resolve_destinations(self, names: tuple[str, ...], calling_ae: str, host: str) -> tuple[str, ...]:
         out: list[str] = []
@@ -170,7 +169,10 @@ class Service:
 
     # -- 3. segmentation ------------------------------------------------------------------
     def start_jobs(self) -> None:
-        """Claim ``complete`` jobs up to the configured concurrency."""
+        """Claim ``complete`` jobs up to the configured concurrency (with ``broker:``, enqueue them all)."""
+        if self.remote is not None:
+            self.remote.start_jobs()
+            return
         while True:
             with self._lock:
                 if self._running >= self.config.worker.concurrency:
@@ -196,7 +198,18 @@ class Service:
                        memory_budget_mb=worker.memory_budget_mb, harvest=job.harvest, rule=job.rule, calling_ae=info.calling_ae,
                        dataset_store=str(self.config.dataset_store or self.config.state_dir / "datasets"),
                        deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None,
-                       options=job.options)
+                       options={**job.options, "outputs": list(self.encoded_kinds(job))})
+
+    def encoded_kinds(self, job: Job) -> tuple[str, ...]:
+        """The kinds the job encodes: the route's ``outputs``, else what its destinations take."""
+        return encoded_kinds(self.config, job.options.get("outputs"), job.destinations)
+
+    def _takes(self, job: Job) -> dict[str, tuple[str, ...]]:
+        """Per destination, the encoded kinds it is sent (docs/node.md, "Which destination gets what")."""
+        kinds = self.encoded_kinds(job)
+        kinds += ("seg",) if "sr" in kinds else ()  # the SR's SEG goes with it where the destination takes SEG
+        names = [d.name for d in self.config.destinations]
+        return {n: self.config.destination(n).takes(kinds) for n in job.destinations if n in names}
 
     def _segment(self, job: Job) -> None:
         try:
@@ -214,6 +227,10 @@ class Service:
             return
         started = time.monotonic()
         outcome = run_job(spec, timeout_s=self.config.worker.timeout_s)
+        self.finish_job(job, outcome, started)
+
+    def finish_job(self, job: Job, outcome: JobOutcome, started: float) -> None:
+        """Record a worker's outcome: a local worker process's, or a remote worker's result (node/remote.py)."""
         if not outcome.ok:
             reason = f"{outcome.error_kind}: {outcome.message}"
             logger.error("job %d failed: %s", job.job_id, reason)
@@ -234,8 +251,12 @@ class Service:
                                 backend_used=str(result.get("backend_used")),
                                 model_version=str(result.get("model_version")),
                                 hold=verdict.reason if verdict.policy is QcPolicy.HOLD else None,
-                                warning=verdict.reason if verdict.policy is QcPolicy.SEND_WITH_WARNING else None)
+                                warning=verdict.reason if verdict.policy is QcPolicy.SEND_WITH_WARNING else None,
+                                outputs=result.get("outputs") or [], takes=self._takes(job))
         logger.info("job %d segmented in %.1f s", job.job_id, time.monotonic() - started)
+        for earlier in job.options.get("supersedes") or ():  # a late instance re-ran the series
+            if self.index.transition(int(earlier), JobState.SUPERSEDED, f"superseded by job {job.job_id}"):
+                self._emit("job_state", {"job_id": int(earlier), "state": JobState.SUPERSEDED.value})
         if result.get("harvest"):
             self._emit("harvest", {"job_id": job.job_id, **result["harvest"]})
         self._emit("job_state", {"job_id": job.job_id, "state": JobState.ENCODED.value})
@@ -287,17 +308,27 @@ class Service:
 
     def _deliver(self, job: Job, destination: str, attempts: int) -> None:
         settings = self.config.dispatch
+        objects = self.index.delivery_objects(job.job_id, destination)
+        pending = [o for o in objects if o.state is DeliveryState.PENDING]
         try:
-            result = deliver(self.config, destination, Path(job.seg_path or ""))
-        except SegnodeError as exc:  # unknown destination, unreadable SEG: retrying will not help
+            if job.outputs:  # every object this destination takes, in one association
+                sent = deliver_objects(self.config, destination, [Path(o.path) for o in pending])
+                dead = [(o.kind, o.last_error or "") for o in objects if o.state is DeliveryState.DEAD]
+                result = summarise([o.kind for o in pending], sent, dead=dead)
+            else:  # a job encoded before its objects were tracked: the SEG alone
+                sent, result = [], deliver(self.config, destination, Path(job.seg_path or ""))
+        except SegnodeError as exc:  # unknown destination, unreadable file: retrying will not help
             self.index.delivery_result(job.job_id, destination, ok=False, error=str(exc))
             return
         tries = attempts + 1
         retry_at = None
         if not result.ok and result.retryable and tries < settings.max_attempts:
             retry_at = time.time() + backoff_s(tries, settings.backoff_initial_s, settings.backoff_max_s)
+        outcomes = [ObjectOutcome(o.sop_instance_uid, DeliveryState.DONE if r.ok else
+                                  DeliveryState.PENDING if r.retryable and retry_at is not None else DeliveryState.DEAD,
+                                  None if r.ok else r.message) for o, r in zip(pending, sent)]
         self.index.delivery_result(job.job_id, destination, ok=result.ok, error=None if result.ok else result.message,
-                                   retry_at=retry_at)
+                                   retry_at=retry_at, objects=outcomes)
         self._emit("delivery", {"job_id": job.job_id, "destination": destination, "ok": result.ok,
                                 "message": result.message})
 

@@ -63,6 +63,28 @@ def _frame_attr(ds: Dataset, index: int, seq: str, keyword: str):
     raise EncodeError(f"{seq}/{keyword} missing for frame {index + 1}")
 
 
+#: patient and study attributes a derived object copies from its source
+COPIED = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription",
+)
+#: of those, the Type 2 ones: present (empty) when the source lacks them
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def patient_study_header(first: Dataset) -> Dataset:
+    """A new dataset with the patient and study of the source image ``first`` (same study)."""
+    ds = Dataset()
+    for keyword in COPIED:
+        if keyword in first:
+            setattr(ds, keyword, first[keyword].value)
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
 def source_planes(volume: Volume) -> list[SourcePlane]:
     """The plane of each volume slice ``k``, from the source headers."""
     source = volume.source

@@ -7,7 +7,7 @@
   units (UCUM ``[hnsf'U]``, derivation Mean), the values of
   ``segment_statistics`` as computed (already rounded: 3 decimals mL, 1 HU);
 * the device observer names segnode, the backend and its model version;
-* UIDs are deterministic (source series, organ, backend, model version, "sr").
+* UIDs are deterministic (source series and its instances, organ, backend, model version, "sr").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pydicom.sr.codedict import codes
 from segnode import __version__
 from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.seg_writer import MANUFACTURER, EncodedResult, deterministic_uid
+from segnode.node.seg_writer import MANUFACTURER, EncodedResult, deterministic_uid, source_seed
 from segnode.profiles.schema import Code, Profile
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,20 @@ def _group(seg: hd.seg.Segmentation, stat: dict[str, Any], profile: Profile, lab
     )
 
 
+def _segment_per_frame(seg: hd.seg.Segmentation) -> None:
+    """Copy a shared Segment Identification into each frame (our in-memory copy only).
+
+    A SEG with one segment may carry it in the shared functional groups (valid
+    DICOM), but ``ReferencedSegment.from_segmentation`` reads it per frame.
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "SegmentIdentificationSequence" not in shared:
+        return
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        if "SegmentIdentificationSequence" not in frame:
+            frame.SegmentIdentificationSequence = shared.SegmentIdentificationSequence
+
+
 def write_sr(
     volume: Volume,
     labels: LabelMap,
@@ -96,8 +110,9 @@ def write_sr(
         seg = hd.seg.segread(seg_path)
     except (OSError, ValueError, AttributeError) as exc:
         raise EncodeError(f"cannot read the SEG the SR refers to: {exc}", where=str(seg_path)) from exc
+    _segment_per_frame(seg)
     present = [s for s in statistics if not s.get("empty") and s.get("voxels")]
-    seed = (source.series_instance_uid, profile.organ, labels.backend, labels.model_version, "sr")
+    seed = (source_seed(source), profile.organ, labels.backend, labels.model_version, "sr")
     series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
     try:
         report = hd.sr.MeasurementReport(

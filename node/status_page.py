@@ -169,6 +169,7 @@ def render_review(job: dict[str, Any], summary: dict[str, Any], *, node: str, ev
         f'<h1>Job {job_id} {_state(job["state"])}</h1>',
         f'<div class=muted><a href="/status">status</a> · profile {_e(job["profile"])} · '
         f'series {_uid(job["series_uid"])} · {_e(job["reason"])}</div>',
+        f'<div class=muted id=completion>completed: {_e(job.get("completion") or "-")}</div>',
         _qc_table(summary.get("qc") or []),
         _pictures(job_id, summary.get("pictures") or []),
     ]

@@ -227,7 +227,7 @@ def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
     request = PipelineRequest(input_path=Path(spec.input_dir), profile=spec.profile, out_dir=Path(spec.out_dir),
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
                               output_format="seg", settings=settings,
-                              outputs=_job_kinds(spec))
+                              outputs=_job_kinds(spec), **_shared_run(spec))
     result = run_pipeline(request, cache=cache)
     return {
         **result_record(result),
@@ -235,6 +235,16 @@ def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
         "qc": result.summary.get("qc"),
         "pictures": result.summary.get("pictures"),
     }
+
+
+def _shared_run(spec: JobSpec) -> dict[str, Any]:
+    """A multi-profile route's settings (node/shared_run.py): its profiles, shared folder, combine."""
+    profiles = tuple(spec.options.get("profiles") or ())
+    if len(profiles) < 2:
+        return {}
+    shared = spec.options.get("shared_run")
+    return {"profiles": profiles, "shared_dir": Path(shared) if shared else None,
+            "combine": bool(spec.options.get("combine"))}
 
 
 def _job_kinds(spec: JobSpec) -> tuple[str, ...]:

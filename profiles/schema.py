@@ -148,6 +148,15 @@ class ProfileQC(Frozen):
     min_agreement_dice: Annotated[float, Field(ge=0, le=1)] | None = Field(
         default=None, description="Dice between primary and fallback results when both ran; below: warn"
     )
+    cross_check: Backend | None = Field(
+        default=None, description="a second backend run on every result to measure agreement (costs its run time)"
+    )
+
+    @model_validator(mode="after")
+    def _cross_check_needs_a_minimum(self) -> "ProfileQC":
+        if self.cross_check is not None and self.min_agreement_dice is None:
+            raise ValueError("qc.cross_check needs qc.min_agreement_dice (the Dice below which it warns)")
+        return self
 
 
 class Profile(Frozen):

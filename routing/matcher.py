@@ -19,7 +19,7 @@ from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 from pydicom.multival import MultiValue
 
-from segnode.routing.rules import Action, Condition, Rule, _Operators, host_network, read_rules, resolve_tag
+from segnode.routing.rules import Action, Condition, Rule, Select, _Operators, host_network, read_rules, resolve_tag
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class Decision:
     destinations: tuple[str, ...]  # "@sender": back to the sender's configured destination
     harvest: str | None  # dataset name, or None
     options: dict[str, Any] = field(default_factory=dict)  # the action's other settings (Action.options)
+    profiles: tuple[str, ...] = ()  # a multi-profile route: every profile, ``profile`` first; () for one
+    select: Select | None = None  # series selection per study (routing/selection.py)
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ class RuleSet:
         rule = next(r for r in self.rules if r.name == traces[-1].rule)
         action = rule.action
         backend = action.backend.value if action.backend is not None else None
-        return Decision(rule.name, action.profile, backend, action.destinations, action.harvest, action.options())
+        return Decision(rule.name, action.profile, backend, action.destinations, action.harvest, action.options(),
+                        profiles=action.profiles or (), select=action.select)
 
 
 def load_rules(

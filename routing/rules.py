@@ -17,14 +17,15 @@ from collections.abc import Collection
 from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_serializer, field_validator, model_validator
 from pydicom.datadict import keyword_dict, tag_for_keyword
 from pydicom.tag import BaseTag, Tag
 
 from segnode.errors import ConfigError
+from segnode.output_kinds import kinds_field
 from segnode.profiles.schema import Backend
 from segnode.yamlconf import Frozen, _line_of, read_yaml, validate
 
@@ -236,14 +237,70 @@ class Review(Frozen):
         return value
 
 
+class Select(Frozen):
+    """Which series of a study a route segments (``action.select``; needs ``completion.group_by: study``).
+
+    Series that cannot be segmented (localizers, secondary captures, derived
+    images, SEG/RTSTRUCT/SR, our own outputs) are always skipped; of the rest,
+    those failing a minimum here are skipped, and the preferences, in order,
+    pick one (:mod:`routing.selection`).
+    """
+
+    orientation: Literal["axial", "coronal", "sagittal"] | None = "axial"
+    min_slices: Annotated[int, Field(ge=1)] | None = None
+    description: re.Pattern[str] | None = Field(default=None, description="regex on SeriesDescription")
+    kernel: re.Pattern[str] | None = Field(default=None, description="regex on ConvolutionKernel")
+    contrast: Literal["with", "without"] | None = Field(
+        default=None, description="contrast phase, checked only when ContrastBolusAgent is given")
+    prefer: tuple[Literal["thinnest", "thickest", "most_slices"], ...] = ("thinnest",)
+
+    @field_validator("description", "kernel", mode="before")
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return re.compile(value, re.IGNORECASE)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+
+    @field_serializer("description", "kernel")
+    def _pattern_text(self, value: re.Pattern[str] | None) -> str | None:
+        return None if value is None else value.pattern
+
+
 class Action(Frozen):
     """What to do with a study that a rule matches."""
 
     profile: Annotated[str, AfterValidator(_known_profile)]
+    profiles: tuple[Annotated[str, AfterValidator(_known_profile)], ...] | None = Field(
+        default=None, description="several profiles, one model run (TotalSegmentator); 'profile' is the first")
+    combine: bool | None = Field(default=None, description="with 'profiles': one result for all, not one per profile")
+    select: Select | None = Field(default=None, description="series selection per study")
     backend: Backend | None = None
     destinations: tuple[Annotated[str, AfterValidator(_known_destination)], ...] = ()
     harvest: Annotated[str, AfterValidator(_dataset_name)] | None = None
     review: Review | None = Field(default=None, description="QC policy; absent: send, QC only recorded")
+    outputs: Annotated[tuple[str, ...] | None, BeforeValidator(kinds_field)] = Field(
+        default=None, description="kinds to encode (seg, rtstruct, overlay, sr); absent: what the destinations take")
+    queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                              description="broker queue for remote workers (gpu, cpu; docs/scaling.md)")
+    priority: Literal["urgent", "routine", "research"] | None = Field(
+        default=None, description="priority on the broker queue; absent: broker.default_priority")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile_or_profiles(cls, value: Any) -> Any:
+        if not isinstance(value, dict) or "profiles" not in value:
+            return value
+        profiles = value["profiles"]
+        if "profile" in value:
+            raise ValueError("give 'profile' or 'profiles', not both")
+        if not isinstance(profiles, (list, tuple)) or not profiles:
+            raise ValueError("'profiles' is a non-empty list of profile names")
+        if len(set(map(str, profiles))) != len(profiles):
+            raise ValueError("'profiles' names a profile twice")
+        return {**value, "profile": profiles[0]}
 
     def options(self) -> dict[str, Any]:
         """Every setting beyond profile, backend, destinations and harvest, as JSON-ready data.

@@ -15,12 +15,22 @@ read it.  Times are POSIX seconds (UTC, ``REAL``).  Tables:
 ``job_events``  every state change of every job, with its time and reason.
 ``deliveries``  one row per (job, destination): attempts, next attempt time,
                 last error, delivery time.
+``delivery_objects`` one row per (job, destination, object): each SEG, RTSTRUCT,
+                overlay image or SR the destination takes, with its own state,
+                so that a retry re-sends only what was not stored.  The job's
+                ``outputs`` column lists every object encoded.
 
 Job states::
 
     received → complete → segmenting → encoded → sending → done
-                  │             └→ failed           └→ dead_letter
-                  └→ not_routed
+        │                       └→ failed           └→ dead_letter
+        └→ not_routed | skipped (a study's series not segmented, with the reason)
+
+    a job with a result → superseded, once a late instance's re-run is encoded
+
+``series.released_at`` is when an association that sent instances of the
+series last ended with an A-RELEASE; ``jobs.completion`` the evidence that
+completed the series (node/completion.py).
 
 Durability: WAL with ``synchronous=NORMAL``.  A commit survives a crash of
 the process at once; after a power loss the last commits may be missing, but
@@ -41,7 +51,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -70,7 +80,8 @@ CREATE TABLE IF NOT EXISTS series (
     duplicate_count    INTEGER NOT NULL DEFAULT 0,
     first_received_at  REAL NOT NULL,
     last_received_at   REAL NOT NULL,
-    purged_at          REAL
+    purged_at          REAL,
+    released_at        REAL
 );
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid              TEXT PRIMARY KEY,
@@ -100,6 +111,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     model_version     TEXT,
     harvest           TEXT,
     options           TEXT NOT NULL DEFAULT '{}',
+    outputs           TEXT NOT NULL DEFAULT '[]',
+    completion        TEXT,
     created_at        REAL NOT NULL,
     updated_at        REAL NOT NULL
 );
@@ -123,6 +136,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at     REAL,
     PRIMARY KEY (job_id, destination)
 );
+CREATE TABLE IF NOT EXISTS delivery_objects (
+    job_id            INTEGER NOT NULL REFERENCES jobs(job_id),
+    destination       TEXT NOT NULL,
+    sop_instance_uid  TEXT NOT NULL,
+    kind              TEXT NOT NULL,
+    sop_class_uid     TEXT NOT NULL,
+    path              TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    last_error        TEXT,
+    delivered_at      REAL,
+    PRIMARY KEY (job_id, destination, sop_instance_uid)
+);
 """
 
 
@@ -138,6 +163,8 @@ class JobState(str, Enum):
     NOT_ROUTED = "not_routed"
     HELD = "held"  # quality checks asked for a review before sending (node/review.py)
     REJECTED = "rejected"  # a reviewer rejected the result: never sent
+    SKIPPED = "skipped"  # a study's series not segmented (localizer, not selected, ...): the reason says why
+    SUPERSEDED = "superseded"  # a late instance re-opened the series; a newer job's result replaces this one
 
 
 class DeliveryState(str, Enum):
@@ -150,7 +177,10 @@ class DeliveryState(str, Enum):
 _FROM: dict[JobState, tuple[JobState, ...]] = {
     JobState.COMPLETE: (JobState.RECEIVED, JobState.SEGMENTING, JobState.FAILED),
     JobState.NOT_ROUTED: (JobState.RECEIVED,),
-    JobState.RECEIVED: (JobState.NOT_ROUTED,),
+    JobState.SKIPPED: (JobState.RECEIVED,),
+    JobState.SUPERSEDED: (JobState.DONE, JobState.HELD, JobState.ENCODED, JobState.SENDING, JobState.DEAD_LETTER,
+                          JobState.FAILED),
+    JobState.RECEIVED: (JobState.NOT_ROUTED, JobState.SKIPPED),
     JobState.SEGMENTING: (JobState.COMPLETE,),
     JobState.ENCODED: (JobState.SEGMENTING,),
     JobState.FAILED: (JobState.SEGMENTING, JobState.COMPLETE),
@@ -200,6 +230,8 @@ class Job:
     created_at: float
     updated_at: float
     options: dict[str, Any] = field(default_factory=dict)  # the routing action's other settings
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # node.outputs.record of each object encoded
+    completion: str | None = None  # the evidence that completed the series (node/completion.py)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -207,6 +239,7 @@ class Job:
         data["state"] = JobState(data["state"])
         data["destinations"] = tuple(json.loads(data["destinations"]))
         data["options"] = json.loads(data.get("options") or "{}")
+        data["outputs"] = json.loads(data.get("outputs") or "[]")
         return cls(**data)
 
 
@@ -222,6 +255,30 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DeliveryObject:
+    """One object of a job (SEG, RTSTRUCT, an overlay image, SR) for one destination."""
+
+    job_id: int
+    destination: str
+    sop_instance_uid: str
+    kind: str
+    sop_class_uid: str
+    path: str
+    state: DeliveryState
+    last_error: str | None
+    delivered_at: float | None
+
+
+@dataclass(frozen=True)
+class ObjectOutcome:
+    """The result of one attempt to send one object (:meth:`Index.delivery_result`)."""
+
+    sop_instance_uid: str
+    state: DeliveryState
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class SeriesInfo:
     series_uid: str
     study_uid: str
@@ -234,6 +291,7 @@ class SeriesInfo:
     first_received_at: float
     last_received_at: float
     purged_at: float | None
+    released_at: float | None = None  # an association that sent instances of it ended with A-RELEASE
 
 
 class Index:
@@ -258,6 +316,12 @@ class Index:
             self._db().execute("ALTER TABLE jobs ADD COLUMN harvest TEXT")
         if "options" not in columns:  # an index made before routes had options
             self._db().execute("ALTER TABLE jobs ADD COLUMN options TEXT NOT NULL DEFAULT '{}'")
+        if "outputs" not in columns:  # an index made before jobs had several output objects
+            self._db().execute("ALTER TABLE jobs ADD COLUMN outputs TEXT NOT NULL DEFAULT '[]'")
+        if "completion" not in columns:  # an index made before completion on evidence
+            self._db().execute("ALTER TABLE jobs ADD COLUMN completion TEXT")
+        if "released_at" not in {row["name"] for row in self._db().execute("PRAGMA table_info(series)")}:
+            self._db().execute("ALTER TABLE series ADD COLUMN released_at REAL")
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
@@ -399,10 +463,55 @@ class Index:
 
     def mark_complete(self, job_id: int, *, rule: str, profile: str, backend: str | None,
                       destinations: tuple[str, ...], harvest: str | None = None,
-                      options: dict[str, Any] | None = None) -> bool:
-        return self.transition(job_id, JobState.COMPLETE, f"routed by rule {rule!r}", rule=rule,
+                      options: dict[str, Any] | None = None, note: str | None = None) -> bool:
+        """Routed: ``note`` adds to the reason (why this series was selected, what it supersedes)."""
+        reason = f"routed by rule {rule!r}" + (f"; {note}" if note else "")
+        return self.transition(job_id, JobState.COMPLETE, reason, rule=rule,
                                profile=profile, backend=backend, destinations=json.dumps(list(destinations)),
                                harvest=harvest, options=json.dumps(options or {}, sort_keys=True))
+
+    # -- completion on evidence (node/completion.py) ------------------------------
+    def mark_released(self, series_uids: Collection[str]) -> None:
+        """An association that stored instances of ``series_uids`` ended with an A-RELEASE."""
+        if not series_uids:
+            return
+        now = self.clock()
+        with self._tx() as db:
+            db.executemany("UPDATE series SET released_at = ? WHERE series_uid = ?",
+                           [(now, uid) for uid in series_uids])
+
+    def received_jobs(self) -> list[Job]:
+        """Every ``received`` job, oldest first (the completion sweep judges each)."""
+        rows = self._db().execute("SELECT * FROM jobs WHERE state = ? ORDER BY job_id", (JobState.RECEIVED.value,))
+        return [Job.from_row(r) for r in rows]
+
+    def study_series(self, study_uid: str) -> list[SeriesInfo]:
+        rows = self._db().execute("SELECT * FROM series WHERE study_uid = ? ORDER BY first_received_at, series_uid",
+                                  (study_uid,))
+        return [SeriesInfo(**dict(r)) for r in rows]
+
+    def set_completion(self, job_id: int, evidence: str) -> None:
+        """Record which evidence completed the job's series (shown by the job API and status page)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET completion = ? WHERE job_id = ?", (evidence, job_id))
+
+    def add_job(self, like: Job, *, state: JobState, reason: str, **fields: object) -> int:
+        """A further job on ``like``'s series (one per profile of a multi-profile route)."""
+        now = self.clock()
+        names = ["series_uid", "study_uid", "state", "reason", "completion", "created_at", "updated_at", *fields]
+        values = [like.series_uid, like.study_uid, state.value, reason, like.completion, now, now, *fields.values()]
+        with self._tx() as db:
+            cur = db.execute(f"INSERT INTO jobs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})", values)
+            self._event(db, cur.lastrowid, state, reason, now)
+            return int(cur.lastrowid or 0)
+
+    def earlier_results(self, series_uid: str, before_job: int) -> list[Job]:
+        """Earlier jobs of a series that produced a result still current (a late instance supersedes them)."""
+        current = (JobState.ENCODED, JobState.SENDING, JobState.DONE, JobState.HELD, JobState.DEAD_LETTER)
+        rows = self._db().execute(
+            f"SELECT * FROM jobs WHERE series_uid = ? AND job_id < ? AND state IN ({','.join('?' * len(current))}) "
+            "ORDER BY job_id", (series_uid, before_job, *(s.value for s in current)))
+        return [Job.from_row(r) for r in rows]
 
     def claim_next(self) -> Job | None:
         """Atomically move the oldest ``complete`` job to ``segmenting`` and return it."""
@@ -416,22 +525,34 @@ class Index:
 
     def mark_encoded(self, job_id: int, *, seg_path: str | None, seg_series_uid: str | None,
                      seg_sop_uid: str | None, backend_used: str, model_version: str,
-                     hold: str | None = None, warning: str | None = None) -> None:
+                     hold: str | None = None, warning: str | None = None,
+                     outputs: list[dict[str, Any]] | None = None,
+                     takes: Mapping[str, Collection[str]] | None = None) -> None:
         """Record the SEG, open one delivery per destination, and move on.
 
         ``hold``: to HELD with this reason (review before send); ``warning``: a QC warning for the reason.
+        ``outputs``: every object encoded (:func:`node.outputs.record`); each destination's delivery
+        tracks the objects whose kind it takes (``takes[destination]``; absent: all of them).
         """
         now = self.clock()
         with self._tx() as db:
             moved = self._move(db, job_id, JobState.ENCODED, "segmentation encoded", seg_path=seg_path,
                                seg_series_uid=seg_series_uid, seg_sop_uid=seg_sop_uid,
-                               backend_used=backend_used, model_version=model_version)
+                               backend_used=backend_used, model_version=model_version,
+                               outputs=json.dumps(outputs or []))
             if not moved:
                 return
             job = Job.from_row(db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
+            db.execute("DELETE FROM delivery_objects WHERE job_id = ?", (job_id,))
             for name in job.destinations:
                 db.execute("INSERT OR REPLACE INTO deliveries (job_id, destination, state, attempts, "
                            "next_attempt_at) VALUES (?, ?, ?, 0, ?)", (job_id, name, DeliveryState.PENDING.value, now))
+                kinds = None if takes is None or name not in takes else set(takes[name])
+                db.executemany(
+                    "INSERT OR REPLACE INTO delivery_objects (job_id, destination, sop_instance_uid, kind, "
+                    "sop_class_uid, path, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(job_id, name, o["sop_instance_uid"], o["kind"], o["sop_class_uid"], o["path"],
+                      DeliveryState.PENDING.value) for o in outputs or () if kinds is None or o["kind"] in kinds])
             if hold:
                 self._move(db, job_id, JobState.HELD, hold)
             elif job.destinations and seg_path:
@@ -473,11 +594,19 @@ class Index:
         return [(self.job(r["job_id"]), _delivery(r)) for r in rows]
 
     def delivery_result(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
-                        retry_at: float | None = None) -> None:
-        """Record one attempt: delivered, to retry at ``retry_at``, or dead (``retry_at`` None)."""
+                        retry_at: float | None = None, objects: Collection[ObjectOutcome] = ()) -> None:
+        """Record one attempt: delivered, to retry at ``retry_at``, or dead (``retry_at`` None).
+
+        ``objects``: the outcome of each object sent in this attempt (see :meth:`delivery_objects`).
+        """
         now = self.clock()
         state = DeliveryState.DONE if ok else (DeliveryState.PENDING if retry_at is not None else DeliveryState.DEAD)
         with self._tx() as db:
+            db.executemany(
+                "UPDATE delivery_objects SET state = ?, last_error = ?, delivered_at = ? "
+                "WHERE job_id = ? AND destination = ? AND sop_instance_uid = ?",
+                [(o.state.value, o.error, now if o.state is DeliveryState.DONE else None, job_id, destination,
+                  o.sop_instance_uid) for o in objects])
             db.execute(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = ?, "
                 "next_attempt_at = ?, delivered_at = ? WHERE job_id = ? AND destination = ?",
@@ -497,6 +626,14 @@ class Index:
         rows = self._db().execute("SELECT * FROM deliveries WHERE job_id = ? ORDER BY destination", (job_id,))
         return [_delivery(r) for r in rows]
 
+    def delivery_objects(self, job_id: int, destination: str | None = None) -> list[DeliveryObject]:
+        """The objects tracked for a job's deliveries (one destination's, or all), in a stable order."""
+        where, args = ("job_id = ?", (job_id,)) if destination is None else (
+            "job_id = ? AND destination = ?", (job_id, destination))
+        rows = self._db().execute(f"SELECT * FROM delivery_objects WHERE {where} "
+                                  "ORDER BY destination, kind, path", args)
+        return [DeliveryObject(**{**dict(r), "state": DeliveryState(r["state"])}) for r in rows]
+
     # -- operator actions and recovery --------------------------------------------
     def retry(self, job_id: int) -> JobState:
         """Put a failed, dead-lettered or not-routed job back in the pipeline; return its new state."""
@@ -510,6 +647,8 @@ class Index:
                 db.execute("UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ? "
                            "WHERE job_id = ? AND state = ?",
                            (DeliveryState.PENDING.value, self.clock(), job_id, DeliveryState.DEAD.value))
+                db.execute("UPDATE delivery_objects SET state = ? WHERE job_id = ? AND state = ?",
+                           (DeliveryState.PENDING.value, job_id, DeliveryState.DEAD.value))
                 self._move(db, job_id, JobState.SENDING, "retry requested")
             elif job.state is JobState.NOT_ROUTED:
                 self._move(db, job_id, JobState.RECEIVED, "re-route requested")

@@ -97,14 +97,22 @@ class StoreSCP:
 
 @contextmanager
 def storescp(out_dir: Path, *, port: int | None = None, ae_title: str = "PACS",
-             ct_only: bool = False) -> Iterator[StoreSCP]:
-    """DCMTK ``storescp`` writing into ``out_dir``; ``ct_only`` refuses every class but CT."""
+             ct_only: bool = False, accept: Sequence[str] = ()) -> Iterator[StoreSCP]:
+    """DCMTK ``storescp`` writing into ``out_dir``; ``ct_only`` refuses every class but CT.
+
+    ``accept``: SOP classes (DCMTK names or UIDs) to accept besides Verification; every other is refused.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     cmd = ["storescp", "-aet", ae_title, "-od", str(out_dir)]
     if ct_only:
         cfg = out_dir.parent / f"storescp-ctonly-{port}.cfg"
         cfg.write_text(CT_ONLY_CFG)
+        cmd += ["-xf", str(cfg), "CTOnly"]
+    elif accept:
+        cfg = out_dir.parent / f"storescp-accept-{port}.cfg"
+        contexts = "".join(f"PresentationContext{n} = {uid}\\Uncompressed\n" for n, uid in enumerate(accept, 2))
+        cfg.write_text(CT_ONLY_CFG.replace("PresentationContext2 = CTImageStorage\\Uncompressed\n", contexts))
         cmd += ["-xf", str(cfg), "CTOnly"]
     proc = subprocess.Popen([*cmd, str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -145,6 +153,10 @@ class OrthancPeer:
             data = resp.read()
         return json.loads(data) if resp.headers.get_content_type() == "application/json" else data
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def series_by_modality(self, modality: str) -> list[dict]:
         out = []
         for series_id in self.get("/series"):
@@ -155,15 +167,19 @@ class OrthancPeer:
 
 
 @contextmanager
-def orthanc(work: Path, *, ae_title: str = "ORTHANC", node_port: int | None = None) -> Iterator[OrthancPeer]:
+def orthanc(work: Path, *, ae_title: str = "ORTHANC", node_port: int | None = None,
+            dicomweb: bool = False) -> Iterator[OrthancPeer]:
     """Orthanc with a generated config on free ports, storage under ``work``.
+
+    ``dicomweb``: load the DICOMweb plugin (Debian ``orthanc-dicomweb``), served at
+    :attr:`OrthancPeer.dicomweb_url`.
 
     A free port can be taken by another process before Orthanc binds it;
     Orthanc then exits at start, and is started again on other ports (3 tries).
     """
     work.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):
-        peer, log = _start_orthanc(work, ae_title, node_port)
+        peer, log = _start_orthanc(work, ae_title, node_port, dicomweb)
         try:
             try:
                 wait_until(lambda: _orthanc_ready(peer), 30, "Orthanc")
@@ -182,7 +198,11 @@ class _OrthancExited(Exception):
     pass
 
 
-def _start_orthanc(work: Path, ae_title: str, node_port: int | None) -> tuple[OrthancPeer, BinaryIO]:
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _start_orthanc(work: Path, ae_title: str, node_port: int | None,
+                   dicomweb: bool = False) -> tuple[OrthancPeer, BinaryIO]:
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "segnode-test", "StorageDirectory": str(work / "db"), "IndexDirectory": str(work / "db"),
@@ -191,6 +211,9 @@ def _start_orthanc(work: Path, ae_title: str, node_port: int | None) -> tuple[Or
         "StorageCompression": False, "Plugins": [], "HttpServerEnabled": True,
         "DicomModalities": {"segnode": ["SEGNODE", "127.0.0.1", node_port or 104]},
     }
+    if dicomweb:
+        config["Plugins"] = [str(ORTHANC_DICOMWEB_PLUGIN)]
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
     cfg = work / "orthanc.json"
     cfg.write_text(json.dumps(config))
     log = open(work / "orthanc.log", "ab")

@@ -160,3 +160,44 @@ def test_brain_falls_back_to_hu_based_without_weights(tmp_path: Path, caplog: py
     assert attempts[1] == {"backend": "hu_based", "error": ""}
     assert [r.levelno for r in caplog.records if "backend totalsegmentator failed" in r.message] == [
         logging.WARNING, logging.INFO]
+
+
+def test_three_profiles_share_one_model_run(dl_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route with profiles [liver, spleen, kidneys]: three jobs, one TotalSegmentator call, three SEGs
+    whose segments equal the union run's, split per profile (node/shared_run.py)."""
+    import totalsegmentator.python_api as api
+
+    from segnode.node.pipeline import PipelineRequest, run_pipeline
+    from tests.phantoms import write_ct_series
+
+    for key in NNUNET_ENV:
+        monkeypatch.delenv(key, raising=False)
+    calls: list[int] = []
+    real = api.totalsegmentator
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "totalsegmentator", counted)
+    volume, _ = synthetic_case(seed=3004)
+    series = tmp_path / "ct"
+    write_ct_series(volume.hu, series, volume.spacing, volume.origin, volume.direction)
+    profiles = ("liver", "spleen", "kidneys")
+    results = {}
+    for name in profiles:
+        request = PipelineRequest(input_path=series, profile=name, out_dir=tmp_path / name,
+                                  settings=_settings(dl_weights), use_fallback=False,
+                                  profiles=profiles, shared_dir=tmp_path / "shared")
+        results[name] = run_pipeline(request)
+    assert len(calls) == 1
+    assert {n: [s["tissue"] for s in r.summary["segments"]] for n, r in results.items()} == {
+        "liver": ["liver"], "spleen": ["spleen"], "kidneys": ["kidney_left", "kidney_right"]}
+    assert len({r.seg_sop_instance_uid for r in results.values()}) == 3
+    assert all(r.backend_used == "totalsegmentator" for r in results.values())
+    # a route with one profile still runs its own call (no shared folder)
+    alone = run_pipeline(PipelineRequest(input_path=series, profile="liver", out_dir=tmp_path / "alone",
+                                         settings=_settings(dl_weights), use_fallback=False))
+    assert len(calls) == 2
+    shared_voxels = results["liver"].summary["segments"][0]["voxels"]
+    assert shared_voxels > 0 and alone.summary["segments"][0]["voxels"] > 0

@@ -38,11 +38,22 @@ def test_run_nifti_format(data_dir: Path, tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("labels_bone_*.nii.gz"))) == 1
 
 
+def test_run_output_kinds(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["run", "--organ", "lungs", "--model", "hu_based", "--output", "rtstruct, overlay,sr"]
+    assert main([*argv, str(data_dir / "thorax_cta"), "-o", str(tmp_path)]) == 0
+    counts = {kind: len(list(tmp_path.glob(f"{kind}_lungs_*.dcm"))) for kind in ("SEG", "RTSTRUCT", "OVERLAY", "SR")}
+    assert counts == {"SEG": 1, "RTSTRUCT": 1, "OVERLAY": 164, "SR": 1}  # the SR brings the SEG it refers to
+    summary = json.loads(next(tmp_path.glob("summary_lungs_*.json")).read_text())
+    assert {o["kind"] for o in summary["outputs"]} == {"seg", "rtstruct", "overlay", "sr"}
+    assert "(rtstruct)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
         (["--organ", "pancreas", "thorax_cta"], 2, "unknown profile 'pancreas'"),
         (["--organ", "lungs", "--model", "magic", "thorax_cta"], 2, "invalid choice: 'magic'"),
+        (["--organ", "lungs", "--output", "seg,rtstrct", "thorax_cta"], 2, "unknown output kind(s) rtstrct"),
         (["--organ", "lungs", "edge_cases/pydicom_data/eCT_Supplemental.dcm"], 3, "PERFUSION/RCBF"),
         (["--organ", "lungs", "upper_abdomen"], 3, "empty SeriesInstanceUID"),
         (["--organ", "lungs", "nowhere"], 3, "no such file or folder"),

@@ -61,3 +61,58 @@ def test_echo_and_the_echo_command(tmp_path: Path, capsys: pytest.CaptureFixture
         assert "echo succeeded" in capsys.readouterr().out
     assert main(["echo", "nowhere", "--config", str(cfg)]) == 2
     assert "unknown destination 'nowhere'" in capsys.readouterr().err
+
+
+def small_object(folder: Path, sop_class: str, uid: str) -> Path:
+    """A minimal Part 10 object of ``sop_class`` (storescp stores what it accepts without checking the IOD)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop_class, uid, "OT"
+    path = folder / f"{uid}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_several_objects_in_one_association_a_refused_class_fails_alone(tmp_path: Path) -> None:
+    from segnode.node.dispatch import send_files
+
+    sc, rt = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.481.3"
+    files = [small_object(tmp_path, cls, f"2.25.{n}") for n, cls in enumerate((sc, rt, sc), 1)]
+    with storescp(tmp_path / "pacs", accept=[sc]) as pacs:
+        results = send_files(config_for(pacs.port).destinations[0], files, calling_ae="SEGNODE", timeout_s=10)
+        stored = sorted(str(dcmread(p).SOPInstanceUID) for p in pacs.received())
+    assert [r.ok for r in results] == [True, False, True] and stored == ["2.25.1", "2.25.3"]
+    assert not results[1].retryable and "RT Structure Set Storage" in results[1].message
+    with storescp(tmp_path / "none", ct_only=True) as pacs:  # no context at all: every object fails for good
+        results = send_files(config_for(pacs.port).destinations[0], files, calling_ae="SEGNODE", timeout_s=10)
+    assert [(r.ok, r.retryable) for r in results] == [(False, False)] * 3
+
+
+def test_delivery_summary_names_the_kind_of_each_failure() -> None:
+    from segnode.node.dispatch import SendResult, summarise
+
+    ok, dead, busy = SendResult(True, False, "stored"), SendResult(False, False, "no context"), SendResult(
+        False, True, "0xA700")
+    assert summarise(["seg", "overlay"], [ok, ok]).ok
+    assert summarise(["seg", "rtstruct"], [ok, dead]) == SendResult(False, False, "rtstruct: no context")
+    assert summarise(["overlay", "overlay", "sr"], [busy, busy, ok], dead=[("rtstruct", "no context")]) == SendResult(
+        False, True, "overlay: 0xA700; rtstruct: no context")
+
+
+def test_what_a_job_encodes_follows_the_route_else_its_destinations() -> None:
+    from segnode.node.dispatch import encoded_kinds
+
+    config = NodeConfig(destinations=[
+        {"name": "pacs", "ae_title": "P", "host": "h", "port": 1},
+        {"name": "tps", "ae_title": "T", "host": "h", "port": 1, "outputs": ["rtstruct"]},
+        {"name": "viewer", "ae_title": "V", "host": "h", "port": 1, "outputs": ["overlay", "rtstruct"]}])
+    assert encoded_kinds(config, ["sr", "seg"], ["pacs"]) == ("seg", "sr")  # the route decides
+    assert encoded_kinds(config, None, ["pacs", "tps"]) == ("seg", "rtstruct")  # no outputs on pacs: seg
+    assert encoded_kinds(config, None, ["tps", "viewer"]) == ("rtstruct", "overlay")
+    assert encoded_kinds(config, None, []) == ("seg",)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from segnode.errors import StorageError
-from segnode.storage.index import DeliveryState, Index, InstanceRecord, JobState
+from segnode.storage.index import DeliveryState, Index, InstanceRecord, JobState, ObjectOutcome
 
 
 class Clock:
@@ -131,6 +131,47 @@ def test_dead_delivery_dead_letters_the_job_and_retry_resends_only_it(index: Ind
     assert [d.destination for _, d in index.due_deliveries()] == ["b"]
     index.delivery_result(job_id, "b", ok=True)
     assert index.job(job_id).state is JobState.DONE
+
+
+def _obj(kind: str, uid: str) -> dict:
+    return {"kind": kind, "profile": "lungs", "path": f"/x/{uid}.dcm", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.7",
+            "sop_instance_uid": uid, "series_instance_uid": "9"}
+
+
+def test_each_destination_tracks_the_objects_it_takes_and_a_retry_resends_only_the_dead_ones(index: Index) -> None:
+    index.record_instance(record("1.1"))
+    job_id = index.jobs()[0].job_id
+    index.mark_complete(job_id, rule="r", profile="lungs", backend=None, destinations=("a", "b"))
+    index.claim_next()
+    outputs = [_obj("seg", "5.1"), _obj("rtstruct", "5.2"), _obj("overlay", "5.3"), _obj("overlay", "5.4")]
+    index.mark_encoded(job_id, seg_path="/x/5.1.dcm", seg_series_uid="2", seg_sop_uid="5.1", backend_used="b",
+                       model_version="1", outputs=outputs, takes={"b": ("rtstruct", "overlay")})
+    assert [o["kind"] for o in index.job(job_id).outputs] == ["seg", "rtstruct", "overlay", "overlay"]
+    assert len(index.delivery_objects(job_id, "a")) == 4  # absent from takes: everything
+    assert {o.kind for o in index.delivery_objects(job_id, "b")} == {"rtstruct", "overlay"}
+    index.delivery_result(job_id, "a", ok=True, objects=[ObjectOutcome(u, DeliveryState.DONE)
+                                                         for u in ("5.1", "5.2", "5.3", "5.4")])
+    index.delivery_result(job_id, "b", ok=False, error="rtstruct: refused", objects=[
+        ObjectOutcome("5.2", DeliveryState.DEAD, "refused"), ObjectOutcome("5.3", DeliveryState.DONE),
+        ObjectOutcome("5.4", DeliveryState.DONE)])
+    assert index.job(job_id).state is JobState.DEAD_LETTER
+    index.retry(job_id)
+    states = {o.sop_instance_uid: o.state for o in index.delivery_objects(job_id, "b")}
+    assert states == {"5.2": DeliveryState.PENDING, "5.3": DeliveryState.DONE, "5.4": DeliveryState.DONE}
+    assert all(o.state is DeliveryState.DONE and o.delivered_at for o in index.delivery_objects(job_id, "a"))
+
+
+def test_an_index_from_before_output_objects_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    Index(path).close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN outputs")
+    db.execute("DROP TABLE delivery_objects")
+    db.commit()
+    db.close()
+    index = Index(path)
+    index.record_instance(record("1.1"))
+    assert index.jobs()[0].outputs == [] and index.delivery_objects(index.jobs()[0].job_id) == []
 
 
 def test_recover_returns_interrupted_segmentation_to_complete(index: Index) -> None:

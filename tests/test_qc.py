@@ -122,3 +122,41 @@ def test_qc_section_is_validated() -> None:
     profile = load_profile("lungs")
     with pytest.raises(ValidationError, match="does not have"):
         profile.model_validate({**profile.model_dump(), "qc": ProfileQC(tissues={"liver": TissueQC()}).model_dump()})
+
+
+def test_cross_check_backend_runs_and_its_disagreement_warns(cta, cta_lungs) -> None:
+    """``qc.cross_check``: a second backend runs on every result; swapped lungs there → agreement warns."""
+    from segnode.errors import BackendError
+    from segnode.node.pipeline import quality_checks
+
+    base = load_profile("lungs")
+    profile = base.model_validate({**base.model_dump(), "qc": {**base.qc.model_dump(), "cross_check": "hu_based"}})
+    primary = LabelMap(cta_lungs.array, cta_lungs.labels, "totalsegmentator")  # as if the model made it
+    swapped = LabelMap(np.choose(cta_lungs.array, [0, 2, 1]).astype(np.uint8), cta_lungs.labels, "hu_based")
+    calls: list[str] = []
+
+    class Source:
+        def __init__(self, result):
+            self.result = result
+
+        def get(self, backend, profile, settings):
+            calls.append(backend)
+            return self
+
+        def segment(self, volume):
+            if isinstance(self.result, Exception):
+                raise self.result
+            return self.result
+
+    agree = by_check(quality_checks(cta, primary, profile, RunSettings(), Source(cta_lungs)))
+    assert calls == ["hu_based"] and agree["agreement_dice", "lung_left"].outcome is Outcome.PASS
+    disagree = by_check(quality_checks(cta, primary, profile, RunSettings(), Source(swapped)))
+    assert disagree["agreement_dice", "lung_right"].outcome is Outcome.WARN
+    assert disagree["agreement_dice", "lung_right"].figure == 0.0
+    failed = by_check(quality_checks(cta, primary, profile, RunSettings(), Source(BackendError("no weights"))))
+    assert failed["agreement_dice", "*"].outcome is Outcome.WARN and "no weights" in failed["agreement_dice", "*"].expected
+    calls.clear()  # the cross-check backend made the result itself: nothing to compare, not run again
+    quality_checks(cta, swapped, profile, RunSettings(), Source(cta_lungs))
+    assert calls == []
+    with pytest.raises(ValidationError, match="needs qc.min_agreement_dice"):
+        ProfileQC(cross_check="hu_based")

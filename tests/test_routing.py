@@ -238,6 +238,11 @@ ERRORS = [
      "      destinations: ['@snder']\n", "unknown special destination '@snder'"),
     ("bad harvest", R + "    match: {tag: Modality, equals: CT}\n    action: {profile: lungs, harvest: '../x'}\n",
      ":4: rules[0].action.harvest: dataset name '../x' must be a letter"),
+    ("unknown output kind", R + "    match: {tag: Modality, equals: CT}\n    action:\n      profile: lungs\n"
+     "      outputs: [seg, rtstrct]\n",
+     ":6: rules[0].action.outputs: unknown output kind(s) rtstrct; choose from seg, rtstruct, overlay, sr"),
+    ("no output kind", R + "    match: {tag: Modality, equals: CT}\n    action: {profile: lungs, outputs: []}\n",
+     ":4: rules[0].action.outputs: give at least one output kind"),
     ("no match", R + "    action: {profile: lungs}\n", ":2: rules[0]: a rule needs 'match'"),
     ("fallback with match", R + "    fallback: true\n    match: {tag: Modality, equals: CT}\n"
      "    action: {profile: lungs}\n", ":2: rules[0]: a fallback rule has no 'match'"),

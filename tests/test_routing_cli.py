@@ -204,3 +204,22 @@ def test_reload_while_evaluating(rules: Path) -> None:
         stop.set()
         reader.join()
     assert seen <= {"brain", "liver"} and seen
+
+
+def test_route_test_on_a_study_folder_shows_completion_and_selection(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.study_fixtures import build_study
+
+    study = build_study(tmp_path / "study")
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("rules:\n- name: chest\n  fallback: true\n  action:\n"
+                      "    profiles: [liver, spleen, kidneys]\n    select: {prefer: [thinnest]}\n")
+    assert cli.main(["route", "test", "--rules", str(routes), str(tmp_path / "study")]) == 0
+    out = capsys.readouterr().out
+    assert "on release: whole (164 slices gap-free, ImagesInAcquisition=164)" in out
+    assert "profile liver, spleen, kidneys" in out
+    thin = pydicom.dcmread(next(study["thin"].glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    selection = out.split("study selection")[1]
+    assert f"run    {thin}: rule chest, selected: axial, 164 slices, 1.5 mm" in selection
+    assert "localizer (ImageType LOCALIZER)" in selection and "secondary capture" in selection
+    assert "not selected: coronal, not axial" in selection and f"series {thin} is preferred" in selection

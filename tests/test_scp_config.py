@@ -31,6 +31,19 @@ def test_errors_name_file_line_and_key(tmp_path: Path) -> None:
     assert "not an IP address or CIDR network" in text
 
 
+def test_destination_outputs_are_validated_with_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text("destinations:\n  - name: pacs\n    ae_title: PACS\n    host: 127.0.0.1\n    port: 104\n"
+                    "    outputs: [rtstruct, overlays]\n")
+    with pytest.raises(ConfigError, match=rf"{path}:6: destinations\[0\].outputs: unknown output kind\(s\) overlays"):
+        load_config(path)
+    path.write_text("destinations:\n  - {name: pacs, ae_title: PACS, host: 127.0.0.1, port: 104, outputs: overlay}\n")
+    [dest] = load_config(path).destinations
+    assert dest.outputs == ("overlay",) and dest.takes(("seg", "rtstruct", "overlay")) == ("overlay",)
+    assert NodeConfig(destinations=[{"name": "a", "ae_title": "A", "host": "h", "port": 1}]).destinations[0].takes(
+        ("seg", "sr")) == ("seg", "sr")  # no outputs: whatever the job encodes
+
+
 def test_unknown_sender_destination_and_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unique"):
         NodeConfig(destinations=[{"name": "a", "ae_title": "A", "host": "h", "port": 1}] * 2)

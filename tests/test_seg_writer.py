@@ -81,6 +81,27 @@ def test_uids_are_deterministic_per_series_profile_and_model(thorax: Volume, tmp
     assert pydicom.uid.UID(a.sop_instance_uid).is_valid
 
 
+def test_a_late_instance_makes_a_new_version_with_new_uids(data_dir: Path, tmp_path: Path) -> None:
+    """The same instances give the same UIDs; one more instance of the series gives new ones."""
+    import shutil
+
+    early = tmp_path / "early"
+    early.mkdir()
+    files = sorted((data_dir / "thorax_cta").glob("*.dcm"))[:20]
+    for f in files[:-1]:
+        shutil.copy(f, early)
+    before = load_series(early)
+    shutil.copy(files[-1], early)
+    after = load_series(early)
+    assert before.source.series_instance_uid == after.source.series_instance_uid
+    profile = load_profile("lungs")
+    first = write_seg(before, threshold_labels(before, "lungs"), profile, tmp_path / "a")
+    again = write_seg(load_series(early.parent / "early"), threshold_labels(after, "lungs"), profile, tmp_path / "c")
+    late = write_seg(after, threshold_labels(after, "lungs"), profile, tmp_path / "b")
+    assert late.series_instance_uid != first.series_instance_uid and late.sop_instance_uid != first.sop_instance_uid
+    assert (again.series_instance_uid, again.sop_instance_uid) == (late.series_instance_uid, late.sop_instance_uid)
+
+
 def test_empty_segment_is_kept_without_frames(thorax: Volume, tmp_path: Path) -> None:
     labels = threshold_labels(thorax, "lungs", empty=("lung_right",))
     result = write_seg(thorax, labels, load_profile("lungs"), tmp_path)

@@ -70,7 +70,7 @@ def test_status_page_in_headless_chromium(node, tmp_path):
     queue = dict(re.findall(r'class="state s-(\w+)">\w+</span></td><td class="n">(\d+)</td>', page))
     assert queue == {"received": "2", "complete": "0", "segmenting": "0", "encoded": "0", "sending": "0",
                      "done": "1", "failed": "1", "dead_letter": "1", "not_routed": "1",
-                     "held": "0", "rejected": "0"}
+                     "held": "0", "rejected": "0", "skipped": "0", "superseded": "0"}
     failures = page.split('id="failures"', 1)[1].split("</table>", 1)[0]
     assert "BackendError: model crashed" in failures and "no routing rule matched" in failures
     assert html.escape("pacs: association rejected permanently") in failures

@@ -1,0 +1,52 @@
+"""The kinds of DICOM object a job can produce, shared by routing and the node.
+
+Routes ask for kinds (``action.outputs``), destinations say which kinds they
+take (``destinations[].outputs``), the worker encodes them
+(:mod:`node.outputs`).  This module holds only the names and their
+validation, so that the routing layer can check a rules file without
+importing the node.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from segnode.errors import ConfigError
+
+
+class OutputKind(str, Enum):
+    SEG = "seg"
+    RTSTRUCT = "rtstruct"
+    OVERLAY = "overlay"
+    SR = "sr"
+
+
+ALL_KINDS: tuple[str, ...] = tuple(k.value for k in OutputKind)
+
+
+def parse_kinds(kinds: object, *, where: str = "outputs") -> tuple[str, ...]:
+    """Validated kind names, in canonical order, without duplicates (``ConfigError`` on a bad one).
+
+    Accepts one name, a comma-separated string (``"seg,rtstruct"``), or a list of names or kinds.
+    """
+    if isinstance(kinds, str):
+        kinds = kinds.split(",")
+    names = [str(getattr(k, "value", k)).strip().lower() for k in (kinds or ())]  # type: ignore[union-attr]
+    names = [n for n in names if n]
+    bad = [n for n in names if n not in ALL_KINDS]
+    if bad:
+        raise ConfigError(f"unknown output kind(s) {', '.join(bad)}; choose from {', '.join(ALL_KINDS)}", where=where)
+    return tuple(k for k in ALL_KINDS if k in names)
+
+
+def kinds_field(value: object) -> tuple[str, ...] | None:
+    """Pydantic ``before`` validator of an ``outputs`` key: ``ValueError`` (file:line added by the loader)."""
+    if value is None:
+        return None
+    try:
+        kinds = parse_kinds(value)
+    except ConfigError as exc:
+        raise ValueError(exc.message) from None
+    if not kinds:
+        raise ValueError(f"give at least one output kind ({', '.join(ALL_KINDS)})")
+    return kinds
