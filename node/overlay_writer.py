@@ -59,15 +59,6 @@ def legend_band(columns: int, entries: list[tuple[str, tuple[int, int, int]]]) -
     return np.asarray(band)
 
 
-def _image_ref(plane: SourcePlane) -> Dataset:
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = plane.sop_class_uid
-    ref.ReferencedSOPInstanceUID = plane.sop_instance_uid
-    if plane.frame_number is not None:
-        ref.ReferencedFrameNumber = plane.frame_number
-    return ref
-
-
 def _ds(value: float) -> str:
     return f"{float(value) + 0.0:.6f}".rstrip("0").rstrip(".")
 
@@ -93,8 +84,8 @@ def _instance(first: Dataset, plane: SourcePlane, rgb: np.ndarray, number: int, 
     ds.DerivationDescription = "segment outlines burned into windowed CT (W 400 L 40)"
     ds.BurnedInAnnotation = "YES"
     ds.ImageComments = text["comments"]
-    ds.SourceImageSequence = Sequence([_image_ref(plane)])
-    ds.ReferencedImageSequence = Sequence([_image_ref(plane)])
+    ds.SourceImageSequence = Sequence([plane.reference()])
+    ds.ReferencedImageSequence = Sequence([plane.reference()])
     ds.FrameOfReferenceUID = text["frame_of_reference"]
     ds.ImagePositionPatient = [_ds(v) for v in plane.position]
     ds.ImageOrientationPatient = [_ds(v) for v in (*plane.row_dir, *plane.col_dir)]

@@ -67,15 +67,6 @@ def _ds(value: float) -> str:
     return f"{float(value) + 0.0:.5f}"
 
 
-def _image_ref(plane: SourcePlane) -> Dataset:
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = plane.sop_class_uid
-    ref.ReferencedSOPInstanceUID = plane.sop_instance_uid
-    if plane.frame_number is not None:
-        ref.ReferencedFrameNumber = plane.frame_number
-    return ref
-
-
 def _contour_items(labels: LabelMap, value: int, planes: list[SourcePlane]) -> list[Dataset]:
     items = []
     for k, plane in enumerate(planes):
@@ -85,7 +76,7 @@ def _contour_items(labels: LabelMap, value: int, planes: list[SourcePlane]) -> l
         for polygon in mask_contours(mask):
             xyz = plane.to_patient(polygon[:, 0], polygon[:, 1])
             item = Dataset()
-            item.ContourImageSequence = Sequence([_image_ref(plane)])
+            item.ContourImageSequence = Sequence([plane.reference()])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(xyz)
             item.ContourNumber = len(items) + 1
@@ -109,7 +100,7 @@ def _referenced_frame_of_reference(volume: Volume, planes: list[SourcePlane]) ->
     series = Dataset()
     series.SeriesInstanceUID = source.series_instance_uid
     unique = {(p.sop_instance_uid, p.frame_number): p for p in planes}
-    series.ContourImageSequence = Sequence([_image_ref(p) for p in unique.values()])
+    series.ContourImageSequence = Sequence([p.reference() for p in unique.values()])
     study = Dataset()
     study.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
     study.ReferencedSOPInstanceUID = source.study_instance_uid

@@ -33,6 +33,15 @@ class SourcePlane:
     def normal(self) -> np.ndarray:
         return np.cross(self.row_dir, self.col_dir)
 
+    def reference(self) -> Dataset:
+        """An image reference item (SOP class, instance, frame) to this plane's image."""
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = self.sop_class_uid
+        ref.ReferencedSOPInstanceUID = self.sop_instance_uid
+        if self.frame_number is not None:
+            ref.ReferencedFrameNumber = self.frame_number
+        return ref
+
     def to_patient(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(row, column) pixel indices (float) → (n, 3) patient LPS mm."""
         dr, dc = self.pixel_spacing
