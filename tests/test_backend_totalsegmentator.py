@@ -201,3 +201,13 @@ def test_three_profiles_share_one_model_run(dl_weights: Path, tmp_path: Path, mo
     assert len(calls) == 2
     shared_voxels = results["liver"].summary["segments"][0]["voxels"]
     assert shared_voxels > 0 and alone.summary["segments"][0]["voxels"] > 0
+    # combine: true: one result holding every profile's segments, from the same shared run
+    combined = run_pipeline(PipelineRequest(input_path=series, profile="liver", out_dir=tmp_path / "combined",
+                                            settings=_settings(dl_weights), use_fallback=False, profiles=profiles,
+                                            shared_dir=tmp_path / "shared", combine=True))
+    assert len(calls) == 2
+    segments = {s["tissue"]: s["voxels"] for s in combined.summary["segments"]}
+    assert list(segments) == ["liver", "spleen", "kidney_left", "kidney_right"]
+    assert segments["liver"] == shared_voxels
+    assert segments["kidney_right"] == results["kidneys"].summary["segments"][1]["voxels"]
+    assert combined.seg_sop_instance_uid not in {r.seg_sop_instance_uid for r in results.values()}
