@@ -138,6 +138,7 @@ def test_all_kinds_reach_orthanc_and_a_destination_without_seg_support_gets_none
         overlays = sorted((o for o in job.outputs if o["kind"] == "overlay"), key=lambda o: o["path"])
         png = pacs.get(f"/instances/{orthanc_id(pacs, overlays[82]['sop_instance_uid'])}/preview")
         (tmp_path / "overlay_preview.png").write_bytes(png)
+        ARTIFACTS.mkdir(exist_ok=True)
         shutil.copyfile(tmp_path / "overlay_preview.png", ARTIFACTS / "overlay_preview.png")
         rows = dcmread(THORAX / "CT0083.dcm", stop_before_pixels=True).Rows
         picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[:rows]  # above the legend band
