@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from urllib.parse import urlsplit
 
 from segnode.errors import ConfigError, InputError, SegnodeError
 from segnode.node.dicomweb_config import DicomWebClient, DicomWebConfig, read_secret
+from segnode.node.guards import PendingGate, PendingSlot
 from segnode.node.http_api import RunningHTTP
 from segnode.node.multipart import (
     BodyTooLarge,
@@ -200,9 +202,41 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     protocol_version = "HTTP/1.1"
 
+    _header_timer: threading.Timer | None = None
+
     def setup(self) -> None:
         self.timeout = self.server.app.config.network_timeout_s
         super().setup()
+
+    def handle_one_request(self) -> None:
+        """One request; its request line and headers must arrive within ``header_timeout_s``.
+
+        The socket timeout bounds each read; this bounds them together (a peer
+        dribbling a header byte at a time, or idling on a keep-alive connection).
+        """
+        timer = threading.Timer(self.server.app.config.header_timeout_s, self._headers_overdue)
+        timer.daemon = True
+        self._header_timer = timer
+        timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            timer.cancel()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if self._header_timer is not None:
+            self._header_timer.cancel()  # the headers are in: the body has its own limits
+        return parsed
+
+    def _headers_overdue(self) -> None:
+        logger.info("closing DICOMweb connection from %s: no complete request headers within %g s",
+                    self.client_address[0], self.server.app.config.header_timeout_s)
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns: the handler ends
+        except OSError:
+            pass
 
     def do_GET(self) -> None:
         self._guarded(self._get)
@@ -348,14 +382,55 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("%s %s", self.client_address[0], format % args)
 
 
+#: what a connection over the caps gets before it is closed
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
+
+
 class DicomWebHTTPServer(ThreadingHTTPServer):
+    """Threads per connection, capped in all and per client host (:class:`node.guards.PendingGate`)."""
+
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: DicomWebApp) -> None:
         self.app = app
+        self.gate = PendingGate(app.config.max_connections, app.config.max_connections_per_host, what="open")
+        self._slots: dict[int, PendingSlot] = {}  # by the accepted socket's file descriptor
         super().__init__(address, _Handler)
+
+    def verify_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        slot = self.gate.admit(client_address[0])
+        if slot is None:  # socketserver closes it: no thread
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+            return False
+        self._slots[request.fileno()] = slot
+        return True
+
+    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # "can't start new thread"
+            self._release(request)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        slot = self._slots.pop(request.fileno(), None)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    def _release(self, request) -> None:  # type: ignore[no-untyped-def]
+        slot = self._slots.pop(request.fileno(), None)
+        if slot is not None:
+            slot.release()
 
 
 def start_dicomweb(app: DicomWebApp) -> RunningHTTP:

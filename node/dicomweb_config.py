@@ -82,6 +82,9 @@ class DicomWebConfig(Frozen):
     max_parts: int = Field(10000, ge=1)
     max_result_bytes: int = Field(2 * 1024**3, ge=1024)  # a remote worker's result upload
     network_timeout_s: float = Field(60.0, gt=0)  # each read/write on a connection
+    header_timeout_s: float = Field(10.0, gt=0)  # deadline for a request line and headers (idle keep-alive too)
+    max_connections: int = Field(64, ge=1, le=10000)  # open at a time; more: 503 before a thread starts
+    max_connections_per_host: int = Field(16, ge=1, le=10000)
     public_url: str | None = None  # the base URL workers use to reach this server (default http://host:port)
 
     @model_validator(mode="after")

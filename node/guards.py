@@ -87,8 +87,9 @@ class AcceptWatchdog:
 class PendingGate:
     """Connections accepted but not yet associated, in all and per sender host."""
 
-    def __init__(self, total: int, per_host: int) -> None:
+    def __init__(self, total: int, per_host: int, what: str = "not yet associated") -> None:
         self.total, self.per_host = total, per_host
+        self.what = what  # what the counted connections are, for the log
         self.refused = 0
         self._hosts: Counter[str] = Counter()
         self._count = 0
@@ -109,8 +110,8 @@ class PendingGate:
                 self._hosts[host] += 1
                 return PendingSlot(self, host)
         if refused == 1 or refused % 100 == 0:
-            logger.warning("refusing connection from %s: %d connections not yet associated (%d refused so far)",
-                           host, self._count, refused)
+            logger.warning("refusing connection from %s: %d connections %s (%d refused so far)",
+                           host, self._count, self.what, refused)
         return None
 
     def _release(self, host: str) -> None:
