@@ -39,6 +39,14 @@ def parse_kinds(kinds: object, *, where: str = "outputs") -> tuple[str, ...]:
     return tuple(k for k in ALL_KINDS if k in names)
 
 
+def encoded_with(kinds: object) -> tuple[str, ...]:
+    """``kinds`` (validated, canonical order; none: the SEG) with what they need: an SR refers to its SEG."""
+    wanted = parse_kinds(kinds) or (OutputKind.SEG.value,)
+    if OutputKind.SR.value in wanted:
+        wanted = parse_kinds((OutputKind.SEG.value, *wanted))
+    return wanted
+
+
 def kinds_field(value: object) -> tuple[str, ...] | None:
     """Pydantic ``before`` validator of an ``outputs`` key: ``ValueError`` (file:line added by the loader)."""
     if value is None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.seg_writer import EncodedResult, SegType, write_seg
-from segnode.output_kinds import ALL_KINDS, OutputKind, parse_kinds
+from segnode.output_kinds import ALL_KINDS, OutputKind, encoded_with, parse_kinds
 from segnode.profiles.schema import Profile
 
 __all__ = ["ALL_KINDS", "OutputKind", "encode_outputs", "parse_kinds", "record"]
@@ -47,9 +47,7 @@ def encode_outputs(
     statistics: list[dict] | None = None,
 ) -> list[dict[str, Any]]:
     """Write every kind in ``kinds`` (SEG first); return one :func:`record` per object written."""
-    wanted = parse_kinds(kinds) or (OutputKind.SEG.value,)
-    if OutputKind.SR.value in wanted and OutputKind.SEG.value not in wanted:
-        wanted = (OutputKind.SEG.value, *wanted)
+    wanted = encoded_with(kinds)
     results: list[EncodedResult] = []
     seg: EncodedResult | None = None
     for kind in wanted:

@@ -40,6 +40,7 @@ from segnode.node.receivers import ReceiverPool
 from segnode.node.review import decide
 from segnode.node.scp import Listener, RunningSCP, start_scp
 from segnode.node.worker import JobOutcome, JobSpec, run_job
+from segnode.output_kinds import encoded_with
 from segnode.routing.rules import QcPolicy
 from segnode.storage.index import DeliveryState, Index, Job, JobState, ObjectOutcome
 from segnode.storage.recovery import reindex_spool
@@ -206,8 +207,7 @@ class Service:
 
     def _takes(self, job: Job) -> dict[str, tuple[str, ...]]:
         """Per destination, the encoded kinds it is sent (docs/node.md, "Which destination gets what")."""
-        kinds = self.encoded_kinds(job)
-        kinds += ("seg",) if "sr" in kinds else ()  # the SR's SEG goes with it where the destination takes SEG
+        kinds = encoded_with(self.encoded_kinds(job))  # the SR's SEG goes with it where the destination takes SEG
         names = [d.name for d in self.config.destinations]
         return {n: self.config.destination(n).takes(kinds) for n in job.destinations if n in names}
 
