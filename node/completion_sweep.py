@@ -27,7 +27,6 @@ series never has two current results.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -55,12 +54,15 @@ class CompletionSweep:
                  resolve: Resolve) -> None:
         self.config, self.index, self.spool, self.rules = config, index, spool, rules
         self.emit, self.resolve = emit, resolve
-        self._facts: dict[tuple[str, int], SeriesFacts | None] = {}  # (series, instance count) → facts
+        #: series → (instance count, facts) of the series still ``received``; read again when the count changes
+        self._facts: dict[str, tuple[int, SeriesFacts | None]] = {}
 
     def sweep(self) -> bool:
         """One pass; ``True`` if a job became ``complete``."""
         now = self.index.clock()
         jobs = self.index.received_jobs()
+        waiting = {job.series_uid for job in jobs}
+        self._facts = {uid: known for uid, known in self._facts.items() if uid in waiting}
         if self.config.completion.group_by == "series":
             routed = False
             for job in jobs:
@@ -80,11 +82,12 @@ class CompletionSweep:
 
     # -- completion ---------------------------------------------------------------------
     def facts(self, info: SeriesInfo) -> SeriesFacts | None:
-        key = (info.series_uid, info.instance_count)
-        if key not in self._facts:
+        count, facts = self._facts.get(info.series_uid, (-1, None))
+        if count != info.instance_count:
             paths = [self.spool.root / p for p in self.index.instance_paths(info.series_uid)]
-            self._facts[key] = read_facts(info.series_uid, paths)
-        return self._facts[key]
+            facts = read_facts(info.series_uid, paths)
+            self._facts[info.series_uid] = (info.instance_count, facts)
+        return facts
 
     def evidence(self, series_uid: str, now: float) -> str | None:
         """The sentence saying why the series is complete now, or ``None`` if it is not yet."""
@@ -164,18 +167,13 @@ class CompletionSweep:
         if not self.index.mark_complete(job.job_id, profile=profiles[0], note=note, **fields):  # type: ignore[arg-type]
             return False
         for profile in profiles[1:]:
-            sibling = self.index.add_job(self.index.job(job.job_id), state=JobState.COMPLETE,  # type: ignore[arg-type]
-                                         reason=f"routed by rule {decision.rule!r} (profile {profile}, model run "
-                                                f"shared with job {job.job_id})" + (f"; {note}" if note else ""),
-                                         profile=profile,
-                                         **_columns(fields))
+            sibling = self.index.add_complete_job(
+                self.index.job(job.job_id),  # type: ignore[arg-type]
+                reason=f"routed by rule {decision.rule!r} (profile {profile}, model run shared with job "
+                       f"{job.job_id})" + (f"; {note}" if note else ""),
+                profile=profile, **fields)
             self.emit("job_state", {"job_id": sibling, "state": JobState.COMPLETE.value})
         logger.info("series %s complete (%d instances): rule %s, profile(s) %s, to %s", job.series_uid,
                     info.instance_count, decision.rule, ", ".join(profiles), ", ".join(destinations) or "nowhere")
         self.emit("job_state", {"job_id": job.job_id, "state": JobState.COMPLETE.value})
         return True
-
-
-def _columns(fields: dict[str, Any]) -> dict[str, Any]:
-    return {**fields, "destinations": json.dumps(list(fields["destinations"])),
-            "options": json.dumps(fields["options"], sort_keys=True)}

@@ -466,9 +466,8 @@ class Index:
                       options: dict[str, Any] | None = None, note: str | None = None) -> bool:
         """Routed: ``note`` adds to the reason (why this series was selected, what it supersedes)."""
         reason = f"routed by rule {rule!r}" + (f"; {note}" if note else "")
-        return self.transition(job_id, JobState.COMPLETE, reason, rule=rule,
-                               profile=profile, backend=backend, destinations=json.dumps(list(destinations)),
-                               harvest=harvest, options=json.dumps(options or {}, sort_keys=True))
+        return self.transition(job_id, JobState.COMPLETE, reason,
+                               **_route_columns(rule, profile, backend, destinations, harvest, options))
 
     # -- completion on evidence (node/completion.py) ------------------------------
     def mark_released(self, series_uids: Collection[str]) -> None:
@@ -495,9 +494,13 @@ class Index:
         with self._tx() as db:
             db.execute("UPDATE jobs SET completion = ? WHERE job_id = ?", (evidence, job_id))
 
-    def add_job(self, like: Job, *, state: JobState, reason: str, **fields: object) -> int:
-        """A further job on ``like``'s series (one per profile of a multi-profile route)."""
+    def add_complete_job(self, like: Job, *, reason: str, rule: str, profile: str, backend: str | None,
+                         destinations: tuple[str, ...], harvest: str | None = None,
+                         options: dict[str, Any] | None = None) -> int:
+        """A further ``complete`` job on ``like``'s series (one per profile of a multi-profile route)."""
         now = self.clock()
+        state = JobState.COMPLETE
+        fields = _route_columns(rule, profile, backend, destinations, harvest, options)
         names = ["series_uid", "study_uid", "state", "reason", "completion", "created_at", "updated_at", *fields]
         values = [like.series_uid, like.study_uid, state.value, reason, like.completion, now, now, *fields.values()]
         with self._tx() as db:
@@ -721,6 +724,13 @@ def _delivery(row: sqlite3.Row) -> Delivery:
     data = dict(row)
     data["state"] = DeliveryState(data["state"])
     return Delivery(**data)
+
+
+def _route_columns(rule: str, profile: str, backend: str | None, destinations: tuple[str, ...],
+                   harvest: str | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """A routing decision as the jobs table stores it."""
+    return {"rule": rule, "profile": profile, "backend": backend, "destinations": json.dumps(list(destinations)),
+            "harvest": harvest, "options": json.dumps(options or {}, sort_keys=True)}
 
 
 def _review_reason(verdict: str, reviewer: str, comment: str) -> str:
