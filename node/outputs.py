@@ -24,7 +24,7 @@ from segnode.node.seg_writer import EncodedResult, SegType, write_seg
 from segnode.output_kinds import ALL_KINDS, OutputKind, encoded_with, parse_kinds
 from segnode.profiles.schema import Profile
 
-__all__ = ["ALL_KINDS", "OutputKind", "encode_outputs", "parse_kinds", "record"]
+__all__ = ["ALL_KINDS", "OutputKind", "encode_outputs", "encoded_with", "parse_kinds", "record"]
 
 logger = logging.getLogger(__name__)
 

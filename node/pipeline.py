@@ -203,9 +203,9 @@ def run_pipeline(
 
     start = time.perf_counter()
     if output_format is OutputFormat.SEG:
-        from segnode.node.outputs import encode_outputs, parse_kinds
+        from segnode.node.outputs import encode_outputs, encoded_with
 
-        kinds = parse_kinds(request.outputs) or ("seg",)
+        kinds = encoded_with(request.outputs)
         say(f"encoding {', '.join(kinds)}")
         outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type)
         first = next((o for o in outputs if o["kind"] == "seg"), outputs[0])
