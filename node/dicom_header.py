@@ -63,7 +63,7 @@ def read_header(data: memoryview | bytes, transfer_syntax: str) -> dict[str, str
     return out
 
 
-def _element(view: memoryview, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
+def element_at(view: memoryview, pos: int, explicit: bool) -> tuple[int, bytes, int, int]:
     """``(tag, vr, length, value_offset)`` of the element starting at ``pos``."""
     group, elem = _TAG.unpack_from(view, pos)
     tag = group << 16 | elem
@@ -80,7 +80,7 @@ def _element(view: memoryview, pos: int, explicit: bool) -> tuple[int, bytes, in
 def _walk(view: memoryview, pos: int, end: int, explicit: bool, out: dict[str, str], *, top: bool) -> int:
     """Walk elements from ``pos``; return the offset after the item/sequence delimiter (or ``end``)."""
     while pos + 8 <= end:
-        tag, vr, length, value = _element(view, pos, explicit)
+        tag, vr, length, value = element_at(view, pos, explicit)
         if tag in (_ITEM_END, _SEQ_END):
             return value
         if top and tag > _LAST:
@@ -104,7 +104,7 @@ def _walk(view: memoryview, pos: int, end: int, explicit: bool, out: dict[str, s
 def _skip_sequence(view: memoryview, pos: int, end: int, explicit: bool) -> int:
     """Skip the items of an undefined-length sequence; return the offset after its delimiter."""
     while pos + 8 <= end:
-        tag, _, length, value = _element(view, pos, explicit)
+        tag, _, length, value = element_at(view, pos, explicit)
         if tag == _SEQ_END:
             return value
         if tag != _ITEM:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from segnode.node.dicom_header import read_header
+from segnode.node.dicom_header import element_at, read_header
 from segnode.node.multipart import Part
 from segnode.node.scp import SUCCESS, StoreHandler, StoreRequest
 from segnode.uids import is_valid_uid
@@ -30,8 +30,6 @@ PROCESSING_FAILURE = 0x0110
 NOT_DICOM = 0xC000  # "cannot understand": not a Part 10 file, or not application/dicom
 STUDY_MISMATCH = 0xA900  # the instance's Study Instance UID differs from the request's
 TOO_LARGE = 0xA700  # out of resources
-
-_META_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 
 
 @dataclass(frozen=True)
@@ -64,20 +62,16 @@ def read_file_meta(data: bytes | bytearray | memoryview) -> FileMeta | None:
     values: dict[int, str] = {}
     pos = 132
     while pos + 8 <= len(view):
-        group, element = struct.unpack_from("<HH", view, pos)
-        if group != 0x0002:
+        if struct.unpack_from("<H", view, pos)[0] != 0x0002:
             break
-        vr = bytes(view[pos + 4:pos + 6])
-        if vr in _META_LONG_VRS:
-            if pos + 12 > len(view):
-                return None
-            length, head = struct.unpack_from("<L", view, pos + 8)[0], 12
-        else:
-            length, head = struct.unpack_from("<H", view, pos + 6)[0], 8
-        if pos + head + length > len(view):
+        try:
+            tag, _, length, start = element_at(view, pos, explicit=True)
+        except struct.error:  # a long VR's length runs past the end
             return None
-        values[element] = bytes(view[pos + head:pos + head + length]).rstrip(b"\x00 ").decode("latin-1")
-        pos += head + length
+        if start + length > len(view):
+            return None
+        values[tag & 0xFFFF] = bytes(view[start:start + length]).rstrip(b"\x00 ").decode("latin-1")
+        pos = start + length
     if 0x0010 not in values:
         return None
     return FileMeta(values.get(0x0002, ""), values.get(0x0003, ""), values[0x0010], pos)
