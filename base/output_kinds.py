@@ -2,7 +2,7 @@
 
 Routes ask for kinds (``action.outputs``), destinations say which kinds they
 take (``destinations[].outputs``), the worker encodes them
-(:mod:`node.outputs`).  This module holds only the names and their
+(:mod:`segnode.node.writers.kinds`).  This module holds only the names and their
 validation, so that the routing layer can check a rules file without
 importing the node.
 """

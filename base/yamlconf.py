@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
-
 from segnode.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)

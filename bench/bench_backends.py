@@ -17,7 +17,7 @@ weights), imported with segnode's own importer into a weights folder under ``--w
   1.5 mm), 6 outputs.
 
 Each backend runs in a fresh process (as a job does in the node): import, then a
-:class:`models.cache.ModelCache` ``get`` (cold: verify every weights file, build, load),
+:class:`segnode.models.cache.ModelCache` ``get`` (cold: verify every weights file, build, load),
 one segmentation, then a second ``get`` (warm: a hit) and ``--warm`` more segmentations.
 Peak memory is the child's maximum resident set (and of its own helper processes, e.g.
 TotalSegmentator's spawned pre-processing and export workers), and on CUDA the peak
@@ -140,7 +140,6 @@ def _monai_bundle(folder: Path) -> Path:
 def prepare(work: Path, slices: int, size: int) -> None:
     """The CT (``ct.npy``), the profile and the imported weights, built once per work folder."""
     import numpy as np
-
     from segnode.models.weights import import_weights
     from segnode.profiles.schema import Backend
 
@@ -184,7 +183,6 @@ def run_child(backend: str, work: Path, device: str, threads: int | None, warm: 
     t0 = time.perf_counter()
     import numpy as np
     import torch
-
     from segnode.models.base import RunSettings
     from segnode.models.cache import ModelCache
     from segnode.models.volume import Volume

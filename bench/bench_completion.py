@@ -31,7 +31,6 @@ from tests.peers import node, orthanc, wait_until, write_node_config  # noqa: E4
 
 def one_run(work: Path, series: Path, *, evidence: bool, quiet: float, grace: float) -> dict[str, object]:
     import yaml
-
     from segnode.storage.index import Index, JobState
 
     name = "evidence" if evidence else "quiet"

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segnode.storage.dataset import DatasetStore, harvest  # noqa: E402
 from segnode.storage.deid import Deidentifier, write_dicom  # noqa: E402
 from segnode.storage.pseudonyms import Pseudonymizer  # noqa: E402
+
 from tests.deid_study import make_canary_study, make_seg  # noqa: E402
 
 SECRET = b"benchmark-secret-0123456789"

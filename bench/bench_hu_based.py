@@ -20,6 +20,7 @@ from segnode.models.base import RunSettings  # noqa: E402
 from segnode.models.hu_based import BACKEND  # noqa: E402
 from segnode.models.metrics import dice  # noqa: E402
 from segnode.profiles.loader import load_profile  # noqa: E402
+
 from tests.phantoms import head_phantom, thorax_phantom  # noqa: E402
 
 

@@ -12,7 +12,7 @@ by Orthanc, minus the quiet period.
     .venv/bin/python bench/bench_ingest.py [--images 300] [--size 512] [--runs 3] [--receivers 2] [--no-latency]
                                            [--pynetdicom]
 
-The ``segnode`` rows use the default native receiver (:mod:`node.native_scp`);
+The ``segnode`` rows use the default native receiver (:mod:`segnode.node.dicom_in.receiver`);
 ``--pynetdicom`` adds a row for ``limits.receiver: pynetdicom`` (the one TLS uses).
 """
 
@@ -219,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
 def latency(work: Path, quiet: float) -> None:
     """Last image acknowledged → SEG acknowledged by Orthanc, minus the quiet period."""
     import yaml
-
     from segnode.storage.index import Index, JobState
 
     with orthanc(work / "orthanc-e2e") as pacs:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pydicom
-
 from segnode.routing import load_rules
 
 ROOT = Path(__file__).resolve().parent.parent

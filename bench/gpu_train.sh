@@ -45,7 +45,7 @@ for i in range(n):
 (msd / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **TS_LABELS}}))
 (work / "secret.key").write_bytes(b"gpu-bench-secret-0123456789")
 PYEOF
-SEGNODE=("$PY" -m segnode.node.cli)
+SEGNODE=("$PY" -m segnode.node.cli.main)
 "${SEGNODE[@]}" dataset --store "$WORK/store" --secret-file "$WORK/secret.key" add "$WORK/phantoms" --dataset Bench
 "${SEGNODE[@]}" dataset --store "$WORK/store" freeze Bench
 t1=$(date +%s)

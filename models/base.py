@@ -3,7 +3,7 @@
 Each backend module in ``models/`` (``hu_based``, ``totalsegmentator``,
 ``nnunet``, ``monai``) exposes a class implementing :class:`SegmentationBackend`:
 
-* ``name``: the :class:`profiles.Backend` value;
+* ``name``: the :class:`segnode.profiles.Backend` value;
 * ``is_available()``: the libraries it needs import (cheap, no weights);
 * ``load(profile, settings)``: returns a :class:`LoadedModel` (weights checked and
   loaded; may raise :class:`node.errors.WeightsError`);

@@ -1,4 +1,4 @@
-"""``segnode models compare A B --dataset NAME@VERSION --split test``: see :mod:`models.compare`."""
+"""``segnode models compare A B --dataset NAME@VERSION --split test``: see :mod:`segnode.models.compare`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``segnode train``: fine-tune nnU-Net on a frozen dataset version (see :mod:`models.training`)."""
+"""``segnode train``: fine-tune nnU-Net on a frozen dataset version (see :mod:`segnode.models.training`)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 :func:`evaluate_case` pairs the segments of a prediction and a reference (by
 name, or an explicit ``{pred: ref}`` map), moves the reference onto the
 evaluation grid (the prediction's by default) and computes
-:mod:`models.metrics` for each pair.  :func:`summarise` aggregates rows per
+:mod:`segnode.models.metrics` for each pair.  :func:`summarise` aggregates rows per
 organ; :func:`write_csv` and :func:`format_table` are the outputs a reviewer
-reads (pictures: :mod:`models.eval_plots`).
+reads (pictures: :mod:`segnode.models.eval_plots`).
 
 Voxels of the reference that fall outside the evaluation grid cannot be
 compared; the case then carries a note saying so (evaluate on the reference

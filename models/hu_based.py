@@ -3,9 +3,9 @@
 The profile's ``options.hu_based.method`` picks the method and its tissues
 (in profile order) receive the masks:
 
-* ``brain``: tissues ``brain`` and ``shell`` (:mod:`models.hu_brain`);
-* ``lungs``: tissues ``lung_left`` and ``lung_right`` (:mod:`models.hu_lungs`);
-* ``bone``: tissue ``bone`` (:mod:`models.hu_bone`).
+* ``brain``: tissues ``brain`` and ``shell`` (:mod:`segnode.models.hu_brain`);
+* ``lungs``: tissues ``lung_left`` and ``lung_right`` (:mod:`segnode.models.hu_lungs`);
+* ``bone``: tissue ``bone`` (:mod:`segnode.models.hu_bone`).
 
 Each tissue's ``hu_range`` is its threshold.  A tissue the method finds
 nothing of is returned empty, with a note in the label map saying why.

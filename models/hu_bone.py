@@ -1,7 +1,7 @@
 """Bone by threshold: dense voxels inside the patient, minus thick contrast lumens.
 
 1. Candidates: the bone ``hu_range`` inside the body (table, head holder and
-   their metal rails cut off by :func:`models.hu_regions.body_mask`).
+   their metal rails cut off by :func:`segnode.models.hu_regions.body_mask`).
 2. Contrast-filled vessels and heart chambers reach the bone range too
    (250–500 HU in an arterial phase).  They are thick and homogeneous where
    bone is thin (cortex, ribs) or, in a vertebral body, ringed by a dense

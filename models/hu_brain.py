@@ -1,6 +1,6 @@
 """Brain and its shell by threshold on a head CT.
 
-1. Head: the body mask (:func:`models.hu_regions.body_mask`: table and head
+1. Head: the body mask (:func:`segnode.models.hu_regions.body_mask`: table and head
    holder cut off), holes filled per slice and in 3-D.
 2. Intracranial cavity: skull (``HU ≥`` :data:`SKULL_HU` inside the head)
    closed per slice by :data:`SKULL_CLOSE_MM` to bridge sutures and thin

@@ -1,7 +1,7 @@
 """Lungs by threshold: aerated regions inside the patient, split into left and right.
 
 1. Air (``HU ≤`` the lung range's top) that is not outside air
-   (:func:`models.hu_regions.outside_air`, per slice, so an airway open to the
+   (:func:`segnode.models.hu_regions.outside_air`, per slice, so an airway open to the
    mouth in a few slices does not join the lungs to the room).
 2. Its 3-D components; a lung is one of at least :data:`MIN_LUNG_ML` whose
    voxels are mostly above :data:`~models.hu_regions.DEEP_AIR_HU` (bowel gas,

@@ -1,6 +1,6 @@
 """Regions every threshold method needs: the working grid, the body, outside air.
 
-The threshold methods (``models.hu_based``) run their morphology on a coarse
+The threshold methods (``segnode.models.hu_based``) run their morphology on a coarse
 working grid (block means, about :data:`WORK_MM` per voxel: fewer voxels and
 half the noise of a thin-slice CT) and bring each mask back to the source grid
 with :func:`refine`, which re-thresholds only a band around the boundary.

@@ -1,6 +1,6 @@
 """Overlap and surface metrics of one segment: Dice, HD95, volume difference.
 
-Both masks lie on the same grid (resample first: :mod:`models.evaluate`); the
+Both masks lie on the same grid (resample first: :mod:`segnode.models.evaluate`); the
 grid's voxel spacing makes distances physical (millimetres).
 
 Definitions (those of MONAI's ``DiceMetric`` and

@@ -1,7 +1,7 @@
 """Binary morphology on CT grids, with sizes in millimetres.
 
 Arrays are indexed ``[k, j, i]`` (slice, row, column) and spacings are given
-as ``(x, y, z)`` millimetres, as in :class:`models.volume.Volume`.  Everything
+as ``(x, y, z)`` millimetres, as in :class:`segnode.models.volume.Volume`.  Everything
 here works on ``bool`` masks and ``int32`` labels (no float64 copies) and uses
 labelling instead of iterated dilation where it can, so it stays linear in the
 number of voxels:

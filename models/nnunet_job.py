@@ -2,7 +2,7 @@
 
 nnU-Net reads its folders (``nnUNet_raw``, ``nnUNet_preprocessed``,
 ``nnUNet_results``) from the environment when it is first imported, so each
-training runs in a fresh interpreter with them set (:mod:`models.training`
+training runs in a fresh interpreter with them set (:mod:`segnode.models.training`
 starts it): ``python -m models.nnunet_job JOB.json``.
 
 Stages, each skipped when its output exists (an interrupted run resumes):

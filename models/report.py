@@ -2,7 +2,7 @@
 
 The original design measures a segmentation model by three figures: the Dice
 per organ, the minutes per scan, and the organs it makes available.  This
-module writes them side by side from a :class:`models.compare.Comparison`,
+module writes them side by side from a :class:`segnode.models.compare.Comparison`,
 with the evidence behind them (dataset version, split, cases, hardware,
 weights hashes) so a reader can reproduce them.
 """

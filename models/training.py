@@ -1,13 +1,13 @@
 """``segnode train``: fine-tune nnU-Net on a frozen dataset version and register the result.
 
 1. export the frozen version ``NAME@VERSION`` in nnU-Net's raw layout with its
-   patient-level train/test split (:mod:`storage.export_nnunet`), and write a
+   patient-level train/test split (:mod:`segnode.storage.export_nnunet`), and write a
    patient-grouped cross-validation split for the training cases;
-2. plan, preprocess and train in a child process (:mod:`models.nnunet_job`):
+2. plan, preprocess and train in a child process (:mod:`segnode.models.nnunet_job`):
    nnU-Net's own planner (``--base none``) or the base model's plans and
    weights (``--base totalsegmentator`` / ``--base nnunet``: nnU-Net's
    pretrained-weights transfer, output layers new);
-3. predict the held-out test cases and evaluate them (:mod:`models.evaluate`);
+3. predict the held-out test cases and evaluate them (:mod:`segnode.models.evaluate`);
 4. register the model under ``<weights>/finetuned/NAME/VERSION`` (NAME: the
    dataset's or ``--name``; VERSION: the dataset version's, or ``--name
    NAME/VERSION``) with a model card (JSON and Markdown) and a sha256 manifest

@@ -3,7 +3,7 @@
 Evidence (``completion.evidence``, on by default) is both of:
 
 * every association that sent instances of the series has ended with an
-  A-RELEASE (the receivers record it: :meth:`storage.index.Index.mark_released`)
+  A-RELEASE (the receivers record it: :meth:`segnode.storage.index.Index.mark_released`)
   and no instance came after it;
 * the instances form a gap-free volume whose count matches what the headers
   say, when they say it: one multi-frame instance (Enhanced CT, its
@@ -30,7 +30,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-
 from segnode.routing.selection import SeriesFacts, ineligible, summarize
 
 logger = logging.getLogger(__name__)

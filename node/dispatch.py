@@ -26,7 +26,6 @@ from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
-
 from segnode.errors import ConfigError, DispatchError
 from segnode.node.config import Destination, NodeConfig
 from segnode.output_kinds import OutputKind, parse_kinds
@@ -98,10 +97,10 @@ def send_files(dest: Destination, paths: Sequence[Path], *, calling_ae: str,
     syntax) of the files.  A file whose context the destination refuses fails
     permanently on its own; the others are still sent.  When the association
     cannot be opened, or is lost, every file not yet stored gets that result.
-    A destination with ``dicomweb`` gets them by STOW-RS instead (:mod:`node.stow_destination`).
+    A destination with ``dicomweb`` gets them by STOW-RS instead (:mod:`segnode.node.sending.stow`).
     """
     if dest.dicomweb is not None:
-        from segnode.node.stow_destination import stow_files
+        from segnode.node.sending.stow import stow_files
 
         return stow_files(dest, paths, timeout_s=timeout_s)
     if not paths:

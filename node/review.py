@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from segnode.models.qc import Outcome, worst
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.outline import SOFT_TISSUE, draw_outlines
+from segnode.node.writers.outline import SOFT_TISSUE, draw_outlines
 from segnode.profiles import Profile
 from segnode.routing.rules import QcPolicy, Review
 

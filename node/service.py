@@ -1,16 +1,16 @@
 """The node process: SCP, completion sweep, worker processes, dispatch, housekeeping.
 
-Data flows one way through the index (:mod:`storage.index`):
+Data flows one way through the index (:mod:`segnode.storage.index`):
 
-1. the SCP (:mod:`node.scp`) spools instances and opens ``received`` jobs;
+1. the SCP (:mod:`segnode.node.dicom_in.scp`) spools instances and opens ``received`` jobs;
 2. the completion sweep, on evidence or after the quiet period, selects and
-   routes each series (:mod:`node.completion_sweep`) → ``complete`` (or
+   routes each series (:mod:`segnode.node.sweep`) → ``complete`` (or
    ``skipped``, ``not_routed``);
 3. the job starter claims ``complete`` jobs (→ ``segmenting``) and runs each in
-   its own process (:mod:`node.worker`) → ``encoded`` or ``failed``;
+   its own process (:mod:`segnode.node.jobs.worker`) → ``encoded`` or ``failed``;
 4. the dispatcher sends each destination the objects it takes (SEG, RTSTRUCT,
    overlay, SR), tracked one by one, with retries and backoff
-   (:mod:`node.dispatch`) → ``done`` or ``dead_letter``;
+   (:mod:`segnode.node.dispatch`) → ``done`` or ``dead_letter``;
 5. housekeeping removes spooled series some time after their job is done.
 
 APScheduler drives 2–5 on intervals; a finished step also triggers the next
@@ -31,15 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-
 from segnode.errors import ConfigError, SegnodeError
-from segnode.node.completion_sweep import CompletionSweep
 from segnode.node.config import NodeConfig
-from segnode.node.dispatch import backoff_s, deliver, deliver_objects, encoded_kinds, summarise
-from segnode.node.receivers import ReceiverPool
+from segnode.node.dicom_in.processes import ReceiverPool
+from segnode.node.dicom_in.scp import RunningSCP, start_scp
+from segnode.node.dispatch import (
+    backoff_s,
+    deliver,
+    deliver_objects,
+    encoded_kinds,
+    summarise,
+)
+from segnode.node.ingest.store import Listener
+from segnode.node.jobs.worker import JobOutcome, JobSpec, run_job
 from segnode.node.review import decide
-from segnode.node.scp import Listener, RunningSCP, start_scp
-from segnode.node.worker import JobOutcome, JobSpec, run_job
+from segnode.node.sweep import CompletionSweep
 from segnode.output_kinds import encoded_with
 from segnode.routing.rules import QcPolicy
 from segnode.storage.index import DeliveryState, Index, Job, JobState, ObjectOutcome
@@ -89,7 +95,7 @@ class Service:
         self.scp: RunningSCP | None = None
         self.receivers: ReceiverPool | None = None
         self.remote: Any = None  # node.remote.RemoteJobs when `broker:` is configured (docs/scaling.md)
-        self.dicomweb: Any = None  # node.http_api.RunningHTTP (node/dicomweb.py) when `dicomweb.enabled`
+        self.dicomweb: Any = None  # node.http_api.RunningHTTP (node/http_in/dicomweb.py) when `dicomweb.enabled`
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
         self._running = 0
         self._lock = threading.Lock()
@@ -120,13 +126,13 @@ class Service:
         return self.scp.port
 
     def _start_scaleout(self) -> None:
-        """Remote workers through the broker, and the DICOMweb server (node/remote.py, node/dicomweb.py)."""
+        """Remote workers through the broker, and the DICOMweb server (node/remote/jobs.py, node/http_in/dicomweb.py)."""
         if self.config.broker is not None:
-            from segnode.node.remote import RemoteJobs
+            from segnode.node.remote.jobs import RemoteJobs
 
             self.remote = RemoteJobs(self)
         if self.config.dicomweb.enabled:
-            from segnode.node.dicomweb import start_for_service
+            from segnode.node.http_in.dicomweb import start_for_service
 
             self.dicomweb = start_for_service(self)
 
@@ -150,7 +156,7 @@ class Service:
 
     # -- 2. completion and routing ------------------------------------------------------
     def sweep_completion(self) -> None:
-        """Complete on evidence or quiet period, select and route (node/completion_sweep.py)."""
+        """Complete on evidence or quiet period, select and route (node/sweep.py)."""
         if self._completion.sweep():
             self.start_jobs()
 
@@ -230,7 +236,7 @@ class Service:
         self.finish_job(job, outcome, started)
 
     def finish_job(self, job: Job, outcome: JobOutcome, started: float) -> None:
-        """Record a worker's outcome: a local worker process's, or a remote worker's result (node/remote.py)."""
+        """Record a worker's outcome: a local worker process's, or a remote worker's result (node/remote/jobs.py)."""
         if not outcome.ok:
             reason = f"{outcome.error_kind}: {outcome.message}"
             logger.error("job %d failed: %s", job.job_id, reason)

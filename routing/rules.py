@@ -243,7 +243,7 @@ class Select(Frozen):
     Series that cannot be segmented (localizers, secondary captures, derived
     images, SEG/RTSTRUCT/SR, our own outputs) are always skipped; of the rest,
     those failing a minimum here are skipped, and the preferences, in order,
-    pick one (:mod:`routing.selection`).
+    pick one (:mod:`segnode.routing.selection`).
     """
 
     orientation: Literal["axial", "coronal", "sagittal"] | None = "axial"
@@ -305,7 +305,7 @@ class Action(Frozen):
     def options(self) -> dict[str, Any]:
         """Every setting beyond profile, backend, destinations and harvest, as JSON-ready data.
 
-        The job carries these (:attr:`storage.index.Job.options`) to the worker and the
+        The job carries these (:attr:`segnode.storage.index.Job.options`) to the worker and the
         dispatcher, so that a new action setting needs no new index column.
         """
         return self.model_dump(mode="json", exclude={"profile", "backend", "destinations", "harvest"},

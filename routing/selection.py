@@ -5,7 +5,7 @@ so the node (spool headers), ``segnode route test`` (a study folder) and tests
 share it.  Every decision comes with a sentence saying why; the node records
 it on the job (``skipped`` with its reason, or the reason a series was
 chosen).  The ``select`` settings of a route action are
-:class:`routing.rules.Select`; the format is in ``docs/routing.md``.
+:class:`segnode.routing.rules.Select`; the format is in ``docs/routing.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from segnode.routing.rules import Select
 NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "SR", "KO", "PR", "REG", "RTPLAN", "RTDOSE", "DOC"})
 #: Secondary Capture family: screenshots, dose reports
 _SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-#: the Manufacturer our writers put on every object (node/seg_writer.py MANUFACTURER)
+#: the Manufacturer our writers put on every object (node/writers/seg.py MANUFACTURER)
 OUR_MANUFACTURER = "segnode"
 
 

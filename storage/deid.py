@@ -1,10 +1,10 @@
 """De-identification by DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile).
 
 Every attribute is handled by the action that the standard's own table
-(:mod:`storage.deid_table`) gives it under the chosen options:
+(:mod:`segnode.storage.deid_table`) gives it under the chosen options:
 
 * ``X`` removed, ``Z`` emptied, ``D`` replaced by a dummy of the attribute's VR,
-  ``U`` replaced by a keyed pseudonym UID (:mod:`storage.pseudonyms`), ``K`` kept;
+  ``U`` replaced by a keyed pseudonym UID (:mod:`segnode.storage.pseudonyms`), ``K`` kept;
 * ``C`` cleaned, by VR (:meth:`Deidentifier.cleaning`): dates and date-times moved
   by one keyed number of days per patient and times of day by one keyed number
   of seconds (time-zone offsets dropped); AE titles replaced by keyed pseudonyms;
@@ -18,7 +18,7 @@ Every attribute is handled by the action that the standard's own table
 * private attributes (odd groups), curve groups 50xx, overlay groups 60xx, group
   lengths and standard-group elements the data dictionary does not know are removed;
 * text inside encapsulated pixel data (JPEG COM/APPn segments, JPEG 2000
-  comments) is removed without re-encoding (:mod:`storage.pixel_text`);
+  comments) is removed without re-encoding (:mod:`segnode.storage.pixel_text`);
 * any other UID that is not a registered (class, transfer syntax, coding
   scheme) UID is remapped too, so no instance UID survives anywhere;
 * PatientID, PatientName and AccessionNumber carry keyed pseudonyms (a ``D``

@@ -4,7 +4,7 @@ Each row names an attribute (or a pattern: the 50xx curve groups, the 60xx
 overlay elements, private attributes), its action under the Basic Application
 Level Confidentiality Profile (``D``, ``Z``, ``X``, ``K``, ``C``, ``U`` or a
 combination such as ``X/Z/D``) and its action under each option.  The table is
-data: :mod:`storage.deid` resolves it into one action per tag and never lists
+data: :mod:`segnode.storage.deid` resolves it into one action per tag and never lists
 attributes of its own, except the handful of IOD types (:data:`IOD_TYPE`) the
 standard leaves to the implementation when it writes a combined code.
 """

@@ -35,7 +35,7 @@ completed the series (node/completion.py).
 Durability: WAL with ``synchronous=NORMAL``.  A commit survives a crash of
 the process at once; after a power loss the last commits may be missing, but
 each acknowledged instance is a durable spool file by then (the spool syncs
-before the index row is written), and :func:`storage.recovery.reindex_spool`
+before the index row is written), and :func:`segnode.storage.recovery.reindex_spool`
 re-creates the missing rows at start-up.  Job and delivery changes lost that
 way are redone (SEG UIDs are deterministic, so a resend is idempotent).
 
@@ -534,7 +534,7 @@ class Index:
         """Record the SEG, open one delivery per destination, and move on.
 
         ``hold``: to HELD with this reason (review before send); ``warning``: a QC warning for the reason.
-        ``outputs``: every object encoded (:func:`node.outputs.record`); each destination's delivery
+        ``outputs``: every object encoded (:func:`segnode.node.writers.kinds.record`); each destination's delivery
         tracks the objects whose kind it takes (``takes[destination]``; absent: all of them).
         """
         now = self.clock()

@@ -4,12 +4,12 @@ The prefix is what pynetdicom's ``encoded_dataset(include_meta=True)`` writes
 (preamble, ``DICM``, file meta), plus:
 
 * the calling AE title as Source Application Entity Title (0002,0016), as
-  DCMTK's ``storescp`` writes it (:mod:`storage.recovery` reads the sender
+  DCMTK's ``storescp`` writes it (:mod:`segnode.storage.recovery` reads the sender
   from there if the index row was lost);
 * a self-check in the file meta's Private Information (0002,0100)/(0002,0102):
   the dataset's length and 64-bit XXH3 hash.  It lets the spool link a file into
   place *before* its data are synced (the two syncs then overlap, see
-  :meth:`storage.spool.Spool.write`): after a crash, a file under its final
+  :meth:`segnode.storage.spool.Spool.write`): after a crash, a file under its final
   name whose check fails was never acknowledged, and is removed.
 
 Encoded by hand: building a pydicom ``FileMetaDataset`` and encoding it took

@@ -8,9 +8,9 @@ acknowledged instance is still on disk; this scan finds those without a row
 and indexes them again, which re-opens a ``received`` job for their series.
 It also finds files linked into place just before a crash, before their
 rows were written, and so never acknowledged.  The SCP links a file before
-its data sync completes (the syncs overlap; :meth:`storage.spool.Spool.write`),
+its data sync completes (the syncs overlap; :meth:`segnode.storage.spool.Spool.write`),
 so such a file may be incomplete: its self-check (dataset length and XXH3 hash
-in the file meta, :mod:`storage.part10`) tells, and an incomplete file is
+in the file meta, :mod:`segnode.storage.part10`) tells, and an incomplete file is
 removed (the sender, never answered, sends it again).  A complete one is
 indexed.  Files without a self-check were synced before their link, and
 are complete by construction.

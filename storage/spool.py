@@ -5,7 +5,7 @@ Layout under the spool root::
     <StudyUID>/<SeriesUID>/<SOPUID>.dcm  one file per acknowledged instance
     tmp/                                 named temporary files, where unnamed ones are unavailable
 
-Every UID is checked against the UID grammar (:mod:`storage.uids`) before it
+Every UID is checked against the UID grammar (:mod:`segnode.storage.uids`) before it
 is joined to a path, so nothing a peer sends can name a file or escape the
 root.  A write is: an unnamed file (``O_TMPFILE``; on file systems without
 it, a named one in ``tmp/``), ``fdatasync``, an atomic link (or rename)
@@ -13,7 +13,7 @@ under its final name, ``fsync`` of the series directory.  A crash at any
 point leaves either the complete file or no file under its final name (an
 unnamed file disappears with the process; named leftovers are removed at
 start-up), and once :meth:`Spool.write` returns the file survives a power
-loss.  Files that carry their own check (:mod:`storage.part10`) may be
+loss.  Files that carry their own check (:mod:`segnode.storage.part10`) may be
 linked before the data sync; a crash can then leave an incomplete one, never
 acknowledged, which the start-up check removes.
 
@@ -210,10 +210,10 @@ class Spool:
         """Write one instance durably and return its path.
 
         ``self_checking``: the content carries its own length and checksum
-        (:mod:`storage.part10`), so the file may be linked into place before
+        (:mod:`segnode.storage.part10`), so the file may be linked into place before
         its data are synced and the two syncs overlap (one sync's time instead
         of two).  After a crash such a file may be incomplete under its final
-        name, but it was never acknowledged; :mod:`storage.recovery` finds it
+        name, but it was never acknowledged; :mod:`segnode.storage.recovery` finds it
         by its check and removes it.  Otherwise: data sync, link, directory
         sync, in that order.
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import pydicom.uid as tsuid
-from pydicom.encaps import encapsulate, generate_frames
-
 import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.uid as tsuid
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

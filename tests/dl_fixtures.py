@@ -148,7 +148,6 @@ def _environ(**values: str):
 
 def _save_nifti(volume: Volume, array: np.ndarray | None, path: Path) -> None:
     import nibabel as nib
-
     from segnode.models.io_nifti import ras_affine, volume_to_nifti
 
     # canonical RAS voxel order, as TotalSegmentator's models were trained (and are fed)
@@ -337,7 +336,6 @@ def _fitted_monai_state(steps: int = MONAI_STEPS) -> dict:
     in the layout the backend feeds it (RAS ``x, y, z``); return its state dict."""
     import torch
     from monai.losses import DiceCELoss
-
     from segnode.models.monai import labels_to_network_array, to_network_array
     from segnode.profiles.schema import MonaiOptions
 

@@ -1,6 +1,6 @@
 """A scripted index history for the ops tests (HTTP API, status page, metrics, audit).
 
-:func:`scripted_index` drives the real :class:`storage.index.Index` state
+:func:`scripted_index` drives the real :class:`segnode.storage.index.Index` state
 machine with a fake clock, so every stage duration is known exactly.
 """
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
 from segnode.profiles.loader import load_profile_file
 from segnode.profiles.schema import Profile
+
 from tests.phantoms import write_tilted_uneven_series
 
 DATA = Path(__file__).resolve().parent / "data"

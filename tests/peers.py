@@ -28,7 +28,7 @@ import yaml
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 ROOT = Path(__file__).resolve().parents[1]
-SEGNODE = [sys.executable, "-m", "segnode.node.cli"]
+SEGNODE = [sys.executable, "-m", "segnode.node.cli.main"]
 
 
 def free_port() -> int:

@@ -32,7 +32,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
-
 from segnode.models.volume import Volume
 
 AIR_HU = -1000.0

@@ -14,7 +14,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Self
 
-from segnode.node.pdu import APPLICATION_CONTEXT, PDU_HEADER, PDV_HEADER, parse_command
+from segnode.node.dicom_in.pdu import (
+    APPLICATION_CONTEXT,
+    PDU_HEADER,
+    PDV_HEADER,
+    parse_command,
+)
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"

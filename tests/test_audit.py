@@ -6,10 +6,16 @@ import json
 import os
 
 import pytest
-
 from segnode.errors import StorageError
-from segnode.node.audit import FIELDS, AuditFollower, AuditLog, last_index_event, read_records
-from segnode.node.opsdb import OpsDB
+from segnode.node.ops.audit import (
+    FIELDS,
+    AuditFollower,
+    AuditLog,
+    last_index_event,
+    read_records,
+)
+from segnode.node.ops.views import OpsDB
+
 from tests.ops_helpers import STUDY, scripted_index
 
 

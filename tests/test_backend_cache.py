@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from segnode.errors import WeightsError
 from segnode.models import hu_based
 from segnode.models.base import RunSettings

@@ -10,14 +10,19 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from segnode.models.base import RunSettings
 from segnode.models.registry import get_backend
 from segnode.models.series import load_series
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 from segnode.profiles import load_profile
+
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
-from tests.dl_fixtures import abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
+from tests.dl_fixtures import (  # noqa: F401
+    abdomen_profile_file,
+    dl_models,
+    dl_weights,
+    synthetic_case,
+)
 from tests.phantoms import head_phantom, write_ct_series
 
 pytestmark = pytest.mark.slow
@@ -87,7 +92,7 @@ def test_no_backend_left_is_a_backend_error(tmp_path: Path, series: Path, capsys
     assert "totalsegmentator" in err and "nnunet" in err and "segnode models import" in err
 
 
-@pytest.mark.parametrize("entry", ["node/cli.py", "node/worker.py", "bench/bench_backends.py",
+@pytest.mark.parametrize("entry", ["node/cli/main.py", "node/jobs/worker.py", "bench/bench_backends.py",
                                    "tests/dl_fixtures.py", ".venv/bin/segnode"])
 def test_entry_points_are_safe_to_re_import_as_spawn_does(entry: str) -> None:
     """nnU-Net (inside TotalSegmentator) starts workers with "spawn", which re-runs the main

@@ -8,8 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from segnode.models.io_nifti import labels_from_nifti, ras_affine, volume_from_nifti, volume_to_nifti
+from segnode.models.io_nifti import (
+    labels_from_nifti,
+    ras_affine,
+    volume_from_nifti,
+    volume_to_nifti,
+)
 from segnode.models.volume import Volume
 
 

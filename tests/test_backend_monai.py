@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from segnode.errors import WeightsError
 from segnode.models.base import RunSettings
 from segnode.models.metrics import dice
@@ -16,7 +15,14 @@ from segnode.models.monai import BACKEND, from_network_array, labels_to_network_
 from segnode.models.volume import Volume
 from segnode.profiles import load_profile
 from segnode.profiles.schema import Profile
-from tests.dl_fixtures import TS_LABELS, abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
+
+from tests.dl_fixtures import (  # noqa: F401
+    TS_LABELS,
+    abdomen_profile_file,
+    dl_models,
+    dl_weights,
+    synthetic_case,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from segnode.errors import BackendError, ConfigError, WeightsError
 from segnode.models.base import RunSettings
 from segnode.models.cache import ModelCache
@@ -20,7 +19,14 @@ from segnode.models.volume import Volume
 from segnode.models.weights import import_weights
 from segnode.profiles import load_profile
 from segnode.profiles.schema import Backend, Profile
-from tests.dl_fixtures import TS_LABELS, abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
+
+from tests.dl_fixtures import (  # noqa: F401
+    TS_LABELS,
+    abdomen_profile_file,
+    dl_models,
+    dl_weights,
+    synthetic_case,
+)
 
 pytestmark = pytest.mark.slow
 

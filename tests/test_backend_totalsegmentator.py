@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from segnode.errors import ConfigError, WeightsError
 from segnode.models.base import RunSettings
 from segnode.models.io_nifti import volume_to_nifti
@@ -25,10 +24,18 @@ from segnode.models.totalsegmentator import (
     required_folders,
     ts_weights_dir,
 )
-from segnode.node.pipeline import backend_chain, segment_with_fallback
+from segnode.node.jobs.pipeline import backend_chain, segment_with_fallback
 from segnode.profiles import load_profile
 from segnode.profiles.schema import Backend, Profile, TotalSegmentatorOptions
-from tests.dl_fixtures import TS_FOLDERS, TS_LABELS, abdomen_profile_file, dl_models, dl_weights, synthetic_case  # noqa: F401
+
+from tests.dl_fixtures import (  # noqa: F401
+    TS_FOLDERS,
+    TS_LABELS,
+    abdomen_profile_file,
+    dl_models,
+    dl_weights,
+    synthetic_case,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -146,12 +153,12 @@ def test_brain_falls_back_to_hu_based_without_weights(tmp_path: Path, caplog: py
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.phantoms import head_phantom
 
-    monkeypatch.setattr("segnode.node.pipeline._not_installed_told", set())
+    monkeypatch.setattr("segnode.node.jobs.pipeline._not_installed_told", set())
     profile = load_profile("brain")
     chain = backend_chain(profile, None)
     assert chain == [Backend.TOTALSEGMENTATOR, Backend.HU_BASED]
     phantom = head_phantom()
-    caplog.set_level(logging.INFO, logger="segnode.node.pipeline")
+    caplog.set_level(logging.INFO, logger="segnode.node.jobs.pipeline")
     for _ in range(2):  # two jobs: weights never imported are a warning once per process, then information
         labels, attempts = segment_with_fallback(phantom.volume, profile, chain, _settings(tmp_path / "empty"))
     assert labels.backend == "hu_based"
@@ -164,10 +171,10 @@ def test_brain_falls_back_to_hu_based_without_weights(tmp_path: Path, caplog: py
 
 def test_three_profiles_share_one_model_run(dl_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A route with profiles [liver, spleen, kidneys]: three jobs, one TotalSegmentator call, three SEGs
-    whose segments equal the union run's, split per profile (node/shared_run.py)."""
+    whose segments equal the union run's, split per profile (node/jobs/shared_run.py)."""
     import totalsegmentator.python_api as api
+    from segnode.node.jobs.pipeline import PipelineRequest, run_pipeline
 
-    from segnode.node.pipeline import PipelineRequest, run_pipeline
     from tests.phantoms import write_ct_series
 
     for key in NNUNET_ENV:

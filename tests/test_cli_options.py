@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from segnode.node.cli.main import build_parser, main
 
-from segnode.node.cli import build_parser, main
 from tests.dl_fixtures import COMMITTED
 
 CASES = [

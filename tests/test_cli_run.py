@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from segnode.models.series import load_series
-from segnode.node.cli import main
+from segnode.node.cli.main import main
+
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
 
 

@@ -2,7 +2,7 @@
 
 Headers come from real files: the thorax CTA in tests/data (164 axial slices)
 and series derived from it the way a scanner's study holds them
-(tests/study_fixtures.py).  The sweep tests run :class:`node.completion_sweep.CompletionSweep`
+(tests/study_fixtures.py).  The sweep tests run :class:`segnode.node.sweep.CompletionSweep`
 on a real index and spool with a fake clock.
 """
 
@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 from pydicom import dcmread
-
 from segnode.node.completion import judge, read_facts
-from segnode.node.completion_sweep import CompletionSweep
 from segnode.node.config import NodeConfig
+from segnode.node.sweep import CompletionSweep
 from segnode.routing.reload import RulesHolder
 from segnode.routing.rules import Select
 from segnode.routing.selection import choose, ineligible
 from segnode.storage.index import Index, InstanceRecord, JobState
 from segnode.storage.spool import Spool
+
 from tests.study_fixtures import THORAX, build_study
 
 
@@ -217,6 +217,7 @@ def test_study_selection_skips_and_picks_with_reasons(tmp_path: Path, study: dic
 def test_receivers_record_a_release_and_not_an_abort(tmp_path: Path, receiver: str) -> None:
     """An association ended by A-RELEASE marks its series released; one ended by A-ABORT (storescu --abort) does not."""
     from segnode.node.service import Service
+
     from tests.peers import store_statuses, storescu, wait_until
 
     config = NodeConfig(port=0, state_dir=tmp_path / "state", completion={"quiet_period_s": 3600},

@@ -11,13 +11,19 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
 from segnode.errors import ConfigError, InputError, StorageError
-from segnode.node.cli import main
-from segnode.storage.dataset import CaseInput, DatasetStore, ModalityError, QuarantinedError, harvest
+from segnode.node.cli.main import main
+from segnode.storage.dataset import (
+    CaseInput,
+    DatasetStore,
+    ModalityError,
+    QuarantinedError,
+    harvest,
+)
 from segnode.storage.importers import import_path
 from segnode.storage.labels import seg_to_labels
 from segnode.storage.manifest import LabelStatus
+
 from tests.deid_study import make_canary_study, make_seg
 from tests.dicomtools import dciodvfy
 

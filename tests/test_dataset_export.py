@@ -11,12 +11,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from segnode.errors import ConfigError, InputError
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 from segnode.storage.dataset import DatasetStore, harvest
 from segnode.storage.export_nnunet import export_nnunet, split_patients
 from segnode.storage.importers import import_path
+
 from tests.deid_study import make_canary_study, make_seg
 
 SECRET = b"export-test-secret-0123"

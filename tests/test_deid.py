@@ -13,10 +13,21 @@ from pydicom import config
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
-
 from segnode.errors import ConfigError
-from segnode.storage.deid import Deidentifier, burned_in_reason, shift_date, shift_datetime, shift_time
-from segnode.storage.deid_table import Action, Option, load_table, raw_rows, resolve_combined
+from segnode.storage.deid import (
+    Deidentifier,
+    burned_in_reason,
+    shift_date,
+    shift_datetime,
+    shift_time,
+)
+from segnode.storage.deid_table import (
+    Action,
+    Option,
+    load_table,
+    raw_rows,
+    resolve_combined,
+)
 from segnode.storage.pseudonyms import Pseudonymizer, load_secret
 from segnode.uids import is_valid_uid
 

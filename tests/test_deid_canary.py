@@ -37,7 +37,6 @@ import pydicom
 import pytest
 from pydicom.charset import encode_string
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
-
 from segnode.errors import InputError
 from segnode.storage.dataset import DatasetStore, QuarantinedError, harvest
 from segnode.storage.deid import Deidentifier, write_dicom
@@ -45,6 +44,7 @@ from segnode.storage.deid_table import Action, Option
 from segnode.storage.export_nnunet import export_nnunet
 from segnode.storage.importers import import_path
 from segnode.storage.pseudonyms import Pseudonymizer
+
 from tests.deid_study import TOKEN_TAGS, make_canary_study, make_seg
 
 SECRET = b"canary-secret-0123456789"

@@ -21,12 +21,18 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-
 from segnode.storage.dataset import DatasetStore, QuarantinedError, harvest
 from segnode.storage.deid import Deidentifier, write_dicom
 from segnode.storage.pixel_text import PixelTextError, clean_jpeg, strip_stream_text
 from segnode.storage.pseudonyms import Pseudonymizer
-from tests.deid_study import canary_tokens, compress_with_text, jpeg_segment, make_canary_study, make_seg
+
+from tests.deid_study import (
+    canary_tokens,
+    compress_with_text,
+    jpeg_segment,
+    make_canary_study,
+    make_seg,
+)
 from tests.dicomtools import dciodvfy
 
 SECRET = b"pixel-text-secret-0123456"

@@ -8,8 +8,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
-
-from segnode.node.dicom_header import WANTED, HeaderError, read_header
+from segnode.node.ingest.header import WANTED, HeaderError, read_header
 
 DATA = Path(__file__).parent / "data"
 FILES = sorted(p for p in DATA.rglob("*.dcm") if p.stat().st_size < 8_000_000)
@@ -89,7 +88,6 @@ def test_hand_encoded_file_meta_equals_pydicoms(sop_uid: str, source_ae: str, ch
     from io import BytesIO
 
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
-
     from segnode.storage.part10 import CHECK_CREATOR_UID, dataset_check, file_prefix
 
     meta = create_file_meta(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=sop_uid,

@@ -13,7 +13,7 @@ import requests
 import yaml
 from dicomweb_client import DICOMwebClient
 from pydicom import dcmread
-from segnode.node.multipart import encode_parts
+from segnode.node.http_in.multipart import encode_parts
 from segnode.storage.index import Index, JobState
 
 from tests.peers import (

@@ -8,8 +8,9 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from segnode.node.dicomweb import DicomWebApp, start_dicomweb
-from segnode.node.dicomweb_config import DicomWebConfig
+from segnode.node.config.dicomweb import DicomWebConfig
+from segnode.node.http_in.dicomweb import DicomWebApp, start_dicomweb
+
 from tests.peers import wait_until
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 from segnode.node.config import NodeConfig
 from segnode.node.dispatch import backoff_s, deliver, echo, send_file
+
 from tests.peers import free_port, storescp
 
 pytestmark = pytest.mark.peer

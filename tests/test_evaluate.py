@@ -10,13 +10,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from segnode.errors import InputError
-from segnode.models.evaluate import evaluate_case, pair_segments, parse_map, read_csv, summarise, write_csv
+from segnode.models.evaluate import (
+    evaluate_case,
+    pair_segments,
+    parse_map,
+    read_csv,
+    summarise,
+    write_csv,
+)
 from segnode.models.metrics import dice, hausdorff_percentile
 from segnode.models.segmentation_io import LPS_TO_RAS, Grid, read_segmentation
 from segnode.models.series import load_series
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 
 LABELS = Path(__file__).resolve().parent / "data" / "thorax_cta_labels"
 LIVER = Path(__file__).resolve().parent / "data" / "liver_3slice"

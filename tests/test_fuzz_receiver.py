@@ -36,12 +36,16 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-
-from segnode.node.pdu import ProtocolError, parse_command
+from segnode.node.dicom_in.pdu import ProtocolError, parse_command
 from segnode.uids import is_valid_uid
+
 from tests.peers import DCMTK_ENV, store_statuses, storescu
 from tests.raw_peer import RawPeer, Reply
-from tests.test_scp import echo, make_scp, receiver  # noqa: F401 - receiver: the fixture
+from tests.test_scp import (  # noqa: F401 - receiver: the fixture
+    echo,
+    make_scp,
+    receiver,
+)
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 pytestmark = [pytest.mark.peer, pytest.mark.filterwarnings("ignore::UserWarning")]  # pydicom on mutated UIDs

@@ -9,16 +9,16 @@ import types
 
 import numpy as np
 import pytest
-
 from segnode.errors import ConfigError
-from segnode.node.audit import read_records
 from segnode.node.config import NodeConfig
-from segnode.node.http_api import start_http, token_matches
-from segnode.node.ops import Ops, audit_path
-from segnode.node.ops_config import HttpConfig
-from segnode.node.scp import start_scp
+from segnode.node.config.http import HttpConfig
+from segnode.node.dicom_in.scp import start_scp
+from segnode.node.ops.api import start_http, token_matches
+from segnode.node.ops.audit import read_records
+from segnode.node.ops.runner import Ops, audit_path
 from segnode.routing import RulesHolder
 from segnode.storage.spool import Spool
+
 from tests.ops_helpers import STUDY, http, json_of, scripted_index
 
 TOKEN = "s3cret-token-0123456789abcdef"

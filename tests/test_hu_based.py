@@ -15,7 +15,6 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
 from segnode.errors import ConfigError
 from segnode.models.base import RunSettings
 from segnode.models.hu_based import BACKEND, VERSION, HuBasedModel
@@ -24,6 +23,7 @@ from segnode.models.series import load_series
 from segnode.models.volume import Volume
 from segnode.profiles.loader import load_profile
 from segnode.profiles.schema import Backend
+
 from tests.phantoms import (
     flipped_rows,
     head_phantom,

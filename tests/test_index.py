@@ -6,9 +6,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from segnode.errors import StorageError
-from segnode.storage.index import DeliveryState, Index, InstanceRecord, JobState, ObjectOutcome
+from segnode.storage.index import (
+    DeliveryState,
+    Index,
+    InstanceRecord,
+    JobState,
+    ObjectOutcome,
+)
 
 
 class Clock:

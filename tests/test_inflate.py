@@ -1,4 +1,4 @@
-"""Deflated datasets read with a bound (node/inflate.py)."""
+"""Deflated datasets read with a bound (node/ingest/inflate.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-
-from segnode.node.dicom_header import HeaderError
-from segnode.node.inflate import InflatesTooLarge, inflated_header
+from segnode.node.ingest.header import HeaderError
+from segnode.node.ingest.inflate import InflatesTooLarge, inflated_header
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -21,7 +21,8 @@ BASE_MODULES = {f"segnode.{p.stem}" for p in (REPO / "base").glob("*.py") if p.s
 
 def imported_modules(path: Path) -> set[str]:
     """Absolute names of everything ``path`` imports (relative imports resolved)."""
-    package = FOLDERS[path.relative_to(REPO).parts[0]]
+    parts = path.relative_to(REPO).with_suffix("").parts
+    package = ".".join((FOLDERS[parts[0]], *parts[1:-1]))  # the package holding the module
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
@@ -36,7 +37,7 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def sources(folder: str) -> list[Path]:
-    return sorted((REPO / folder).glob("*.py"))
+    return sorted((REPO / folder).rglob("*.py"))
 
 
 def ours(name: str) -> bool:

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
-
 from segnode.node.config import AllowedSender, NodeConfig
-from segnode.node.metrics import store_rejection_reason
-from segnode.node.ops import Ops, audit_path
-from segnode.node.scp import start_scp
+from segnode.node.dicom_in.scp import start_scp
+from segnode.node.ops.metrics import store_rejection_reason
+from segnode.node.ops.runner import Ops, audit_path
 from segnode.routing import RulesHolder
 from segnode.storage.index import Index, JobState
 from segnode.storage.spool import Spool
+
 from tests.ops_helpers import http, scripted_index
 from tests.peers import store_statuses, storescu
 
@@ -38,7 +38,7 @@ def value(parsed, name: str, **labels: str) -> float:
 
 
 def fake_service(config: NodeConfig, index: Index) -> types.SimpleNamespace:
-    """What :class:`node.ops.Ops` needs of a service, without the scheduler and workers."""
+    """What :class:`segnode.node.ops.runner.Ops` needs of a service, without the scheduler and workers."""
     return types.SimpleNamespace(config=config, index=index, rules=RulesHolder(None), scp=None, listeners=[])
 
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from segnode.models.metrics import dice, hausdorff_percentile, segment_metrics, surface
 
 

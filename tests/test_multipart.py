@@ -1,4 +1,4 @@
-"""The multipart/related reader (node/multipart.py): streamed, capped, strict about its end."""
+"""The multipart/related reader (node/http_in/multipart.py): streamed, capped, strict about its end."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import io
 
 import pytest
 from segnode.errors import InputError
-from segnode.node import multipart
-from segnode.node.multipart import (
+from segnode.node.http_in import multipart
+from segnode.node.http_in.multipart import (
     BodyTooLarge,
     ChunkedBody,
     LengthBody,

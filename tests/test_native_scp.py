@@ -13,12 +13,12 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
-
 from segnode.node.config import NodeConfig
-from segnode.node.native_scp import NativeServer
-from segnode.node.scp import RunningSCP, start_scp
+from segnode.node.dicom_in.receiver import NativeServer
+from segnode.node.dicom_in.scp import RunningSCP, start_scp
 from segnode.storage.index import Index
 from segnode.storage.spool import Spool
+
 from tests.peers import DCMTK_ENV, store_statuses, storescu
 
 DATA = Path(__file__).parent / "data"
@@ -165,8 +165,8 @@ def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from segnode.node import native_scp
-    from segnode.node.native_scp import DatasetBuffer
+    from segnode.node.dicom_in import receiver as native_scp
+    from segnode.node.dicom_in.receiver import DatasetBuffer
 
     monkeypatch.setattr(native_scp, "SPILL_BYTES", 3 << 20)
     buffer = DatasetBuffer(tmp_path)
@@ -189,8 +189,7 @@ def test_a_dataset_past_the_spill_size_is_buffered_in_a_file_mapping(tmp_path: P
 def test_a_large_instance_received_through_the_spill_path_is_stored_whole(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
-
-    from segnode.node import native_scp
+    from segnode.node.dicom_in import receiver as native_scp
 
     monkeypatch.setattr(native_scp, "SPILL_BYTES", 1 << 20)
     spilled: list[int] = []
@@ -223,7 +222,8 @@ def test_a_large_instance_received_through_the_spill_path_is_stored_whole(tmp_pa
 def test_an_internal_error_outside_the_store_path_aborts_that_association_only(
         scp: tuple[RunningSCP, Spool, Index], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 12, case 8: our fault is logged with its traceback and answered with an A-ABORT, never silence."""
-    from segnode.node import native_scp
+    from segnode.node.dicom_in import receiver as native_scp
+
     from tests.raw_peer import RawPeer
 
     server, _, _ = scp

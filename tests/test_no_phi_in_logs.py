@@ -21,10 +21,18 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
+from segnode.node.ops.audit import read_records
 
-from segnode.node.audit import read_records
 from tests.ops_helpers import http, json_of
-from tests.peers import ROOT, free_port, stop_process, storescp, storescu, wait_until, write_node_config
+from tests.peers import (
+    ROOT,
+    free_port,
+    stop_process,
+    storescp,
+    storescu,
+    wait_until,
+    write_node_config,
+)
 
 DATA = Path(__file__).parent / "data"
 PATIENTS = {  # folder → (name, ID): invented, and unlike anything else in the code or the data
@@ -91,7 +99,7 @@ def test_full_run_logs_and_audit_hold_no_patient_name_or_id(tmp_path):
                       "timeout_s": 5})
         state = Path(yaml.safe_load(config.read_text())["state_dir"])
         out, err = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "segnode.node.cli", "-v", "--log-json", "serve", "--config",
+        proc = subprocess.Popen([sys.executable, "-m", "segnode.node.cli.main", "-v", "--log-json", "serve", "--config",
                                  str(config)], stdout=out, stderr=err, cwd=ROOT, text=True)
         try:
             line = wait_until(lambda: re.search(r"ops HTTP API on (\S+)", (tmp_path / "stdout.txt").read_text())

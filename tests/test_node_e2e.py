@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from pydicom import dcmread
-
 from segnode.storage.index import DeliveryState, Index, JobState
+
 from tests.peers import (
     DCMTK_ENV,
     NodeProcess,
@@ -195,7 +195,7 @@ def test_kill_9_during_segmentation_resumes_after_restart(tmp_path: Path) -> Non
 
 
 def _worker_pid(node_pid: int) -> int | None:
-    """The node's worker process (a child running ``node.worker``)."""
+    """The node's worker process (a child running ``segnode.node.jobs.worker``)."""
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
@@ -203,7 +203,7 @@ def _worker_pid(node_pid: int) -> int | None:
                 parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if b"segnode.node.worker" in cmd and parent == node_pid:
+            if b"segnode.node.jobs.worker" in cmd and parent == node_pid:
                 return int(proc.name)
     return None
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from segnode.storage.dataset import DatasetStore
 from segnode.storage.index import Index, JobState
+
 from tests.peers import node, store_statuses, storescu, wait_until, write_node_config
 
 pytestmark = pytest.mark.peer  # DCMTK storescu sends the series

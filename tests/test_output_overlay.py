@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from segnode.node.writers.outline import outline
+from segnode.node.writers.overlay import write_overlay
 
-from segnode.node.outline import outline
-from segnode.node.overlay_writer import write_overlay
 from tests.dicomtools import dciodvfy
 from tests.output_fixtures import thorax, thorax_labels, tilted_uneven, writer_profile
 

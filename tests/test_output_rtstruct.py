@@ -13,11 +13,16 @@ from matplotlib.path import Path as MplPath
 # dicompyler-core 0.5.6 imports pydicom 2's ``read_file`` (renamed ``dcmread`` in pydicom 3); the rest of it works unchanged
 pydicom.dicomio.read_file = pydicom.dcmread  # type: ignore[attr-defined]
 from dicompylercore import dicomparser, dvhcalc  # noqa: E402
-
 from segnode.models.metrics import dice  # noqa: E402
-from segnode.node.rtstruct_writer import mask_contours, write_rtstruct  # noqa: E402
+from segnode.node.writers.rtstruct import mask_contours, write_rtstruct  # noqa: E402
+
 from tests.dicomtools import dciodvfy  # noqa: E402
-from tests.output_fixtures import thorax, thorax_labels, tilted_uneven, writer_profile  # noqa: E402
+from tests.output_fixtures import (  # noqa: E402
+    thorax,
+    thorax_labels,
+    tilted_uneven,
+    writer_profile,
+)
 
 pytestmark = pytest.mark.peer  # dciodvfy validates every object
 
@@ -89,7 +94,7 @@ def test_thorax_rtstruct_references_colours_and_codes(cta, tmp_path: Path) -> No
 
 
 def test_uids_are_deterministic_and_differ_from_the_seg(cta, tmp_path: Path) -> None:
-    from segnode.node.seg_writer import deterministic_uid
+    from segnode.node.writers.seg import deterministic_uid
 
     volume, labels, profile = cta
     a = write_rtstruct(volume, labels, profile, tmp_path / "a")

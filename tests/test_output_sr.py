@@ -9,12 +9,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from segnode.node.jobs.pipeline import segment_statistics
+from segnode.node.writers.seg import write_seg
+from segnode.node.writers.sr import write_sr
 
-from segnode.node.pipeline import segment_statistics
-from segnode.node.seg_writer import write_seg
-from segnode.node.sr_writer import write_sr
 from tests.dicomtools import dciodvfy
-from tests.output_fixtures import dcmqi_tool, labels_on, thorax, thorax_labels, writer_profile
+from tests.output_fixtures import (
+    dcmqi_tool,
+    labels_on,
+    thorax,
+    thorax_labels,
+    writer_profile,
+)
 
 pytestmark = pytest.mark.peer  # dciodvfy, dcmqi
 

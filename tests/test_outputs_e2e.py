@@ -22,9 +22,9 @@ import pytest
 import yaml
 from PIL import Image
 from pydicom import dcmread
-
 from segnode.profiles.loader import load_profile
 from segnode.storage.index import DeliveryState, Index, Job, JobState
+
 from tests.dicomtools import dciodvfy
 from tests.peers import (
     OrthancPeer,

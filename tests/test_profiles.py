@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from segnode.errors import ConfigError
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 from segnode.profiles import Backend, load_all, load_profile, load_profile_file
 
 GOOD = """\

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydantic import ValidationError
-
 from segnode.models.base import RunSettings
 from segnode.models.hu_based import BACKEND
 from segnode.models.qc import Outcome, run_qc, worst
@@ -15,6 +14,7 @@ from segnode.models.series import load_series
 from segnode.models.volume import LabelMap
 from segnode.profiles.loader import load_profile
 from segnode.profiles.schema import ProfileQC, TissueQC
+
 from tests.phantoms import read_ct_series
 
 DATA = Path(__file__).parent / "data"
@@ -127,7 +127,7 @@ def test_qc_section_is_validated() -> None:
 def test_cross_check_backend_runs_and_its_disagreement_warns(cta, cta_lungs) -> None:
     """``qc.cross_check``: a second backend runs on every result; swapped lungs there → agreement warns."""
     from segnode.errors import BackendError
-    from segnode.node.pipeline import quality_checks
+    from segnode.node.jobs.pipeline import quality_checks
 
     base = load_profile("lungs")
     profile = base.model_validate({**base.model_dump(), "qc": {**base.qc.model_dump(), "cross_check": "hu_based"}})

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import evt
-
 from segnode.node.config import NodeConfig
 from segnode.node.service import Service
+
 from tests.peers import store_statuses, storescu
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"

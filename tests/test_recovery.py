@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-
 from segnode.node.config import NodeConfig
-from segnode.node.scp import start_scp
+from segnode.node.dicom_in.scp import start_scp
 from segnode.storage.index import Index, JobState
 from segnode.storage.recovery import UNKNOWN_HOST, reindex_spool
 from segnode.storage.spool import Spool
+
 from tests.peers import store_statuses, storescu
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
@@ -124,7 +124,6 @@ def test_a_file_with_the_earlier_crc32_check_still_verifies(tmp_path: Path) -> N
 def _self_checked(spool: Spool, source: Path) -> tuple[Path, bytes]:
     """Spool ``source`` as the SCP does: hand-made prefix with the self-check, then the dataset."""
     from pydicom.filereader import _read_file_meta_info, read_preamble
-
     from segnode.storage.part10 import dataset_check, file_prefix
 
     with source.open("rb") as fp:

@@ -15,13 +15,13 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from segnode.errors import InputError
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap
-from segnode.node.seg_writer import write_nifti
+from segnode.node.writers.seg import write_nifti
 from segnode.profiles import load_profile
 from segnode.storage import nifti
+
 from tests.geometry_cases import source_voxel_centres, write_tilted_head
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 from segnode.errors import InputError
 from segnode.node.config import NodeConfig
-from segnode.node.remote import RemoteJobs, rebase, safe_relative
-from segnode.node.remote_worker import relative
+from segnode.node.remote.jobs import RemoteJobs, rebase, safe_relative
+from segnode.node.remote.worker import relative
 
 
 def remote(tmp_path: Path, job: object | None) -> RemoteJobs:

@@ -20,12 +20,20 @@ import pytest
 import websocket
 import yaml
 from PIL import Image
-
 from segnode.node.review import decide, write_png
 from segnode.routing.rules import Action, QcPolicy
 from segnode.storage.dataset import DatasetStore
 from segnode.storage.index import Index, JobState
-from tests.peers import free_port, node, orthanc, store_statuses, storescu, wait_until, write_node_config
+
+from tests.peers import (
+    free_port,
+    node,
+    orthanc,
+    store_statuses,
+    storescu,
+    wait_until,
+    write_node_config,
+)
 from tests.phantoms import thorax_phantom, write_ct_series
 from tests.test_status_page import chromium
 

@@ -8,7 +8,6 @@ import pydicom
 import pytest
 from pydicom import Dataset
 from pydicom.sequence import Sequence
-
 from segnode.errors import ConfigError
 from segnode.routing import Decision, RuleSet, load_rules
 from segnode.routing.matcher import Facts, check

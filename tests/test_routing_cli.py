@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from segnode.errors import ConfigError
-from segnode.node import cli
+from segnode.node.cli import main as cli
 from segnode.routing import RulesHolder, install_sighup
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -41,7 +40,7 @@ def rules(tmp_path: Path) -> Path:
 
 
 def test_registered() -> None:
-    assert "segnode.node.cli_route" in cli.COMMAND_MODULES
+    assert "segnode.node.cli.route" in cli.COMMAND_MODULES
 
 
 def test_route_test_matches(rules: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,11 +13,11 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
-
 from segnode.node.config import NodeConfig
-from segnode.node.scp import RunningSCP, start_scp
+from segnode.node.dicom_in.scp import RunningSCP, start_scp
 from segnode.storage.index import Index, JobState
 from segnode.storage.spool import Spool
+
 from tests.peers import store_statuses, storescu
 
 DATA = Path(__file__).parent / "data"

@@ -1,13 +1,12 @@
-"""Node config validation and the serve/status/jobs commands' errors (node/config.py, node/cli_serve.py)."""
+"""Node config validation and the serve/status/jobs commands' errors (node/config/__init__.py, node/cli/serve.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from segnode.errors import ConfigError
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 from segnode.node.config import NodeConfig, load_config
 
 

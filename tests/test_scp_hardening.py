@@ -31,13 +31,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-
 from segnode.node.config import NodeConfig
-from segnode.node.ops import Ops
-from segnode.node.scp import RunningSCP, start_scp
+from segnode.node.dicom_in.scp import RunningSCP, start_scp
+from segnode.node.ops.runner import Ops
 from segnode.routing import RulesHolder
 from segnode.storage.index import Index
 from segnode.storage.spool import Spool
+
 from tests.ops_helpers import http, json_of, scripted_index
 from tests.peers import (
     free_port,
@@ -62,7 +62,12 @@ from tests.raw_peer import (
     c_echo,
     c_store,
 )
-from tests.test_scp import echo, make_scp, receiver, spooled  # noqa: F401 - receiver: the fixture
+from tests.test_scp import (  # noqa: F401 - receiver: the fixture
+    echo,
+    make_scp,
+    receiver,
+    spooled,
+)
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 pytestmark = pytest.mark.peer
@@ -480,7 +485,7 @@ def test_an_internal_error_answers_a_retryable_status_and_logs_why(
         running: tuple[RunningSCP, Spool, Index], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     server, spool, index = running
-    from segnode.node import scp
+    from segnode.node.dicom_in import scp
 
     def broken(dataset: memoryview) -> bytes:
         raise KeyError("a bug of ours")

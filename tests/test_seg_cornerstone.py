@@ -19,10 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.seg_writer import SegType, write_seg
-from tests.output_fixtures import DATA, thorax, thorax_labels, tilted_uneven, writer_profile
+from segnode.node.writers.seg import SegType, write_seg
+
+from tests.output_fixtures import (
+    DATA,
+    thorax,
+    thorax_labels,
+    tilted_uneven,
+    writer_profile,
+)
 
 pytestmark = pytest.mark.peer  # Node.js and the npm packages of tests/js
 

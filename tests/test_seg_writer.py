@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-
 from segnode.errors import EncodeError
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.seg_writer import write_nifti, write_seg
+from segnode.node.writers.seg import write_nifti, write_seg
 from segnode.profiles import load_profile
+
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source
 
 pytestmark = pytest.mark.peer  # dciodvfy validates every SEG

@@ -9,7 +9,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-
 from segnode.errors import InputError, SegnodeError
 from segnode.models.series import load_series, scan
 

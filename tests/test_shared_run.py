@@ -1,13 +1,12 @@
-"""Several profiles, one model run (node/shared_run.py): union profile, split, the shared label map."""
+"""Several profiles, one model run (node/jobs/shared_run.py): union profile, split, the shared label map."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
 from segnode.models.volume import LabelMap
-from segnode.node.shared_run import shared_labels, split, union_profile
+from segnode.node.jobs.shared_run import shared_labels, split, union_profile
 from segnode.profiles import load_profile
 
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from segnode.node.config import NodeConfig
-from segnode.node.ops import Ops
-from segnode.node.status_page import render_status
+from segnode.node.ops.runner import Ops
+from segnode.node.ops.status_page import render_status
 from segnode.routing import RulesHolder
 from segnode.storage.index import JobState
+
 from tests.ops_helpers import scripted_index
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -97,7 +97,7 @@ def test_values_from_the_index_are_escaped(tmp_path):
     s.index.record_instance(_hostile_instance())
     s.index.transition(s.index.jobs(limit=1)[0].job_id, JobState.NOT_ROUTED,
                        "<img src=x onerror=alert(1)>")
-    from segnode.node.opsdb import OpsDB
+    from segnode.node.ops.views import OpsDB
 
     page = render_status(OpsDB(tmp_path / "index.sqlite"), node="<b>SEG</b>", clock=lambda: s.clock.now)
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page

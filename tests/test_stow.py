@@ -1,12 +1,11 @@
-"""STOW-RS parts' file meta (node/stow.py read_file_meta): read as pydicom reads it; a cut one is refused."""
+"""STOW-RS parts' file meta (node/http_in/stow.py read_file_meta): read as pydicom reads it; a cut one is refused."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
-
-from segnode.node.stow import read_file_meta
+from segnode.node.http_in.stow import read_file_meta
 
 CT = Path(__file__).parent / "data" / "thorax_cta" / "CT0001.dcm"
 

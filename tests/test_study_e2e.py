@@ -16,10 +16,18 @@ from pathlib import Path
 import pytest
 import yaml
 from pydicom import dcmread
-
 from segnode.storage.index import Index, JobState
+
 from tests.dl_fixtures import dl_models, dl_weights  # noqa: F401
-from tests.peers import free_port, node, orthanc, store_statuses, storescu, wait_until, write_node_config
+from tests.peers import (
+    free_port,
+    node,
+    orthanc,
+    store_statuses,
+    storescu,
+    wait_until,
+    write_node_config,
+)
 from tests.study_fixtures import build_study
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]

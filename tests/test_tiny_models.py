@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from segnode.models.weights import import_weights
 from segnode.profiles.schema import Backend
+
 from tests.dl_fixtures import COMMITTED, MANIFEST, MODEL_PATHS, SHAPE, committed_models
 
 REPO = Path(__file__).resolve().parent.parent

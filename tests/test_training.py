@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-
 from segnode.errors import ConfigError, WeightsError
 from segnode.models.compare import OrganVerdict, verdicts
 from segnode.models.evaluate import OrganSummary
@@ -18,7 +17,7 @@ from segnode.models.training import (
     patient_folds,
     resolve_base,
 )
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 
 
 def test_patient_folds_keep_each_patient_on_one_side():

@@ -14,14 +14,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from segnode.errors import WeightsNotInstalledError
 from segnode.models.io_nifti import ras_affine, volume_to_nifti
 from segnode.models.segmentation_io import Grid, read_segmentation
 from segnode.models.series import load_series
 from segnode.models.weights import Kind, find_model, import_weights, sha256_file, verify
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 from segnode.profiles.schema import Backend
+
 from tests.dicomtools import dciodvfy
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -1,4 +1,4 @@
-"""The upper layer's PDUs and command sets byte by byte (node/pdu.py): each PDU type, sound and malformed.
+"""The upper layer's PDUs and command sets byte by byte (node/dicom_in/pdu.py): each PDU type, sound and malformed.
 
 What we encode is decoded again by pynetdicom's own PDU classes (an
 independent reading of PS3.8); what we decode is built by
@@ -19,9 +19,8 @@ from pynetdicom.pdu import (
     A_RELEASE_RP,
     P_DATA_TF,
 )
-
-from segnode.node import pdu
-from segnode.node.pdu import (
+from segnode.node.dicom_in import pdu
+from segnode.node.dicom_in.pdu import (
     Context,
     ProtocolError,
     Rejection,
@@ -34,6 +33,7 @@ from segnode.node.pdu import (
     parse_associate_rq,
     parse_command,
 )
+
 from tests.raw_peer import (
     CT,
     EXPLICIT_LE,

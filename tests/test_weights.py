@@ -12,8 +12,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from segnode.errors import ConfigError, InputError, WeightsError, WeightsNotInstalledError
+from segnode.errors import (
+    ConfigError,
+    InputError,
+    WeightsError,
+    WeightsNotInstalledError,
+)
 from segnode.models.weights import (
     MANIFEST,
     Kind,
@@ -27,7 +31,7 @@ from segnode.models.weights import (
     verify,
     verify_or_raise,
 )
-from segnode.node.cli import main
+from segnode.node.cli.main import main
 from segnode.profiles.schema import Backend
 
 TS_297 = "Dataset297_TotalSegmentator_total_3mm_1559subj"

@@ -1,4 +1,4 @@
-"""Worker processes (node/worker.py): result, error and crash outcomes."""
+"""Worker processes (node/jobs/worker.py): result, error and crash outcomes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import signal
 from pathlib import Path
 
 from pydicom import dcmread
-
-from segnode.node.worker import JobSpec, run_job
+from segnode.node.jobs.worker import JobSpec, run_job
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 

@@ -1,0 +1,201 @@
+"""Extra receiver processes: more SCPs on the same port, so concurrent associations use every core.
+
+One pynetdicom process serves all its associations under one GIL; with
+``limits.receiver_processes: N`` the node starts ``N - 1`` more processes,
+each running the same SCP (:func:`segnode.node.dicom_in.scp.start_scp`: allow-list, limits,
+TLS, guards) on the same port with ``SO_REUSEPORT``, so the kernel spreads
+new connections over the N listeners.  Each writes the shared spool and the
+shared index itself (SQLite WAL; writers wait up to the busy timeout).
+
+What the node's ops side sees of a receiver is forwarded over a pipe to the
+main process: service events (``instance_stored``, ``association_rejected``),
+the ingest counters, the association and C-STORE outcomes that metrics count
+(replayed to the handlers bound on the main SCP's server), and log records.
+A receiver exits when the main process stops it or dies (its pipe closes),
+so a ``kill -9`` of the node leaves no listener behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from types import SimpleNamespace
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from segnode.node.config import NodeConfig
+from segnode.node.dicom_in.scp import RunningSCP, start_scp
+from segnode.node.ingest.store import IngestStats
+from segnode.storage.index import Index
+from segnode.storage.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+class _Pipe:
+    """The child's end of the pipe, shared by its threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, *message: Any) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+
+class _ForwardingStats(IngestStats):
+    def __init__(self, pipe: _Pipe) -> None:
+        super().__init__()
+        self._pipe = pipe
+
+    def add(self, **deltas: int) -> None:
+        self._pipe.send("stats", deltas)
+
+
+class _LogForwarder(logging.Handler):
+    def __init__(self, pipe: _Pipe) -> None:
+        super().__init__()
+        self._pipe = pipe
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._pipe.send("log", {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                                "msg": record.getMessage(), "exc_text": self.formatException(record.exc_info)
+                                if record.exc_info else None, "threadName": f"receiver-{os.getpid()}"})
+
+
+def _child_main(config: NodeConfig, conn: Connection, log_level: int) -> None:
+    """A receiver process: the SCP on the shared port until told to stop or the parent is gone."""
+    pipe = _Pipe(conn)
+    root = logging.getLogger()
+    root.handlers[:] = [_LogForwarder(pipe)]
+    root.setLevel(log_level)
+    scp = start_scp(config, Spool(config.spool_dir), Index(config.index_path),
+                    lambda kind, data: pipe.send("event", kind, data), reuse_port=True)
+    scp.handler.stats = _ForwardingStats(pipe)
+    scp.server.bind(evt.EVT_ACCEPTED, lambda e: pipe.send("accepted") if e.assoc.is_acceptor else None)
+    scp.server.bind(evt.EVT_REJECTED, lambda e: _send_rejected(pipe, e))
+    scp.server.bind(evt.EVT_DIMSE_SENT, lambda e: _send_store_status(pipe, e))
+    pipe.send("ready")
+    try:
+        conn.recv()  # "stop", or EOFError once the parent has died
+    except (EOFError, OSError):
+        pass
+    scp.stop()
+    os._exit(0)  # no interpreter teardown: nothing of the parent's to flush here
+
+
+def _send_rejected(pipe: _Pipe, event: evt.Event) -> None:
+    if event.assoc.is_acceptor:
+        rj = event.assoc.acceptor.primitive
+        pipe.send("rejected", getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+
+
+def _send_store_status(pipe: _Pipe, event: evt.Event) -> None:
+    if isinstance(event.message, C_STORE_RSP):
+        command = event.message.command_set
+        pipe.send("store_rsp", int(command.Status), command.get("ErrorComment"))
+
+
+@dataclass
+class _Receiver:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    reader: threading.Thread | None = None
+
+
+class ReceiverPool:
+    """``count`` receiver processes beside ``main`` (the main process's SCP, bound with ``SO_REUSEPORT``)."""
+
+    def __init__(self, config: NodeConfig, main: RunningSCP, count: int) -> None:
+        self.config = config.model_copy(update={"port": main.port})
+        self.main = main
+        self.count = count
+        self._receivers: list[_Receiver] = []
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        ctx = multiprocessing.get_context("spawn")  # the parent has threads: never fork it
+        for _ in range(self.count):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_child_main, args=(self.config, theirs, logging.getLogger().level),
+                               name="segnode-receiver", daemon=True)
+            proc.start()
+            theirs.close()
+            self._receivers.append(_Receiver(proc, ours))
+        for rec in self._receivers:
+            self._wait_ready(rec, timeout_s)
+            rec.reader = threading.Thread(target=self._read, args=(rec,), name="segnode-receiver-pipe", daemon=True)
+            rec.reader.start()
+        logger.info("%d extra receiver process(es) on port %d", self.count, self.main.port)
+
+    def _wait_ready(self, rec: _Receiver, timeout_s: float) -> None:
+        while rec.conn.poll(timeout_s):
+            try:
+                message = rec.conn.recv()  # its start-up log lines come first
+            except EOFError:  # it died; what it logged has been passed on
+                break
+            if message == ("ready",):
+                return
+            self._dispatch(message)
+        raise RuntimeError(f"receiver process {rec.process.pid} did not start")
+
+    def stop(self) -> None:
+        for rec in self._receivers:
+            try:
+                rec.conn.send("stop")
+            except OSError:
+                pass
+        for rec in self._receivers:
+            rec.process.join(timeout=10)
+            if rec.process.is_alive():
+                rec.process.kill()
+                rec.process.join()
+            rec.conn.close()
+        self._receivers.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        return [rec.process.pid for rec in self._receivers if rec.process.pid is not None]
+
+    def _read(self, rec: _Receiver) -> None:
+        while True:
+            try:
+                message = rec.conn.recv()
+            except (EOFError, OSError):
+                return
+            self._dispatch(message)
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        kind, *rest = message
+        handler = self.main.handler
+        if kind == "event":
+            if handler.listener is not None:
+                handler.listener(rest[0], rest[1])
+        elif kind == "stats":
+            handler.stats.add(**rest[0])
+        elif kind == "log":
+            record = logging.makeLogRecord(rest[0])
+            logging.getLogger(record.name).handle(record)
+        elif kind == "accepted":
+            self._replay(evt.EVT_ACCEPTED, SimpleNamespace(assoc=SimpleNamespace(is_acceptor=True)))
+        elif kind == "rejected":
+            primitive = SimpleNamespace(result_source=rest[0], diagnostic=rest[1])
+            assoc = SimpleNamespace(is_acceptor=True, acceptor=SimpleNamespace(primitive=primitive))
+            self._replay(evt.EVT_REJECTED, SimpleNamespace(assoc=assoc))
+        elif kind == "store_rsp":
+            rsp = C_STORE_RSP()
+            rsp.command_set.Status = rest[0]
+            if rest[1] is not None:
+                rsp.command_set.ErrorComment = rest[1]
+            self._replay(evt.EVT_DIMSE_SENT, SimpleNamespace(message=rsp, assoc=SimpleNamespace(is_acceptor=True)))
+
+    def _replay(self, event_type: evt.EventType, event: Any) -> None:
+        """Call the node's handlers bound on the main server (not pynetdicom's own log handlers)."""
+        for handler, args in list(self.main.server._handlers.get(event_type, [])):
+            if not getattr(handler, "__module__", "").startswith("pynetdicom"):
+                handler(event, *(args or []))

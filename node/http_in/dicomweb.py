@@ -1,0 +1,456 @@
+"""The node's DICOMweb server (PS3.18): STOW-RS in, WADO-RS of spooled series, remote workers' results.
+
+Standard library HTTP (:class:`http.server.ThreadingHTTPServer`), a listener of
+its own (``dicomweb:`` in the node config), apart from the ops API: this one
+faces modalities, other nodes and remote workers.  Endpoints:
+
+=======  ===================================================  =====================================
+POST     ``/dicomweb/studies``, ``/dicomweb/studies/{study}``  STOW-RS (client token, ``store``)
+GET      ``/dicomweb/studies/{study}/series/{series}``         WADO-RS (client token with
+                                                               ``retrieve``, or that job's token)
+POST     ``/remote/v1/jobs/{job_id}/result``                   a remote worker's result (job token)
+GET      ``/healthz``                                          liveness, no token
+=======  ===================================================  =====================================
+
+The same guarantees as C-STORE: a client is known by its bearer token
+(compared in constant time) and must connect from one of its ``hosts``; the
+declared Content-Length is checked before the body is read (no length: 411;
+over ``max_body_bytes``: 413), each part against the instance cap, the number
+of parts too; every stored part is synced into the spool and its index row
+committed (:mod:`segnode.node.http_in.stow`, through :class:`segnode.node.ingest.store.StoreHandler`) before
+the response is sent.  A request counts as one association for completion on
+evidence: its series are marked released when it ends.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import logging
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from segnode.errors import ConfigError, InputError, SegnodeError
+from segnode.node.config.dicomweb import DicomWebClient, DicomWebConfig, read_secret
+from segnode.node.http_in.multipart import (
+    BodyTooLarge,
+    ChunkedBody,
+    LengthBody,
+    MediaType,
+    Part,
+    encode_parts,
+    iter_parts,
+    new_boundary,
+)
+from segnode.node.http_in.stow import StowIngest, store_response
+from segnode.node.ingest.guards import PendingGate, PendingSlot
+from segnode.node.ingest.store import StoreHandler
+from segnode.node.ops.api import RunningHTTP
+from segnode.storage.index import Index
+from segnode.storage.spool import Spool
+from segnode.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+_STOW = re.compile(r"/dicomweb/studies(?:/(?P<study>[^/]+))?")
+_WADO_SERIES = re.compile(r"/dicomweb/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)")
+_RESULT = re.compile(r"/remote/v1/jobs/(?P<job_id>[0-9]{1,12})/result")
+DRAIN_LIMIT = 64 * 1024 * 1024  # after a refusal, read at most this much of the body so the client sees the answer
+
+
+class HttpError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobGrant:
+    """What a per-job token allows: that job's series, and posting that attempt's result."""
+
+    job_id: int
+    attempt: int
+    study_uid: str
+    series_uid: str
+    current: bool = True  # False: a valid token of an attempt the node no longer waits for
+
+
+class RemoteJobsPort(Protocol):
+    """What the server needs of :class:`segnode.node.remote.jobs.RemoteJobs`."""
+
+    def grant(self, token: str) -> JobGrant | None: ...
+
+    def accept_result(self, grant: JobGrant, parts: Iterator[Part]) -> dict[str, Any]: ...
+
+    def fetched(self, grant: JobGrant, worker: str | None) -> None: ...
+
+
+class DicomWebApp:
+    """Requests to actions; the socket side is :class:`_Handler`."""
+
+    def __init__(self, config: DicomWebConfig, *, ae_title: str, handler: StoreHandler, index: Index,
+                 spool: Spool, max_instance_bytes: int, remote: RemoteJobsPort | None = None) -> None:
+        self.config = config
+        self.ae_title = ae_title
+        self.store_handler = handler
+        self.index = index
+        self.spool = spool
+        self.max_part = config.max_part_bytes or max_instance_bytes
+        self.remote = remote
+        self.tokens = [(client, read_secret(client.token_file, f"token of DICOMweb client {client.name}")
+                        .encode("utf-8")) for client in config.clients]
+        self._sessions = itertools.count(-1, -1)  # negative: never an association's id()
+        self.stats_lock = threading.Lock()
+        self.stats = {"stow_requests": 0, "stow_instances": 0, "stow_failed": 0, "wado_series": 0,
+                      "results_accepted": 0, "results_ignored": 0, "unauthorized": 0}
+
+    def count(self, **deltas: int) -> None:
+        with self.stats_lock:
+            for name, delta in deltas.items():
+                self.stats[name] += delta
+
+    # -- authentication -------------------------------------------------------------
+    def client(self, authorization: str | None, host: str) -> DicomWebClient | None:
+        token = _bearer(authorization)
+        if token is None:
+            return None
+        found = None
+        for client, expected in self.tokens:  # every token compared: the time says nothing of which matched
+            if hmac.compare_digest(token.encode("utf-8", "replace"), expected):
+                found = client
+        if found is not None and not found.allows(host):
+            logger.warning("DICOMweb client %s refused: %s is not one of its hosts", found.name, host)
+            return None
+        return found
+
+    def job_grant(self, authorization: str | None) -> JobGrant | None:
+        token = _bearer(authorization)
+        if token is None or self.remote is None or not token.startswith("job."):
+            return None
+        return self.remote.grant(token)
+
+    # -- STOW-RS ------------------------------------------------------------------------
+    def stow(self, client: DicomWebClient, study_uid: str | None, content_type: str | None,
+             body: LengthBody, host: str) -> tuple[HTTPStatus, dict[str, Any]]:
+        if study_uid is not None and not is_valid_uid(study_uid):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "the study in the path is not a valid DICOM UID")
+        media = MediaType.parse(content_type)
+        if media.value != "multipart/related" or media.params.get("type", "application/dicom").lower() \
+                != "application/dicom":
+            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                            'send multipart/related; type="application/dicom"')
+        session = next(self._sessions)
+        ingest = StowIngest(self.store_handler, calling_ae=client.ae_title, called_ae=self.ae_title, host=host,
+                            study_uid=study_uid, session=session)
+        outcomes = []
+        try:
+            for part in iter_parts(body, media.params.get("boundary", ""),
+                                   max_part_bytes=self.max_part, max_parts=self.config.max_parts):
+                outcome = ingest.store(part)
+                if not outcome.ok:
+                    logger.warning("STOW-RS from %s: instance %s refused (0x%04X): %s", client.name,
+                                   outcome.sop_instance_uid or "-", outcome.status, outcome.comment)
+                outcomes.append(outcome)
+        except InputError as exc:  # what was stored stays stored; the client sends it again (a duplicate)
+            self.store_handler.association_ended(session, released=False)
+            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if isinstance(exc, BodyTooLarge) else HTTPStatus.BAD_REQUEST
+            raise HttpError(status, f"{exc.message} ({sum(o.ok for o in outcomes)} stored)") from exc
+        self.store_handler.association_ended(session, released=True)
+        stored = sum(o.ok for o in outcomes)
+        self.count(stow_requests=1, stow_instances=stored, stow_failed=len(outcomes) - stored)
+        logger.info("STOW-RS from %s: %d instance(s) stored, %d refused", client.name, stored, len(outcomes) - stored)
+        return store_response(outcomes, None)
+
+    # -- WADO-RS ------------------------------------------------------------------------
+    def series_files(self, study_uid: str, series_uid: str) -> list[Path]:
+        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "study and series must be valid DICOM UIDs")
+        info = self.index.series(series_uid)
+        if info is None or info.study_uid != study_uid or info.purged_at is not None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such series on this node")
+        root = self.spool.root.resolve()
+        paths = [(root / rel).resolve() for rel in self.index.instance_paths(series_uid)]
+        if any(root not in p.parents for p in paths):  # rows are written by the node; guard anyway
+            raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "an instance path leaves the spool")
+        self.count(wado_series=1)
+        return paths
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+# -- HTTP ------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DicomWebHTTPServer
+    server_version = "segnode-dicomweb"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    _header_timer: threading.Timer | None = None
+
+    def setup(self) -> None:
+        self.timeout = self.server.app.config.network_timeout_s
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        """One request; its request line and headers must arrive within ``header_timeout_s``.
+
+        The socket timeout bounds each read; this bounds them together (a peer
+        dribbling a header byte at a time, or idling on a keep-alive connection).
+        """
+        timer = threading.Timer(self.server.app.config.header_timeout_s, self._headers_overdue)
+        timer.daemon = True
+        self._header_timer = timer
+        timer.start()
+        try:
+            super().handle_one_request()
+        finally:
+            timer.cancel()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if self._header_timer is not None:
+            self._header_timer.cancel()  # the headers are in: the body has its own limits
+        return parsed
+
+    def _headers_overdue(self) -> None:
+        logger.info("closing DICOMweb connection from %s: no complete request headers within %g s",
+                    self.client_address[0], self.server.app.config.header_timeout_s)
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns: the handler ends
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def _guarded(self, action: Callable[[str], None]) -> None:
+        path = urlsplit(self.path).path
+        length = self.headers.get("Content-Length", "")
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        self._unread = DRAIN_LIMIT if chunked else int(length) if length.isdigit() and len(length) < 16 else 0
+        try:
+            action(path)
+        except HttpError as exc:
+            self._refuse(exc.status, exc.message)
+        except SegnodeError as exc:  # the index or the spool failed under this request
+            logger.error("%s %s failed: %s", self.command, path, exc)
+            self._refuse(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
+
+    # -- GET ------------------------------------------------------------------------------
+    def _get(self, path: str) -> None:
+        app = self.server.app
+        if path == "/healthz":
+            return self._json(HTTPStatus.OK, {"status": "ok"})
+        found = _WADO_SERIES.fullmatch(path)
+        if not found:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such endpoint")
+        auth = self.headers.get("Authorization")
+        grant = app.job_grant(auth)
+        if grant is not None:
+            if (grant.study_uid, grant.series_uid) != (found["study"], found["series"]):
+                raise HttpError(HTTPStatus.FORBIDDEN, "this job's token is for another series")
+            if not grant.current:
+                raise HttpError(HTTPStatus.GONE, "the node no longer waits for this attempt of the job")
+            assert app.remote is not None
+            app.remote.fetched(grant, self.headers.get("X-Segnode-Worker"))
+        else:
+            client = self._client()
+            if not client.retrieve:
+                raise HttpError(HTTPStatus.FORBIDDEN, f"client {client.name} may not retrieve")
+        self._send_files(app.series_files(found["study"], found["series"]))
+
+    def _send_files(self, paths: list[Path]) -> None:
+        boundary = new_boundary()
+        headers = {"Content-Type": "application/dicom"}
+        sizes = [p.stat().st_size for p in paths]
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        per_part = len(f"--{boundary}\r\n{head}\r\n".encode()) + 2
+        length = sum(sizes) + per_part * len(paths) + len(f"--{boundary}--\r\n")
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", f'multipart/related; type="application/dicom"; boundary={boundary}')
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        for chunk in encode_parts(((headers, p.read_bytes()) for p in paths), boundary):
+            self.wfile.write(chunk)
+
+    # -- POST -----------------------------------------------------------------------------
+    def _post(self, path: str) -> None:
+        app = self.server.app
+        stow, result = _STOW.fullmatch(path), _RESULT.fullmatch(path)
+        if not stow and not result:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such endpoint")
+        if stow:
+            client = self._client()
+            if not client.store:
+                raise HttpError(HTTPStatus.FORBIDDEN, f"client {client.name} may not store")
+            body = self._body(app.config.max_body_bytes)
+            status, answer = app.stow(client, stow["study"], self.headers.get("Content-Type"), body,
+                                      self.client_address[0])
+            return self._json(status, answer, content_type="application/dicom+json")
+        grant = app.job_grant(self.headers.get("Authorization"))
+        if grant is None or grant.job_id != int(result["job_id"]):
+            app.count(unauthorized=1)
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong job token")
+        body = self._body(app.config.max_result_bytes)
+        media = MediaType.parse(self.headers.get("Content-Type"))
+        if media.value != "multipart/related":
+            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the result as multipart/related")
+        parts = iter_parts(body, media.params.get("boundary", ""), max_part_bytes=app.config.max_result_bytes,
+                           max_parts=app.config.max_parts)
+        assert app.remote is not None  # a grant came from it
+        try:
+            answer = app.remote.accept_result(grant, parts)
+        except InputError as exc:
+            raise HttpError(HTTPStatus.BAD_REQUEST, exc.message) from exc
+        app.count(**{"results_accepted" if answer.get("accepted") else "results_ignored": 1})
+        self._json(HTTPStatus.OK, answer)
+
+    def _client(self) -> DicomWebClient:
+        client = self.server.app.client(self.headers.get("Authorization"), self.client_address[0])
+        if client is None:
+            self.server.app.count(unauthorized=1)
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong token")
+        return client
+
+    def _body(self, limit: int) -> LengthBody:
+        """The request body as a stream: Content-Length checked against ``limit`` before reading, chunked while."""
+        if self.headers.get("Transfer-Encoding", "").strip().lower() == "chunked":
+            return ChunkedBody(self.rfile, limit)
+        if self.headers.get("Transfer-Encoding"):
+            raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "only the chunked transfer coding is accepted")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked transfer coding required")
+        if not raw.isdigit() or len(raw) > 15:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+        if int(raw) > limit:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {limit} bytes")
+        return LengthBody(self.rfile, int(raw))
+
+    # -- answers ----------------------------------------------------------------------------
+    def _json(self, status: HTTPStatus, body: Any, content_type: str = "application/json") -> None:
+        data = json.dumps(body).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _refuse(self, status: HTTPStatus, message: str) -> None:
+        """Answer first, then read (a bounded part of) an unread body, so the client sees the answer."""
+        unread = self._unread  # answered first; then the client may still be sending (requests sends it all)
+        self.close_connection = True
+        try:
+            data = json.dumps({"error": message}).encode("utf-8")
+            self.send_response(status)
+            if status == HTTPStatus.UNAUTHORIZED:
+                self.send_header("WWW-Authenticate", 'Bearer realm="segnode-dicomweb"')
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+            self.wfile.flush()
+            remaining = min(unread, DRAIN_LIMIT)
+            while remaining > 0 and (chunk := self.rfile.read(min(remaining, 1 << 20))):
+                remaining -= len(chunk)
+        except OSError:  # the client went away
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s %s", self.client_address[0], format % args)
+
+
+#: what a connection over the caps gets before it is closed
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n")
+
+
+class DicomWebHTTPServer(ThreadingHTTPServer):
+    """Threads per connection, capped in all and per client host (:class:`segnode.node.ingest.guards.PendingGate`)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], app: DicomWebApp) -> None:
+        self.app = app
+        self.gate = PendingGate(app.config.max_connections, app.config.max_connections_per_host, what="open")
+        self._slots: dict[int, PendingSlot] = {}  # by the accepted socket's file descriptor
+        super().__init__(address, _Handler)
+
+    def verify_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        slot = self.gate.admit(client_address[0])
+        if slot is None:  # socketserver closes it: no thread
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)
+            except OSError:
+                pass
+            return False
+        self._slots[request.fileno()] = slot
+        return True
+
+    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # "can't start new thread"
+            self._release(request)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
+        slot = self._slots.pop(request.fileno(), None)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    def _release(self, request) -> None:  # type: ignore[no-untyped-def]
+        slot = self._slots.pop(request.fileno(), None)
+        if slot is not None:
+            slot.release()
+
+
+def start_dicomweb(app: DicomWebApp) -> RunningHTTP:
+    """Listen on ``dicomweb.host:port`` in a thread."""
+    config = app.config
+    try:
+        server = DicomWebHTTPServer((config.host, config.port), app)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", where="dicomweb") from exc
+    thread = threading.Thread(target=server.serve_forever, name="segnode-dicomweb", daemon=True)
+    thread.start()
+    running = RunningHTTP(server, thread)
+    logger.info("DICOMweb on %s (%d client(s))", running.url, len(config.clients))
+    return running
+
+
+def start_for_service(service: Any) -> RunningHTTP:
+    """The DICOMweb server of a running :class:`segnode.node.service.Service` (its SCP's store path and index)."""
+    config = service.config
+    app = DicomWebApp(config.dicomweb, ae_title=config.ae_title, handler=service.scp.handler, index=service.index,
+                      spool=service.spool, max_instance_bytes=config.limits.max_instance_bytes,
+                      remote=getattr(service, "remote", None))
+    return start_dicomweb(app)

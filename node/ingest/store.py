@@ -1,0 +1,291 @@
+"""The store path every receiver uses: one instance's bytes → the durable spool and the index.
+
+C-STORE (:mod:`segnode.node.dicom_in`) and STOW-RS (:mod:`segnode.node.http_in.stow`)
+hand the dataset exactly as received to :meth:`StoreHandler.store`, which writes
+it as a Part 10 file without decoding and re-encoding it (preamble, file meta
+from the presentation context with the dataset's self-check, then the received
+dataset), through :meth:`segnode.storage.spool.Spool.write` (unnamed temporary
+file, atomic link, data and directory sync), commits the index row, and only
+then answers Success (docs/node.md, "Durability").  Only the five identifying
+attributes are read, by :mod:`segnode.node.ingest.header` (of a deflated
+dataset: by :mod:`segnode.node.ingest.inflate`, from a bounded inflated prefix,
+the rest inflated only to be counted against ``limits.max_instance_bytes``,
+never held).  It never raises; it answers a named status:
+
+==========  ===========================================================
+``0x0000``  stored (or a duplicate SOP Instance UID: first copy kept)
+``0x0122``  refused, SOP class not supported: the request's SOP class is not
+            the accepted context's abstract syntax, or not a storage class
+            this node is configured for
+``0xA700``  out of resources: below the free-disk minimum, instance (or its
+            inflated dataset) larger than ``limits.max_instance_bytes``, a
+            failed write, or an internal error (logged with its traceback;
+            the comment says so, and the sender may retry)
+``0xA900``  the dataset's SOP Class UID differs from the request's
+``0xC210``  cannot understand: the dataset does not decode
+``0xC211``  cannot understand: a SOP Class/Instance, Study or Series UID (of
+            the request or the dataset) is missing or breaks the UID grammar
+``0xC212``  cannot understand: SOP Instance UID differs from the request
+==========  ===========================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
+from segnode.errors import InputError, StorageError
+from segnode.node.config import NodeConfig
+from segnode.node.ingest.header import read_header
+from segnode.node.ingest.inflate import DEFLATED, InflatesTooLarge, inflated_header
+from segnode.storage.index import Index, InstanceRecord
+from segnode.storage.part10 import dataset_check, file_prefix
+from segnode.storage.spool import Spool
+from segnode.uids import check_uid, is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+CT_FAMILY = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+
+#: transfer syntaxes accepted for storage: uncompressed, deflate, and the common compressed ones.
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+SOP_CLASS_MISMATCH = 0xA900
+CANNOT_DECODE = 0xC210
+BAD_UID = 0xC211
+UID_MISMATCH = 0xC212
+
+_HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class IngestStats:
+    """Counters the ops API and metrics read (updated under ``lock``)."""
+
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    bytes_stored: int = 0
+    associations_rejected: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """What storing one instance needs besides its bytes (from either receiver)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+    host: str
+    abstract_syntax: str  # of the presentation context the instance came on
+    session: int = 0  # which association (its object's id): completion on evidence needs its release
+
+
+
+#: a C-STORE outcome: the status and, for a refusal, its error comment.
+StoreStatus = tuple[int, str | None]
+
+
+
+
+def _part10_prefix(request: StoreRequest, check: bytes | None) -> bytes:
+    """Preamble, ``DICM`` and the file meta, with the dataset's self-check if given (:mod:`segnode.storage.part10`)."""
+    return file_prefix(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax,
+                       request.calling_ae.strip(), check)
+
+
+
+
+class StoreHandler:
+    """The SCP's event handlers, bound to one spool and index."""
+
+    def __init__(self, config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.index = index
+        self.listener = listener
+        self.stats = IngestStats()
+        self.min_free = config.limits.min_free_disk_mb * 1024 * 1024
+        self.storage_classes = frozenset(map(str, (*CT_FAMILY, *config.storage_classes)))
+        self._sessions: dict[int, set[str]] = {}  # association → series it stored (or re-sent) instances of
+        self._sessions_lock = threading.Lock()
+
+    def association_ended(self, session: int, *, released: bool) -> None:
+        """An association ended: with an A-RELEASE, its series are marked released (completion evidence).
+
+        An aborted or broken association gives no evidence; its series wait for the quiet period.
+        """
+        with self._sessions_lock:
+            series = self._sessions.pop(session, set())
+        if not released or not series:
+            return
+        try:
+            self.index.mark_released(sorted(series))
+        except StorageError as exc:  # the quiet period still completes them
+            logger.error("could not record the release of %d series: %s", len(series), exc)
+            return
+        self._notify("association_released", series=sorted(series))
+
+    def _stored_in(self, session: int, series_uid: str) -> None:
+        with self._sessions_lock:
+            self._sessions.setdefault(session, set()).add(series_uid)
+
+    def _notify(self, kind: str, **data: Any) -> None:
+        if self.listener is not None:
+            self.listener(kind, data)
+
+    def admit(self, calling: str, host: str) -> bool:
+        """Whether ``calling`` at ``host`` may send; a refusal is logged, counted and notified."""
+        if self.config.sender_for(calling, host) is not None:
+            return True
+        logger.warning("rejected association from %r at %s: not an allowed sender", calling, host)
+        self.stats.add(associations_rejected=1)
+        self._notify("association_rejected", calling_ae=calling, host=host)
+        return False
+
+    def store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
+        """Store one instance; always return a status (this is the network boundary).
+
+        A refusal is counted and notified (``instance_refused``: the sender,
+        the SOP Instance UID of the request, the status and its comment).
+        """
+        try:
+            code, comment = self._store(request, dataset)
+        except StorageError as exc:
+            logger.error("store failed: %s", exc)
+            code, comment = OUT_OF_RESOURCES, "write failed"
+        except Exception as exc:  # boundary: our fault, not the sender's; it may retry, the log has the traceback
+            logger.exception("internal error storing instance %s", request.sop_instance_uid[:64])
+            code, comment = OUT_OF_RESOURCES, f"internal error ({type(exc).__name__}), retry later"[:64]
+        if code != SUCCESS:
+            self.stats.add(refused=1)
+            self._notify("instance_refused", calling_ae=request.calling_ae, host=request.host,
+                         sop_uid=request.sop_instance_uid[:64], status=code, reason=comment)
+        return code, comment
+
+    def _store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
+        limit = self.config.limits.max_instance_bytes
+        if dataset.nbytes > limit:
+            return OUT_OF_RESOURCES, "instance larger than the node accepts"
+        if self.spool.free_bytes() - dataset.nbytes < self.min_free:
+            logger.warning("refusing instance: free disk below the %d MB minimum",
+                           self.config.limits.min_free_disk_mb)
+            return OUT_OF_RESOURCES, "free disk below the node's minimum"
+        refusal = self._check_request(request)
+        if refusal is not None:
+            return refusal
+        try:
+            uids = _header(request, dataset, limit)
+        except InflatesTooLarge:
+            logger.warning("refusing instance %s: its deflated dataset inflates past %d bytes",
+                           request.sop_instance_uid, limit)
+            return OUT_OF_RESOURCES, "inflated instance larger than the node accepts"
+        if uids is None:
+            return CANNOT_DECODE, "dataset cannot be decoded"
+        return self._check_dataset(request, uids) or self._persist(request, dataset, uids)
+
+    def _check_request(self, request: StoreRequest) -> StoreStatus | None:
+        """The command's UIDs, and its SOP class against its context and the classes this node stores."""
+        for value, what in ((request.sop_class_uid, "AffectedSOPClassUID"),
+                            (request.sop_instance_uid, "AffectedSOPInstanceUID")):
+            if not is_valid_uid(value):
+                logger.warning("refusing instance: %s %r breaks the UID grammar", what, value[:80])
+                return BAD_UID, f"{what} invalid"
+        if request.sop_class_uid != request.abstract_syntax or request.sop_class_uid not in self.storage_classes:
+            logger.warning("refusing instance %s: SOP class %s on a %s context", request.sop_instance_uid,
+                           request.sop_class_uid, request.abstract_syntax)
+            return SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context"
+        return None
+
+    def _check_dataset(self, request: StoreRequest, uids: dict[str, str]) -> StoreStatus | None:
+        try:
+            for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+                check_uid(uids.get(tag), tag)
+        except InputError as exc:
+            logger.warning("refusing instance: %s", exc)
+            return BAD_UID, (exc.message.split(" is ")[0] + " invalid")[:64]
+        if uids["SOPClassUID"] != request.sop_class_uid:
+            return SOP_CLASS_MISMATCH, "SOPClassUID differs from the request"
+        if uids["SOPInstanceUID"] != request.sop_instance_uid:
+            return UID_MISMATCH, "SOPInstanceUID differs from the request"
+        return None
+
+    def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> StoreStatus:
+        sop_uid, study_uid, series_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
+        self._stored_in(request.session, series_uid)
+        if self.index.has_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
+            self.index.touch_duplicate(series_uid)
+            self.stats.add(duplicates=1)
+            return SUCCESS, None
+        prefix = _part10_prefix(request, dataset_check(dataset))
+        path = self.spool.write(study_uid, series_uid, sop_uid, (prefix, dataset), self_checking=True)
+        size = len(prefix) + dataset.nbytes
+        record = InstanceRecord(
+            sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
+            sop_class_uid=request.sop_class_uid, transfer_syntax_uid=request.transfer_syntax,
+            modality=uids.get("Modality") or None,
+            path=str(path.relative_to(self.spool.root)), size_bytes=size,
+            calling_ae=request.calling_ae, called_ae=request.called_ae, sender_host=request.host,
+        )
+        if self.index.record_instance(record):
+            self.stats.add(stored=1, bytes_stored=size)
+            self._notify("instance_stored", sop_uid=sop_uid, series_uid=series_uid, size=size)
+        else:
+            self.stats.add(duplicates=1)
+        return SUCCESS, None
+
+
+def _header(request: StoreRequest, dataset: memoryview, limit: int) -> dict[str, str] | None:
+    """The identifying attributes, or ``None`` if the dataset does not decode (logged)."""
+    try:
+        if request.transfer_syntax == DEFLATED:
+            return inflated_header(dataset, limit)
+        values = read_header(dataset, request.transfer_syntax)
+        if values is not None:
+            return values
+        # big endian or an unusual element before the UIDs: let pydicom read it
+        part10 = _part10_prefix(request, None) + bytes(dataset)
+        ds = dcmread(BytesIO(part10), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        return {tag: str(ds.get(tag)) for tag in _HEADER_TAGS if ds.get(tag) is not None}
+    except InflatesTooLarge:
+        raise
+    except Exception as exc:  # HeaderError, zlib.error, or any of pydicom's many error types: "cannot decode"
+        logger.warning("cannot decode instance %s: %s", request.sop_instance_uid, exc)
+        return None

@@ -1,0 +1,293 @@
+"""One segmentation job: load the series → run the backend chain → encode → summary.
+
+Used by ``segnode run`` and by the node's worker processes (which build the
+request from their serialisable :class:`segnode.node.jobs.worker.JobSpec`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from segnode.errors import BackendError, EncodeError, WeightsNotInstalledError
+from segnode.models.base import LoadedModel, RunSettings
+from segnode.models.qc import Finding, Outcome, run_qc
+from segnode.models.registry import get_backend
+from segnode.models.series import load_series
+from segnode.models.volume import LabelMap, Volume
+from segnode.node.review import write_pictures
+from segnode.node.writers.seg import EncodedResult, OutputFormat, SegType, write_nifti
+from segnode.profiles import Backend, Profile, load_profile
+
+logger = logging.getLogger(__name__)
+
+Reporter = Callable[[str], None]
+
+
+class ModelSource(Protocol):
+    """Where loaded models come from (the worker keeps them warm in a cache)."""
+
+    def get(self, backend: str, profile: Profile, settings: RunSettings) -> LoadedModel: ...
+
+
+@dataclass(frozen=True)
+class PipelineRequest:
+    input_path: Path
+    profile: str
+    out_dir: Path
+    backend: str | None = None
+    series_uid: str | None = None
+    seg_type: str = SegType.BINARY.value
+    output_format: str = OutputFormat.SEG.value
+    settings: RunSettings = field(default_factory=RunSettings)
+    use_fallback: bool = True
+    outputs: tuple[str, ...] = ("seg",)  # output kinds (node.outputs.OutputKind) when output_format is seg
+    # several profiles, one model run (node/jobs/shared_run.py): all of them, the folder the run is shared in,
+    # and whether this job encodes all of them in one result instead of ``profile`` alone
+    profiles: tuple[str, ...] = ()
+    shared_dir: Path | None = None
+    combine: bool = False
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    seg_path: Path | None
+    summary_path: Path
+    backend_used: str
+    model_version: str
+    weights_hash: str
+    seg_series_uid: str
+    seg_sop_instance_uid: str
+    summary: dict[str, Any]
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # node.outputs.record of every object written
+
+
+def backend_chain(profile: Profile, override: str | None, use_fallback: bool = True) -> list[Backend]:
+    """The backends to try, in order: the chosen one, then the profile's fallbacks."""
+    first = Backend(override) if override else profile.model_type
+    chain = [first]
+    if use_fallback:
+        chain += [b for b in (profile.model_type, *profile.fallback) if b not in chain]
+    return chain
+
+
+_not_installed_told: set[Backend] = set()
+
+
+def _fallback_level(backend: Backend, exc: BackendError) -> int:
+    """WARNING, except for weights a site never imported: WARNING once per process, then INFO.
+
+    A profile may list a backend first whose weights this site does not have
+    (its fallback then serves every job); saying so on every job would bury
+    the warnings that matter (a failed inference, a corrupted file).
+    """
+    if not isinstance(exc, WeightsNotInstalledError):
+        return logging.WARNING
+    if backend in _not_installed_told:
+        return logging.INFO
+    _not_installed_told.add(backend)
+    return logging.WARNING
+
+
+def segment_with_fallback(
+    volume: Volume, profile: Profile, chain: list[Backend], settings: RunSettings,
+    models: ModelSource | None = None,
+) -> tuple[LabelMap, list[dict[str, str]]]:
+    """Run the first backend of ``chain`` that works; record why the others did not."""
+    attempts: list[dict[str, str]] = []
+    for backend in chain:
+        try:
+            model = models.get(backend.value, profile, settings) if models else get_backend(backend).load(profile, settings)
+            labels = model.segment(volume)
+        except BackendError as exc:  # weights missing, library missing, inference failed
+            logger.log(_fallback_level(backend, exc), "backend %s failed for %s: %s", backend.value, profile.organ, exc)
+            attempts.append({"backend": backend.value, "error": str(exc)})
+            continue
+        attempts.append({"backend": backend.value, "error": ""})
+        return labels, attempts
+    tried = "; ".join(f"{a['backend']}: {a['error']}" for a in attempts)
+    raise BackendError(f"no backend could segment {profile.organ} ({tried})")
+
+
+def segment_statistics(volume: Volume, labels: LabelMap) -> list[dict[str, Any]]:
+    """Per segment: voxel count, volume in mL and mean HU (chunked: bounded memory)."""
+    n = max(labels.labels, default=0) + 1
+    counts = np.zeros(n, dtype=np.int64)
+    sums = np.zeros(n, dtype=np.float64)
+    for k in range(0, volume.shape[0], 32):
+        lab = labels.array[k : k + 32].ravel()
+        counts += np.bincount(lab, minlength=n)[:n]
+        sums += np.bincount(lab, weights=volume.hu[k : k + 32].ravel(), minlength=n)[:n]
+    voxel_ml = volume.voxel_volume_ml
+    return [
+        {
+            "segment_number": value,
+            "tissue": name,
+            "voxels": int(counts[value]),
+            "volume_ml": round(float(counts[value]) * voxel_ml, 3),
+            "mean_hu": round(float(sums[value] / counts[value]), 1) if counts[value] else None,
+            "empty": not counts[value],
+        }
+        for value, name in sorted(labels.labels.items())
+    ]
+
+
+def quality_checks(volume: Volume, labels: LabelMap, profile: Profile, settings: RunSettings,
+                   models: ModelSource | None = None, say: Reporter | None = None) -> list[Finding]:
+    """The profile's quality checks (docs/review.md), with its ``cross_check`` backend's agreement.
+
+    The cross-check runs only when it is not the backend that made ``labels``;
+    if it cannot run, that is a warning of its own (the result is not checked).
+    """
+    check = profile.qc.cross_check
+    other = None
+    findings: list[Finding] = []
+    if check is not None and check.value != labels.backend:
+        (say or logger.info)(f"cross-checking {profile.organ} with {check.value}")
+        try:
+            other, _ = segment_with_fallback(volume, profile, [check], settings, models)
+        except BackendError as exc:
+            findings.append(Finding("agreement_dice", "*", Outcome.WARN, None, f"cross-check {check.value} ran: {exc}"))
+    return findings + run_qc(volume, labels, profile, other)
+
+
+def describe_input(volume: Volume) -> dict[str, Any]:
+    source = volume.source
+    return {
+        "series_instance_uid": source.series_instance_uid if source else None,
+        "study_instance_uid": source.study_instance_uid if source else None,
+        "slices": volume.shape[0],
+        "rows": volume.shape[1],
+        "columns": volume.shape[2],
+        "spacing_mm": [round(s, 4) for s in volume.spacing],
+        "notes": list(volume.notes),
+    }
+
+
+def run_pipeline(
+    request: PipelineRequest, cache: ModelSource | None = None, report: Reporter | None = None
+) -> PipelineResult:
+    """Run one job; raise :class:`InputError`, :class:`BackendError` or :class:`EncodeError`."""
+    say = report or (lambda message: logger.info("%s", message))
+    profile = load_profile(request.profile)
+    union = None
+    if len(request.profiles) > 1:
+        from segnode.node.jobs.shared_run import union_profile
+
+        union = union_profile([load_profile(name) for name in request.profiles])
+        profile = union if request.combine else profile
+    output_format = OutputFormat(request.output_format)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    volume = load_series(request.input_path, request.series_uid, progress=_progress(say, "loading"))
+    timings["load_s"] = time.perf_counter() - start
+    info = describe_input(volume)
+    say(
+        f"series {info['series_instance_uid'] or request.input_path}: {info['slices']} slices of "
+        f"{info['rows']}x{info['columns']}, spacing {' x '.join(f'{s:g}' for s in info['spacing_mm'])} mm"
+    )
+    for note in volume.notes:
+        say(f"note: {note}")
+
+    start = time.perf_counter()
+    labels, attempts = _segment(volume, profile, union, request, cache, say)
+    timings["segment_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if output_format is OutputFormat.SEG:
+        from segnode.node.writers.kinds import encode_outputs, encoded_with
+
+        kinds = encoded_with(request.outputs)
+        say(f"encoding {', '.join(kinds)}")
+        outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type)
+        first = next((o for o in outputs if o["kind"] == "seg"), outputs[0])
+        encoded = EncodedResult(path=Path(first["path"]), series_instance_uid=first["series_instance_uid"],
+                                sop_instance_uid=first["sop_instance_uid"], kind=first["kind"])
+    else:
+        say("encoding nifti")
+        encoded = write_nifti(volume, labels, profile, request.out_dir)
+        if encoded.note:
+            say(f"note: {encoded.note}")
+        outputs = [{"kind": "nifti", "profile": profile.organ, "path": str(encoded.path), "sop_class_uid": "",
+                    "sop_instance_uid": "", "series_instance_uid": "", "note": encoded.note}]
+    timings["encode_s"] = time.perf_counter() - start
+
+    summary = {
+        "profile": profile.organ,
+        "backend": labels.backend,
+        "model_version": labels.model_version,
+        "weights_sha256": labels.weights_hash,
+        "attempts": attempts,
+        "input": info,
+        "output": {
+            "format": output_format.value,
+            "seg_type": request.seg_type if output_format is OutputFormat.SEG else None,
+            "path": str(encoded.path),
+            "series_instance_uid": encoded.series_instance_uid,
+            "sop_instance_uid": encoded.sop_instance_uid,
+        },
+        "outputs": outputs,
+        "segments": segment_statistics(volume, labels),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "notes": list(labels.notes),
+    }
+    summary["qc"] = [f.as_dict() for f in quality_checks(volume, labels, profile, request.settings, cache, say)]
+    summary["pictures"] = write_pictures(volume, labels, profile, request.out_dir)
+    stem = info["series_instance_uid"] or Path(request.input_path).name.split(".")[0]
+    summary_path = request.out_dir / f"summary_{profile.organ}_{stem}.json"
+    try:
+        summary_path.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    except OSError as exc:
+        raise EncodeError(f"cannot write summary: {exc.strerror}", where=str(summary_path)) from exc
+    return PipelineResult(
+        seg_path=encoded.path,
+        summary_path=summary_path,
+        backend_used=labels.backend,
+        model_version=labels.model_version,
+        weights_hash=labels.weights_hash,
+        seg_series_uid=encoded.series_instance_uid,
+        seg_sop_instance_uid=encoded.sop_instance_uid,
+        summary=summary,
+        outputs=outputs,
+    )
+
+
+def _segment(volume: Volume, profile: Profile, union: Profile | None, request: PipelineRequest,
+             cache: ModelSource | None, say: Reporter) -> tuple[LabelMap, list[dict[str, str]]]:
+    """Run the backend chain; with several profiles, once for their union, shared between their jobs."""
+    model_profile = union or profile
+    chain = backend_chain(model_profile, request.backend, request.use_fallback)
+    say(f"segmenting {model_profile.organ} with {' → '.join(b.value for b in chain)}")
+
+    def run() -> tuple[LabelMap, list[dict[str, str]]]:
+        return segment_with_fallback(volume, model_profile, chain, request.settings, cache)
+
+    if union is None:
+        return run()
+    from segnode.node.jobs.shared_run import shared_labels, split
+
+    if request.shared_dir is None:
+        labels, attempts = run()
+    else:
+        labels, attempts, reused = shared_labels(request.shared_dir, volume.shape, run)
+        if reused:
+            say(f"model run shared with the route's other profiles ({request.shared_dir.name})")
+    return (labels if profile is union else split(labels, profile)), attempts
+
+
+def _progress(say: Reporter, what: str) -> Callable[[int, int], None]:
+    """Report ``what n/total`` about ten times over a long step."""
+
+    def progress(n: int, total: int) -> None:
+        if total >= 50 and (n == total or n % max(1, total // 10) == 0):
+            say(f"{what} {n}/{total}")
+
+    return progress
+

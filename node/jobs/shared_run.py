@@ -1,0 +1,99 @@
+"""Several profiles, one model run: the union profile, its label map shared between jobs, split per profile.
+
+A route with ``profiles: [liver, spleen, kidneys]`` gives one job per profile
+on the same series (or one job with ``combine: true``).  The first of them to
+run segments the series once with the union of the profiles' structures
+(:func:`union_profile`) and leaves the label map in the route's shared-run
+folder; the others load it (under a file lock, so concurrent workers never
+run the model twice).  Each job then keeps its own profile's structures
+(:func:`split`) and encodes its own result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from segnode.errors import InputError
+from segnode.models.volume import LabelMap
+from segnode.profiles.schema import Profile, TotalSegmentatorOptions
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = "labels.npz"
+
+
+def union_profile(profiles: Sequence[Profile]) -> Profile:
+    """One profile with every structure of ``profiles`` (first profile's backend and settings).
+
+    Tissues named the same in two profiles are segmented once; the
+    TotalSegmentator ``roi_subset`` is the union (none if one profile has none).
+    """
+    first = profiles[0]
+    tissues = {}
+    for profile in profiles:
+        for tissue in profile.tissues:
+            tissues.setdefault(tissue.name, tissue)
+    subsets = [p.options.totalsegmentator.roi_subset for p in profiles]
+    roi = None if any(s is None for s in subsets) else tuple(dict.fromkeys(c for s in subsets for c in s or ()))
+    ts: TotalSegmentatorOptions = first.options.totalsegmentator.model_copy(update={"roi_subset": roi})
+    return first.model_copy(update={
+        "organ": "_".join(p.organ for p in profiles)[:64],
+        "description": " + ".join(p.description for p in profiles),
+        "tissues": tuple(tissues.values()),
+        "options": first.options.model_copy(update={"totalsegmentator": ts}),
+        "qc": first.qc.model_copy(update={"tissues": {n: q for p in profiles for n, q in p.qc.tissues.items()}}),
+    })
+
+
+def split(labels: LabelMap, profile: Profile) -> LabelMap:
+    """``profile``'s structures of a union label map, numbered as ``profile`` numbers them."""
+    out = np.zeros(labels.array.shape, dtype=labels.array.dtype)
+    by_name = {name: value for value, name in labels.labels.items()}
+    for value, name in profile.label_values().items():
+        if name not in by_name:
+            raise InputError(f"the shared run has no {name!r} for profile {profile.organ}")
+        out[labels.array == by_name[name]] = value
+    return LabelMap(out, profile.label_values(), labels.backend, labels.model_version, labels.weights_hash,
+                    labels.notes)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shared_labels(folder: Path, shape: tuple[int, ...], run: Callable[[], tuple[LabelMap, list[dict[str, str]]]],
+                  ) -> tuple[LabelMap, list[dict[str, str]], bool]:
+    """The union label map from ``folder``, or from ``run()`` (saved there); and whether it was reused."""
+    with _locked(folder):
+        path = folder / LABELS_FILE
+        if path.is_file():
+            with np.load(path) as data:
+                meta = json.loads(str(data["meta"]))
+                array = data["array"]
+            if tuple(array.shape) == tuple(shape):
+                labels = LabelMap(array, {int(k): v for k, v in meta["labels"].items()}, meta["backend"],
+                                  meta["model_version"], meta["weights_hash"], tuple(meta["notes"]))
+                logger.info("reusing the shared model run in %s", folder)
+                return labels, meta["attempts"], True
+            logger.warning("shared run in %s is for another grid %s; running again", folder, array.shape)
+        labels, attempts = run()
+        meta = {"labels": labels.labels, "backend": labels.backend, "model_version": labels.model_version,
+                "weights_hash": labels.weights_hash, "notes": list(labels.notes), "attempts": attempts}
+        tmp = folder / "labels.tmp.npz"
+        np.savez_compressed(tmp, array=labels.array, meta=np.array(json.dumps(meta)))
+        tmp.replace(path)
+        return labels, attempts, False

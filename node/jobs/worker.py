@@ -1,0 +1,345 @@
+"""Segmentation jobs, run in long-lived worker processes separate from the receiver.
+
+A :class:`JobSpec` is the whole unit of work — which spooled series, which
+profile and backend, where to write — as plain JSON, so the same job can
+later run on another machine.  :func:`run_job` hands the spec to an idle
+worker process (``python -m node.worker --serve``), starting one if none is
+idle, and waits for it.  A worker runs one job at a time and keeps its loaded
+models warm between jobs (:class:`segnode.models.cache.ModelCache`), so a second study
+for the same model does not pay the load again.  A crash or out-of-memory
+kill in a model ends that worker only, never the receiver; a worker that ran
+past its timeout is killed; neither is reused.  The child writes
+``result.json`` (or ``error.json``) next to its outputs, logs the job into the
+job's ``worker.log``, and exits by itself if the node that started it dies, so a
+restarted node never races an orphan.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segnode.errors import SegnodeError
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.json"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One segmentation job: serialisable, self-contained."""
+
+    job_id: int
+    series_uid: str
+    input_dir: str
+    profile: str
+    out_dir: str
+    backend: str | None = None
+    seg_type: str = "binary"
+    device: str = "auto"
+    threads: int | None = None
+    weights_dir: str | None = None
+    memory_budget_mb: int | None = None
+    harvest: str | None = None  # dataset to harvest into, from the route
+    rule: str | None = None
+    calling_ae: str = ""
+    dataset_store: str | None = None
+    deid_secret_file: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the routing action's other settings (Job.options)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobSpec":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What came back from a worker process."""
+
+    ok: bool
+    result: dict[str, Any] | None = None
+    error_kind: str | None = None  # exception class name, "crash" or "timeout"
+    message: str | None = None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"worker killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"worker killed by signal {-code}"
+    return f"worker exited with code {code} without a result"
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+class WorkerProcess:
+    """One long-lived worker child; the protocol is a spec path in, ``done`` out."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "segnode.node.jobs.worker", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def run(self, spec_path: Path, timeout_s: float) -> str:
+        """Send one job; return ``done``, ``timeout``, or ``exited`` (the worker died)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(f"{spec_path}\n".encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return "exited"
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
+            return "timeout"
+        return "done" if self.proc.stdout.readline().strip() == b"done" else "exited"
+
+    def kill(self) -> int:
+        """Kill the worker (and anything it started); return its exit status."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait()
+
+
+class WorkerPool:
+    """Idle worker processes waiting for the next job (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._idle: list[WorkerProcess] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> WorkerProcess:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.poll() is None:
+                    return worker
+        return WorkerProcess()
+
+    def give_back(self, worker: WorkerProcess) -> None:
+        with self._lock:
+            self._idle.append(worker)
+
+    def shutdown(self) -> None:
+        """Stop every idle worker (running ones stop with their job or with us)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            if worker.proc.stdin is not None:
+                worker.proc.stdin.close()  # end of input: the worker leaves its loop
+            try:
+                worker.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+POOL = WorkerPool()
+atexit.register(POOL.shutdown)
+
+
+def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] | None = None) -> JobOutcome:
+    """Run ``spec`` in a worker process and wait for its outcome.
+
+    ``on_start`` receives the worker's process id once it has the job.
+    """
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (RESULT_FILE, ERROR_FILE):
+        (out / stale).unlink(missing_ok=True)
+    spec_path = out / "job.json"
+    spec_path.write_text(spec.to_json(), encoding="utf-8")
+    worker = POOL.take()
+    if on_start is not None:
+        on_start(worker.pid)
+    status = worker.run(spec_path, timeout_s)
+    if status != "done":
+        code = worker.kill()
+        if status == "timeout":
+            return JobOutcome(False, error_kind="timeout", message=f"worker ran longer than {timeout_s:.0f} s")
+        last = _last_line(out / "worker.log")
+        return JobOutcome(False, error_kind="crash", message=_describe_exit(code) + (f": {last}" if last else ""))
+    POOL.give_back(worker)
+    if (out / RESULT_FILE).is_file():
+        return JobOutcome(True, result=json.loads((out / RESULT_FILE).read_text(encoding="utf-8")))
+    err = json.loads((out / ERROR_FILE).read_text(encoding="utf-8"))
+    return JobOutcome(False, error_kind=err["kind"], message=err["message"])
+
+
+# -- the child process ------------------------------------------------------------------
+
+
+def _exit_with_parent() -> None:
+    """Leave as soon as the process that started us is gone (kill -9 of the node)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
+    """Run the pipeline for ``spec`` in this process; return the result record."""
+    from segnode.models.base import RunSettings
+    from segnode.node.jobs.pipeline import PipelineRequest, run_pipeline
+
+    settings = RunSettings(device=spec.device, threads=spec.threads,
+                           weights_dir=Path(spec.weights_dir) if spec.weights_dir else None,
+                           memory_budget_mb=spec.memory_budget_mb)
+    request = PipelineRequest(input_path=Path(spec.input_dir), profile=spec.profile, out_dir=Path(spec.out_dir),
+                              backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
+                              output_format="seg", settings=settings,
+                              outputs=_job_kinds(spec), **_shared_run(spec))
+    result = run_pipeline(request, cache=cache)
+    return {
+        **result_record(result),
+        "harvest": harvest(spec, result) if spec.harvest else None,
+        "qc": result.summary.get("qc"),
+        "pictures": result.summary.get("pictures"),
+    }
+
+
+def _shared_run(spec: JobSpec) -> dict[str, Any]:
+    """A multi-profile route's settings (node/jobs/shared_run.py): its profiles, shared folder, combine."""
+    profiles = tuple(spec.options.get("profiles") or ())
+    if len(profiles) < 2:
+        return {}
+    shared = spec.options.get("shared_run")
+    return {"profiles": profiles, "shared_dir": Path(shared) if shared else None,
+            "combine": bool(spec.options.get("combine"))}
+
+
+def _job_kinds(spec: JobSpec) -> tuple[str, ...]:
+    """Output kinds for this job (route/destinations, see node.outputs); harvesting needs the SEG."""
+    kinds = tuple(spec.options.get("outputs") or ("seg",))
+    return kinds if not spec.harvest or "seg" in kinds else ("seg", *kinds)
+
+
+def result_record(result: Any) -> dict[str, Any]:
+    """The part of a job's result record that one pipeline run gives (one profile's outputs)."""
+    return {
+        "seg_path": str(result.seg_path) if result.seg_path else None,
+        "summary_path": str(result.summary_path),
+        "backend_used": result.backend_used,
+        "model_version": result.model_version,
+        "weights_hash": result.weights_hash,
+        "seg_series_uid": result.seg_series_uid,
+        "seg_sop_instance_uid": result.seg_sop_instance_uid,
+        "outputs": list(getattr(result, "outputs", [])),  # node.outputs.record of every object, all kinds
+    }
+
+
+def harvest(spec: JobSpec, result: Any) -> dict[str, str]:
+    """Put a de-identified copy of the series and its SEG into the route's dataset.
+
+    Harvesting never fails the clinical job: the SEG still goes to the PACS;
+    a quarantined series or a store error is reported in the result.  The
+    record and the log never name the case ID: the job folder holds the
+    original series UID (``job.json``), and the pair would link a store case to
+    a patient without the key.
+    """
+    from segnode.storage.dataset import DatasetStore
+    from segnode.storage.dataset import harvest as harvest_case
+    from segnode.storage.pseudonyms import load_secret
+
+    record = {"dataset": str(spec.harvest)}
+    try:
+        store = DatasetStore.open(Path(str(spec.dataset_store)),
+                                  load_secret(Path(spec.deid_secret_file) if spec.deid_secret_file else None))
+        case = harvest_case(store, dataset=str(spec.harvest), series_files=sorted(Path(spec.input_dir).iterdir()),
+                            seg_path=Path(result.seg_path), profile=spec.profile, backend=result.backend_used,
+                            model_version=result.model_version, weights_hash=result.weights_hash,
+                            rule=spec.rule or "", calling_ae=spec.calling_ae)
+    except SegnodeError as exc:  # quarantined, no secret, store unwritable
+        logger.warning("job %d: not harvested into %s: %s", spec.job_id, spec.harvest, exc)
+        return {**record, "status": "not harvested", "reason": str(exc)}
+    logger.info("job %d: harvested into %s (%s labels)", spec.job_id, spec.harvest, case.label_status.value)
+    return {**record, "status": "harvested"}
+
+
+def run_one(spec_path: Path, cache: Any) -> int:
+    """Run the job in ``spec_path``, logging into the job's ``worker.log``."""
+    spec = JobSpec.from_json(spec_path.read_text(encoding="utf-8"))
+    out = Path(spec.out_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(out / "worker.log", "ab", buffering=0) as log:
+        for fd in (1, 2):  # this job's log: library prints and tracebacks of a crash included
+            os.dup2(log.fileno(), fd)
+        try:
+            record = execute(spec, cache)
+        except SegnodeError as exc:
+            logger.error("job %d failed: %s", spec.job_id, exc)
+            _write_json(out / ERROR_FILE, {"kind": type(exc).__name__, "message": str(exc)})
+            return exc.exit_code
+        _write_json(out / RESULT_FILE, record)
+        logger.info("job %d: SEG %s", spec.job_id, record["seg_path"])
+        return 0
+
+
+def serve(lines: Any = None) -> int:
+    """Worker loop: a spec path per input line, ``done`` per output line, until EOF."""
+    from segnode.models.cache import ModelCache
+    from segnode.node.ops.logs import configure
+
+    replies = os.fdopen(os.dup(1), "w")  # the protocol channel; fd 1 itself goes to job logs
+    configure(1)
+    _exit_with_parent()
+    cache = ModelCache()
+    for line in lines or sys.stdin:
+        run_one(Path(line.strip()), cache)
+        replies.write("done\n")
+        replies.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--serve"]:
+        return serve()
+    from segnode.node.ops.logs import configure
+
+    configure(1)
+    return run_one(Path(args[0]), cache=None)  # one job, from the command line
+
+
+if __name__ == "__main__":
+    sys.exit(main())

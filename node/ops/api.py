@@ -1,0 +1,588 @@
+"""The ops HTTP server: JSON API, status page and Prometheus metrics, in a thread of the node.
+
+Standard library only (:class:`http.server.ThreadingHTTPServer`).  Bound to
+``127.0.0.1:8080`` by default (``http:`` in the node config).  Endpoints
+(described in :mod:`segnode.node.ops.openapi`, served at ``/api/v1/openapi.json``):
+
+=======  ===================================  ==========================================
+GET      ``/healthz``                         liveness (no authentication)
+GET      ``/readyz``                          readiness: index, SCP, disk, rules, audit
+GET      ``/``, ``/status``                   the status page (HTML)
+GET      ``/metrics``                         Prometheus text exposition
+GET      ``/api/v1/studies``                  studies with their series and jobs
+GET      ``/api/v1/studies/{study_uid}``      one study
+GET      ``/api/v1/jobs``                     jobs (``state``, ``study``, ``limit``) with timings
+GET      ``/api/v1/jobs/{job_id}``            rule, profile, backend, errors, history, deliveries
+POST     ``/api/v1/jobs/{job_id}/retry``      re-run / resend / re-route
+POST     ``/api/v1/jobs/{job_id}/approve``    a held job approved: sent (JSON {reviewer, comment})
+POST     ``/api/v1/jobs/{job_id}/reject``     a held job rejected: never sent
+GET      ``/jobs/{job_id}/review``            job page: QC figures, pictures, approve/reject form
+GET      ``/api/v1/routes``                   the rules in force
+POST     ``/api/v1/routes/validate``          validate a candidate rules file (YAML body)
+GET      ``/api/v1/datasets``                 the dataset store's datasets and versions
+GET      ``/api/v1/openapi.json``             the OpenAPI description
+=======  ===================================  ==========================================
+
+Authentication: when ``http.token_file`` is set, every endpoint but
+``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>`` (or HTTP
+Basic with the token as password, for a browser on the status page); the
+token is compared in constant time.  Binding to an address other than
+loopback without a token is refused at start.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from segnode.errors import ConfigError, SegnodeError, StorageError
+from segnode.node.config.http import HttpConfig
+from segnode.node.ops.views import FAILURE_STATES, OpsDB, stage_totals
+from segnode.storage.index import JobState
+from segnode.uids import is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+API = "/api/v1"
+MAX_LIMIT = 1000
+
+
+class HttpError(Exception):
+    """An error answered to the client as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Response:
+    status: HTTPStatus
+    body: bytes
+    content_type: str = "application/json"
+
+
+def json_response(data: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
+    return Response(status, (json.dumps(data, indent=1, default=str) + "\n").encode("utf-8"))
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: bytes
+    client: str
+    params: dict[str, str]
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+    def int_arg(self, name: str, default: int, *, lo: int = 1, hi: int = MAX_LIMIT) -> int:
+        raw = self.arg(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer, not {raw!r}") from None
+        if not lo <= value <= hi:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be between {lo} and {hi}")
+        return value
+
+
+Handler = Callable[[Request], Response]
+
+
+# -- the token --------------------------------------------------------------------------------
+
+
+def read_token(path: Path) -> bytes:
+    """The bearer token in ``path`` (surrounding whitespace removed); never logged."""
+    try:
+        token = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the HTTP token file: {exc.strerror}", where=str(path)) from exc
+    if len(token) < 16:
+        raise ConfigError("the HTTP token must be at least 16 characters", where=str(path))
+    if Path(path).stat().st_mode & 0o004:
+        logger.warning("the HTTP token file %s is readable by every user; chmod 600 it", path)
+    return token
+
+
+def token_matches(header: str | None, token: bytes) -> bool:
+    """Does an ``Authorization`` header carry ``token`` (Bearer, or Basic password)?"""
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        return hmac.compare_digest(value.encode("utf-8", "replace"), token)
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(decoded.partition(b":")[2], token)
+    return False
+
+
+# -- the application ----------------------------------------------------------------------------
+
+
+class OpsApp:
+    """Routes requests to handlers; knows nothing of sockets.
+
+    Parameters
+    ----------
+    db:
+        Read-only view of the index.
+    retry:
+        ``job_id → new state`` (the index's :meth:`~storage.index.Index.retry`).
+    metrics:
+        Renders the Prometheus text.
+    rules:
+        The :class:`segnode.routing.RulesHolder` in force (``.current``), or ``None``.
+    readiness:
+        Named checks, each returning ``(ok, detail)``.
+    validate_rules:
+        Loads a candidate rules file and returns its rule names (raises
+        :class:`~node.errors.ConfigError`).
+    datasets:
+        Returns the dataset store summary.
+    status_page:
+        Renders the HTML status page.
+    audit:
+        ``(event, **fields)`` writer for operator actions, or ``None``.
+    """
+
+    def __init__(self, *, db: OpsDB, retry: Callable[[int], JobState], metrics: Callable[[], bytes],
+                 rules: Any | None, readiness: dict[str, Callable[[], tuple[bool, str]]],
+                 validate_rules: Callable[[Path], list[str]], datasets: Callable[[], dict[str, Any]],
+                 status_page: Callable[[], str], audit: Callable[..., Any] | None = None,
+                 clock: Callable[[], float] = time.time,
+                 review: Callable[[int, bool, str, str], str | None] | None = None, node: str = "segnode") -> None:
+        self.db = db
+        self.retry = retry
+        self.metrics = metrics
+        self.rules = rules
+        self.readiness = readiness
+        self.validate_rules_file = validate_rules
+        self.datasets_summary = datasets
+        self.status_page = status_page
+        self.audit = audit
+        self.clock = clock
+        self.review = review
+        self.node = node
+        self.routes: list[tuple[str, re.Pattern[str], Handler, bool]] = [
+            ("GET", re.compile(r"/healthz"), self.healthz, False),
+            ("GET", re.compile(r"/readyz"), self.readyz, False),
+            ("GET", re.compile(r"/(status)?"), self.status, True),
+            ("GET", re.compile(r"/metrics"), self.get_metrics, True),
+            ("GET", re.compile(f"{API}/openapi.json"), self.openapi, True),
+            ("GET", re.compile(f"{API}/studies"), self.studies, True),
+            ("GET", re.compile(f"{API}/studies/(?P<study_uid>[^/]+)"), self.study, True),
+            ("GET", re.compile(f"{API}/jobs"), self.jobs, True),
+            ("GET", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)"), self.job, True),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/retry"), self.retry_job, True),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/approve"), self.approve_api, True),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/reject"), self.reject_api, True),
+            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review"), self.review_page, True),
+            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review/(?P<file>[^/]+)"), self.review_picture, True),
+            ("POST", re.compile(r"/jobs/(?P<job_id>[^/]+)/decision"), self.review_form, True),
+            ("GET", re.compile(f"{API}/routes"), self.get_routes, True),
+            ("POST", re.compile(f"{API}/routes/validate"), self.validate_routes, True),
+            ("GET", re.compile(f"{API}/datasets"), self.datasets, True),
+        ]
+
+    def match(self, method: str, path: str) -> tuple[Handler, bool, dict[str, str]]:
+        """The handler for ``method path``, whether it needs the token, and its path parameters."""
+        allowed = []
+        for verb, pattern, handler, auth in self.routes:
+            found = pattern.fullmatch(path)
+            if found:
+                if verb == method:
+                    return handler, auth, found.groupdict()
+                allowed.append(verb)
+        if allowed:
+            raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed here (use {', '.join(allowed)})")
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+
+    # -- health -------------------------------------------------------------------
+    def healthz(self, req: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    def readyz(self, req: Request) -> Response:
+        checks = {}
+        for name, check in self.readiness.items():
+            try:
+                ok, detail = check()
+            except SegnodeError as exc:
+                ok, detail = False, str(exc)
+            checks[name] = {"ok": ok, "detail": detail}
+        ready = all(c["ok"] for c in checks.values())
+        return json_response({"ready": ready, "checks": checks},
+                             HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
+
+    # -- pages ----------------------------------------------------------------------
+    def status(self, req: Request) -> Response:
+        return Response(HTTPStatus.OK, self.status_page().encode("utf-8"), "text/html; charset=utf-8")
+
+    def get_metrics(self, req: Request) -> Response:
+        from segnode.node.ops.metrics import CONTENT_TYPE
+
+        return Response(HTTPStatus.OK, self.metrics(), CONTENT_TYPE)
+
+    def openapi(self, req: Request) -> Response:
+        from segnode.node.ops.openapi import document_bytes
+
+        return Response(HTTPStatus.OK, document_bytes())
+
+    # -- studies ----------------------------------------------------------------------
+    def studies(self, req: Request) -> Response:
+        studies = self.db.studies(limit=req.int_arg("limit", 50))
+        return json_response({"studies": self._with_series(studies)})
+
+    def study(self, req: Request) -> Response:
+        uid = req.params["study_uid"]
+        if not is_valid_uid(uid):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "study_uid is not a valid DICOM UID")
+        study = self.db.study(uid)
+        if study is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no study {uid}")
+        return json_response(self._with_series([study])[0])
+
+    def _with_series(self, studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        series = self.db.series_of([s["study_uid"] for s in studies])
+        jobs: dict[str, list[dict[str, Any]]] = {}
+        for study in studies:
+            for job in self._timed(self.db.jobs(study_uid=study["study_uid"], limit=MAX_LIMIT)):
+                jobs.setdefault(job["series_uid"], []).append(job)
+        out = []
+        for study in studies:
+            rows = [dict(_series_view(s), jobs=jobs.get(s["series_uid"], []))
+                    for s in series if s["study_uid"] == study["study_uid"]]
+            out.append({"study_uid": study["study_uid"], "first_received_at": _iso(study["first_received_at"]),
+                        "last_received_at": _iso(study["last_received_at"]), "series": rows})
+        return out
+
+    # -- jobs -----------------------------------------------------------------------
+    def jobs(self, req: Request) -> Response:
+        state = req.arg("state")
+        if state is not None and state not in {s.value for s in JobState}:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown state {state!r}; one of "
+                            + ", ".join(s.value for s in JobState))
+        study = req.arg("study")
+        if study is not None and not is_valid_uid(study):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "study is not a valid DICOM UID")
+        jobs = self.db.jobs(state=state, study_uid=study, limit=req.int_arg("limit", 100))
+        return json_response({"jobs": self._timed(jobs), "counts": self.db.counts()})
+
+    def _timed(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        events = self.db.events_of([j["job_id"] for j in jobs])
+        now = self.clock()
+        return [_job_view(j, stage_totals(events[j["job_id"]], now)) for j in jobs]
+
+    def _job_id(self, req: Request) -> int:
+        raw = req.params["job_id"]
+        if not raw.isdigit():
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"job id must be a number, not {raw!r}")
+        return int(raw)
+
+    def job(self, req: Request) -> Response:
+        job_id = self._job_id(req)
+        job = self.db.job(job_id)
+        if job is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        events = self.db.events_of([job_id])[job_id]
+        deliveries = self.db.deliveries(job_id)
+        objects = self.db.delivery_objects(job_id)
+        view = _job_view(job, stage_totals(events, self.clock()))
+        series = self.db.series(job["series_uid"])
+        errors = [{"at": _iso(e.at), "state": e.state, "reason": e.reason}
+                  for e in events if e.state in FAILURE_STATES]
+        errors += [{"at": _iso(d["next_attempt_at"]), "destination": d["destination"], "reason": d["last_error"]}
+                   for d in deliveries if d["last_error"]]
+        view.update(
+            destinations=job["destinations"], segment_attempts=job["segment_attempts"],
+            backend_used=job["backend_used"], model_version=job["model_version"],
+            seg_series_uid=job["seg_series_uid"], seg_sop_uid=job["seg_sop_uid"],
+            sender=None if series is None else {"calling_ae": series["calling_ae"], "called_ae": series["called_ae"],
+                                                "host": series["sender_host"]},
+            instances=None if series is None else series["instance_count"],
+            errors=errors,
+            events=[{"at": _iso(e.at), "state": e.state, "reason": e.reason} for e in events],
+            deliveries=[{"destination": d["destination"], "state": d["state"], "attempts": d["attempts"],
+                         "next_attempt_at": _iso(d["next_attempt_at"]), "delivered_at": _iso(d["delivered_at"]),
+                         "last_error": d["last_error"],
+                         "objects": [{"kind": o["kind"], "sop_class_uid": o["sop_class_uid"],
+                                      "sop_instance_uid": o["sop_instance_uid"], "state": o["state"],
+                                      "delivered_at": _iso(o["delivered_at"]), "last_error": o["last_error"]}
+                                     for o in objects if o["destination"] == d["destination"]]}
+                        for d in deliveries],
+        )
+        return json_response(view)
+
+    def retry_job(self, req: Request) -> Response:
+        job_id = self._job_id(req)
+        if self.db.job(job_id) is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        try:
+            state = self.retry(job_id)
+        except StorageError as exc:
+            raise HttpError(HTTPStatus.CONFLICT, exc.message) from exc
+        if self.audit is not None:
+            self.audit("api.retry", job_id=job_id, state=state.value, client=req.client)
+        logger.info("job %d retried through the API by %s: now %s", job_id, req.client, state.value)
+        return json_response({"job_id": job_id, "state": state.value})
+
+    # -- review (docs/review.md) -----------------------------------------------------------
+    def approve_api(self, req: Request) -> Response:
+        return self._review_api(req, approve=True)
+
+    def reject_api(self, req: Request) -> Response:
+        return self._review_api(req, approve=False)
+
+    def _review_api(self, req: Request, *, approve: bool) -> Response:
+        try:
+            body = json.loads(req.body or b"{}")
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {reviewer, comment}") from None
+        if not isinstance(body, dict):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {reviewer, comment}")
+        state = self._decide(req, approve, body.get("reviewer"), body.get("comment"))
+        return json_response({"job_id": int(req.params["job_id"]), "state": state})
+
+    def review_form(self, req: Request) -> Response:
+        form = {k: v[-1] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()}
+        if form.get("decision") not in ("approve", "reject"):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "decision must be approve or reject")
+        self._decide(req, form["decision"] == "approve", form.get("reviewer"), form.get("comment"))
+        return self.review_page(req)
+
+    def _decide(self, req: Request, approve: bool, reviewer: Any, comment: Any) -> str:
+        job_id = self._job_id(req)
+        if self.review is None:
+            raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "this node takes no review decisions")
+        if not isinstance(reviewer, str) or not reviewer.strip() or len(reviewer) > 64:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "reviewer (1-64 characters) is required")
+        comment = comment if isinstance(comment, str) else ""
+        if len(comment) > 500:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "comment is longer than 500 characters")
+        if self.db.job(job_id) is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        state = self.review(job_id, approve, reviewer.strip(), comment.strip())
+        if state is None:
+            now = (self.db.job(job_id) or {}).get("state")
+            raise HttpError(HTTPStatus.CONFLICT, f"job {job_id} is {now}, not held for review")
+        if self.audit is not None:
+            self.audit("review.decision", job_id=job_id, decision="approve" if approve else "reject",
+                       reviewer=reviewer.strip(), comment=comment.strip(), state=state, client=req.client)
+        logger.info("job %d %s through the API by %s: now %s", job_id, "approved" if approve else "rejected",
+                    req.client, state)
+        return state
+
+    def review_page(self, req: Request) -> Response:
+        from segnode.node.ops.status_page import render_review
+        from segnode.node.review import job_summary
+
+        job_id = self._job_id(req)
+        job = self.db.job(job_id)
+        if job is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
+        page = render_review(job, job_summary(job["seg_path"]), node=self.node,
+                             events=self.db.events_of([job_id])[job_id])
+        return Response(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
+
+    def review_picture(self, req: Request) -> Response:
+        from segnode.node.review import picture_path
+
+        job = self.db.job(self._job_id(req))
+        path = picture_path(job["seg_path"], req.params["file"]) if job else None
+        if path is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "no such picture")
+        return Response(HTTPStatus.OK, path.read_bytes(), "image/png")
+
+    # -- routes ------------------------------------------------------------------------
+    def get_routes(self, req: Request) -> Response:
+        if self.rules is None:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "no routing rules loaded")
+        current = self.rules.current
+        return json_response({"source": current.source, "rules": [
+            r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in current.rules]})
+
+    def validate_routes(self, req: Request) -> Response:
+        """Validate the YAML body as a rules file; nothing is applied."""
+        if not req.body.strip():
+            raise HttpError(HTTPStatus.BAD_REQUEST, "send the candidate rules file (YAML) as the request body")
+        with tempfile.TemporaryDirectory(prefix="segnode-rules-") as tmp:
+            path = Path(tmp) / "candidate.yaml"
+            path.write_bytes(req.body)
+            try:
+                names = self.validate_rules_file(path)
+            except ConfigError as exc:
+                message = str(exc).replace(str(path), "candidate.yaml")
+                return json_response({"valid": False, "errors": [m.strip() for m in message.split("; ")]})
+        return json_response({"valid": True, "errors": [], "rules": names})
+
+    # -- datasets ------------------------------------------------------------------------
+    def datasets(self, req: Request) -> Response:
+        return json_response(self.datasets_summary())
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def _series_view(s: dict[str, Any]) -> dict[str, Any]:
+    return {"series_uid": s["series_uid"], "modality": s["modality"], "calling_ae": s["calling_ae"],
+            "called_ae": s["called_ae"], "host": s["sender_host"], "instances": s["instance_count"],
+            "duplicates": s["duplicate_count"], "bytes": s["bytes"],
+            "first_received_at": _iso(s["first_received_at"]), "last_received_at": _iso(s["last_received_at"]),
+            "purged_at": _iso(s["purged_at"])}
+
+
+def _job_view(job: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    return {"job_id": job["job_id"], "study_uid": job["study_uid"], "series_uid": job["series_uid"],
+            "state": job["state"], "reason": job["reason"], "rule": job["rule"], "profile": job["profile"],
+            "backend": job["backend"], "completion": job.get("completion"),
+            "created_at": _iso(job["created_at"]), "updated_at": _iso(job["updated_at"]),
+            "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    server: "OpsHTTPServer"
+    server_version = "segnode"
+    sys_version = ""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def _handle(self, method: str) -> None:
+        url = urlsplit(self.path)
+        try:
+            body = self._body()  # read (bounded) before any refusal, so a kept-alive connection stays in step
+            handler, needs_auth, params = self.server.app.match(method, url.path)
+            if needs_auth and self.server.token is not None:
+                if not token_matches(self.headers.get("Authorization"), self.server.token):
+                    raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong token")
+            response = handler(Request(method, url.path, parse_qs(url.query), body, self.client_address[0], params))
+        except HttpError as exc:
+            response = json_response({"error": exc.message}, exc.status)
+        except SegnodeError as exc:  # the index or the store failed under this request
+            logger.error("%s %s failed: %s", method, url.path, exc)
+            response = json_response({"error": str(exc)}, HTTPStatus.INTERNAL_SERVER_ERROR)
+        self._send(response)
+
+    def _body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        if not length.isdigit():
+            raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
+        if int(length) > self.server.max_body:
+            self.close_connection = True
+            if int(length) <= 4 * self.server.max_body:  # drain a modest excess, so the client reads the 413
+                remaining = int(length)
+                while remaining > 0 and (chunk := self.rfile.read(min(remaining, 65536))):
+                    remaining -= len(chunk)
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {self.server.max_body} bytes")
+        return self.rfile.read(int(length))
+
+    def _send(self, response: Response) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if response.status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="segnode"')
+            self.send_header("WWW-Authenticate", 'Basic realm="segnode"')
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        logger.debug("%s %s", self.client_address[0], format % args)
+
+
+class OpsHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], app: OpsApp, token: bytes | None, max_body: int) -> None:
+        self.app = app
+        self.token = token
+        self.max_body = max_body
+        super().__init__(address, _RequestHandler)
+
+
+@dataclass
+class RunningHTTP:
+    """An HTTP server serving in a thread (the ops API, the DICOMweb server)."""
+
+    server: ThreadingHTTPServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self.server.server_address[0]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_http(config: HttpConfig, app: OpsApp) -> RunningHTTP:
+    """Listen on ``config.host:config.port`` in a thread; refuse an exposed bind without a token."""
+    token = read_token(config.token_file) if config.token_file is not None else None
+    if token is None and not config.is_loopback:
+        raise ConfigError(f"http.host {config.host} is not a loopback address: set http.token_file "
+                          "(a file holding the API token) or bind to 127.0.0.1")
+    try:
+        server = OpsHTTPServer((config.host, config.port), app, token, config.max_body_bytes)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror} "
+                          "(set http.port, or http.enabled: false)", where="http") from exc
+    thread = threading.Thread(target=server.serve_forever, name="segnode-http", daemon=True)
+    thread.start()
+    running = RunningHTTP(server, thread)
+    logger.info("ops HTTP API on %s (%s)", running.url, "token required" if token else "no token")
+    return running

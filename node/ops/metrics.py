@@ -1,0 +1,208 @@
+"""Prometheus metrics of the node, on their own registry (no global state).
+
+=====================================  =========  ============================================
+metric                                 type       source
+=====================================  =========  ============================================
+``segnode_associations_total``         counter    associations, ``result`` accepted/rejected
+``segnode_instances_received_total``   counter    instances stored (the SCP's counters)
+``segnode_bytes_received_total``       counter    bytes of the instances stored
+``segnode_duplicates_total``           counter    instances received again (first copy kept)
+``segnode_rejections_total``           counter    refusals by ``reason``: association
+                                                  (``sender_not_allowed``, ``called_ae_unknown``,
+                                                  ``too_many_associations``) and C-STORE
+                                                  (``too_large``, ``disk_full``, ``write_failed``,
+                                                  ``cannot_decode``, ``invalid_uid``,
+                                                  ``uid_mismatch``, ``sop_class_not_supported``,
+                                                  ``sop_class_mismatch``, ``internal_error``)
+``segnode_jobs``                       gauge      jobs per ``state`` (read from the index)
+``segnode_stage_duration_seconds``     histogram  per ``stage`` (ingest, queue, segment,
+                                                  dispatch), see :mod:`segnode.node.ops.views`
+``segnode_dispatch_attempts_total``    counter    C-STORE attempts of results, per
+                                                  ``destination``
+``segnode_dispatch_failures_total``    counter    failed attempts, per ``destination``
+``segnode_free_disk_bytes``            gauge      free space on the state directory's disk
+``segnode_listener_up``                gauge      1 while the accept loop serves (its watchdog,
+                                                  :mod:`segnode.node.ingest.guards`), 0 while accepting fails
+``segnode_accept_errors_total``        counter    failed ``accept()`` / thread starts (backed off)
+``segnode_connections_pending``        gauge      connections not yet associated
+``segnode_connections_refused_total``  counter    connections closed at once: pending caps reached
+``segnode_audit_errors_total``         counter    audit records that could not be written
+=====================================  =========  ============================================
+
+Association and C-STORE outcomes are taken from pynetdicom notification
+events bound on the running server (``EVT_ACCEPTED``, ``EVT_REJECTED``,
+``EVT_DIMSE_SENT``) and from the service's listener events, so the SCP itself
+needs no metrics code.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pynetdicom import evt
+from segnode.node.ops.views import STAGES, OpsDB, StageSpan
+from segnode.storage.index import JobState
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: seconds; from a quick CT ingest to a full TotalSegmentator run on the CPU.
+STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
+
+#: C-STORE status → rejection reason (0xA700 is split by the SCP's error comment).
+_STORE_REASONS = {0xC210: "cannot_decode", 0xC211: "invalid_uid", 0xC212: "uid_mismatch",
+                  0x0122: "sop_class_not_supported", 0xA900: "sop_class_mismatch"}
+_OUT_OF_RESOURCES = (("larger", "too_large"), ("free disk", "disk_full"), ("write", "write_failed"),
+                     ("internal", "internal_error"))
+
+#: A-ASSOCIATE-RJ diagnostic (source 1: service user; source 3: provider presentation) → reason.
+_ASSOC_REASONS = {(1, 0x03): "sender_not_allowed", (1, 0x07): "called_ae_unknown",
+                  (3, 0x02): "too_many_associations", (1, 0x01): "invalid_request",
+                  (1, 0x02): "application_context_unknown", (2, 0x02): "protocol_version_unsupported"}
+
+
+def store_rejection_reason(status: int, comment: str | None) -> str | None:
+    """The rejection reason for a C-STORE response status; ``None`` for success or warning."""
+    if status in (0x0000, 0x0001, 0xB000, 0xB006, 0xB007):
+        return None
+    if status in _STORE_REASONS:
+        return _STORE_REASONS[status]
+    if status & 0xFF00 == 0xA700:
+        text = (comment or "").lower()
+        return next((reason for key, reason in _OUT_OF_RESOURCES if key in text), "out_of_resources")
+    return f"status_0x{status:04X}"
+
+
+class NodeMetrics:
+    """The node's metrics; :meth:`render` gives the Prometheus text exposition.
+
+    Parameters
+    ----------
+    db:
+        Read-only index view (jobs per state), or ``None``.
+    disk_path:
+        A path on the disk whose free space is reported.
+    ingest_stats:
+        A callable returning the SCP's counters (``stored``, ``bytes_stored``,
+        ``duplicates``), or ``None``.
+    """
+
+    def __init__(self, db: OpsDB | None, disk_path: Path | None,
+                 ingest_stats: Callable[[], dict[str, int]] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.associations = Counter("segnode_associations", "DICOM associations requested of the SCP",
+                                    ["result"], registry=self.registry)
+        self.rejections = Counter("segnode_rejections", "Associations and instances refused, by reason",
+                                  ["reason"], registry=self.registry)
+        self.stage_duration = Histogram("segnode_stage_duration_seconds", "Seconds a job spent in each stage",
+                                        ["stage"], buckets=STAGE_BUCKETS, registry=self.registry)
+        self.dispatch_attempts = Counter("segnode_dispatch_attempts", "C-STORE attempts of results",
+                                         ["destination"], registry=self.registry)
+        self.dispatch_failures = Counter("segnode_dispatch_failures", "Failed C-STORE attempts of results",
+                                         ["destination"], registry=self.registry)
+        self.audit_errors = Counter("segnode_audit_errors", "Audit records that could not be written",
+                                    registry=self.registry)
+        for result in ("accepted", "rejected"):
+            self.associations.labels(result)
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
+        self.registry.register(_StateCollector(db, disk_path, ingest_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- feeding ------------------------------------------------------------------
+    def observe_spans(self, spans: list[StageSpan]) -> None:
+        for span in spans:
+            self.stage_duration.labels(span.stage).observe(span.seconds)
+
+    def on_service_event(self, kind: str, data: dict[str, Any]) -> None:
+        """A :class:`segnode.node.service.Service` listener."""
+        if kind == "association_rejected":
+            self.rejections.labels("sender_not_allowed").inc()
+            self.associations.labels("rejected").inc()
+        elif kind == "delivery":
+            destination = str(data.get("destination"))
+            self.dispatch_attempts.labels(destination).inc()
+            if not data.get("ok"):
+                self.dispatch_failures.labels(destination).inc()
+
+    def bind(self, server: Any) -> None:
+        """Count outcomes on a running pynetdicom association server."""
+        server.bind(evt.EVT_ACCEPTED, self._on_accepted)
+        server.bind(evt.EVT_REJECTED, self._on_rejected)
+        server.bind(evt.EVT_DIMSE_SENT, self._on_dimse_sent)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        if event.assoc.is_acceptor:
+            self.associations.labels("accepted").inc()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        if not event.assoc.is_acceptor:
+            return
+        rj = event.assoc.acceptor.primitive
+        key = (getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
+        self.associations.labels("rejected").inc()
+        self.rejections.labels(_ASSOC_REASONS.get(key, "association_rejected")).inc()
+
+    def _on_dimse_sent(self, event: evt.Event) -> None:
+        message = event.message
+        if type(message).__name__ != "C_STORE_RSP":
+            return
+        command = message.command_set
+        reason = store_rejection_reason(int(command.Status), command.get("ErrorComment"))
+        if reason is not None:
+            self.rejections.labels(reason).inc()
+
+
+class _StateCollector(Collector):
+    """Values read at scrape time: jobs per state, SCP counters, free disk."""
+
+    def __init__(self, db: OpsDB | None, disk_path: Path | None,
+                 ingest_stats: Callable[[], dict[str, int]] | None) -> None:
+        self.db = db
+        self.disk_path = disk_path
+        self.ingest_stats = ingest_stats
+
+    def describe(self) -> list[Metric]:
+        return []  # values come from outside; describe nothing so registration reads nothing
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.ingest_stats() if self.ingest_stats is not None else {}
+        for name, key, text in (
+            ("segnode_instances_received", "stored", "Instances stored in the spool"),
+            ("segnode_bytes_received", "bytes_stored", "Bytes of the instances stored"),
+            ("segnode_duplicates", "duplicates", "Instances received again (first copy kept)"),
+        ):
+            yield CounterMetricFamily(name, text, value=stats.get(key, 0))
+        if "listener_up" in stats:
+            yield from _listener_metrics(stats)
+        if self.db is not None:
+            jobs = GaugeMetricFamily("segnode_jobs", "Jobs per state", labels=["state"])
+            counts = self.db.counts()
+            for state in JobState:
+                jobs.add_metric([state.value], counts.get(state.value, 0))
+            yield jobs
+        if self.disk_path is not None:
+            yield GaugeMetricFamily("segnode_free_disk_bytes", "Free bytes on the state directory's disk",
+                                    value=shutil.disk_usage(self.disk_path).free)
+
+
+def _listener_metrics(stats: dict[str, int]) -> Iterator[Metric]:
+    """The accept loop's watchdog and the pending-connection gate (:mod:`segnode.node.ingest.guards`)."""
+    yield GaugeMetricFamily("segnode_listener_up", "1 while the DICOM accept loop serves",
+                            value=stats["listener_up"])
+    yield CounterMetricFamily("segnode_accept_errors", "Failed accept() calls and thread starts (backed off)",
+                              value=stats["accept_errors"])
+    yield GaugeMetricFamily("segnode_connections_pending", "DICOM connections not yet associated",
+                            value=stats["connections_pending"])
+    yield CounterMetricFamily("segnode_connections_refused", "Connections closed at once: pending caps reached",
+                              value=stats["connections_refused"])

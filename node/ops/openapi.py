@@ -1,0 +1,182 @@
+"""The OpenAPI 3.1 description of the ops HTTP API (served at ``/api/v1/openapi.json``).
+
+Kept next to :mod:`segnode.node.ops.api`; a test checks that every route there is
+described here and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+VERSION = "1.0.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_UNAUTHORIZED = {"401": _error("Missing or wrong token (only when the node has a token)")}
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+_STUDY_UID = {"name": "study_uid", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)*$", "maxLength": 64}}
+_LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
+_STATES = ["received", "complete", "segmenting", "encoded", "sending", "done", "failed", "dead_letter",
+           "not_routed", "skipped", "superseded"]
+_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _op(summary: str, responses: dict[str, Any], *, secured: bool = True, **extra: Any) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {**responses, **(_UNAUTHORIZED if secured else {})}}
+    if not secured:
+        op["security"] = []
+    op.update(extra)
+    return op
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Timings": {"type": "object", "description": "seconds per stage (ingest, queue, segment, dispatch)",
+                "additionalProperties": {"type": "number"}},
+    "Job": {"type": "object", "properties": {
+        "job_id": {"type": "integer"}, "study_uid": {"type": "string"}, "series_uid": {"type": "string"},
+        "state": {"type": "string", "enum": _STATES}, "reason": {"type": ["string", "null"]},
+        "rule": {"type": ["string", "null"]}, "profile": {"type": ["string", "null"]},
+        "backend": {"type": ["string", "null"]}, "created_at": _TIME, "updated_at": _TIME,
+        "timings_s": _ref("Timings")}},
+    "JobDetail": {"allOf": [_ref("Job"), {"type": "object", "properties": {
+        "destinations": {"type": "array", "items": {"type": "string"}},
+        "segment_attempts": {"type": "integer"}, "backend_used": {"type": ["string", "null"]},
+        "model_version": {"type": ["string", "null"]}, "seg_series_uid": {"type": ["string", "null"]},
+        "seg_sop_uid": {"type": ["string", "null"]},
+        "sender": {"type": ["object", "null"], "properties": {
+            "calling_ae": {"type": "string"}, "called_ae": {"type": "string"}, "host": {"type": "string"}}},
+        "instances": {"type": ["integer", "null"]},
+        "errors": {"type": "array", "items": {"type": "object"}},
+        "events": {"type": "array", "items": {"type": "object", "properties": {
+            "at": _TIME, "state": {"type": "string"}, "reason": {"type": ["string", "null"]}}}},
+        "deliveries": {"type": "array", "items": {"type": "object", "properties": {
+            "destination": {"type": "string"}, "state": {"type": "string"}, "attempts": {"type": "integer"},
+            "next_attempt_at": _TIME, "delivered_at": _TIME, "last_error": {"type": ["string", "null"]},
+            "objects": {"type": "array", "description": "each object this destination takes, with its own state",
+                        "items": {"type": "object", "properties": {
+                            "kind": {"type": "string", "enum": ["seg", "rtstruct", "overlay", "sr"]},
+                            "sop_class_uid": {"type": "string"}, "sop_instance_uid": {"type": "string"},
+                            "state": {"type": "string", "enum": ["pending", "done", "dead"]},
+                            "delivered_at": _TIME, "last_error": {"type": ["string", "null"]}}}}}}},
+    }}]},
+    "Series": {"type": "object", "properties": {
+        "series_uid": {"type": "string"}, "modality": {"type": ["string", "null"]},
+        "calling_ae": {"type": "string"}, "called_ae": {"type": "string"}, "host": {"type": "string"},
+        "instances": {"type": "integer"}, "duplicates": {"type": "integer"}, "bytes": {"type": "integer"},
+        "first_received_at": _TIME, "last_received_at": _TIME, "purged_at": _TIME,
+        "jobs": {"type": "array", "items": _ref("Job")}}},
+    "Study": {"type": "object", "properties": {
+        "study_uid": {"type": "string"}, "first_received_at": _TIME, "last_received_at": _TIME,
+        "series": {"type": "array", "items": _ref("Series")}}},
+    "Readiness": {"type": "object", "properties": {
+        "ready": {"type": "boolean"},
+        "checks": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+            "ok": {"type": "boolean"}, "detail": {"type": "string"}}}}}},
+    "Validation": {"type": "object", "required": ["valid", "errors"], "properties": {
+        "valid": {"type": "boolean"}, "errors": {"type": "array", "items": {"type": "string"}},
+        "rules": {"type": "array", "items": {"type": "string"}}}},
+}
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/healthz": {"get": _op("Liveness: the HTTP thread answers", {"200": _json({"type": "object"})},
+                            secured=False)},
+    "/readyz": {"get": _op("Readiness: index, DICOM listener, free disk, rules, audit log",
+                           {"200": _json(_ref("Readiness")), "503": _json(_ref("Readiness"), "Not ready")},
+                           secured=False)},
+    "/": {"get": _op("The status page", {"200": {"description": "HTML",
+                                                 "content": {"text/html": {"schema": {"type": "string"}}}}})},
+    "/status": {"get": _op("The status page (same as /)", {"200": {
+        "description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}})},
+    "/metrics": {"get": _op("Prometheus metrics (text exposition 0.0.4)", {"200": {
+        "description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}})},
+    "/api/v1/openapi.json": {"get": _op("This description", {"200": _json({"type": "object"})})},
+    "/api/v1/studies": {"get": _op("Latest studies with their series and jobs", {
+        "200": _json({"type": "object", "properties": {"studies": {"type": "array", "items": _ref("Study")}}}),
+        "400": _error("Bad limit")}, parameters=[_LIMIT])},
+    "/api/v1/studies/{study_uid}": {"get": _op("One study", {
+        "200": _json(_ref("Study")), "400": _error("Not a UID"), "404": _error("No such study")},
+        parameters=[_STUDY_UID])},
+    "/api/v1/jobs": {"get": _op("Latest jobs with per-stage timings, and counts per state", {
+        "200": _json({"type": "object", "properties": {"jobs": {"type": "array", "items": _ref("Job")},
+                                                       "counts": {"type": "object"}}}),
+        "400": _error("Bad state, study or limit")},
+        parameters=[{"name": "state", "in": "query", "schema": {"type": "string", "enum": _STATES}},
+                    {"name": "study", "in": "query", "schema": {"type": "string"}}, _LIMIT])},
+    "/api/v1/jobs/{job_id}": {"get": _op("One job: rule, profile, backend, errors, history, deliveries", {
+        "200": _json(_ref("JobDetail")), "400": _error("Not a job id"), "404": _error("No such job")},
+        parameters=[_JOB_ID])},
+    "/api/v1/jobs/{job_id}/retry": {"post": _op(
+        "Retry: re-run a failed job, resend a dead-lettered one, re-route a not-routed one", {
+            "200": _json({"type": "object", "properties": {"job_id": {"type": "integer"},
+                                                           "state": {"type": "string", "enum": _STATES}}}),
+            "404": _error("No such job"), "409": _error("The job is not in a state that can be retried")},
+        parameters=[_JOB_ID])},
+    **{f"/api/v1/jobs/{{job_id}}/{verb}": {"post": _op(
+        f"Review: {what} (the reviewer and comment go to the audit log)", {
+            "200": _json({"type": "object", "properties": {"job_id": {"type": "integer"},
+                                                           "state": {"type": "string", "enum": _STATES}}}),
+            "400": _error("No reviewer, or a bad body"), "404": _error("No such job"),
+            "409": _error("The job is not held for review")},
+        parameters=[_JOB_ID],
+        requestBody={"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["reviewer"],
+            "properties": {"reviewer": {"type": "string", "maxLength": 64},
+                           "comment": {"type": "string", "maxLength": 500}}}}}})}
+       for verb, what in (("approve", "send a held job's result"), ("reject", "never send a held job's result"))},
+    "/jobs/{job_id}/review": {"get": _op("The job page (HTML): QC figures, pictures, approve/reject form", {
+        "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+        "404": _error("No such job")}, parameters=[_JOB_ID])},
+    "/jobs/{job_id}/review/{file}": {"get": _op("One review picture (PNG)", {
+        "200": {"description": "PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+        "404": _error("No such picture")},
+        parameters=[_JOB_ID, {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}])},
+    "/jobs/{job_id}/decision": {"post": _op("The job page's form: approve or reject (reviewer, comment)", {
+        "200": {"description": "the job page again", "content": {"text/html": {"schema": {"type": "string"}}}},
+        "400": _error("No reviewer or decision"), "409": _error("The job is not held for review")},
+        parameters=[_JOB_ID], requestBody={"required": True, "content": {
+            "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
+    "/api/v1/routes": {"get": _op("The routing rules in force", {
+        "200": _json({"type": "object", "properties": {"source": {"type": "string"},
+                                                       "rules": {"type": "array", "items": {"type": "object"}}}}),
+        "503": _error("No rules loaded")})},
+    "/api/v1/routes/validate": {"post": _op(
+        "Validate a candidate rules file without applying it", {
+            "200": _json(_ref("Validation")), "400": _error("Empty body"), "413": _error("Body too large")},
+        requestBody={"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}})},
+    "/api/v1/datasets": {"get": _op("Datasets of the dataset store: cases, label status, versions", {
+        "200": _json({"type": "object"})})},
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "segnode ops API", "version": VERSION,
+                 "description": "Health, studies, jobs, routes and datasets of one segnode node. "
+                                "Bound to loopback by default; when a token is configured every "
+                                "operation except /healthz and /readyz needs it."},
+        "servers": [{"url": "http://127.0.0.1:8080"}],
+        "security": [{"bearer": []}, {"basic": []}],
+        "paths": PATHS,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "basic": {"type": "http", "scheme": "basic", "description": "any user name, the token as password"}}},
+    }
+
+
+def document_bytes() -> bytes:
+    return (json.dumps(document(), indent=1) + "\n").encode("utf-8")

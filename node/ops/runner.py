@@ -1,0 +1,204 @@
+"""Operations around a running node: audit log, metrics, HTTP API and status page.
+
+``Ops(service)`` before ``service.start()`` (it subscribes to the service's
+events), ``ops.start()`` after it (binds to the SCP and listens), and
+``ops.stop()`` before ``service.stop()``::
+
+    service = Service(config)
+    ops = Ops(service)
+    service.start()
+    ops.start()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from segnode.errors import ConfigError, StorageError
+from segnode.node.config import NodeConfig
+from segnode.node.ops.api import OpsApp, RunningHTTP, start_http
+from segnode.node.ops.audit import AuditFollower, AuditLog
+from segnode.node.ops.metrics import NodeMetrics
+from segnode.node.ops.status_page import render_status
+from segnode.node.ops.views import OpsDB
+
+logger = logging.getLogger(__name__)
+
+
+def audit_path(config: NodeConfig) -> Path:
+    return config.audit.path or config.state_dir / "audit" / "audit.jsonl"
+
+
+def dataset_store_root(config: NodeConfig) -> Path:
+    """Where the dataset store lives.
+
+    Adapter: the node config has no dataset-store key yet.  Use one named
+    ``dataset_store`` if it appears, else ``$SEGNODE_DATASET_STORE`` (as
+    ``segnode dataset`` does), else ``<state_dir>/datasets``.
+    """
+    from segnode.storage.cli import STORE_ENV
+
+    root = getattr(config, "dataset_store", None) or os.environ.get(STORE_ENV)
+    return Path(root) if root else config.state_dir / "datasets"
+
+
+def datasets_summary(root: Path) -> dict[str, Any]:
+    """Datasets, case counts by label status, and frozen versions of the store at ``root``."""
+    if not (root / "store.json").is_file():
+        return {"store": str(root), "exists": False, "datasets": [], "quarantined": 0}
+    from segnode.storage.dataset import DatasetStore
+
+    store = DatasetStore.open_read_only(root)
+    out = []
+    for name in store.datasets():
+        cases = store.cases(name)
+        status: dict[str, int] = {}
+        for case in cases.values():
+            key = getattr(case.label_status, "value", str(case.label_status))
+            status[key] = status.get(key, 0) + 1
+        out.append({"name": name, "cases": len(cases), "label_status": status, "versions": store.versions(name)})
+    return {"store": str(root), "exists": True, "datasets": out, "quarantined": len(store.quarantined())}
+
+
+class Ops:
+    """The node's ops side, attached to a :class:`segnode.node.service.Service`."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        config: NodeConfig = service.config
+        self.config = config
+        self.db = OpsDB(config.index_path)
+        self.audit = AuditLog(audit_path(config), node=config.ae_title, fsync=config.audit.fsync == "always",
+                              rotate_bytes=config.audit.rotate_bytes)
+        self.metrics = NodeMetrics(self.db, config.state_dir, ingest_stats=self._ingest_stats)
+        self.follower = AuditFollower(self.audit, self.db, poll_interval_s=config.audit.poll_interval_s,
+                                      on_spans=self.metrics.observe_spans)
+        self.http: RunningHTTP | None = None
+        service.listeners.append(self.on_event)
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self) -> None:
+        if self.service.scp is not None:
+            self.metrics.bind(self.service.scp.server)
+        self.follower.start()
+        if getattr(self.service, "remote", None) is not None or getattr(self.service, "dicomweb", None) is not None:
+            from segnode.node.remote.status import ScaleoutCollector
+
+            self.metrics.registry.register(ScaleoutCollector(self.service))
+        if self.config.http.enabled:
+            self.http = start_http(self.config.http, self.app())
+
+    def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+        self.follower.stop()
+        self.audit.close()
+
+    # -- the HTTP application -----------------------------------------------------------
+    def app(self) -> OpsApp:
+        return OpsApp(db=self.db, retry=self.service.index.retry, metrics=self.metrics.render,
+                      rules=self.service.rules, readiness=self.readiness_checks(),
+                      validate_rules=self.validate_rules, datasets=self.datasets,
+                      status_page=self.status_page, audit=self.write_audit,
+                      review=getattr(self.service, "review", None), node=self.config.ae_title)
+
+    def status_page(self) -> str:
+        checks = self.readiness_checks()
+        page = render_status(self.db, node=self.config.ae_title,
+                             readiness=lambda: {name: check() for name, check in checks.items()})
+        remote = getattr(self.service, "remote", None)
+        if remote is not None:  # queues and in-flight remote jobs (node/remote/status.py)
+            from segnode.node.remote.status import render_remote
+
+            page = page.replace("</body>", render_remote(remote.snapshot()) + "</body>", 1)
+        return page
+
+    def readiness_checks(self) -> dict[str, Any]:
+        return {"index": self._index_ok, "scp": self._scp_ok, "disk": self._disk_ok, "rules": self._rules_ok,
+                "audit": self._audit_ok}
+
+    def _index_ok(self) -> tuple[bool, str]:
+        return self.db.ping(), str(self.config.index_path)
+
+    def _scp_ok(self) -> tuple[bool, str]:
+        scp = self.service.scp
+        if scp is None:
+            return False, "the DICOM listener is not running"
+        health = scp.health()  # the accept loop's watchdog (node/ingest/guards.py)
+        if not health.up:
+            return False, health.detail
+        return True, f"{self.config.ae_title} on {self.config.host}:{scp.port}"
+
+    def _disk_ok(self) -> tuple[bool, str]:
+        free = shutil.disk_usage(self.config.state_dir).free
+        minimum = self.config.limits.min_free_disk_mb * 1024 * 1024
+        return free >= minimum, f"{free // (1024 * 1024)} MB free, minimum {self.config.limits.min_free_disk_mb} MB"
+
+    def _rules_ok(self) -> tuple[bool, str]:
+        current = self.service.rules.current
+        return bool(current.rules), f"{len(current.rules)} rules from {current.source}"
+
+    def _audit_ok(self) -> tuple[bool, str]:
+        return self.follower.alive, str(self.audit.path)
+
+    def validate_rules(self, path: Path) -> list[str]:
+        from segnode.profiles.loader import profile_paths
+        from segnode.routing import load_rules
+
+        rules = load_rules(path, profiles=tuple(profile_paths()),
+                           destinations=tuple(d.name for d in self.config.destinations))
+        return [r.name for r in rules.rules]
+
+    def datasets(self) -> dict[str, Any]:
+        return datasets_summary(dataset_store_root(self.config))
+
+    # -- events -----------------------------------------------------------------------------
+    def _ingest_stats(self) -> dict[str, int]:
+        scp = self.service.scp
+        if scp is None:
+            return {}
+        stats, health = scp.handler.stats, scp.health()
+        listener = {"listener_up": int(health.up), "accept_errors": health.accept_errors,
+                    "connections_refused": health.refused_pending, "connections_pending": health.pending}
+        with stats.lock:
+            return {"stored": stats.stored, "bytes_stored": stats.bytes_stored, "duplicates": stats.duplicates,
+                    **listener}
+
+    def write_audit(self, event: str, **fields: Any) -> None:
+        try:
+            self.audit.write(event, **fields)
+        except StorageError as exc:  # the record is lost; ingest and dispatch go on, the metric says so
+            self.metrics.audit_errors.inc()
+            logger.error("audit record %s not written: %s", event, exc)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """Listener of the service's events (runs on the SCP's and the dispatcher's threads)."""
+        self.metrics.on_service_event(kind, data)
+        if kind == "association_rejected":
+            self.write_audit("association.rejected", calling_ae=data.get("calling_ae"), host=data.get("host"),
+                             reason="not an allowed sender")
+        elif kind == "instance_refused":
+            self.write_audit("instance.refused", calling_ae=data.get("calling_ae"), host=data.get("host"),
+                             sop_uid=data.get("sop_uid"), status=f"0x{int(data.get('status', 0)):04X}",
+                             reason=data.get("reason"))
+        elif kind == "delivery":
+            self._audit_delivery(data)
+        if kind in ("job_state", "delivery"):
+            self.follower.wake()
+
+    def _audit_delivery(self, data: dict[str, Any]) -> None:
+        name = str(data.get("destination"))
+        job = self.db.job(int(data["job_id"])) or {}
+        try:
+            dest = self.config.destination(name)
+            where = {"destination_ae": dest.ae_title, "destination_host": dest.host, "destination_port": dest.port}
+        except ConfigError:
+            where = {}
+        self.write_audit("delivery.attempt", job_id=data.get("job_id"), destination=name, **where,
+                         study_uid=job.get("study_uid"), series_uid=job.get("series_uid"),
+                         seg_sop_uid=job.get("seg_sop_uid"), ok=bool(data.get("ok")), message=data.get("message"))
+

@@ -1,0 +1,179 @@
+"""A remote worker's job: fetch the series from the node, run it, post the result back.
+
+Runs inside a Celery worker process (:mod:`segnode.node.cli.worker`), one job at a
+time, on a machine that shares nothing with the node but HTTP: the series
+comes by WADO-RS with the job's token, the job runs through the same code as a
+local worker (:func:`segnode.node.jobs.worker.execute`, models kept warm in this process's
+:class:`~segnode.models.cache.ModelCache`), and every file of the output
+folder goes back in one multipart POST to ``/remote/v1/jobs/{id}/result``
+with the result record, its paths made relative (``@out/…``).  A job the node
+no longer waits for (HTTP 410, or the node acknowledged another result) is
+dropped; a node that cannot be reached is retried with backoff before the
+message is given up (the node then enqueues the job again after its timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from segnode.errors import InputError, SegnodeError
+from segnode.node.http_in.multipart import (
+    LengthBody,
+    MediaType,
+    encode_parts,
+    iter_parts,
+    new_boundary,
+)
+from segnode.node.http_in.stow import read_file_meta
+from segnode.node.jobs.worker import JobSpec, execute
+from segnode.uids import check_uid, is_valid_uid
+
+logger = logging.getLogger(__name__)
+
+OUT_PREFIX = "@out/"
+_CACHE: Any = None  # this process's warm models (a Celery pool process keeps it between jobs)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker machine decides for itself: its folders, device and name."""
+
+    state_dir: Path
+    name: str
+    weights_dir: Path | None = None
+    node_url: str | None = None  # overrides the URL in the message (a node behind NAT or a proxy)
+    device: str = "auto"
+    threads: int | None = None
+    max_series_bytes: int = 8 * 1024**3
+    post_retry_s: float = 600.0
+    http_timeout_s: float = 120.0
+
+
+def _cache() -> Any:
+    global _CACHE
+    if _CACHE is None:
+        from segnode.models.cache import ModelCache
+
+        _CACHE = ModelCache()
+    return _CACHE
+
+
+def handle(message: dict[str, Any], settings: WorkerSettings) -> str:
+    """Run one job message; return ``done`` or ``dropped`` (the node no longer wants it)."""
+    job_id, attempt = int(message["job_id"]), int(message["attempt"])
+    study, series = check_uid(message.get("study_uid"), "StudyInstanceUID"), check_uid(
+        message.get("series_uid"), "SeriesInstanceUID")
+    work = settings.state_dir / "jobs" / f"job-{job_id}-attempt-{attempt}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "input").mkdir(parents=True)
+    base = (settings.node_url or str(message["node_url"])).rstrip("/")
+    session = requests.Session()
+    session.headers.update({"Authorization": f"Bearer {message['token']}", "X-Segnode-Worker": settings.name})
+    try:
+        started = time.monotonic()
+        if not fetch_series(session, base, study, series, work / "input", settings):
+            logger.info("job %d attempt %d: the node no longer waits for it; dropped", job_id, attempt)
+            return "dropped"
+        fetched = time.monotonic()
+        record = run(message["spec"], work, settings)
+        logger.info("job %d attempt %d: fetched in %.2f s, ran in %.2f s", job_id, attempt, fetched - started,
+                    time.monotonic() - fetched)
+        return post_result(session, base, job_id, record, work / "out", settings)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fetch_series(session: requests.Session, base: str, study: str, series: str, folder: Path,
+                 settings: WorkerSettings) -> bool:
+    """WADO-RS the series into ``folder`` (one Part 10 file per instance); False if the job is gone."""
+    url = f"{base}/dicomweb/studies/{study}/series/{series}"
+    with session.get(url, stream=True, timeout=settings.http_timeout_s,
+                     headers={"Accept": 'multipart/related; type="application/dicom"'}) as response:
+        if response.status_code in (401, 403, 404, 410):
+            return False
+        response.raise_for_status()
+        media = MediaType.parse(response.headers.get("Content-Type"))
+        length = int(response.headers.get("Content-Length", "0"))
+        if media.value != "multipart/related" or not 0 < length <= settings.max_series_bytes:
+            raise InputError(f"unexpected WADO-RS answer ({media.value}, {length} bytes)")
+        for part in iter_parts(LengthBody(response.raw, length), media.params.get("boundary", ""),
+                               max_part_bytes=settings.max_series_bytes, max_parts=100000):
+            meta = read_file_meta(part.body)
+            if meta is None or not is_valid_uid(meta.sop_instance_uid):
+                raise InputError("the node sent a part that is not a DICOM file with a valid SOP Instance UID")
+            (folder / f"{meta.sop_instance_uid}.dcm").write_bytes(part.body)
+    return True
+
+
+def run(spec_data: dict[str, Any], work: Path, settings: WorkerSettings) -> dict[str, Any]:
+    """Run the job here; the record's paths relative to the output folder."""
+    out = work / "out"
+    options = dict(spec_data.get("options") or {})
+    if options.get("shared_run"):
+        options["shared_run"] = str(work / "shared")
+    spec = JobSpec(**{**spec_data, "input_dir": str(work / "input"), "out_dir": str(out), "device": settings.device,
+                      "threads": settings.threads, "options": options, "harvest": None, "dataset_store": None,
+                      "deid_secret_file": None,
+                      "weights_dir": str(settings.weights_dir) if settings.weights_dir else None})
+    if spec_data.get("harvest"):
+        logger.warning("job %d: harvesting is not done on remote workers (route's harvest %s skipped)",
+                       spec.job_id, spec_data["harvest"])
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        result = execute(spec, _cache())
+    except SegnodeError as exc:
+        logger.error("job %d failed: %s", spec.job_id, exc)
+        return {"ok": False, "error_kind": type(exc).__name__, "message": str(exc), "worker": settings.name}
+    return {"ok": True, "result": relative(result, out), "worker": settings.name}
+
+
+def relative(value: Any, out: Path) -> Any:
+    """``value`` with every path under ``out`` written ``@out/…`` (recursively)."""
+    root = str(out) + os.sep
+    if isinstance(value, str) and value.startswith(root):
+        return OUT_PREFIX + value[len(root):]
+    if isinstance(value, dict):
+        return {k: relative(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative(v, out) for v in value]
+    return value
+
+
+def post_result(session: requests.Session, base: str, job_id: int, record: dict[str, Any], out: Path,
+                settings: WorkerSettings) -> str:
+    """POST the record and the output files; retry while the node cannot be reached."""
+    files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+    parts = [({"Content-Type": "application/json"}, json.dumps(record).encode("utf-8"))]
+    parts += [({"Content-Type": "application/octet-stream", "Content-Location": p.relative_to(out).as_posix()},
+               p.read_bytes()) for p in files]
+    boundary = new_boundary()
+    body = b"".join(encode_parts(parts, boundary))
+    url = f"{base}/remote/v1/jobs/{job_id}/result"
+    deadline, delay = time.monotonic() + settings.post_retry_s, 0.5
+    while True:
+        try:
+            response = session.post(url, data=body, timeout=settings.http_timeout_s,
+                                    headers={"Content-Type": f"multipart/related; boundary={boundary}"})
+            if response.status_code == 200:
+                answer = response.json()
+                logger.info("job %d: result %s by the node (%s)", job_id,
+                            "accepted" if answer.get("accepted") else "already known, ignored", answer.get("state"))
+                return "done" if answer.get("accepted") else "dropped"
+            if response.status_code < 500 and response.status_code not in (408, 429):
+                logger.error("job %d: the node refused the result: HTTP %d %s", job_id, response.status_code,
+                             response.text[:200])
+                return "dropped"
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            logger.warning("job %d: cannot reach the node (%s); retrying", job_id, type(exc).__name__)
+        if time.monotonic() > deadline:
+            raise SegnodeError(f"job {job_id}: the node did not take the result within {settings.post_retry_s:.0f} s")
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)

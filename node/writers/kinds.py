@@ -1,0 +1,90 @@
+"""Output kinds of a segmentation job, and encoding a label map into the kinds asked for.
+
+* ``seg``: DICOM SEG (BINARY or LABELMAP), :mod:`segnode.node.writers.seg`;
+* ``rtstruct``: RT Structure Set, for PACS and TPS that cannot show SEG;
+* ``overlay``: a colour overlay series (secondary capture), any viewer shows it;
+* ``sr``: a measurement report (TID 1500) referencing the SEG.
+
+Each kind has its own deterministic UIDs (source series, profile, model
+version, kind), so every object of a job is stored once by a PACS, also on a
+resend.  ``sr`` references the SEG, so asking for ``sr`` also encodes ``seg``
+(a destination that does not take SEG still gets only what it takes).
+Writers are imported when used: a node that never asks for a kind never
+loads its libraries.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from segnode.models.volume import LabelMap, Volume
+from segnode.node.writers.seg import EncodedResult, SegType, write_seg
+from segnode.output_kinds import ALL_KINDS, OutputKind, encoded_with, parse_kinds
+from segnode.profiles.schema import Profile
+
+__all__ = ["ALL_KINDS", "OutputKind", "encode_outputs", "encoded_with", "parse_kinds", "record"]
+
+logger = logging.getLogger(__name__)
+
+
+def record(result: EncodedResult, profile: str) -> dict[str, Any]:
+    """One output as the JSON the worker, the index and the dispatcher exchange."""
+    return {"kind": result.kind, "profile": profile, "path": str(result.path),
+            "sop_class_uid": result.sop_class_uid, "sop_instance_uid": result.sop_instance_uid,
+            "series_instance_uid": result.series_instance_uid}
+
+
+def encode_outputs(
+    volume: Volume,
+    labels: LabelMap,
+    profile: Profile,
+    out_dir: Path,
+    kinds: tuple[str, ...] | list[str],
+    *,
+    seg_type: SegType | str = SegType.BINARY,
+    statistics: list[dict] | None = None,
+) -> list[dict[str, Any]]:
+    """Write every kind in ``kinds`` (SEG first); return one :func:`record` per object written."""
+    wanted = encoded_with(kinds)
+    results: list[EncodedResult] = []
+    seg: EncodedResult | None = None
+    for kind in wanted:
+        if kind == OutputKind.SEG.value:
+            seg = write_seg(volume, labels, profile, out_dir, seg_type=seg_type)
+            results.append(seg)
+        elif kind == OutputKind.RTSTRUCT.value:
+            from segnode.node.writers.rtstruct import write_rtstruct
+
+            results.append(_as_kind(write_rtstruct(volume, labels, profile, out_dir), kind))
+        elif kind == OutputKind.OVERLAY.value:
+            from segnode.node.writers.overlay import write_overlay
+
+            results += [_as_kind(r, kind) for r in write_overlay(volume, labels, profile, out_dir)]
+        elif kind == OutputKind.SR.value:
+            from segnode.node.jobs.pipeline import segment_statistics
+            from segnode.node.writers.sr import write_sr
+
+            assert seg is not None  # SEG is encoded first
+            stats = statistics if statistics is not None else segment_statistics(volume, labels)
+            if not any(s.get("voxels") and not s.get("empty") for s in stats):
+                # TID 1500 needs at least one measurement group (highdicom refuses none): no report to make
+                logger.warning("nothing segmented: no SR written (the SEG and the other kinds are)")
+                continue
+            results.append(_as_kind(write_sr(volume, labels, profile, out_dir, seg_path=seg.path, statistics=stats),
+                                    kind))
+    logger.info("encoded %s: %d object(s)", ", ".join(wanted), len(results))
+    return [record(r, profile.organ) for r in results]
+
+
+def _as_kind(result: EncodedResult, kind: str) -> EncodedResult:
+    """Fill ``kind`` and the SOP class from the file when a writer left them at their defaults."""
+    from dataclasses import replace
+
+    sop_class = result.sop_class_uid
+    if not sop_class:
+        from pydicom.filereader import read_file_meta_info
+
+        sop_class = str(read_file_meta_info(result.path).MediaStorageSOPClassUID)
+    return replace(result, kind=kind, sop_class_uid=sop_class)

@@ -1,0 +1,202 @@
+"""Encode a :class:`LabelMap` as a DICOM RT Structure Set (pydicom + scikit-image).
+
+* one ROI per profile tissue, in profile order (ROI number = label value), with
+  its colour (ROIDisplayColor), its SNOMED type code (RT ROI Identification
+  Code Sequence), interpreted type ORGAN and generation algorithm AUTOMATIC;
+* contours are traced per source slice with marching squares
+  (``skimage.measure.find_contours`` at level 0.5 on the zero-padded binary
+  mask): the polygon passes half-way between inside and outside pixel centres,
+  so an even-odd fill at pixel centres gives back exactly the mask; collinear
+  vertices are dropped (exact on the half-pixel grid);
+* holes are separate CLOSED_PLANAR contours on the same plane (the RTSTRUCT
+  convention: readers fill all contours of a plane even-odd / XOR, as
+  dicompyler-core does); a single pixel becomes a 4-point diamond around its
+  centre, so nothing is dropped;
+* points are in patient coordinates from each source image's own
+  ImagePositionPatient / ImageOrientationPatient / PixelSpacing, so tilted
+  and unevenly spaced series are exact; each contour references its image
+  (and frame, for a multi-frame source);
+* an empty segment keeps its ROI, with no contours;
+* UIDs are deterministic (source series and its instances, organ, backend, model version, "rtstruct").
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    RTStructureSetStorage,
+)
+from segnode import __version__
+from segnode.errors import EncodeError
+from segnode.models.volume import LabelMap, Volume
+from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
+from segnode.node.writers.seg import (
+    MANUFACTURER,
+    EncodedResult,
+    checked_source,
+    deterministic_uid,
+    source_seed,
+)
+from segnode.profiles.schema import Profile, Tissue
+from skimage.measure import find_contours
+
+logger = logging.getLogger(__name__)
+
+#: PS3.3 C.8.8.5: the study is referenced with the (retired) Detached Study Management SOP class
+STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
+
+#: patient and study attributes copied from the source (Patient, General Study modules)
+def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """Closed polygons (each ``(n, 2)`` row, column; not repeating the first point) of a 2D mask."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    out = []
+    for contour in find_contours(padded, 0.5):
+        points = contour[:-1] - 1.0  # find_contours closes by repeating the first point
+        out.append(_drop_collinear(points))
+    return out
+
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    prev, nxt = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
+    a, b = points - prev, nxt - points
+    cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    keep = cross != 0
+    return points[keep] if keep.sum() >= 3 else points
+
+
+def _ds(value: float) -> str:
+    return f"{float(value) + 0.0:.5f}"
+
+
+def _contour_items(labels: LabelMap, value: int, planes: list[SourcePlane]) -> list[Dataset]:
+    items = []
+    for k, plane in enumerate(planes):
+        mask = labels.array[k] == value
+        if not mask.any():
+            continue
+        for polygon in mask_contours(mask):
+            xyz = plane.to_patient(polygon[:, 0], polygon[:, 1])
+            item = Dataset()
+            item.ContourImageSequence = Sequence([plane.reference()])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(xyz)
+            item.ContourNumber = len(items) + 1
+            item.ContourData = [_ds(v) for v in xyz.ravel()]
+            items.append(item)
+    return items
+
+
+def _code_item(tissue: Tissue) -> Dataset:
+    assert tissue.type is not None  # the profile validator ensures it
+    code = Dataset()
+    code.CodeValue = tissue.type.value
+    code.CodingSchemeDesignator = tissue.type.scheme
+    code.CodeMeaning = tissue.type.meaning
+    return code
+
+
+def _referenced_frame_of_reference(volume: Volume, planes: list[SourcePlane]) -> Dataset:
+    source = volume.source
+    assert source is not None
+    series = Dataset()
+    series.SeriesInstanceUID = source.series_instance_uid
+    unique = {(p.sop_instance_uid, p.frame_number): p for p in planes}
+    series.ContourImageSequence = Sequence([p.reference() for p in unique.values()])
+    study = Dataset()
+    study.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
+    study.ReferencedSOPInstanceUID = source.study_instance_uid
+    study.RTReferencedSeriesSequence = Sequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = source.datasets[0].FrameOfReferenceUID
+    frame.RTReferencedStudySequence = Sequence([study])
+    return frame
+
+
+def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str, sop_uid: str, series_number: int) -> Dataset:
+    first = volume.source.datasets[0]  # type: ignore[union-attr]
+    ds = patient_study_header(first)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = f"RTSTRUCT {profile.organ} ({labels.backend})"[:64]
+    ds.OperatorsName = ""
+    ds.InstanceNumber = 1
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = f"segnode {labels.backend}"[:64]
+    ds.SoftwareVersions = __version__
+    ds.StructureSetLabel = profile.organ.upper()[:16]
+    ds.StructureSetName = f"{profile.organ} by {labels.backend}"[:64]
+    ds.StructureSetDate = now.strftime("%Y%m%d")
+    ds.StructureSetTime = now.strftime("%H%M%S")
+    return ds
+
+
+def write_rtstruct(
+    volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, series_number: int = 9002
+) -> EncodedResult:
+    """Write ``labels`` as an RT Structure Set referencing the source images of ``volume``."""
+    source = checked_source(volume, labels, profile, "an RT Structure Set needs them")
+    planes = source_planes(volume)
+    if "FrameOfReferenceUID" not in source.datasets[0]:
+        raise EncodeError("the source has no FrameOfReferenceUID: contours cannot be placed", where=source.series_instance_uid)
+    seed = (source_seed(source), profile.organ, labels.backend, labels.model_version, "rtstruct")
+    series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
+    ds = _header(volume, labels, profile, str(series_uid), str(sop_uid), series_number)
+    frame_uid = source.datasets[0].FrameOfReferenceUID
+    ds.FrameOfReferenceUID = frame_uid  # Frame of Reference module (RT Structure Set IOD since 2019)
+    ds.PositionReferenceIndicator = source.datasets[0].get("PositionReferenceIndicator", "")
+    ds.ReferencedFrameOfReferenceSequence = Sequence([_referenced_frame_of_reference(volume, planes)])
+    rois, contours, observations = [], [], []
+    for value, name in profile.label_values().items():
+        tissue = profile.tissue(name)
+        roi = Dataset()
+        roi.ROINumber = value
+        roi.ReferencedFrameOfReferenceUID = frame_uid
+        roi.ROIName = name[:64]
+        roi.ROIDescription = tissue.description[:64]
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        rois.append(roi)
+        contour = Dataset()
+        contour.ROIDisplayColor = list(tissue.color)
+        contour.ReferencedROINumber = value
+        items = _contour_items(labels, value, planes)
+        if items:
+            contour.ContourSequence = Sequence(items)
+        else:
+            logger.info("empty ROI kept without contours: %s", name)
+        contours.append(contour)
+        observation = Dataset()
+        observation.ObservationNumber = value
+        observation.ReferencedROINumber = value
+        observation.ROIObservationLabel = name[:16]  # SH
+        observation.RTROIIdentificationCodeSequence = Sequence([_code_item(tissue)])
+        observation.RTROIInterpretedType = "ORGAN"
+        observation.ROIInterpreter = ""
+        observations.append(observation)
+    ds.StructureSetROISequence = Sequence(rois)
+    ds.ROIContourSequence = Sequence(contours)
+    ds.RTROIObservationsSequence = Sequence(observations)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"RTSTRUCT_{profile.organ}_{sop_uid}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    logger.info("wrote RTSTRUCT %s (%d ROIs)", path, len(rois))
+    return EncodedResult(
+        path=path, series_instance_uid=str(series_uid), sop_instance_uid=str(sop_uid),
+        kind="rtstruct", sop_class_uid=str(RTStructureSetStorage),
+    )

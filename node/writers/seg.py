@@ -1,0 +1,314 @@
+"""Encode a :class:`LabelMap` as DICOM SEG (highdicom) or NIfTI.
+
+* BINARY by default (every peer here accepts it), LABELMAP as an option;
+* one segment per profile tissue, in profile order, with SNOMED CT category,
+  type, laterality modifier (inside the type code, where TotalSegmentator's own
+  writer drops it) and anatomic region; RecommendedDisplayCIELabValue from the
+  profile colour; algorithm identification naming segnode, the backend, its
+  version and the weights hash;
+* every source image is referenced; frames map one to one onto source images
+  (or source frames of a multi-frame CT), so the SEG overlays them exactly;
+* empty segments are kept in the segment list (a reader learns the organ was
+  looked for and not found) with no frames of their own; a result with no
+  segmented voxel at all is written with its empty frames so it stays valid;
+* UIDs are deterministic for (source series and its instances, profile, model
+  version, SEG type): a resend after a crash yields the same SEG, which a PACS
+  stores once; a re-run after a late instance is a new version with new UIDs;
+  the BINARY and LABELMAP SEG of one series never share a UID;
+* every frame carries the SliceThickness of its own source image (per-frame
+  Pixel Measures when the source thickness varies), and no SpacingBetweenSlices
+  is declared for an unevenly spaced source;
+* empty Type 1C/3 patient and study attributes copied from the source (an empty
+  DeidentificationMethod) are dropped, and a LABELMAP SEG has no "Background"
+  segment item 0 (pixel value 0 is simply not a segment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
+from segnode import __version__
+from segnode.errors import EncodeError
+from segnode.models.volume import LabelMap, SourceSeries, Volume
+from segnode.profiles.schema import Code, Profile, Tissue
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "segnode"
+
+
+class SegType(str, Enum):
+    BINARY = "binary"
+    LABELMAP = "labelmap"
+
+
+class OutputFormat(str, Enum):
+    SEG = "seg"
+    NIFTI = "nifti"
+
+
+@dataclass(frozen=True)
+class EncodedResult:
+    path: Path
+    series_instance_uid: str = ""
+    sop_instance_uid: str = ""
+    kind: str = "seg"
+    sop_class_uid: str = ""
+    note: str = ""  # e.g. the resampling a NIfTI needed
+
+
+def deterministic_uid(*parts: str) -> UID:
+    """A ``2.25`` UID derived from ``parts`` (same parts → same UID).
+
+    The first 128 bits of a SHA-256 digest, read as a UUID-style integer
+    (PS3.5 B.2); at most 44 characters.
+    """
+    digest = hashlib.sha256("\x1f".join(("segnode", *parts)).encode()).digest()
+    return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
+
+
+def checked_source(volume: Volume, labels: LabelMap, profile: Profile, why: str) -> SourceSeries:
+    """``volume``'s DICOM source, once ``labels`` are known to fit the volume and the profile."""
+    if volume.source is None:
+        raise EncodeError(f"the input has no DICOM source images (NIfTI?): {why}")
+    if labels.array.shape != volume.shape:
+        raise EncodeError(f"label map shape {labels.array.shape} differs from the volume {volume.shape}")
+    expected = profile.label_values()
+    if dict(labels.labels) != expected:
+        raise EncodeError(f"label map labels {labels.labels} do not match the profile segments {expected}")
+    return volume.source
+
+
+def source_seed(source: SourceSeries) -> str:
+    """The source series and exactly which of its instances a result was made from.
+
+    Part of every output's UID seed: the same instances give the same UIDs (a
+    resend is stored once), a late instance gives a new version with new UIDs
+    (a PACS keeps both; the node marks the older job superseded).
+    """
+    members = sorted(f"{ds.SOPInstanceUID}" for ds in source.datasets)
+    if source.frame_order is not None:
+        members.append(",".join(map(str, source.frame_order)))
+    digest = hashlib.sha256("\n".join(members).encode()).hexdigest()[:16]
+    return f"{source.series_instance_uid}/{digest}"
+
+
+def _code(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def segment_description(number: int, tissue: Tissue, labels: LabelMap) -> hd.seg.SegmentDescription:
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"segnode {labels.backend}"[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=(labels.model_version or __version__)[:64],
+        parameters={"weights_sha256": labels.weights_hash or "none", "segnode": __version__},
+    )
+    assert tissue.category is not None and tissue.type is not None  # the profile validator ensures it
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=tissue.name[:64],
+        segmented_property_category=_code(tissue.category),
+        segmented_property_type=_code(tissue.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=str(deterministic_uid(labels.backend, labels.model_version, tissue.name)),
+        tracking_id=tissue.name,
+        anatomic_regions=[_code(tissue.anatomic_region)] if tissue.anatomic_region else None,
+        display_color=hd.color.CIELabColor.from_rgb(*tissue.color),
+    )
+    if tissue.modifier is not None:
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            _code(tissue.modifier)
+        ]
+    description.SegmentDescription = tissue.description[:64]
+    return description
+
+
+def _frames_in_source_order(volume: Volume, array: np.ndarray) -> np.ndarray:
+    """Volume slices → the frame order of the source images (multi-frame CT)."""
+    order = volume.source.frame_order if volume.source else None
+    if order is None:
+        return array
+    out = np.empty_like(array)
+    out[list(order)] = array
+    return out
+
+
+def write_seg(
+    volume: Volume,
+    labels: LabelMap,
+    profile: Profile,
+    out_dir: Path,
+    *,
+    seg_type: SegType | str = SegType.BINARY,
+    series_number: int = 9001,
+) -> EncodedResult:
+    """Write ``labels`` as a DICOM SEG referencing the source images of ``volume``."""
+    seg_type = SegType(seg_type)
+    source = checked_source(volume, labels, profile, "a SEG needs them; use --format nifti")
+    seed: tuple[str, ...] = (source_seed(source), profile.organ, labels.backend, labels.model_version)
+    if seg_type is SegType.LABELMAP:  # BINARY keeps the UIDs it always had (a resend stays one object)
+        seed += ("labelmap",)
+    series_uid = deterministic_uid(*seed, "series")
+    sop_uid = deterministic_uid(*seed, "instance")
+    array = _frames_in_source_order(volume, labels.array.astype(np.uint8, copy=False))
+    present = set(np.unique(array).tolist()) - {0}
+    descriptions = [segment_description(n, profile.tissue(name), labels) for n, name in profile.label_values().items()]
+    empty = [name for n, name in profile.label_values().items() if n not in present]
+    if empty:
+        logger.info("empty segment(s) kept without frames: %s", ", ".join(empty))
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=list(source.datasets),
+            pixel_array=array,
+            segmentation_type=(
+                hd.seg.SegmentationTypeValues.LABELMAP
+                if seg_type is SegType.LABELMAP
+                else hd.seg.SegmentationTypeValues.BINARY
+            ),
+            segment_descriptions=descriptions,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=f"segnode {labels.backend}"[:64],
+            software_versions=__version__,
+            device_serial_number="segnode",
+            content_label=profile.organ.upper()[:16],
+            content_description=f"{profile.organ} by {labels.backend}"[:64],
+            content_creator_name="segnode^automatic",
+            series_description=f"SEG {profile.organ} ({labels.backend})"[:64],
+            transfer_syntax_uid=RLELossless if seg_type is SegType.LABELMAP else ExplicitVRLittleEndian,
+            omit_empty_frames=bool(present),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise EncodeError(f"highdicom refused the segmentation: {exc}", where=source.series_instance_uid) from exc
+    drop_empty_conditional(seg)
+    if seg_type is SegType.LABELMAP:
+        _drop_background_item(seg)
+    _per_frame_pixel_measures(seg, volume)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"SEG_{profile.organ}_{sop_uid}.dcm"
+    seg.save_as(path)
+    logger.info("wrote %s SEG %s (%d frames, %d segments)", seg_type.value, path, seg.NumberOfFrames, len(descriptions))
+    return EncodedResult(path=path, series_instance_uid=str(series_uid), sop_instance_uid=str(sop_uid),
+                         kind="seg", sop_class_uid=str(seg.SOPClassUID))
+
+
+#: modules whose root attributes highdicom copies from the source image
+_COPIED_MODULES = ("patient", "general-study", "patient-study", "clinical-trial-subject", "clinical-trial-study")
+
+
+UNSTATED_DEID_METHOD = "unspecified: the source says identity removed, names no method"
+
+
+def drop_empty_conditional(ds: Dataset) -> None:
+    """Delete empty Type 1C/3 patient and study attributes (copied from a sloppy source).
+
+    An empty Type 1C attribute is invalid (dciodvfy: "Empty attribute ... Type
+    1C"); absent is what the source meant.  Type 1/2 attributes stay.
+    """
+    from highdicom._standard_utils import get_module_attribute_map
+
+    table = get_module_attribute_map()
+    for module in _COPIED_MODULES:
+        for item in table.get(module, []):
+            keyword = str(item["keyword"])
+            if item["path"] or item["type"] not in ("1C", "3") or keyword not in ds:
+                continue
+            value = ds[keyword].value
+            if value is None or value == "" or (ds[keyword].VR == "SQ" and len(value) == 0):
+                delattr(ds, keyword)
+    removed = str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+    if removed and "DeidentificationMethod" not in ds and "DeidentificationMethodCodeSequence" not in ds:
+        ds.DeidentificationMethod = UNSTATED_DEID_METHOD  # required (1C) once identity removal is claimed
+
+
+def _drop_background_item(seg: Dataset) -> None:
+    """highdicom 0.28 always adds a "Background" item with SegmentNumber 0; validators reject it."""
+    seg.SegmentSequence = [item for item in seg.SegmentSequence if int(item.SegmentNumber) != 0]
+
+
+def _source_measures(volume: Volume) -> dict[tuple[str, int | None], Dataset]:
+    """(source SOP instance UID, frame number or None) → its Pixel Measures (thickness, spacing)."""
+    source = volume.source
+    assert source is not None
+    out: dict[tuple[str, int | None], Dataset] = {}
+    for ds in source.datasets:
+        if source.multiframe:
+            shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
+            frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+            for n, group in enumerate(frames, start=1):
+                seq = group.get("PixelMeasuresSequence") or shared.get("PixelMeasuresSequence")
+                if seq:
+                    out[(str(ds.SOPInstanceUID), n)] = seq[0]
+        else:
+            item = Dataset()
+            item.PixelSpacing = ds.PixelSpacing
+            if ds.get("SliceThickness") not in (None, ""):
+                item.SliceThickness = ds.SliceThickness
+            out[(str(ds.SOPInstanceUID), None)] = item
+    return out
+
+
+def _evenly_spaced(volume: Volume) -> bool:
+    origins = volume.slice_origins()
+    if len(origins) < 3:
+        return True
+    steps = np.linalg.norm(np.diff(origins, axis=0), axis=1)
+    return float(np.ptp(steps)) <= 1e-3 * max(1.0, float(np.median(steps)))
+
+
+def _per_frame_pixel_measures(seg: Dataset, volume: Volume) -> None:
+    """Give each frame its source image's SliceThickness when those differ; no false slice spacing."""
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if not _evenly_spaced(volume):
+        for item in shared.get("PixelMeasuresSequence") or []:
+            if "SpacingBetweenSlices" in item:
+                del item.SpacingBetweenSlices
+    measures = _source_measures(volume)
+    thicknesses = {str(m.get("SliceThickness", "")) for m in measures.values()}
+    if len(thicknesses) <= 1:
+        return
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        number = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
+        source = measures[(str(ref.ReferencedSOPInstanceUID), number)]
+        item = Dataset()
+        item.PixelSpacing = source.PixelSpacing
+        if "SliceThickness" in source:
+            item.SliceThickness = source.SliceThickness
+        frame.PixelMeasuresSequence = [item]
+    del shared.PixelMeasuresSequence
+
+
+def write_nifti(volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, name: str | None = None) -> EncodedResult:
+    """Write the label map as NIfTI on a regular orthonormal grid (RAS affine).
+
+    A tilted or unevenly spaced series is resampled (nearest neighbour) onto
+    such a grid, with a note in the log and in :attr:`EncodedResult.note`: one
+    affine cannot place its slices where they were acquired.
+    """
+    import nibabel as nib
+    from segnode.models.io_nifti import regular_nifti
+
+    image, note = regular_nifti(volume, labels.array.astype(np.uint8), labels=True)
+    if note:
+        logger.info("NIfTI labels %s", note)
+    image.header.set_intent("label")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = name or (volume.source.series_instance_uid if volume.source else "volume")
+    path = out_dir / f"labels_{profile.organ}_{stem}.nii.gz"
+    nib.save(image, path)
+    return EncodedResult(path=path, kind="nifti", note=note or "")
