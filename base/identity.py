@@ -8,6 +8,8 @@ versions of every object we create) say about the node.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from segnode import __version__
 
 #: a 2.25 UID (PS3.5 B.2) derived once from "segnode implementation class"; it never changes
@@ -17,3 +19,14 @@ IMPLEMENTATION_VERSION_NAME = f"SEGNODE_{__version__.split('+')[0]}"[:16]
 MANUFACTURER = "segnode"
 MODEL_NAME = "segnode"
 SOFTWARE_VERSIONS = __version__
+
+
+class _FileMeta(Protocol):
+    ImplementationClassUID: str
+    ImplementationVersionName: str
+
+
+def stamp_file_meta(meta: _FileMeta) -> None:
+    """Name segnode as the implementation that wrote a file (PS3.10 7.1 group 0002)."""
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

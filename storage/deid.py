@@ -45,10 +45,17 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
-
+from pydicom.uid import UID_dictionary
 from segnode.errors import InputError
-from segnode.storage.deid_table import BASIC_PROFILE_CODE, OPTION_CODES, Action, Option, Table, load_table
+from segnode.identity import stamp_file_meta
+from segnode.storage.deid_table import (
+    BASIC_PROFILE_CODE,
+    OPTION_CODES,
+    Action,
+    Option,
+    Table,
+    load_table,
+)
 from segnode.storage.pixel_text import strip_stream_text
 from segnode.storage.pseudonyms import Pseudonymizer
 
@@ -434,7 +441,7 @@ def _file_meta(ds: Dataset) -> FileMetaDataset:
     meta.TransferSyntaxUID = old.TransferSyntaxUID if old is not None and "TransferSyntaxUID" in old else (
         pydicom.uid.ExplicitVRLittleEndian
     )
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    stamp_file_meta(meta)
     return meta
 
 

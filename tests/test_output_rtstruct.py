@@ -94,7 +94,7 @@ def test_thorax_rtstruct_references_colours_and_codes(cta, tmp_path: Path) -> No
 
 
 def test_uids_are_deterministic_and_differ_from_the_seg(cta, tmp_path: Path) -> None:
-    from segnode.node.writers.seg import deterministic_uid
+    from segnode.node.writers.common import deterministic_uid
 
     volume, labels, profile = cta
     a = write_rtstruct(volume, labels, profile, tmp_path / "a")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from segnode.node.jobs.pipeline import segment_statistics
+from segnode.models.measurements import segment_statistics
 from segnode.node.writers.seg import write_seg
 from segnode.node.writers.sr import write_sr
 

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from segnode.errors import InputError
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap
-from segnode.node.writers.seg import write_nifti
+from segnode.node.writers.nifti import write_nifti
 from segnode.profiles import load_profile
 from segnode.storage import nifti
 

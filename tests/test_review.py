@@ -20,7 +20,8 @@ import pytest
 import websocket
 import yaml
 from PIL import Image
-from segnode.node.review import decide, write_png
+from segnode.node.review import decide
+from segnode.node.writers.pictures import write_png
 from segnode.routing.rules import Action, QcPolicy
 from segnode.storage.dataset import DatasetStore
 from segnode.storage.index import Index, JobState

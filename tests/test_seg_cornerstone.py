@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.seg import SegType, write_seg
+from segnode.node.writers.common import SegType
+from segnode.node.writers.seg import write_seg
 
 from tests.output_fixtures import (
     DATA,

@@ -12,7 +12,8 @@ import pytest
 from segnode.errors import EncodeError
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.seg import write_nifti, write_seg
+from segnode.node.writers.nifti import write_nifti
+from segnode.node.writers.seg import write_seg
 from segnode.profiles import load_profile
 
 from tests.dicomtools import dciodvfy, seg_labelmap_on_source

@@ -9,7 +9,7 @@ from pathlib import Path
 from segnode.errors import ConfigError
 from segnode.models.base import RunSettings
 from segnode.node.jobs.pipeline import PipelineRequest, run_pipeline
-from segnode.node.writers.seg import OutputFormat, SegType
+from segnode.node.writers.common import OutputFormat, SegType
 from segnode.output_kinds import ALL_KINDS, parse_kinds
 from segnode.profiles import Backend
 

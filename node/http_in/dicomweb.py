@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from segnode.errors import ConfigError, InputError, SegnodeError
 from segnode.node.config.dicomweb import DicomWebClient, DicomWebConfig, read_secret
+from segnode.node.http_in.base import HttpError, RunningHTTP, bearer
 from segnode.node.http_in.multipart import (
     BodyTooLarge,
     ChunkedBody,
@@ -54,7 +55,6 @@ from segnode.node.http_in.multipart import (
 from segnode.node.http_in.stow import StowIngest, store_response
 from segnode.node.ingest.guards import PendingGate, PendingSlot
 from segnode.node.ingest.store import StoreHandler
-from segnode.node.ops.api import RunningHTTP
 from segnode.storage.index import Index
 from segnode.storage.spool import Spool
 from segnode.uids import is_valid_uid
@@ -65,13 +65,6 @@ _STOW = re.compile(r"/dicomweb/studies(?:/(?P<study>[^/]+))?")
 _WADO_SERIES = re.compile(r"/dicomweb/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)")
 _RESULT = re.compile(r"/remote/v1/jobs/(?P<job_id>[0-9]{1,12})/result")
 DRAIN_LIMIT = 64 * 1024 * 1024  # after a refusal, read at most this much of the body so the client sees the answer
-
-
-class HttpError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -121,7 +114,7 @@ class DicomWebApp:
 
     # -- authentication -------------------------------------------------------------
     def client(self, authorization: str | None, host: str) -> DicomWebClient | None:
-        token = _bearer(authorization)
+        token = bearer(authorization)
         if token is None:
             return None
         found = None
@@ -134,7 +127,7 @@ class DicomWebApp:
         return found
 
     def job_grant(self, authorization: str | None) -> JobGrant | None:
-        token = _bearer(authorization)
+        token = bearer(authorization)
         if token is None or self.remote is None or not token.startswith("job."):
             return None
         return self.remote.grant(token)
@@ -184,13 +177,6 @@ class DicomWebApp:
             raise HttpError(HTTPStatus.INTERNAL_SERVER_ERROR, "an instance path leaves the spool")
         self.count(wado_series=1)
         return paths
-
-
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
 # -- HTTP ------------------------------------------------------------------------------------

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 from segnode.errors import BackendError, EncodeError, WeightsNotInstalledError
 from segnode.models.base import LoadedModel, RunSettings
+from segnode.models.measurements import segment_statistics
 from segnode.models.qc import Finding, Outcome, run_qc
 from segnode.models.registry import get_backend
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.review import write_pictures
-from segnode.node.writers.seg import EncodedResult, OutputFormat, SegType, write_nifti
+from segnode.node.writers.common import EncodedResult, OutputFormat, SegType
+from segnode.node.writers.nifti import write_nifti
+from segnode.node.writers.pictures import write_pictures
 from segnode.profiles import Backend, Profile, load_profile
 
 logger = logging.getLogger(__name__)
@@ -115,27 +116,6 @@ def segment_with_fallback(
     raise BackendError(f"no backend could segment {profile.organ} ({tried})")
 
 
-def segment_statistics(volume: Volume, labels: LabelMap) -> list[dict[str, Any]]:
-    """Per segment: voxel count, volume in mL and mean HU (chunked: bounded memory)."""
-    n = max(labels.labels, default=0) + 1
-    counts = np.zeros(n, dtype=np.int64)
-    sums = np.zeros(n, dtype=np.float64)
-    for k in range(0, volume.shape[0], 32):
-        lab = labels.array[k : k + 32].ravel()
-        counts += np.bincount(lab, minlength=n)[:n]
-        sums += np.bincount(lab, weights=volume.hu[k : k + 32].ravel(), minlength=n)[:n]
-    voxel_ml = volume.voxel_volume_ml
-    return [
-        {
-            "segment_number": value,
-            "tissue": name,
-            "voxels": int(counts[value]),
-            "volume_ml": round(float(counts[value]) * voxel_ml, 3),
-            "mean_hu": round(float(sums[value] / counts[value]), 1) if counts[value] else None,
-            "empty": not counts[value],
-        }
-        for value, name in sorted(labels.labels.items())
-    ]
 
 
 def quality_checks(volume: Volume, labels: LabelMap, profile: Profile, settings: RunSettings,

@@ -42,7 +42,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,6 +50,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from segnode.errors import ConfigError, SegnodeError, StorageError
 from segnode.node.config.http import HttpConfig
+from segnode.node.http_in.base import (
+    MAX_LIMIT,
+    HttpError,
+    Request,
+    Response,
+    RunningHTTP,
+    json_response,
+)
 from segnode.node.ops.views import FAILURE_STATES, OpsDB, stage_totals
 from segnode.storage.index import JobState
 from segnode.uids import is_valid_uid
@@ -58,53 +65,6 @@ from segnode.uids import is_valid_uid
 logger = logging.getLogger(__name__)
 
 API = "/api/v1"
-MAX_LIMIT = 1000
-
-
-class HttpError(Exception):
-    """An error answered to the client as ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class Response:
-    status: HTTPStatus
-    body: bytes
-    content_type: str = "application/json"
-
-
-def json_response(data: Any, status: HTTPStatus = HTTPStatus.OK) -> Response:
-    return Response(status, (json.dumps(data, indent=1, default=str) + "\n").encode("utf-8"))
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: bytes
-    client: str
-    params: dict[str, str]
-
-    def arg(self, name: str, default: str | None = None) -> str | None:
-        values = self.query.get(name)
-        return values[-1] if values else default
-
-    def int_arg(self, name: str, default: int, *, lo: int = 1, hi: int = MAX_LIMIT) -> int:
-        raw = self.arg(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer, not {raw!r}") from None
-        if not lo <= value <= hi:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be between {lo} and {hi}")
-        return value
 
 
 Handler = Callable[[Request], Response]
@@ -546,28 +506,6 @@ class OpsHTTPServer(ThreadingHTTPServer):
         self.token = token
         self.max_body = max_body
         super().__init__(address, _RequestHandler)
-
-
-@dataclass
-class RunningHTTP:
-    """An HTTP server serving in a thread (the ops API, the DICOMweb server)."""
-
-    server: ThreadingHTTPServer
-    thread: threading.Thread
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
-
-    @property
-    def url(self) -> str:
-        host = self.server.server_address[0]
-        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 def start_http(config: HttpConfig, app: OpsApp) -> RunningHTTP:

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.seg import EncodedResult, SegType, write_seg
+from segnode.node.writers.common import EncodedResult, SegType
+from segnode.node.writers.seg import write_seg
 from segnode.output_kinds import ALL_KINDS, OutputKind, encoded_with, parse_kinds
 from segnode.profiles.schema import Profile
 
@@ -63,7 +64,7 @@ def encode_outputs(
 
             results += [_as_kind(r, kind) for r in write_overlay(volume, labels, profile, out_dir)]
         elif kind == OutputKind.SR.value:
-            from segnode.node.jobs.pipeline import segment_statistics
+            from segnode.models.measurements import segment_statistics
             from segnode.node.writers.sr import write_sr
 
             assert seg is not None  # SEG is encoded first

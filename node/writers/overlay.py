@@ -26,21 +26,19 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
 )
-from segnode import __version__
+from segnode import identity
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.outline import draw_outlines
-from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
-from segnode.node.writers.seg import (
-    MANUFACTURER,
+from segnode.node.writers.common import (
     EncodedResult,
     checked_source,
     deterministic_uid,
     source_seed,
 )
+from segnode.node.writers.outline import draw_outlines
+from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
 from segnode.profiles.schema import Profile
 
 logger = logging.getLogger(__name__)
@@ -81,11 +79,12 @@ def _instance(first: Dataset, plane: SourcePlane, rgb: np.ndarray, number: int, 
     ds.Laterality = first.get("Laterality", "")  # 2C (paired body parts): dciodvfy asks for it
     ds.SeriesNumber = text["series_number"]
     ds.SeriesDescription = text["description"]
-    ds.Manufacturer = MANUFACTURER
-    ds.SoftwareVersions = __version__
+    ds.Manufacturer = identity.MANUFACTURER
+    ds.ManufacturerModelName = identity.MODEL_NAME
+    ds.SoftwareVersions = identity.SOFTWARE_VERSIONS
     ds.ConversionType = "WSD"
-    ds.SecondaryCaptureDeviceManufacturer = MANUFACTURER
-    ds.SecondaryCaptureDeviceSoftwareVersions = __version__
+    ds.SecondaryCaptureDeviceManufacturer = identity.MANUFACTURER
+    ds.SecondaryCaptureDeviceSoftwareVersions = identity.SOFTWARE_VERSIONS
     ds.InstanceNumber = number
     ds.PatientOrientation = ""
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -112,7 +111,7 @@ def _instance(first: Dataset, plane: SourcePlane, rgb: np.ndarray, number: int, 
     ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    identity.stamp_file_meta(ds.file_meta)
     return ds
 
 

@@ -30,21 +30,19 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     RTStructureSetStorage,
 )
-from segnode import __version__
+from segnode import identity
 from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
-from segnode.node.writers.seg import (
-    MANUFACTURER,
+from segnode.node.writers.common import (
     EncodedResult,
     checked_source,
     deterministic_uid,
     source_seed,
 )
+from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
 from segnode.profiles.schema import Profile, Tissue
 from skimage.measure import find_contours
 
@@ -132,9 +130,9 @@ def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str,
     ds.SeriesDescription = f"RTSTRUCT {profile.organ} ({labels.backend})"[:64]
     ds.OperatorsName = ""
     ds.InstanceNumber = 1
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = f"segnode {labels.backend}"[:64]
-    ds.SoftwareVersions = __version__
+    ds.Manufacturer = identity.MANUFACTURER
+    ds.ManufacturerModelName = identity.MODEL_NAME
+    ds.SoftwareVersions = identity.SOFTWARE_VERSIONS
     ds.StructureSetLabel = profile.organ.upper()[:16]
     ds.StructureSetName = f"{profile.organ} by {labels.backend}"[:64]
     ds.StructureSetDate = now.strftime("%Y%m%d")
@@ -191,7 +189,7 @@ def write_rtstruct(
     ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    identity.stamp_file_meta(ds.file_meta)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"RTSTRUCT_{profile.organ}_{sop_uid}.dcm"
     ds.save_as(path, enforce_file_format=True)

@@ -1,4 +1,4 @@
-"""Encode a :class:`LabelMap` as DICOM SEG (highdicom) or NIfTI.
+"""Encode a :class:`LabelMap` as DICOM SEG (highdicom).
 
 * BINARY by default (every peer here accepts it), LABELMAP as an option;
 * one segment per profile tissue, in profile order, with SNOMED CT category,
@@ -25,81 +25,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
-from segnode import __version__
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+from segnode import __version__, identity
 from segnode.errors import EncodeError
-from segnode.models.volume import LabelMap, SourceSeries, Volume
+from segnode.models.volume import LabelMap, Volume
+from segnode.node.writers.common import (
+    EncodedResult,
+    SegType,
+    checked_source,
+    deterministic_uid,
+    drop_empty_conditional,
+    source_seed,
+)
 from segnode.profiles.schema import Code, Profile, Tissue
 
 logger = logging.getLogger(__name__)
-
-MANUFACTURER = "segnode"
-
-
-class SegType(str, Enum):
-    BINARY = "binary"
-    LABELMAP = "labelmap"
-
-
-class OutputFormat(str, Enum):
-    SEG = "seg"
-    NIFTI = "nifti"
-
-
-@dataclass(frozen=True)
-class EncodedResult:
-    path: Path
-    series_instance_uid: str = ""
-    sop_instance_uid: str = ""
-    kind: str = "seg"
-    sop_class_uid: str = ""
-    note: str = ""  # e.g. the resampling a NIfTI needed
-
-
-def deterministic_uid(*parts: str) -> UID:
-    """A ``2.25`` UID derived from ``parts`` (same parts → same UID).
-
-    The first 128 bits of a SHA-256 digest, read as a UUID-style integer
-    (PS3.5 B.2); at most 44 characters.
-    """
-    digest = hashlib.sha256("\x1f".join(("segnode", *parts)).encode()).digest()
-    return UID(f"2.25.{int.from_bytes(digest[:16], 'big')}")
-
-
-def checked_source(volume: Volume, labels: LabelMap, profile: Profile, why: str) -> SourceSeries:
-    """``volume``'s DICOM source, once ``labels`` are known to fit the volume and the profile."""
-    if volume.source is None:
-        raise EncodeError(f"the input has no DICOM source images (NIfTI?): {why}")
-    if labels.array.shape != volume.shape:
-        raise EncodeError(f"label map shape {labels.array.shape} differs from the volume {volume.shape}")
-    expected = profile.label_values()
-    if dict(labels.labels) != expected:
-        raise EncodeError(f"label map labels {labels.labels} do not match the profile segments {expected}")
-    return volume.source
-
-
-def source_seed(source: SourceSeries) -> str:
-    """The source series and exactly which of its instances a result was made from.
-
-    Part of every output's UID seed: the same instances give the same UIDs (a
-    resend is stored once), a late instance gives a new version with new UIDs
-    (a PACS keeps both; the node marks the older job superseded).
-    """
-    members = sorted(f"{ds.SOPInstanceUID}" for ds in source.datasets)
-    if source.frame_order is not None:
-        members.append(",".join(map(str, source.frame_order)))
-    digest = hashlib.sha256("\n".join(members).encode()).hexdigest()[:16]
-    return f"{source.series_instance_uid}/{digest}"
 
 
 def _code(code: Code) -> hd.sr.CodedConcept:
@@ -181,9 +128,9 @@ def write_seg(
             series_number=series_number,
             sop_instance_uid=sop_uid,
             instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=f"segnode {labels.backend}"[:64],
-            software_versions=__version__,
+            manufacturer=identity.MANUFACTURER,
+            manufacturer_model_name=identity.MODEL_NAME,
+            software_versions=identity.SOFTWARE_VERSIONS,
             device_serial_number="segnode",
             content_label=profile.organ.upper()[:16],
             content_description=f"{profile.organ} by {labels.backend}"[:64],
@@ -200,39 +147,11 @@ def write_seg(
     _per_frame_pixel_measures(seg, volume)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"SEG_{profile.organ}_{sop_uid}.dcm"
+    identity.stamp_file_meta(seg.file_meta)
     seg.save_as(path)
     logger.info("wrote %s SEG %s (%d frames, %d segments)", seg_type.value, path, seg.NumberOfFrames, len(descriptions))
     return EncodedResult(path=path, series_instance_uid=str(series_uid), sop_instance_uid=str(sop_uid),
                          kind="seg", sop_class_uid=str(seg.SOPClassUID))
-
-
-#: modules whose root attributes highdicom copies from the source image
-_COPIED_MODULES = ("patient", "general-study", "patient-study", "clinical-trial-subject", "clinical-trial-study")
-
-
-UNSTATED_DEID_METHOD = "unspecified: the source says identity removed, names no method"
-
-
-def drop_empty_conditional(ds: Dataset) -> None:
-    """Delete empty Type 1C/3 patient and study attributes (copied from a sloppy source).
-
-    An empty Type 1C attribute is invalid (dciodvfy: "Empty attribute ... Type
-    1C"); absent is what the source meant.  Type 1/2 attributes stay.
-    """
-    from highdicom._standard_utils import get_module_attribute_map
-
-    table = get_module_attribute_map()
-    for module in _COPIED_MODULES:
-        for item in table.get(module, []):
-            keyword = str(item["keyword"])
-            if item["path"] or item["type"] not in ("1C", "3") or keyword not in ds:
-                continue
-            value = ds[keyword].value
-            if value is None or value == "" or (ds[keyword].VR == "SQ" and len(value) == 0):
-                delattr(ds, keyword)
-    removed = str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
-    if removed and "DeidentificationMethod" not in ds and "DeidentificationMethodCodeSequence" not in ds:
-        ds.DeidentificationMethod = UNSTATED_DEID_METHOD  # required (1C) once identity removal is claimed
 
 
 def _drop_background_item(seg: Dataset) -> None:
@@ -293,22 +212,3 @@ def _per_frame_pixel_measures(seg: Dataset, volume: Volume) -> None:
     del shared.PixelMeasuresSequence
 
 
-def write_nifti(volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, name: str | None = None) -> EncodedResult:
-    """Write the label map as NIfTI on a regular orthonormal grid (RAS affine).
-
-    A tilted or unevenly spaced series is resampled (nearest neighbour) onto
-    such a grid, with a note in the log and in :attr:`EncodedResult.note`: one
-    affine cannot place its slices where they were acquired.
-    """
-    import nibabel as nib
-    from segnode.models.io_nifti import regular_nifti
-
-    image, note = regular_nifti(volume, labels.array.astype(np.uint8), labels=True)
-    if note:
-        logger.info("NIfTI labels %s", note)
-    image.header.set_intent("label")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = name or (volume.source.series_instance_uid if volume.source else "volume")
-    path = out_dir / f"labels_{profile.organ}_{stem}.nii.gz"
-    nib.save(image, path)
-    return EncodedResult(path=path, kind="nifti", note=note or "")

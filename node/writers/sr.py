@@ -18,11 +18,10 @@ from typing import Any
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
-from segnode import __version__
+from segnode import __version__, identity
 from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.seg import (
-    MANUFACTURER,
+from segnode.node.writers.common import (
     EncodedResult,
     deterministic_uid,
     source_seed,
@@ -45,7 +44,7 @@ def _observation_context(labels: LabelMap) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=deterministic_uid("device", labels.backend, labels.model_version),
         name=f"segnode {labels.backend}"[:64],
-        manufacturer_name=MANUFACTURER,
+        manufacturer_name=identity.MANUFACTURER,
         model_name=(labels.model_version or __version__)[:64],
     )
     return hd.sr.ObservationContext(
@@ -132,15 +131,17 @@ def write_sr(
             series_number=series_number,
             sop_instance_uid=sop_uid,
             instance_number=1,
-            manufacturer=MANUFACTURER,
+            manufacturer=identity.MANUFACTURER,
             is_complete=True,
             series_description=f"SR measurements {profile.organ} ({labels.backend})"[:64],
-            software_versions=__version__,
+            software_versions=identity.SOFTWARE_VERSIONS,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodeError(f"highdicom refused the measurement report: {exc}", where=source.series_instance_uid) from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"SR_{profile.organ}_{sop_uid}.dcm"
+    sr.ManufacturerModelName = identity.MODEL_NAME
+    identity.stamp_file_meta(sr.file_meta)
     sr.save_as(path)
     logger.info("wrote SR %s (%d measurement groups)", path, len(present))
     return EncodedResult(
