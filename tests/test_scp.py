@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,33 +13,46 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from segnode.node.config import NodeConfig
-from segnode.node.dicom_in.scp import RunningSCP, start_scp
+from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from segnode.node.dicom_in.server import RunningSCP, server_ssl_context, start_scp
 from segnode.storage.index import Index, JobState
 from segnode.storage.spool import Spool
 
-from tests.peers import store_statuses, storescu
+from tests.peers import store_statuses, storescu, wait_until
+from tests.tls_pki import Pki, make_pki
 
 DATA = Path(__file__).parent / "data"
 THORAX = DATA / "thorax_cta"
 pytestmark = pytest.mark.peer
 
 
-@pytest.fixture(params=["native", "pynetdicom"])
-def receiver(request: pytest.FixtureRequest) -> str:
-    """Every test runs against both receivers (limits.receiver)."""
-    return request.param
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, the node's server certificate, a client certificate it signed, a rogue one (tests/tls_pki.py)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def make_scp(tmp_path: Path, receiver: str = "native", **config: object) -> tuple[RunningSCP, Spool, Index]:
-    limits = {"min_free_disk_mb": 1, "receiver": receiver, **config.pop("limits", {})}  # type: ignore[dict-item]
+@pytest.fixture(params=["plain", "tls"])
+def transport(request: pytest.FixtureRequest, pki: Pki) -> ssl.SSLContext | None:
+    """The receiver over plain TCP, and over TLS with a client certificate: the client's context, or ``None``."""
+    return pki.client_context() if request.param == "tls" else None
+
+
+def make_scp(tmp_path: Path, client: ssl.SSLContext | None = None, pki: Pki | None = None,
+             **config: object) -> tuple[RunningSCP, Spool, Index]:
+    """The receiver on an ephemeral port; with ``client`` (a TLS context, from :func:`transport`), over TLS."""
+    limits = {"min_free_disk_mb": 1, **config.pop("limits", {})}  # type: ignore[dict-item]
+    if client is not None:
+        assert pki is not None
+        config.setdefault("tls", pki.server_tls(client_ca=True))
     cfg = NodeConfig(**{"port": 0, "state_dir": tmp_path / "state", "limits": limits, **config})
     spool, index = Spool(cfg.spool_dir), Index(cfg.index_path)
     return start_scp(cfg, spool, index), spool, index
 
 
 @pytest.fixture
-def scp(tmp_path: Path, receiver: str) -> Iterator[tuple[RunningSCP, Spool, Index]]:
-    running = make_scp(tmp_path, receiver)
+def scp(tmp_path: Path) -> Iterator[tuple[RunningSCP, Spool, Index]]:
+    running = make_scp(tmp_path)
     yield running
     running[0].stop()
 
@@ -105,8 +117,8 @@ def test_duplicate_is_acknowledged_and_the_first_copy_kept(scp: tuple[RunningSCP
     assert index.series(dcmread(first).SeriesInstanceUID).duplicate_count == 1
 
 
-def test_unknown_calling_ae_or_host_and_wrong_called_ae_are_rejected(tmp_path: Path, receiver: str) -> None:
-    server, spool, _ = make_scp(tmp_path, receiver, allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"},
+def test_unknown_calling_ae_or_host_and_wrong_called_ae_are_rejected(tmp_path: Path) -> None:
+    server, spool, _ = make_scp(tmp_path, allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"},
                                                           {"ae_title": "FAR", "host": "10.0.0.0/8"}])
     try:
         intruder = storescu(server.port, [THORAX / "CT0001.dcm"], calling="INTRUDER")
@@ -146,8 +158,8 @@ def test_hostile_uids_never_touch_a_path(scp: tuple[RunningSCP, Spool, Index], t
     assert index.instance_count() == 0
 
 
-def test_below_free_disk_minimum_sender_gets_a700_and_nothing_remains(tmp_path: Path, receiver: str) -> None:
-    server, spool, index = make_scp(tmp_path, receiver, limits={"min_free_disk_mb": 1 << 40})
+def test_below_free_disk_minimum_sender_gets_a700_and_nothing_remains(tmp_path: Path) -> None:
+    server, spool, index = make_scp(tmp_path, limits={"min_free_disk_mb": 1 << 40})
     try:
         result = storescu(server.port, [THORAX / "CT0001.dcm", THORAX / "CT0002.dcm"])
         assert store_statuses(result.stderr) == ["Refused: OutOfResources"] * 2
@@ -171,8 +183,8 @@ def test_failed_write_leaves_nothing_half_written(tmp_path: Path) -> None:
     assert list(spool.root.rglob("*.dcm")) == [] and list(spool.tmp.iterdir()) == []
 
 
-def test_instance_over_the_size_limit_is_cut_off_and_node_keeps_running(tmp_path: Path, receiver: str) -> None:
-    server, spool, _ = make_scp(tmp_path, receiver, limits={"min_free_disk_mb": 1, "max_instance_bytes": 4096})
+def test_instance_over_the_size_limit_is_cut_off_and_node_keeps_running(tmp_path: Path) -> None:
+    server, spool, _ = make_scp(tmp_path, limits={"min_free_disk_mb": 1, "max_instance_bytes": 4096})
     try:
         result = storescu(server.port, [THORAX / "CT0001.dcm"])
         assert "Success" not in store_statuses(result.stderr)
@@ -186,8 +198,8 @@ EDGE_CLASSES = ["MRImageStorage", "EnhancedMRImageStorage", "RTPlanStorage", "RT
                 "SecondaryCaptureImageStorage", "UltrasoundImageStorage", "EnhancedCTImageStorage"]
 
 
-def test_edge_case_files_get_a_clear_status_and_the_node_keeps_running(tmp_path: Path, receiver: str) -> None:
-    server, spool, index = make_scp(tmp_path, receiver, storage_classes=EDGE_CLASSES)
+def test_edge_case_files_get_a_clear_status_and_the_node_keeps_running(tmp_path: Path) -> None:
+    server, spool, index = make_scp(tmp_path, storage_classes=EDGE_CLASSES)
     try:
         outcomes = {}
         for path in sorted((DATA / "edge_cases").rglob("*.dcm")):
@@ -216,22 +228,80 @@ def test_oversized_pdu_declaration_closes_only_that_connection(scp: tuple[Runnin
     assert echo(server.port) == 0x0000
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
-    return cert, key
+# -- TLS: the same receiver, with the handshake on the connection's thread ------------------------------
 
 
-def test_idle_tls_client_does_not_block_other_senders(tmp_path: Path) -> None:
-    """``receiver: native`` with TLS: the pynetdicom receiver serves (the native one is plain TCP only)."""
-    cert, key = _self_signed(tmp_path)
-    server, _, _ = make_scp(tmp_path, "native", tls={"cert": str(cert), "key": str(key), "handshake_timeout_s": 30})
-    client = ssl.create_default_context(cafile=str(cert))
-    client.check_hostname = False
+def test_storescu_and_pynetdicom_over_tls_with_a_client_certificate(tmp_path: Path, pki: Pki) -> None:
+    server, spool, index = make_scp(tmp_path, pki.client_context(), pki)
     try:
-        with socket.create_connection(("127.0.0.1", server.port)):  # connects, never says hello
-            assert echo(server.port, tls=client) == 0x0000
+        files = [THORAX / "CT0001.dcm", THORAX / "CT0002.dcm"]
+        result = storescu(server.port, files, extra=pki.storescu_args())
+        assert store_statuses(result.stdout + result.stderr) == ["Success"] * 2, result.stderr
+        assert echo(server.port, tls=pki.client_context()) == 0x0000
+        stored = spooled(spool)
+        assert len(stored) == 2 and index.instance_count() == 2
+        for source in files:
+            original = dcmread(source)
+            path = spool.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID)
+            assert path.read_bytes().endswith(source.read_bytes()[_dataset_offset(source):])
+    finally:
+        server.stop()
+
+
+def test_a_client_without_a_certificate_our_ca_signed_is_refused(tmp_path: Path, pki: Pki) -> None:
+    server, spool, _ = make_scp(tmp_path, pki.client_context(), pki)
+    try:
+        assert echo(server.port, tls=pki.client_context("rogue")) is None  # a certificate signed by nobody we trust
+        assert echo(server.port, tls=pki.client_context(None)) is None  # no certificate at all
+        rogue = storescu(server.port, [THORAX / "CT0001.dcm"], extra=pki.storescu_args("rogue"))
+        assert rogue.returncode != 0 and store_statuses(rogue.stderr) == []
         assert echo(server.port) is None  # plain DICOM is refused on a TLS port
+        assert spooled(spool) == []
+        wait_until(lambda: server.health().pending == 0, 10, "the refused connections to be dropped")
+        assert echo(server.port, tls=pki.client_context()) == 0x0000  # and it still serves
+    finally:
+        server.stop()
+
+
+def test_the_server_context_is_tls_1_2_or_later_and_checks_client_certificates(tmp_path: Path, pki: Pki) -> None:
+    with_ca = server_ssl_context(NodeConfig(state_dir=tmp_path, tls=pki.server_tls(client_ca=True)))
+    without = server_ssl_context(NodeConfig(state_dir=tmp_path, tls=pki.server_tls()))
+    assert with_ca is not None and without is not None
+    assert with_ca.minimum_version is ssl.TLSVersion.TLSv1_2 and without.minimum_version is ssl.TLSVersion.TLSv1_2
+    assert with_ca.verify_mode is ssl.CERT_REQUIRED and without.verify_mode is ssl.CERT_NONE
+    assert server_ssl_context(NodeConfig(state_dir=tmp_path)) is None
+
+
+def test_idle_tls_clients_do_not_block_others_and_are_dropped_at_the_association_deadline(
+        tmp_path: Path, pki: Pki) -> None:
+    """A connection that never says hello holds its own thread and pending slot, until ``acse_timeout_s``."""
+    server, _, _ = make_scp(tmp_path, tls=pki.server_tls(handshake_timeout_s=30),
+                            limits={"min_free_disk_mb": 1, "acse_timeout_s": 2})
+    client = pki.client_context(None)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as idle:  # connects, never says hello
+            idle.settimeout(10)  # the handshake timeout alone (30 s) would outlast this
+            wait_until(lambda: server.health().pending == 1, 10, "the idle connection to be pending")
+            assert echo(server.port, tls=client) == 0x0000  # served meanwhile
+            assert idle.recv(10) == b""  # closed by the receiver: the handshake is under the association deadline
+        wait_until(lambda: server.health().pending == 0, 10, "the idle connection to be dropped")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_the_associate_ac_names_segnode(tmp_path: Path, pki: Pki, tls: bool) -> None:
+    """segnode's own Implementation Class UID and Version Name (segnode.identity), as a pynetdicom SCU reads them."""
+    client = pki.client_context() if tls else None
+    server, _, _ = make_scp(tmp_path, client, pki)
+    try:
+        ae = AE("SCANNER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="SEGNODE",
+                             tls_args=(client, "localhost") if client else None)
+        assert assoc.is_established
+        assert (assoc.acceptor.implementation_class_uid, assoc.acceptor.implementation_version_name) == (
+            IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
+        assoc.release()
     finally:
         server.stop()

@@ -1,8 +1,7 @@
 """The DICOM upper layer's PDUs (PS3.8 §9) and DIMSE command sets, decoded defensively.
 
-Both receivers read the network through this module: :mod:`segnode.node.dicom_in.receiver`
-serves from it, and :mod:`segnode.node.dicom_in.scp` checks every A-ASSOCIATE-RQ with
-:func:`parse_associate_rq` before pynetdicom decodes it.  Every byte is
+The receiver (:mod:`segnode.node.dicom_in.receiver`) reads the network
+through this module.  Every byte is
 checked before use; a request that can be answered is refused with an
 A-ASSOCIATE-RJ whose reason says why (:class:`Rejection`), anything else
 (a length past its PDU, a missing item) is a :class:`ProtocolError` carrying
@@ -17,7 +16,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from segnode.uids import is_valid_uid
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -27,7 +26,7 @@ C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
 NO_DATASET = 0x0101
 IMPLICIT_LE = "1.2.840.10008.1.2"
 
-#: (result, source, reason) of an A-ASSOCIATE-RJ (PS3.8 §9.3.4), as node/dicom_in/scp.py and pynetdicom send them.
+#: (result, source, reason) of an A-ASSOCIATE-RJ (PS3.8 §9.3.4), as DCMTK and pynetdicom send them.
 Reason = tuple[int, int, int]
 REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user: e.g. no (or invalid) presentation contexts
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
@@ -222,14 +221,18 @@ def negotiate(contexts: tuple[Context, ...], supported: dict[str, tuple[str, ...
 
 
 def encode_associate_ac(request: AssociateRequest, results: list[ContextResult], max_pdu: int) -> bytes:
-    """A-ASSOCIATE-AC (PS3.8 §9.3.3): the request's AE fields, context results, our user information."""
+    """A-ASSOCIATE-AC (PS3.8 §9.3.3): the request's AE fields, context results, our user information.
+
+    The user information names segnode (:mod:`segnode.identity`): its
+    Implementation Class UID and Version Name (PS3.7 D.3.3.2).
+    """
     body = [struct.pack(">HH", 1, 0), request.raw_called, request.raw_calling, bytes(32),
             _item(0x10, APPLICATION_CONTEXT.encode())]
     for r in results:
         body.append(_item(0x21, bytes([r.context_id, 0, r.result, 0]) + _item(0x40, r.transfer_syntax.encode())))
     user = (_item(0x51, struct.pack(">L", max_pdu)),
-            _item(0x52, str(PYNETDICOM_IMPLEMENTATION_UID).encode("ascii")),
-            _item(0x55, PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")))
+            _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii")))
     body.append(_item(0x50, b"".join(user)))
     payload = b"".join(body)
     return PDU_HEADER.pack(ASSOCIATE_AC, len(payload)) + payload

@@ -1,16 +1,17 @@
 """Extra receiver processes: more SCPs on the same port, so concurrent associations use every core.
 
-One pynetdicom process serves all its associations under one GIL; with
+One process serves all its associations under one GIL; with
 ``limits.receiver_processes: N`` the node starts ``N - 1`` more processes,
-each running the same SCP (:func:`segnode.node.dicom_in.scp.start_scp`: allow-list, limits,
+each running the same receiver (:func:`segnode.node.dicom_in.server.start_scp`: allow-list, limits,
 TLS, guards) on the same port with ``SO_REUSEPORT``, so the kernel spreads
 new connections over the N listeners.  Each writes the shared spool and the
 shared index itself (SQLite WAL; writers wait up to the busy timeout).
 
 What the node's ops side sees of a receiver is forwarded over a pipe to the
-main process: service events (``instance_stored``, ``association_rejected``),
-the ingest counters, the association and C-STORE outcomes that metrics count
-(replayed to the handlers bound on the main SCP's server), and log records.
+main process: its typed events (:mod:`segnode.node.events`: associations
+accepted and rejected, instances stored and refused, associations released),
+passed as they are to the main receiver's sink; the ingest counters; and log
+records.
 A receiver exits when the main process stops it or dies (its pipe closes),
 so a ``kill -9`` of the node leaves no listener behind.
 """
@@ -23,13 +24,11 @@ import os
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from types import SimpleNamespace
 from typing import Any
 
-from pynetdicom import evt
-from pynetdicom.dimse_messages import C_STORE_RSP
 from segnode.node.config import NodeConfig
-from segnode.node.dicom_in.scp import RunningSCP, start_scp
+from segnode.node.dicom_in.server import RunningSCP, start_scp
+from segnode.node.events import Event
 from segnode.node.ingest.store import IngestStats
 from segnode.storage.index import Index
 from segnode.storage.spool import Spool
@@ -48,6 +47,10 @@ class _Pipe:
         with self.lock:
             self.conn.send(message)
 
+    def event(self, event: Event) -> None:
+        """An :class:`~segnode.node.events.EventSink`: the event goes to the main process as it is."""
+        self.send("event", event)
+
 
 class _ForwardingStats(IngestStats):
     def __init__(self, pipe: _Pipe) -> None:
@@ -58,6 +61,10 @@ class _ForwardingStats(IngestStats):
         self._pipe.send("stats", deltas)
 
 
+#: formats a record's traceback for the main process's log (a Handler has no formatException of its own)
+_TRACEBACKS = logging.Formatter()
+
+
 class _LogForwarder(logging.Handler):
     def __init__(self, pipe: _Pipe) -> None:
         super().__init__()
@@ -65,7 +72,7 @@ class _LogForwarder(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._pipe.send("log", {"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
-                                "msg": record.getMessage(), "exc_text": self.formatException(record.exc_info)
+                                "msg": record.getMessage(), "exc_text": _TRACEBACKS.formatException(record.exc_info)
                                 if record.exc_info else None, "threadName": f"receiver-{os.getpid()}"})
 
 
@@ -75,12 +82,8 @@ def _child_main(config: NodeConfig, conn: Connection, log_level: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_LogForwarder(pipe)]
     root.setLevel(log_level)
-    scp = start_scp(config, Spool(config.spool_dir), Index(config.index_path),
-                    lambda kind, data: pipe.send("event", kind, data), reuse_port=True)
+    scp = start_scp(config, Spool(config.spool_dir), Index(config.index_path), pipe.event, reuse_port=True)
     scp.handler.stats = _ForwardingStats(pipe)
-    scp.server.bind(evt.EVT_ACCEPTED, lambda e: pipe.send("accepted") if e.assoc.is_acceptor else None)
-    scp.server.bind(evt.EVT_REJECTED, lambda e: _send_rejected(pipe, e))
-    scp.server.bind(evt.EVT_DIMSE_SENT, lambda e: _send_store_status(pipe, e))
     pipe.send("ready")
     try:
         conn.recv()  # "stop", or EOFError once the parent has died
@@ -88,18 +91,6 @@ def _child_main(config: NodeConfig, conn: Connection, log_level: int) -> None:
         pass
     scp.stop()
     os._exit(0)  # no interpreter teardown: nothing of the parent's to flush here
-
-
-def _send_rejected(pipe: _Pipe, event: evt.Event) -> None:
-    if event.assoc.is_acceptor:
-        rj = event.assoc.acceptor.primitive
-        pipe.send("rejected", getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
-
-
-def _send_store_status(pipe: _Pipe, event: evt.Event) -> None:
-    if isinstance(event.message, C_STORE_RSP):
-        command = event.message.command_set
-        pipe.send("store_rsp", int(command.Status), command.get("ErrorComment"))
 
 
 @dataclass
@@ -174,28 +165,9 @@ class ReceiverPool:
         kind, *rest = message
         handler = self.main.handler
         if kind == "event":
-            if handler.listener is not None:
-                handler.listener(rest[0], rest[1])
+            handler.events(rest[0])
         elif kind == "stats":
             handler.stats.add(**rest[0])
         elif kind == "log":
             record = logging.makeLogRecord(rest[0])
             logging.getLogger(record.name).handle(record)
-        elif kind == "accepted":
-            self._replay(evt.EVT_ACCEPTED, SimpleNamespace(assoc=SimpleNamespace(is_acceptor=True)))
-        elif kind == "rejected":
-            primitive = SimpleNamespace(result_source=rest[0], diagnostic=rest[1])
-            assoc = SimpleNamespace(is_acceptor=True, acceptor=SimpleNamespace(primitive=primitive))
-            self._replay(evt.EVT_REJECTED, SimpleNamespace(assoc=assoc))
-        elif kind == "store_rsp":
-            rsp = C_STORE_RSP()
-            rsp.command_set.Status = rest[0]
-            if rest[1] is not None:
-                rsp.command_set.ErrorComment = rest[1]
-            self._replay(evt.EVT_DIMSE_SENT, SimpleNamespace(message=rsp, assoc=SimpleNamespace(is_acceptor=True)))
-
-    def _replay(self, event_type: evt.EventType, event: Any) -> None:
-        """Call the node's handlers bound on the main server (not pynetdicom's own log handlers)."""
-        for handler, args in list(self.main.server._handlers.get(event_type, [])):
-            if not getattr(handler, "__module__", "").startswith("pynetdicom"):
-                handler(event, *(args or []))

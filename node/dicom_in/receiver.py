@@ -1,44 +1,49 @@
-"""A native DICOM upper layer (PS3.8) for the storage hot path: C-ECHO and C-STORE over plain TCP.
+"""The node's DICOM receiver (PS3.8 upper layer): C-ECHO and C-STORE, over TCP or TLS.
 
-The default receiver (``limits.receiver: native``; :func:`segnode.node.dicom_in.scp.start_scp` picks it;
-with TLS configured the pynetdicom receiver serves instead).  pynetdicom's
-DUL/DIMSE machinery (a DUL thread, an association thread, queues and a state
-machine per association) caps one association at ~300–430 images/s even when
-nothing is stored (measured on 2 cores: 308/s with a no-op handler); here one thread per connection reads PDUs
-and answers them in line:
+pynetdicom's DUL/DIMSE machinery (a DUL thread, an association thread, queues
+and a state machine per association) caps one association at ~300–430
+images/s even when nothing is stored (measured on 2 cores: 308/s with a
+no-op handler); here one thread per connection reads PDUs and answers them in
+line:
 
+* with ``tls:`` configured, the TLS handshake first, on the connection's own
+  thread (never the accept loop's), bounded by ``tls.handshake_timeout_s`` and
+  by the association deadline (``acse_timeout_s`` from ``accept()``); TLS 1.2
+  or later, our certificate and key, and with ``tls.client_ca`` a client
+  certificate signed by it is required (:func:`segnode.node.dicom_in.server.server_ssl_context`);
 * A-ASSOCIATE-RQ → decoded and checked by :mod:`segnode.node.dicom_in.pdu` (protocol
   version, AE-title and UID grammar, application context, odd unique context
-  IDs), then the same checks, in the same order and with the same reasons, as
-  :mod:`segnode.node.dicom_in.scp` (allow-list by calling AE and host, called AE,
-  ``max_associations``), the same presentation contexts (SOP classes and
-  :data:`segnode.node.ingest.store.TRANSFER_SYNTAXES`), our maximum PDU length capped as
-  there → A-ASSOCIATE-AC or -RJ;
+  IDs), then the allow-list by calling AE and host, the called AE,
+  ``max_associations``, the presentation contexts (SOP classes and
+  :data:`segnode.node.ingest.store.TRANSFER_SYNTAXES`) → A-ASSOCIATE-AC (with
+  segnode's Implementation Class UID and Version Name) or -RJ with its reason;
 * P-DATA-TF → command fragments are collected (they are small); dataset
   fragments are received with ``recv_into`` straight into one buffer per
   connection, allocated with its first dataset (no reassembly copy; past
   :data:`SPILL_BYTES` the buffer is a mapping of an unnamed file in the
   spool's ``tmp/``, so a large multi-frame instance does not hold its size in
   RAM), and the complete dataset goes to
-  :meth:`segnode.node.ingest.store.StoreHandler.store`, the one persistence path both
-  receivers share (UID and SOP class checks, size, inflated-size and free-disk
+  :meth:`segnode.node.ingest.store.StoreHandler.store`, the store path every
+  receiver shares (UID and SOP class checks, size, inflated-size and free-disk
   limits, self-checked Part 10 file, overlapped syncs, index row, duplicate
   policy, events);
 * C-STORE-RSP / C-ECHO-RSP with the status it returns; A-RELEASE-RQ →
   A-RELEASE-RP; an A-ABORT, a malformed or oversized PDU, or a missed
-  deadline (the whole A-ASSOCIATE-RQ within ``acse_timeout_s`` of
+  deadline (handshake and the whole A-ASSOCIATE-RQ within ``acse_timeout_s`` of
   ``accept()``, each later PDU within ``network_timeout_s``) closes the
   connection (with an A-ABORT giving the reason), and a dataset not yet
   complete is dropped from memory: nothing partial is ever written; an
   internal error aborts that association and is logged with its traceback.
 
 The accept loop never ends on an error (:mod:`segnode.node.ingest.guards`: logged, counted,
-backed off, visible in ``/readyz``), and connections not yet associated are
-capped in all and per host before a thread is started for them.
+backed off, visible in ``/readyz``), and connections not yet associated (in
+their TLS handshake included) are capped in all and per host before a thread
+is started for them.
 
-For the node's metrics the server offers pynetdicom's ``bind(event, handler)``
-for ``EVT_ACCEPTED``, ``EVT_REJECTED`` and ``EVT_DIMSE_SENT`` (C-STORE
-responses), called with the attributes those handlers read.
+Association outcomes are emitted as typed events
+(:class:`~segnode.node.events.AssociationAccepted`,
+:class:`~segnode.node.events.AssociationRejected` with its reason) into the
+store handler's sink, beside the instance events the store path emits.
 """
 
 from __future__ import annotations
@@ -47,18 +52,13 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from types import SimpleNamespace
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from pydicom.dataset import Dataset
-from pynetdicom import evt
-from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
-from pynetdicom.sop_class import Verification
 from segnode.node.config import NodeConfig
 from segnode.node.dicom_in.pdu import (
     ABORT,
@@ -75,8 +75,11 @@ from segnode.node.dicom_in.pdu import (
     PDU_HEADER,
     PDU_TYPES,
     PDV_HEADER,
+    REJECT_APPLICATION_CONTEXT,
     REJECT_BUSY,
     REJECT_CALLED_AE,
+    REJECT_NO_REASON,
+    REJECT_PROTOCOL_VERSION,
     REJECT_SENDER,
     RELEASE_RP_PDU,
     RELEASE_RQ,
@@ -95,7 +98,7 @@ from segnode.node.dicom_in.pdu import (
     parse_command,
     us,
 )
-from segnode.node.dicom_in.scp import RunningSCP
+from segnode.node.events import AssociationAccepted, AssociationRejected, RejectionReason
 from segnode.node.ingest.guards import AcceptWatchdog, PendingGate, PendingSlot
 from segnode.node.ingest.store import (
     CT_FAMILY,
@@ -105,6 +108,19 @@ from segnode.node.ingest.store import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: the Verification SOP Class (PS3.4 A.4), answered with C-ECHO
+VERIFICATION = "1.2.840.10008.1.1"
+
+#: the A-ASSOCIATE-RJ reasons this receiver sends, as the events name them
+REJECTION_REASONS: dict[Reason, RejectionReason] = {
+    REJECT_SENDER: RejectionReason.SENDER_NOT_ALLOWED,
+    REJECT_CALLED_AE: RejectionReason.CALLED_AE_UNKNOWN,
+    REJECT_BUSY: RejectionReason.TOO_MANY_ASSOCIATIONS,
+    REJECT_NO_REASON: RejectionReason.INVALID_REQUEST,
+    REJECT_APPLICATION_CONTEXT: RejectionReason.APPLICATION_CONTEXT_UNKNOWN,
+    REJECT_PROTOCOL_VERSION: RejectionReason.PROTOCOL_VERSION_UNSUPPORTED,
+}
 
 _LISTEN_POLL_S = 0.2
 #: datasets up to this size are received in memory; larger ones into a file mapping
@@ -194,10 +210,14 @@ class _TimedOut(PeerGone):
 class _Connection:
     """One accepted connection, served on its own thread from request to release.
 
-    Every read has a deadline, not a per-``recv`` timeout: the whole
-    A-ASSOCIATE-RQ must arrive within ``acse_timeout_s`` of ``accept()``, and
-    each later PDU within ``network_timeout_s`` of the moment we start waiting
-    for it, so a peer dribbling bytes holds a slot no longer than that.
+    Every read has a deadline, not a per-``recv`` timeout: the TLS handshake
+    (if any) and the whole A-ASSOCIATE-RQ must arrive within
+    ``acse_timeout_s`` of ``accept()``, and each later PDU within
+    ``network_timeout_s`` of the moment we start waiting for it, so a peer
+    dribbling bytes holds a slot no longer than that.  Over TLS a read first
+    returns what the TLS layer already decrypted (``SSLSocket.recv_into``
+    waits on the socket only when nothing is pending), so a deadline is never
+    spent waiting for bytes already received.
     """
 
     def __init__(self, server: NativeServer, sock: socket.socket, slot: PendingSlot) -> None:
@@ -251,8 +271,27 @@ class _Connection:
         self.sock.sendall(data)
 
     # -- the association ----------------------------------------------------------------
+    def _handshake(self, context: ssl.SSLContext) -> None:
+        """TLS on this connection's thread, within the handshake timeout and the association deadline."""
+        tls = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock = tls
+        self.server.track(tls)
+        remaining = min(self.deadline - time.monotonic(), self.server.handshake_timeout_s)
+        if remaining <= 0:
+            raise _TimedOut("deadline passed before the TLS handshake")
+        tls.settimeout(remaining)  # one deadline for the whole handshake (CPython's do_handshake loop keeps it)
+        try:
+            tls.do_handshake()
+        except TimeoutError as exc:
+            raise PeerGone("TLS handshake timed out") from exc
+        except ssl.SSLError as exc:
+            logger.warning("TLS handshake with %s failed: %s", self.host, exc.reason or exc)
+            raise PeerGone("TLS handshake failed") from exc
+
     def serve(self) -> None:
         try:
+            if self.server.ssl_context is not None:
+                self._handshake(self.server.ssl_context)
             if self._associate():
                 self._serve_messages()
         except ProtocolError as exc:
@@ -294,6 +333,7 @@ class _Connection:
         server = self.server
         if not server.handler.admit(request.calling_ae, self.host):
             self._send(encode_associate_rj(REJECT_SENDER))
+            server.emit(AssociationRejected(request.calling_ae, self.host, RejectionReason.SENDER_NOT_ALLOWED))
             return False
         if request.called_ae != server.config.ae_title.strip():
             return self._reject(REJECT_CALLED_AE, f"called AE title {request.called_ae!r}")
@@ -304,13 +344,14 @@ class _Connection:
         self.contexts = {r.context_id: (r.abstract_syntax, r.transfer_syntax) for r in results
                          if r.result == ACCEPTANCE}
         self._send(encode_associate_ac(request, results, self.limits.max_pdu_bytes))
-        server.fire(evt.EVT_ACCEPTED, SimpleNamespace(assoc=SimpleNamespace(is_acceptor=True)))
+        server.emit(AssociationAccepted(request.calling_ae, self.host))
         return True
 
     def _reject(self, reason: Reason, why: str) -> bool:
         logger.info("rejecting association from %s: %s %s", self.host, why, reason)
         self._send(encode_associate_rj(reason))
-        self.server.fire_rejected(reason)
+        self.server.emit(AssociationRejected(self.calling_ae, self.host,
+                                             REJECTION_REASONS.get(reason, RejectionReason.OTHER)))
         return False
 
     def _serve_messages(self) -> None:
@@ -383,7 +424,7 @@ class _Connection:
         if message_id is None:
             raise ProtocolError("command without a Message ID")
         if field_ == C_ECHO_RQ:
-            rsp = encode_response(0x8030, message_id, command.get(0x0002, str(Verification).encode()), 0x0000)
+            rsp = encode_response(0x8030, message_id, command.get(0x0002, VERIFICATION.encode()), 0x0000)
             self._send(p_data(context_id, rsp))
         elif field_ == C_STORE_RQ and us(command.get(0x0800)) != NO_DATASET:
             self.pending, self.pending_context, self.filled = command, context_id, 0
@@ -402,25 +443,23 @@ class _Connection:
         self.data.release()
         rsp = encode_response(0x8001, us(command.get(0x0110)) or 0, sop_class, status, comment, sop_instance)
         self._send(p_data(context_id, rsp))
-        self.server.fire_store_rsp(status, comment)
 
 
 # -- the server -------------------------------------------------------------------------------
 
 
-Handler = Callable[..., Any]
-
-
 class NativeServer:
-    """Accepts connections and serves each on its own thread; pynetdicom-style ``bind`` for metrics."""
+    """Accepts connections and serves each on its own thread (TLS, if ``ssl_context``, on that thread too)."""
 
-    def __init__(self, config: NodeConfig, handler: StoreHandler, *, reuse_port: bool = False) -> None:
+    def __init__(self, config: NodeConfig, handler: StoreHandler, *, reuse_port: bool = False,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.handler = handler
+        self.ssl_context = ssl_context
+        self.handshake_timeout_s = config.tls.handshake_timeout_s if config.tls is not None else 0.0
         self.supported: dict[str, tuple[str, ...]] = {
             str(uid): TRANSFER_SYNTAXES for uid in dict.fromkeys((*CT_FAMILY, *config.storage_classes))}
-        self.supported[str(Verification)] = tuple(DEFAULT_TRANSFER_SYNTAXES)
-        self._handlers: dict[evt.EventType, list[tuple[Handler, list[Any] | None]]] = {}
+        self.supported[VERIFICATION] = tuple(DEFAULT_TRANSFER_SYNTAXES)
         self._active = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -438,32 +477,9 @@ class NativeServer:
         self.socket.settimeout(_LISTEN_POLL_S)
         self.server_address = self.socket.getsockname()
 
-    # -- events (the subset of pynetdicom's the node binds) --------------------------------------
-    def bind(self, event: evt.EventType, handler: Handler, args: list[Any] | None = None) -> None:
-        self._handlers.setdefault(event, []).append((handler, args))
-
-    def fire(self, event: evt.EventType, payload: Any) -> None:
-        for handler, args in list(self._handlers.get(event, [])):
-            try:
-                handler(payload, *(args or []))
-            except Exception:  # boundary: a metrics handler must not end an association
-                logger.exception("event handler for %s failed", event.name)
-
-    def fire_rejected(self, reason: tuple[int, int, int]) -> None:
-        primitive = SimpleNamespace(result=reason[0], result_source=reason[1], diagnostic=reason[2])
-        self.fire(evt.EVT_REJECTED, SimpleNamespace(
-            assoc=SimpleNamespace(is_acceptor=True, acceptor=SimpleNamespace(primitive=primitive))))
-
-    def fire_store_rsp(self, status: int, comment: str | None) -> None:
-        if not self._handlers.get(evt.EVT_DIMSE_SENT):
-            return
-        # a real C_STORE_RSP without its constructor (0.1 ms: a full command set); handlers read command_set only
-        rsp = C_STORE_RSP.__new__(C_STORE_RSP)
-        rsp.command_set = Dataset()
-        rsp.command_set.Status = status
-        if comment is not None:
-            rsp.command_set.ErrorComment = comment
-        self.fire(evt.EVT_DIMSE_SENT, SimpleNamespace(message=rsp, assoc=SimpleNamespace(is_acceptor=True)))
+    def emit(self, event: AssociationAccepted | AssociationRejected) -> None:
+        """An association event, into the store handler's sink (a failing sink never ends an association)."""
+        self.handler.emit(event)
 
     # -- associations ---------------------------------------------------------------------------
     def enter(self) -> bool:
@@ -518,7 +534,13 @@ class NativeServer:
                 self._threads.discard(thread)
             raise
 
+    def track(self, client: socket.socket) -> None:
+        """``client`` (a connection's TLS socket, once wrapped) is what :meth:`shutdown` closes."""
+        with self._lock:
+            self._connections.add(client)
+
     def _serve(self, conn: _Connection) -> None:
+        raw = conn.sock  # wrapping it for TLS detaches it
         try:
             conn.serve()
         finally:
@@ -526,6 +548,7 @@ class NativeServer:
             with self._lock:
                 if conn.entered:
                     self._active -= 1
+                self._connections.discard(raw)
                 self._connections.discard(conn.sock)
                 self._threads.discard(threading.current_thread())
             conn.sock.close()
@@ -537,19 +560,9 @@ class NativeServer:
         with self._lock:
             connections, threads = list(self._connections), list(self._threads)
         for client in connections:
-            try:
-                client.shutdown(socket.SHUT_RDWR)
+            try:  # the TCP socket's own shutdown: its thread's blocked read returns (SSLSocket's would drop TLS state)
+                socket.socket.shutdown(client, socket.SHUT_RDWR)
             except OSError:
                 pass
         for thread in threads:
             thread.join(timeout=5)
-
-
-def start_native_scp(config: NodeConfig, handler: StoreHandler, *, reuse_port: bool = False) -> RunningSCP:
-    """Listen on ``config.host:config.port`` with the native receiver, in a background thread."""
-    server = NativeServer(config, handler, reuse_port=reuse_port)
-    thread = threading.Thread(target=server.serve_forever, name="segnode-native-scp", daemon=True)
-    thread.start()
-    logger.info("SCP %s listening on %s:%d (native receiver)", config.ae_title, config.host,
-                server.server_address[1])
-    return RunningSCP(server, handler, thread)

@@ -1,7 +1,7 @@
 """What keeps a receiver's front door open: the accept watchdog and the cap on connections not yet associated.
 
-Both receivers (:mod:`segnode.node.dicom_in.receiver`, the pynetdicom one in :mod:`segnode.node.dicom_in.scp`)
-use them the same way:
+The DICOM receiver (:mod:`segnode.node.dicom_in.receiver`) and the DICOMweb
+listener (:mod:`segnode.node.http_in.dicomweb`) use them:
 
 * :class:`AcceptWatchdog` — an ``accept()`` or thread-start error (EMFILE,
   ENOBUFS, "can't start new thread") is logged, counted and answered with a
@@ -10,7 +10,8 @@ use them the same way:
   as down while accepting fails or the loop is stuck, and up again as soon as
   it serves;
 * :class:`PendingGate` — a connection counts as *pending* from ``accept()``
-  until its A-ASSOCIATE-RQ has been read (or it ends); past
+  until its A-ASSOCIATE-RQ has been read (or it ends), its TLS handshake
+  included; past
   ``limits.max_pending_connections`` in all, or
   ``limits.max_pending_per_host`` from one host, a new connection is closed
   at once, before a thread or a buffer is spent on it.
@@ -114,7 +115,8 @@ class PendingGate:
                            host, self._count, self.what, refused)
         return None
 
-    def _release(self, host: str) -> None:
+    def release(self, host: str) -> None:
+        """One pending connection from ``host`` ended (called by its :class:`PendingSlot`, once)."""
         with self._lock:
             self._count -= 1
             self._hosts[host] -= 1
@@ -132,7 +134,7 @@ class PendingSlot:
     def release(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate._release(self.host)
+            gate.release(self.host)
 
 
 def listener_health(watchdog: AcceptWatchdog, gate: PendingGate, alive: bool) -> ListenerHealth:

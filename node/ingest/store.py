@@ -10,44 +10,63 @@ then answers Success (docs/node.md, "Durability").  Only the five identifying
 attributes are read, by :mod:`segnode.node.ingest.header` (of a deflated
 dataset: by :mod:`segnode.node.ingest.inflate`, from a bounded inflated prefix,
 the rest inflated only to be counted against ``limits.max_instance_bytes``,
-never held).  It never raises; it answers a named status:
+never held).  It never raises; it answers a named status of
+:class:`segnode.node.status.Status` (as a :class:`segnode.node.status.Refusal`,
+with the metric reason it is counted under):
 
 ==========  ===========================================================
 ``0x0000``  stored (or a duplicate SOP Instance UID: first copy kept)
 ``0x0122``  refused, SOP class not supported: the request's SOP class is not
             the accepted context's abstract syntax, or not a storage class
             this node is configured for
-``0xA700``  out of resources: below the free-disk minimum, instance (or its
-            inflated dataset) larger than ``limits.max_instance_bytes``, a
-            failed write, or an internal error (logged with its traceback;
-            the comment says so, and the sender may retry)
-``0xA900``  the dataset's SOP Class UID differs from the request's
+``0xA700``  out of resources: below the free-disk minimum (``disk_full``),
+            instance (or its inflated dataset) larger than
+            ``limits.max_instance_bytes`` (``too_large``), a failed write
+            (``write_failed``), or an internal error (``internal_error``:
+            logged with its traceback; the comment says so, and the sender
+            may retry)
+``0xA900``  data set does not match SOP class: the dataset's SOP Class UID
+            differs from the request's
 ``0xC210``  cannot understand: the dataset does not decode
 ``0xC211``  cannot understand: a SOP Class/Instance, Study or Series UID (of
             the request or the dataset) is missing or breaks the UID grammar
 ``0xC212``  cannot understand: SOP Instance UID differs from the request
 ==========  ===========================================================
+
+What happens is emitted as typed events (:mod:`segnode.node.events`) into the
+handler's sink: :class:`~segnode.node.events.InstanceStored`,
+:class:`~segnode.node.events.InstanceRefused` (status, reason, comment) and
+:class:`~segnode.node.events.AssociationReleased`.  No transport code here:
+the receivers (:mod:`segnode.node.dicom_in.receiver`, STOW-RS) call it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import NamedTuple
 
 from pydicom import dcmread
-from pynetdicom.sop_class import (
+from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
 )
 from segnode.errors import InputError, StorageError
 from segnode.node.config import NodeConfig
+from segnode.node.events import (
+    AssociationReleased,
+    Event,
+    EventSink,
+    InstanceRefused,
+    InstanceStored,
+    discard,
+)
 from segnode.node.ingest.header import read_header
 from segnode.node.ingest.inflate import DEFLATED, InflatesTooLarge, inflated_header
+from segnode.node.status import Refusal, Status
 from segnode.storage.index import Index, InstanceRecord
 from segnode.storage.part10 import dataset_check, file_prefix
 from segnode.storage.spool import Spool
@@ -74,17 +93,28 @@ TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 
-SUCCESS = 0x0000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-OUT_OF_RESOURCES = 0xA700
-SOP_CLASS_MISMATCH = 0xA900
-CANNOT_DECODE = 0xC210
-BAD_UID = 0xC211
-UID_MISMATCH = 0xC212
+#: the refusals of the store path (status, metric reason, Error Comment)
+TOO_LARGE = Refusal(Status.OUT_OF_RESOURCES, "instance larger than the node accepts", "too_large")
+INFLATES_TOO_LARGE = Refusal(Status.OUT_OF_RESOURCES, "inflated instance larger than the node accepts", "too_large")
+DISK_FULL = Refusal(Status.OUT_OF_RESOURCES, "free disk below the node's minimum", "disk_full")
+WRITE_FAILED = Refusal(Status.OUT_OF_RESOURCES, "write failed", "write_failed")
+CANNOT_DECODE = Refusal(Status.CANNOT_DECODE, "dataset cannot be decoded")
+NOT_ON_THIS_CONTEXT = Refusal(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context")
+SOP_CLASS_DIFFERS = Refusal(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request")
+INSTANCE_DIFFERS = Refusal(Status.UID_MISMATCH, "SOPInstanceUID differs from the request")
+
+
+def internal_error(exc: BaseException) -> Refusal:
+    """Our fault, not the sender's: it may retry (the log has the traceback)."""
+    return Refusal(Status.OUT_OF_RESOURCES, f"internal error ({type(exc).__name__}), retry later"[:64],
+                   "internal_error")
+
+
+def invalid_uid(what: str) -> Refusal:
+    return Refusal(Status.INVALID_UID, f"{what} invalid"[:64])
+
 
 _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
-
-Listener = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -119,8 +149,14 @@ class StoreRequest:
 
 
 
-#: a C-STORE outcome: the status and, for a refusal, its error comment.
-StoreStatus = tuple[int, str | None]
+class StoreStatus(NamedTuple):
+    """A C-STORE outcome: the status and, for a refusal, its Error Comment."""
+
+    status: Status
+    comment: str | None
+
+
+STORED = StoreStatus(Status.SUCCESS, None)
 
 
 
@@ -134,13 +170,13 @@ def _part10_prefix(request: StoreRequest, check: bytes | None) -> bytes:
 
 
 class StoreHandler:
-    """The SCP's event handlers, bound to one spool and index."""
+    """The store path, bound to one spool and index; what happens goes to ``events``."""
 
-    def __init__(self, config: NodeConfig, spool: Spool, index: Index, listener: Listener | None = None) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, index: Index, events: EventSink = discard) -> None:
         self.config = config
         self.spool = spool
         self.index = index
-        self.listener = listener
+        self.events = events
         self.stats = IngestStats()
         self.min_free = config.limits.min_free_disk_mb * 1024 * 1024
         self.storage_classes = frozenset(map(str, (*CT_FAMILY, *config.storage_classes)))
@@ -161,53 +197,56 @@ class StoreHandler:
         except StorageError as exc:  # the quiet period still completes them
             logger.error("could not record the release of %d series: %s", len(series), exc)
             return
-        self._notify("association_released", series=sorted(series))
+        self.emit(AssociationReleased(tuple(sorted(series))))
 
     def _stored_in(self, session: int, series_uid: str) -> None:
         with self._sessions_lock:
             self._sessions.setdefault(session, set()).add(series_uid)
 
-    def _notify(self, kind: str, **data: Any) -> None:
-        if self.listener is not None:
-            self.listener(kind, data)
+    def emit(self, event: Event) -> None:
+        """``event`` into the sink (a failing sink is logged: it never changes what a sender is answered)."""
+        try:
+            self.events(event)
+        except Exception:  # boundary: a failing metrics or audit sink must not change what the sender is answered
+            logger.exception("event sink failed on %s", type(event).__name__)
 
     def admit(self, calling: str, host: str) -> bool:
-        """Whether ``calling`` at ``host`` may send; a refusal is logged, counted and notified."""
+        """Whether ``calling`` at ``host`` may send; a refusal is logged and counted (the receiver emits it)."""
         if self.config.sender_for(calling, host) is not None:
             return True
         logger.warning("rejected association from %r at %s: not an allowed sender", calling, host)
         self.stats.add(associations_rejected=1)
-        self._notify("association_rejected", calling_ae=calling, host=host)
         return False
 
     def store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
         """Store one instance; always return a status (this is the network boundary).
 
-        A refusal is counted and notified (``instance_refused``: the sender,
-        the SOP Instance UID of the request, the status and its comment).
+        A refusal is counted and emitted (:class:`~segnode.node.events.InstanceRefused`:
+        the sender, the SOP Instance UID of the request, the status, its reason and comment).
         """
         try:
-            code, comment = self._store(request, dataset)
+            refusal = self._store(request, dataset)
         except StorageError as exc:
             logger.error("store failed: %s", exc)
-            code, comment = OUT_OF_RESOURCES, "write failed"
+            refusal = WRITE_FAILED
         except Exception as exc:  # boundary: our fault, not the sender's; it may retry, the log has the traceback
             logger.exception("internal error storing instance %s", request.sop_instance_uid[:64])
-            code, comment = OUT_OF_RESOURCES, f"internal error ({type(exc).__name__}), retry later"[:64]
-        if code != SUCCESS:
-            self.stats.add(refused=1)
-            self._notify("instance_refused", calling_ae=request.calling_ae, host=request.host,
-                         sop_uid=request.sop_instance_uid[:64], status=code, reason=comment)
-        return code, comment
+            refusal = internal_error(exc)
+        if refusal is None:
+            return STORED
+        self.stats.add(refused=1)
+        self.emit(InstanceRefused(refusal.status, refusal.reason, refusal.comment, request.calling_ae,
+                                    request.host, request.sop_instance_uid[:64]))
+        return StoreStatus(refusal.status, refusal.comment)
 
-    def _store(self, request: StoreRequest, dataset: memoryview) -> StoreStatus:
+    def _store(self, request: StoreRequest, dataset: memoryview) -> Refusal | None:
         limit = self.config.limits.max_instance_bytes
         if dataset.nbytes > limit:
-            return OUT_OF_RESOURCES, "instance larger than the node accepts"
+            return TOO_LARGE
         if self.spool.free_bytes() - dataset.nbytes < self.min_free:
             logger.warning("refusing instance: free disk below the %d MB minimum",
                            self.config.limits.min_free_disk_mb)
-            return OUT_OF_RESOURCES, "free disk below the node's minimum"
+            return DISK_FULL
         refusal = self._check_request(request)
         if refusal is not None:
             return refusal
@@ -216,44 +255,48 @@ class StoreHandler:
         except InflatesTooLarge:
             logger.warning("refusing instance %s: its deflated dataset inflates past %d bytes",
                            request.sop_instance_uid, limit)
-            return OUT_OF_RESOURCES, "inflated instance larger than the node accepts"
+            return INFLATES_TOO_LARGE
         if uids is None:
-            return CANNOT_DECODE, "dataset cannot be decoded"
-        return self._check_dataset(request, uids) or self._persist(request, dataset, uids)
+            return CANNOT_DECODE
+        refusal = self._check_dataset(request, uids)
+        if refusal is None:
+            self._persist(request, dataset, uids)
+        return refusal
 
-    def _check_request(self, request: StoreRequest) -> StoreStatus | None:
+    def _check_request(self, request: StoreRequest) -> Refusal | None:
         """The command's UIDs, and its SOP class against its context and the classes this node stores."""
         for value, what in ((request.sop_class_uid, "AffectedSOPClassUID"),
                             (request.sop_instance_uid, "AffectedSOPInstanceUID")):
             if not is_valid_uid(value):
                 logger.warning("refusing instance: %s %r breaks the UID grammar", what, value[:80])
-                return BAD_UID, f"{what} invalid"
+                return invalid_uid(what)
         if request.sop_class_uid != request.abstract_syntax or request.sop_class_uid not in self.storage_classes:
             logger.warning("refusing instance %s: SOP class %s on a %s context", request.sop_instance_uid,
                            request.sop_class_uid, request.abstract_syntax)
-            return SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context"
+            return NOT_ON_THIS_CONTEXT
         return None
 
-    def _check_dataset(self, request: StoreRequest, uids: dict[str, str]) -> StoreStatus | None:
+    def _check_dataset(self, request: StoreRequest, uids: dict[str, str]) -> Refusal | None:
         try:
             for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
                 check_uid(uids.get(tag), tag)
         except InputError as exc:
             logger.warning("refusing instance: %s", exc)
-            return BAD_UID, (exc.message.split(" is ")[0] + " invalid")[:64]
+            return invalid_uid(exc.message.split(" is ")[0])
         if uids["SOPClassUID"] != request.sop_class_uid:
-            return SOP_CLASS_MISMATCH, "SOPClassUID differs from the request"
+            return SOP_CLASS_DIFFERS
         if uids["SOPInstanceUID"] != request.sop_instance_uid:
-            return UID_MISMATCH, "SOPInstanceUID differs from the request"
+            return INSTANCE_DIFFERS
         return None
 
-    def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> StoreStatus:
+    def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> None:
+        """Spool and index the instance (a duplicate SOP Instance UID: acknowledged, first copy kept)."""
         sop_uid, study_uid, series_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
         self._stored_in(request.session, series_uid)
         if self.index.has_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
             self.index.touch_duplicate(series_uid)
             self.stats.add(duplicates=1)
-            return SUCCESS, None
+            return None
         prefix = _part10_prefix(request, dataset_check(dataset))
         path = self.spool.write(study_uid, series_uid, sop_uid, (prefix, dataset), self_checking=True)
         size = len(prefix) + dataset.nbytes
@@ -266,10 +309,9 @@ class StoreHandler:
         )
         if self.index.record_instance(record):
             self.stats.add(stored=1, bytes_stored=size)
-            self._notify("instance_stored", sop_uid=sop_uid, series_uid=series_uid, size=size)
+            self.emit(InstanceStored(sop_uid, series_uid, size))
         else:
             self.stats.add(duplicates=1)
-        return SUCCESS, None
 
 
 def _header(request: StoreRequest, dataset: memoryview, limit: int) -> dict[str, str] | None:

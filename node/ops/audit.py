@@ -15,10 +15,14 @@ What is recorded (``event``):
                          deliveries' outcome.
 ``delivery.attempt``     each C-STORE of a result: destination name, AE, host
                          and port, the SEG's SOP Instance UID, ok, message.
-``association.rejected`` a calling AE or host refused at association.
+``association.rejected`` an association refused: the calling AE, host and
+                         the reason (``sender_not_allowed``,
+                         ``called_ae_unknown``, ``too_many_associations``, ...).
 ``instance.refused``     an instance the SCP did not store: sender, the SOP
                          Instance UID of the request, the DIMSE status and its
                          comment (undecodable, invalid UID, too large, disk).
+
+The last two come from the node's typed events (:func:`record_of`).
 ``api.retry``            a retry asked through the HTTP API, with the client.
 ``review.decision``      a held job approved or rejected (docs/review.md): the
                          reviewer's name, the comment, the client, the new state.
@@ -60,6 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from segnode.errors import StorageError
+from segnode.node.events import AssociationRejected, InstanceRefused
+from segnode.node.events import Event as NodeEvent
 from segnode.node.ops.views import Event, OpsDB, StageSpan, stage_spans
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,21 @@ FIELDS = frozenset({
 
 #: keys allowed inside the ``deliveries`` list of a record.
 DELIVERY_FIELDS = frozenset({"destination", "state", "attempts", "delivered_at", "last_error"})
+
+
+def record_of(event: NodeEvent) -> tuple[str, dict[str, str]] | None:
+    """The audit record (``event`` name, fields) of a node event audited as it happens, or ``None``.
+
+    Job events are audited from the index instead (:class:`AuditFollower`),
+    deliveries with their destination's address (:mod:`segnode.node.ops.runner`).
+    """
+    match event:
+        case AssociationRejected(calling_ae=calling, host=host, reason=reason):
+            return "association.rejected", {"calling_ae": calling, "host": host, "reason": reason.value}
+        case InstanceRefused():
+            return "instance.refused", {"calling_ae": event.calling_ae, "host": event.host, "sop_uid": event.sop_uid,
+                                        "status": f"0x{int(event.status):04X}", "reason": event.comment or event.reason}
+    return None
 
 
 def utc_iso(ts: float) -> str:

@@ -29,10 +29,10 @@ metric                                 type       source
 ``segnode_audit_errors_total``         counter    audit records that could not be written
 =====================================  =========  ============================================
 
-Association and C-STORE outcomes are taken from pynetdicom notification
-events bound on the running server (``EVT_ACCEPTED``, ``EVT_REJECTED``,
-``EVT_DIMSE_SENT``) and from the service's listener events, so the SCP itself
-needs no metrics code.
+Association, instance and delivery outcomes come from the node's typed events
+(:mod:`segnode.node.events`, :meth:`NodeMetrics.on_event`), so the receiver
+and the store path need no metrics code; an instance refusal is counted under
+the reason its event carries, never guessed from its error comment.
 """
 
 from __future__ import annotations
@@ -41,12 +41,17 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pynetdicom import evt
+from segnode.node.events import (
+    AssociationAccepted,
+    AssociationRejected,
+    Delivered,
+    Event,
+    InstanceRefused,
+)
 from segnode.node.ops.views import STAGES, OpsDB, StageSpan
 from segnode.storage.index import JobState
 
@@ -56,30 +61,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: seconds; from a quick CT ingest to a full TotalSegmentator run on the CPU.
 STAGE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
-
-#: C-STORE status → rejection reason (0xA700 is split by the SCP's error comment).
-_STORE_REASONS = {0xC210: "cannot_decode", 0xC211: "invalid_uid", 0xC212: "uid_mismatch",
-                  0x0122: "sop_class_not_supported", 0xA900: "sop_class_mismatch"}
-_OUT_OF_RESOURCES = (("larger", "too_large"), ("free disk", "disk_full"), ("write", "write_failed"),
-                     ("internal", "internal_error"))
-
-#: A-ASSOCIATE-RJ diagnostic (source 1: service user; source 3: provider presentation) → reason.
-_ASSOC_REASONS = {(1, 0x03): "sender_not_allowed", (1, 0x07): "called_ae_unknown",
-                  (3, 0x02): "too_many_associations", (1, 0x01): "invalid_request",
-                  (1, 0x02): "application_context_unknown", (2, 0x02): "protocol_version_unsupported"}
-
-
-def store_rejection_reason(status: int, comment: str | None) -> str | None:
-    """The rejection reason for a C-STORE response status; ``None`` for success or warning."""
-    if status in (0x0000, 0x0001, 0xB000, 0xB006, 0xB007):
-        return None
-    if status in _STORE_REASONS:
-        return _STORE_REASONS[status]
-    if status & 0xFF00 == 0xA700:
-        text = (comment or "").lower()
-        return next((reason for key, reason in _OUT_OF_RESOURCES if key in text), "out_of_resources")
-    return f"status_0x{status:04X}"
-
 
 class NodeMetrics:
     """The node's metrics; :meth:`render` gives the Prometheus text exposition.
@@ -124,43 +105,20 @@ class NodeMetrics:
         for span in spans:
             self.stage_duration.labels(span.stage).observe(span.seconds)
 
-    def on_service_event(self, kind: str, data: dict[str, Any]) -> None:
-        """A :class:`segnode.node.service.Service` listener."""
-        if kind == "association_rejected":
-            self.rejections.labels("sender_not_allowed").inc()
-            self.associations.labels("rejected").inc()
-        elif kind == "delivery":
-            destination = str(data.get("destination"))
-            self.dispatch_attempts.labels(destination).inc()
-            if not data.get("ok"):
-                self.dispatch_failures.labels(destination).inc()
-
-    def bind(self, server: Any) -> None:
-        """Count outcomes on a running pynetdicom association server."""
-        server.bind(evt.EVT_ACCEPTED, self._on_accepted)
-        server.bind(evt.EVT_REJECTED, self._on_rejected)
-        server.bind(evt.EVT_DIMSE_SENT, self._on_dimse_sent)
-
-    def _on_accepted(self, event: evt.Event) -> None:
-        if event.assoc.is_acceptor:
-            self.associations.labels("accepted").inc()
-
-    def _on_rejected(self, event: evt.Event) -> None:
-        if not event.assoc.is_acceptor:
-            return
-        rj = event.assoc.acceptor.primitive
-        key = (getattr(rj, "result_source", None), getattr(rj, "diagnostic", None))
-        self.associations.labels("rejected").inc()
-        self.rejections.labels(_ASSOC_REASONS.get(key, "association_rejected")).inc()
-
-    def _on_dimse_sent(self, event: evt.Event) -> None:
-        message = event.message
-        if type(message).__name__ != "C_STORE_RSP":
-            return
-        command = message.command_set
-        reason = store_rejection_reason(int(command.Status), command.get("ErrorComment"))
-        if reason is not None:
-            self.rejections.labels(reason).inc()
+    def on_event(self, event: Event) -> None:
+        """An :class:`~segnode.node.events.EventSink`: counts associations, refusals and delivery attempts."""
+        match event:
+            case AssociationAccepted():
+                self.associations.labels("accepted").inc()
+            case AssociationRejected(reason=reason):
+                self.associations.labels("rejected").inc()
+                self.rejections.labels(reason.value).inc()
+            case InstanceRefused(reason=reason):
+                self.rejections.labels(reason).inc()
+            case Delivered(destination=destination, ok=ok):
+                self.dispatch_attempts.labels(destination).inc()
+                if not ok:
+                    self.dispatch_failures.labels(destination).inc()
 
 
 class _StateCollector(Collector):
