@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from pydicom import dcmread
 from segnode.node.completion import judge, read_facts
 from segnode.node.config import NodeConfig
+from segnode.node.events import EventSink, JobMoved
 from segnode.routing.matcher import Decision
 from segnode.routing.reload import RulesHolder
 from segnode.routing.selection import SeriesFacts, choose, ineligible
@@ -42,14 +42,13 @@ from segnode.storage.spool import Spool
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[str, dict[str, Any]], None]
 Resolve = Callable[[tuple[str, ...], str, str], tuple[str, ...]]
 
 
 class CompletionSweep:
     """Judges completion and routes; one per :class:`segnode.node.service.Service`."""
 
-    def __init__(self, config: NodeConfig, index: Index, spool: Spool, rules: RulesHolder, emit: Emit,
+    def __init__(self, config: NodeConfig, index: Index, spool: Spool, rules: RulesHolder, emit: EventSink,
                  resolve: Resolve) -> None:
         self.config, self.index, self.spool, self.rules = config, index, spool, rules
         self.emit, self.resolve = emit, resolve
@@ -147,7 +146,7 @@ class CompletionSweep:
     def _finish(self, job: Job, state: JobState, reason: str) -> None:
         if self.index.transition(job.job_id, state, reason):
             logger.info("series %s %s: %s", job.series_uid, state.value, reason)
-            self.emit("job_state", {"job_id": job.job_id, "state": state.value, "reason": reason})
+            self.emit(JobMoved(job.job_id, state, reason))
 
     def _complete(self, job: Job, info: SeriesInfo, decision: Decision, note: str | None) -> bool:
         destinations = self.resolve(decision.destinations, info.calling_ae, info.sender_host)
@@ -171,8 +170,8 @@ class CompletionSweep:
                 reason=f"routed by rule {decision.rule!r} (profile {profile}, model run shared with job "
                        f"{job.job_id})" + (f"; {note}" if note else ""),
                 profile=profile, **fields)
-            self.emit("job_state", {"job_id": sibling, "state": JobState.COMPLETE.value})
+            self.emit(JobMoved(sibling, JobState.COMPLETE))
         logger.info("series %s complete (%d instances): rule %s, profile(s) %s, to %s", job.series_uid,
                     info.instance_count, decision.rule, ", ".join(profiles), ", ".join(destinations) or "nowhere")
-        self.emit("job_state", {"job_id": job.job_id, "state": JobState.COMPLETE.value})
+        self.emit(JobMoved(job.job_id, JobState.COMPLETE))
         return True

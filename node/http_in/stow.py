@@ -20,16 +20,16 @@ from typing import Any
 
 from segnode.node.http_in.multipart import Part
 from segnode.node.ingest.header import element_at, read_header
-from segnode.node.ingest.store import SUCCESS, StoreHandler, StoreRequest
+from segnode.node.ingest.store import StoreHandler, StoreRequest
+from segnode.node.status import Status
 from segnode.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)
 
-#: PS3.18 Table 10.5.3-1 failure reasons beyond the C-STORE statuses the store path answers.
-PROCESSING_FAILURE = 0x0110
-NOT_DICOM = 0xC000  # "cannot understand": not a Part 10 file, or not application/dicom
-STUDY_MISMATCH = 0xA900  # the instance's Study Instance UID differs from the request's
-TOO_LARGE = 0xA700  # out of resources
+# Failure reasons (PS3.18 10.5.3) beyond the store path's answers, from the status table (segnode.node.status):
+# CANNOT_UNDERSTAND (0xC000): not a Part 10 file, or not application/dicom;
+# DATA_SET_DOES_NOT_MATCH_SOP_CLASS (0xA900): the instance's Study Instance UID differs from the request's;
+# OUT_OF_RESOURCES (0xA700): a part larger than the node accepts.
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,12 @@ class StowOutcome:
 
     sop_class_uid: str
     sop_instance_uid: str
-    status: int
+    status: Status
     comment: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.status == SUCCESS
+        return self.status is Status.SUCCESS
 
 
 @dataclass(frozen=True)
@@ -89,18 +89,18 @@ class StowIngest:
 
     def store(self, part: Part) -> StowOutcome:
         if part.too_large:
-            return StowOutcome("", "", TOO_LARGE, "part larger than the node accepts")
+            return StowOutcome("", "", Status.OUT_OF_RESOURCES, "part larger than the node accepts")
         if part.content_type.value != "application/dicom":
-            return StowOutcome("", "", NOT_DICOM, f"part is {part.content_type.value or 'untyped'}, "
+            return StowOutcome("", "", Status.CANNOT_UNDERSTAND, f"part is {part.content_type.value or 'untyped'}, "
                                                    "not application/dicom")
         meta = read_file_meta(part.body)
         if meta is None:
-            return StowOutcome("", "", NOT_DICOM, "part is not a DICOM Part 10 file")
+            return StowOutcome("", "", Status.CANNOT_UNDERSTAND, "part is not a DICOM Part 10 file")
         claimed = (meta.sop_class_uid if is_valid_uid(meta.sop_class_uid) else "",
                    meta.sop_instance_uid if is_valid_uid(meta.sop_instance_uid) else "")
         dataset = memoryview(part.body)[meta.dataset_offset:]
         if self.study_uid is not None and (refusal := self._other_study(meta, dataset)):
-            return StowOutcome(*claimed, STUDY_MISMATCH, refusal)
+            return StowOutcome(*claimed, Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, refusal)
         request = StoreRequest(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax, self.calling_ae,
                                self.called_ae, self.host, abstract_syntax=meta.sop_class_uid, session=self.session)
         code, comment = self.handler.store(request, dataset)
