@@ -6,7 +6,7 @@ Each backend module in ``models/`` (``hu_based``, ``totalsegmentator``,
 * ``name``: the :class:`segnode.profiles.Backend` value;
 * ``is_available()``: the libraries it needs import (cheap, no weights);
 * ``load(profile, settings)``: returns a :class:`LoadedModel` (weights checked and
-  loaded; may raise :class:`node.errors.WeightsError`);
+  loaded; may raise :class:`segnode.errors.WeightsError`);
 * ``LoadedModel.segment(volume) -> LabelMap`` on the volume's own grid, label
   values = the profile's segment numbers (``profile.label_values()``).
 

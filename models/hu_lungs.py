@@ -4,7 +4,7 @@
    (:func:`segnode.models.hu_regions.outside_air`, per slice, so an airway open to the
    mouth in a few slices does not join the lungs to the room).
 2. Its 3-D components; a lung is one of at least :data:`MIN_LUNG_ML` whose
-   voxels are mostly above :data:`~models.hu_regions.DEEP_AIR_HU` (bowel gas,
+   voxels are mostly above :data:`~segnode.models.hu_regions.DEEP_AIR_HU` (bowel gas,
    sinuses and the table's foam are plain air) and that is wrapped by the
    body (a table core is wrapped by the table).
 3. Left/right: two components → by patient x of their centroids.  One

@@ -1,6 +1,6 @@
 """Hold the current rules and swap them on reload (SIGHUP), keeping old ones on error.
 
-A :class:`~routing.matcher.RuleSet` is immutable; reloading builds a new one
+A :class:`~segnode.routing.matcher.RuleSet` is immutable; reloading builds a new one
 and swaps one reference, so an association that is being handled keeps the
 rules it started with and none is dropped.
 """
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class RulesHolder:
     """The rules in force; ``path=None`` holds the built-in default rules.
 
-    The first load raises :class:`~node.errors.ConfigError` (invalid rules
+    The first load raises :class:`~segnode.errors.ConfigError` (invalid rules
     fail at start); a failed :meth:`reload` logs the error and keeps the
     previous rules.
     """

@@ -237,7 +237,7 @@ class Deidentifier:
     pseudonyms:
         Keyed pseudonym source; the same secret gives the same output.
     options:
-        Profile options (:class:`~storage.deid_table.Option` or their names).
+        Profile options (:class:`~segnode.storage.deid_table.Option` or their names).
     """
 
     def __init__(self, pseudonyms: Pseudonymizer, options: Iterable[Option | str] = ()) -> None:
@@ -276,7 +276,7 @@ class Deidentifier:
         """De-identify ``ds`` in place and return it with its pseudonyms.
 
         The file meta is rebuilt and the preamble cleared.  Raises
-        :class:`~storage.pixel_text.PixelTextError` when the pixel data may hold
+        :class:`~segnode.storage.pixel_text.PixelTextError` when the pixel data may hold
         text that cannot be removed losslessly.
         """
         pixel_text_removed = strip_stream_text(ds)

@@ -2,7 +2,7 @@
 
 Each area registers its own subcommands (``register(subparsers)`` in its
 ``cli`` module); this module only wires them, configures logging and maps
-:class:`~node.errors.SegnodeError` to exit codes (2 usage/config, 3 input,
+:class:`~segnode.errors.SegnodeError` to exit codes (2 usage/config, 3 input,
 4 backend, ...).  No traceback ever reaches the operator for an expected error.
 """
 

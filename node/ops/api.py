@@ -114,7 +114,7 @@ class OpsApp:
     db:
         Read-only view of the index.
     retry:
-        ``job_id → new state`` (the index's :meth:`~storage.index.Index.retry`).
+        ``job_id → new state`` (the index's :meth:`~segnode.storage.index.Index.retry`).
     metrics:
         Renders the Prometheus text.
     rules:
@@ -123,7 +123,7 @@ class OpsApp:
         Named checks, each returning ``(ok, detail)``.
     validate_rules:
         Loads a candidate rules file and returns its rule names (raises
-        :class:`~node.errors.ConfigError`).
+        :class:`~segnode.errors.ConfigError`).
     datasets:
         Returns the dataset store summary.
     status_page:
@@ -366,7 +366,7 @@ class OpsApp:
         job = self.db.job(job_id)
         if job is None:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
-        page = render_review(job, job_summary(job["seg_path"]), node=self.node,
+        page = render_review(job, job_summary(job), node=self.node,
                              events=self.db.events_of([job_id])[job_id])
         return Response(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
 
@@ -374,7 +374,7 @@ class OpsApp:
         from segnode.node.review import picture_path
 
         job = self.db.job(self._job_id(req))
-        path = picture_path(job["seg_path"], req.params["file"]) if job else None
+        path = picture_path(job, req.params["file"]) if job else None
         if path is None:
             raise HttpError(HTTPStatus.NOT_FOUND, "no such picture")
         return Response(HTTPStatus.OK, path.read_bytes(), "image/png")
