@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,14 +48,19 @@ def decide(qc: list[dict[str, Any]] | None, review: dict[str, Any] | None) -> De
 # -- what the job page shows -------------------------------------------------------------
 
 
-def job_folder(seg_path: str | None) -> Path | None:
-    """The job's output folder (where the SEG, the summary and ``review/`` are)."""
-    return Path(seg_path).parent if seg_path else None
+def job_folder(job: Mapping[str, Any]) -> Path | None:
+    """The folder of a job row (where the SEG, the summary and ``review/`` are); None before it has a result.
+
+    ``result_dir``; a job recorded before that column held absolute paths: its SEG's folder.
+    """
+    if job.get("result_dir"):
+        return Path(job["result_dir"])
+    return Path(job["seg_path"]).parent if job.get("seg_path") else None
 
 
-def job_summary(seg_path: str | None) -> dict[str, Any]:
+def job_summary(job: Mapping[str, Any]) -> dict[str, Any]:
     """The job's ``summary_*.json`` (QC findings, pictures, segment statistics); empty if none."""
-    folder = job_folder(seg_path)
+    folder = job_folder(job)
     found = sorted(folder.glob("summary_*.json")) if folder and folder.is_dir() else []
     if not found:
         return {}
@@ -64,9 +70,9 @@ def job_summary(seg_path: str | None) -> dict[str, Any]:
         return {}
 
 
-def picture_path(seg_path: str | None, name: str) -> Path | None:
+def picture_path(job: Mapping[str, Any], name: str) -> Path | None:
     """A review picture of the job by file name (``lung_left_axial.png``); None if not there."""
-    folder = job_folder(seg_path)
+    folder = job_folder(job)
     if folder is None or not re.fullmatch(r"[a-z][a-z0-9_]*\.png", name):
         return None
     path = folder / "review" / name

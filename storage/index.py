@@ -11,7 +11,11 @@ read it.  Times are POSIX seconds (UTC, ``REAL``).  Tables:
                 spool root.  A row exists only once the file is durable.
 ``jobs``        one row per unit of work on a series; ``state`` follows
                 :class:`JobState`; the routing decision, the SEG produced and
-                the last ``reason`` are kept on the row.
+                the last ``reason`` are kept on the row.  ``result_dir`` is the
+                job folder its result was written in; ``seg_path``, the
+                ``outputs`` paths and ``delivery_objects.path`` are relative to
+                it (:meth:`Job.file` resolves them; rows written before the
+                column existed hold absolute paths, which resolve to themselves).
 ``job_events``  every state change of every job, with its time and reason.
 ``deliveries``  one row per (job, destination): attempts, next attempt time,
                 last error, delivery time.
@@ -112,6 +116,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     harvest           TEXT,
     options           TEXT NOT NULL DEFAULT '{}',
     outputs           TEXT NOT NULL DEFAULT '[]',
+    result_dir        TEXT,
     completion        TEXT,
     created_at        REAL NOT NULL,
     updated_at        REAL NOT NULL
@@ -232,6 +237,11 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)  # the routing action's other settings
     outputs: list[dict[str, Any]] = field(default_factory=list)  # node.outputs.record of each object encoded
     completion: str | None = None  # the evidence that completed the series (node/completion.py)
+    result_dir: str | None = None  # the job folder; result paths are relative to it
+
+    def file(self, name: str) -> Path:
+        """A file of the job's result (``seg_path``, an output's or a delivery object's ``path``), to open."""
+        return Path(self.result_dir) / name if self.result_dir else Path(name)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "Job":
@@ -320,6 +330,8 @@ class Index:
             self._db().execute("ALTER TABLE jobs ADD COLUMN outputs TEXT NOT NULL DEFAULT '[]'")
         if "completion" not in columns:  # an index made before completion on evidence
             self._db().execute("ALTER TABLE jobs ADD COLUMN completion TEXT")
+        if "result_dir" not in columns:  # an index made before result paths were relative: they stay absolute
+            self._db().execute("ALTER TABLE jobs ADD COLUMN result_dir TEXT")
         if "released_at" not in {row["name"] for row in self._db().execute("PRAGMA table_info(series)")}:
             self._db().execute("ALTER TABLE series ADD COLUMN released_at REAL")
         with self._tx() as db:
@@ -530,19 +542,20 @@ class Index:
                      seg_sop_uid: str | None, backend_used: str, model_version: str,
                      hold: str | None = None, warning: str | None = None,
                      outputs: list[dict[str, Any]] | None = None,
-                     takes: Mapping[str, Collection[str]] | None = None) -> None:
+                     takes: Mapping[str, Collection[str]] | None = None, result_dir: str | None = None) -> None:
         """Record the SEG, open one delivery per destination, and move on.
 
         ``hold``: to HELD with this reason (review before send); ``warning``: a QC warning for the reason.
-        ``outputs``: every object encoded (:func:`segnode.node.writers.kinds.record`); each destination's delivery
-        tracks the objects whose kind it takes (``takes[destination]``; absent: all of them).
+        ``outputs``: every object encoded (:class:`segnode.node.writers.record.EncodedObject`); each destination's
+        delivery tracks the objects whose kind it takes (``takes[destination]``; absent: all of them).
+        ``result_dir``: the job folder ``seg_path`` and the outputs' paths are relative to.
         """
         now = self.clock()
         with self._tx() as db:
             moved = self._move(db, job_id, JobState.ENCODED, "segmentation encoded", seg_path=seg_path,
                                seg_series_uid=seg_series_uid, seg_sop_uid=seg_sop_uid,
                                backend_used=backend_used, model_version=model_version,
-                               outputs=json.dumps(outputs or []))
+                               outputs=json.dumps(outputs or []), result_dir=result_dir)
             if not moved:
                 return
             job = Job.from_row(db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone())

@@ -26,10 +26,10 @@ def test_every_kind_carries_the_node_identity(tmp_path: Path, seg_type: str, kin
     profile = writer_profile(tmp_path)
     volume, labels = tilted_uneven(tmp_path / "ct", profile)
     results = encode_outputs(volume, labels, profile, tmp_path / "out", kinds=kinds, seg_type=seg_type)
-    assert {r["kind"] for r in results} == set(kinds)
+    assert {r.kind for r in results} == set(kinds)
     for result in results:
-        ds = pydicom.dcmread(result["path"])
-        where = f"{result['kind']} {Path(result['path']).name}"
+        ds = pydicom.dcmread(tmp_path / "out" / result.path)  # paths are relative to the job folder
+        where = f"{result.kind} {Path(result.path).name}"
         assert ds.file_meta.ImplementationClassUID == identity.IMPLEMENTATION_CLASS_UID, where
         assert ds.file_meta.ImplementationVersionName == identity.IMPLEMENTATION_VERSION_NAME, where
         assert ds.Manufacturer == identity.MANUFACTURER, where

@@ -116,7 +116,7 @@ def test_all_kinds_reach_orthanc_and_a_destination_without_seg_support_gets_none
             assert job.state is JobState.DONE, job.reason
             view = api_job(http_port, job.job_id)
         assert kinds_of(job) == {"seg": 1, "rtstruct": 1, "overlay": 164, "sr": 1}
-        assert dciodvfy_all([o["path"] for o in job.outputs]) == {}
+        assert dciodvfy_all([str(job.file(o["path"])) for o in job.outputs]) == {}
 
         # Orthanc holds exactly the job's objects, each kind as its own modality and SOP class
         held = orthanc_instances(pacs)
@@ -220,11 +220,11 @@ def test_tilted_unevenly_spaced_series_all_kinds_on_the_source_planes(tmp_path: 
         held = orthanc_instances(pacs)
         legacy_classes = sorted(str(dcmread(p, stop_before_pixels=True).SOPClassUID) for p in legacy.received())
     assert kinds_of(job) == {"seg": 1, "rtstruct": 1, "overlay": len(sources)}
-    assert dciodvfy_all([o["path"] for o in job.outputs]) == {}
+    assert dciodvfy_all([str(job.file(o["path"])) for o in job.outputs]) == {}
     assert {held[o["sop_instance_uid"]][0] for o in job.outputs} == {"SEG", "RTSTRUCT", "OT"} and len(held) == 10
     assert legacy_classes == sorted([RTSTRUCT] + [SC] * len(sources))  # no SEG
 
-    by_kind = {o["kind"]: o["path"] for o in job.outputs}
+    by_kind = {o["kind"]: job.file(o["path"]) for o in job.outputs}  # paths relative to the job folder
     seg = dcmread(by_kind["seg"])
     for frame in seg.PerFrameFunctionalGroupsSequence:  # each frame exactly on its source image
         ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID

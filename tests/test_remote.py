@@ -9,8 +9,9 @@ import pytest
 from pydantic import ValidationError
 from segnode.errors import InputError
 from segnode.node.config import NodeConfig
-from segnode.node.remote.jobs import RemoteJobs, rebase, safe_relative
-from segnode.node.remote.worker import relative
+from segnode.node.jobs.result import safe_relative
+from segnode.node.remote.jobs import RemoteJobs
+from segnode.node.remote.worker import prepare_state, sweep_orphans
 
 
 def remote(tmp_path: Path, job: object | None) -> RemoteJobs:
@@ -36,15 +37,46 @@ def test_job_tokens_are_bound_to_job_and_attempt(tmp_path: Path) -> None:
 
 
 def test_result_paths_stay_inside_the_job_folder(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    record = {"seg_path": str(out / "seg.dcm"), "outputs": [{"path": str(out / "sub" / "rt.dcm")}], "n": 3}
-    shipped = relative(record, out)
-    assert shipped == {"seg_path": "@out/seg.dcm", "outputs": [{"path": "@out/sub/rt.dcm"}], "n": 3}
-    node_out = tmp_path / "node"
-    assert rebase(shipped, node_out)["outputs"][0]["path"] == str(node_out / "sub" / "rt.dcm")
-    for bad in ("../x", "/etc/passwd", "a/../../b", "", ".hidden", "a//b"):
+    assert safe_relative("sub/rt.dcm") == "sub/rt.dcm"
+    for bad in ("../x", "/etc/passwd", "a/../../b", "", ".hidden", "a//b", "a/b/c/d/e"):
         with pytest.raises(InputError):
             safe_relative(bad)
+
+
+def test_a_remote_result_naming_a_file_not_sent_fails_the_job(tmp_path: Path) -> None:
+    from tests.test_job_result import a_result
+
+    result = a_result()
+    (tmp_path / "summary_lungs_1.json").write_text("{}")
+    outcome = RemoteJobs._outcome({"ok": True, "result": result.to_dict()}, tmp_path)
+    assert not outcome.ok and "seg-1.dcm" in (outcome.message or "")
+    (tmp_path / "seg-1.dcm").write_bytes(b"x")
+    (tmp_path / "review").mkdir()
+    (tmp_path / "review" / "lung_left_axial.png").write_bytes(b"x")
+    outcome = RemoteJobs._outcome({"ok": True, "result": result.to_dict()}, tmp_path)
+    assert outcome.ok and outcome.result == result  # carried as is: no path rewritten
+    bad = {**result.to_dict(), "summary": "/etc/passwd"}
+    assert RemoteJobs._outcome({"ok": True, "result": bad}, tmp_path).error_kind == "InputError"
+
+
+def test_worker_state_folder_is_private_and_keeps_only_live_jobs(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    left = state / "jobs" / "999999999-job-1-attempt-1" / "input"  # a killed worker's job (no such pid)
+    left.mkdir(parents=True)
+    (left / "CT1.dcm").write_bytes(b"patient data")
+    jobs = prepare_state(state)
+    assert state.stat().st_mode & 0o777 == 0o700 and jobs.stat().st_mode & 0o777 == 0o700
+    assert list(jobs.iterdir()) == []
+    import os
+
+    mine = jobs / f"{os.getpid()}-job-2-attempt-1"  # this process: alive, kept
+    gone = jobs / "999999999-job-3-attempt-1"
+    old = jobs / "job-4-attempt-1"  # the layout before the owner's pid was in the name
+    for folder in (mine, gone, old):
+        folder.mkdir()
+    assert sorted(sweep_orphans(jobs)) == [gone.name, old.name]
+    assert [f.name for f in jobs.iterdir()] == [mine.name]
 
 
 def test_destination_is_dimse_or_dicomweb_and_broker_queues_checked() -> None:

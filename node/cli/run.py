@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
         mean = "-" if segment["mean_hu"] is None else f"{segment['mean_hu']:.0f} HU"
         print(f"  {segment['tissue']:16} {segment['volume_ml']:10.1f} mL  {segment['voxels']:10d} voxels  mean {mean}")
     print(f"backend: {result.backend_used} ({result.model_version})")
-    written = [o for o in result.outputs if o.get("kind") != "seg"]
-    print(f"wrote {result.seg_path}" + "".join(f"\n      {o['path']} ({o['kind']})" for o in written))
+    written = [o for o in result.outputs if o.kind != "seg"]
+    print(f"wrote {result.seg_path}" + "".join(f"\n      {request.out_dir / o.path} ({o.kind})" for o in written))
     print(f"summary {result.summary_path}")
     return 0

@@ -5,7 +5,9 @@
 
 The broker URL may come from ``$SEGNODE_BROKER_URL`` instead (it holds a
 password: better not on the process list).  Each Celery pool process runs one
-job at a time and keeps its models warm between jobs.
+job at a time and keeps its models warm between jobs.  The state folder is
+made private (0700) and its jobs folder emptied before the first job: it
+holds only the jobs in progress (:func:`segnode.node.remote.worker.prepare_state`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segnode.errors import ConfigError
+
+if TYPE_CHECKING:
+    from segnode.node.remote.worker import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_worker)
 
 
-def _settings(args: argparse.Namespace) -> Any:
-    from segnode.node.remote.worker import WorkerSettings
+def _settings(args: argparse.Namespace) -> WorkerSettings:
+    """This worker's settings; its state folder made private and emptied of jobs a killed worker left."""
+    from segnode.node.remote.worker import WorkerSettings, prepare_state
 
     base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     state = args.state_dir or base / "segnode-worker"
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare_state(state)
     name = args.name or f"segnode-{socket.gethostname()}-{os.getpid()}"
     return WorkerSettings(state_dir=state, name=name, weights_dir=args.weights_dir, node_url=args.node_url,
                           device=args.device, threads=args.threads)

@@ -22,6 +22,7 @@ from segnode.models.registry import get_backend
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import EncodedResult, OutputFormat, SegType
+from segnode.node.writers.record import EncodedObject
 from segnode.node.writers.nifti import write_nifti
 from segnode.node.writers.pictures import write_pictures
 from segnode.profiles import Backend, Profile, load_profile
@@ -66,7 +67,8 @@ class PipelineResult:
     seg_series_uid: str
     seg_sop_instance_uid: str
     summary: dict[str, Any]
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # node.outputs.record of every object written
+    outputs: tuple[EncodedObject, ...] = ()  # every object written, paths relative to the request's out_dir
+    qc: tuple[Finding, ...] = ()  # the profile's quality checks (docs/review.md)
 
 
 def backend_chain(profile: Profile, override: str | None, use_fallback: bool = True) -> list[Backend]:
@@ -187,16 +189,16 @@ def run_pipeline(
         kinds = encoded_with(request.outputs)
         say(f"encoding {', '.join(kinds)}")
         outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type)
-        first = next((o for o in outputs if o["kind"] == "seg"), outputs[0])
-        encoded = EncodedResult(path=Path(first["path"]), series_instance_uid=first["series_instance_uid"],
-                                sop_instance_uid=first["sop_instance_uid"], kind=first["kind"])
+        first = next((o for o in outputs if o.kind == "seg"), outputs[0])
+        encoded = EncodedResult(path=request.out_dir / first.path, series_instance_uid=first.series_instance_uid,
+                                sop_instance_uid=first.sop_instance_uid, kind=first.kind)
     else:
         say("encoding nifti")
         encoded = write_nifti(volume, labels, profile, request.out_dir)
         if encoded.note:
             say(f"note: {encoded.note}")
-        outputs = [{"kind": "nifti", "profile": profile.organ, "path": str(encoded.path), "sop_class_uid": "",
-                    "sop_instance_uid": "", "series_instance_uid": "", "note": encoded.note}]
+        outputs = [EncodedObject(kind="nifti", profile=profile.organ, sop_class_uid="", sop_instance_uid="",
+                                 path=encoded.path.relative_to(request.out_dir).as_posix(), series_instance_uid="")]
     timings["encode_s"] = time.perf_counter() - start
 
     summary = {
@@ -213,12 +215,13 @@ def run_pipeline(
             "series_instance_uid": encoded.series_instance_uid,
             "sop_instance_uid": encoded.sop_instance_uid,
         },
-        "outputs": outputs,
+        "outputs": [o.to_json() for o in outputs],
         "segments": segment_statistics(volume, labels),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "notes": list(labels.notes),
     }
-    summary["qc"] = [f.as_dict() for f in quality_checks(volume, labels, profile, request.settings, cache, say)]
+    findings = quality_checks(volume, labels, profile, request.settings, cache, say)
+    summary["qc"] = [f.as_dict() for f in findings]
     summary["pictures"] = write_pictures(volume, labels, profile, request.out_dir)
     stem = info["series_instance_uid"] or Path(request.input_path).name.split(".")[0]
     summary_path = request.out_dir / f"summary_{profile.organ}_{stem}.json"
@@ -235,7 +238,8 @@ def run_pipeline(
         seg_series_uid=encoded.series_instance_uid,
         seg_sop_instance_uid=encoded.sop_instance_uid,
         summary=summary,
-        outputs=outputs,
+        outputs=tuple(outputs),
+        qc=tuple(findings),
     )
 
 

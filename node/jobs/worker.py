@@ -3,20 +3,21 @@
 A :class:`JobSpec` is the whole unit of work — which spooled series, which
 profile and backend, where to write — as plain JSON, so the same job can
 later run on another machine.  :func:`run_job` hands the spec to an idle
-worker process (``python -m node.worker --serve``), starting one if none is
-idle, and waits for it.  A worker runs one job at a time and keeps its loaded
+worker process (``python -m segnode.node.jobs.worker --serve``) of the
+:class:`WorkerPool` it is given (the service owns one; nothing starts at
+import), starting one if none is idle, and waits for it.  A worker runs one job at a time and keeps its loaded
 models warm between jobs (:class:`segnode.models.cache.ModelCache`), so a second study
 for the same model does not pay the load again.  A crash or out-of-memory
 kill in a model ends that worker only, never the receiver; a worker that ran
-past its timeout is killed; neither is reused.  The child writes
-``result.json`` (or ``error.json``) next to its outputs, logs the job into the
+past its timeout is killed; neither is reused.  The child writes its
+:class:`~segnode.node.jobs.result.JobResult` to ``result.json`` (or
+``error.json``) next to its outputs, paths relative to that folder, logs the job into the
 job's ``worker.log``, and exits by itself if the node that started it dies, so a
 restarted node never races an orphan.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -30,13 +31,16 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from segnode.errors import SegnodeError
+from segnode.errors import InputError, SegnodeError
+from segnode.node.jobs.result import RESULT_FILE, Harvest, JobResult
+
+if TYPE_CHECKING:  # the pipeline (models, writers) is imported by the worker process only
+    from segnode.node.jobs.pipeline import ModelSource
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 ERROR_FILE = "error.json"
 
 
@@ -75,14 +79,22 @@ class JobOutcome:
     """What came back from a worker process."""
 
     ok: bool
-    result: dict[str, Any] | None = None
+    result: JobResult | None = None  # paths relative to the job folder
     error_kind: str | None = None  # exception class name, "crash" or "timeout"
     message: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.ok != (self.result is not None):
+            raise ValueError("a job outcome has a result exactly when it is ok")
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+
+def _write_json(path: Path, data: dict[str, str]) -> None:
+    _write_text(path, json.dumps(data, indent=1))
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -138,11 +150,23 @@ class WorkerProcess:
 
 
 class WorkerPool:
-    """Idle worker processes waiting for the next job (thread-safe)."""
+    """Idle worker processes waiting for the next job (thread-safe).
+
+    Starts no process until a job asks for one; :meth:`shutdown` (or leaving
+    its ``with`` block) stops the idle ones, and a worker given back after
+    that is stopped too.
+    """
 
     def __init__(self) -> None:
         self._idle: list[WorkerProcess] = []
         self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def take(self) -> WorkerProcess:
         with self._lock:
@@ -154,27 +178,31 @@ class WorkerPool:
 
     def give_back(self, worker: WorkerProcess) -> None:
         with self._lock:
-            self._idle.append(worker)
+            if not self._closed:
+                self._idle.append(worker)
+                return
+        _stop(worker)
 
     def shutdown(self) -> None:
         """Stop every idle worker (running ones stop with their job or with us)."""
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle, self._idle, self._closed = self._idle, [], True
         for worker in idle:
-            if worker.proc.stdin is not None:
-                worker.proc.stdin.close()  # end of input: the worker leaves its loop
-            try:
-                worker.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            _stop(worker)
 
 
-POOL = WorkerPool()
-atexit.register(POOL.shutdown)
+def _stop(worker: WorkerProcess) -> None:
+    if worker.proc.stdin is not None:
+        worker.proc.stdin.close()  # end of input: the worker leaves its loop
+    try:
+        worker.proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        worker.kill()
 
 
-def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] | None = None) -> JobOutcome:
-    """Run ``spec`` in a worker process and wait for its outcome.
+def run_job(spec: JobSpec, pool: WorkerPool, *, timeout_s: float,
+            on_start: Callable[[int], None] | None = None) -> JobOutcome:
+    """Run ``spec`` in a worker process of ``pool`` and wait for its outcome.
 
     ``on_start`` receives the worker's process id once it has the job.
     """
@@ -184,7 +212,7 @@ def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] 
         (out / stale).unlink(missing_ok=True)
     spec_path = out / "job.json"
     spec_path.write_text(spec.to_json(), encoding="utf-8")
-    worker = POOL.take()
+    worker = pool.take()
     if on_start is not None:
         on_start(worker.pid)
     status = worker.run(spec_path, timeout_s)
@@ -194,9 +222,12 @@ def run_job(spec: JobSpec, *, timeout_s: float, on_start: Callable[[int], None] 
             return JobOutcome(False, error_kind="timeout", message=f"worker ran longer than {timeout_s:.0f} s")
         last = _last_line(out / "worker.log")
         return JobOutcome(False, error_kind="crash", message=_describe_exit(code) + (f": {last}" if last else ""))
-    POOL.give_back(worker)
+    pool.give_back(worker)
     if (out / RESULT_FILE).is_file():
-        return JobOutcome(True, result=json.loads((out / RESULT_FILE).read_text(encoding="utf-8")))
+        try:
+            return JobOutcome(True, result=JobResult.from_json((out / RESULT_FILE).read_bytes()))
+        except InputError as exc:
+            return JobOutcome(False, error_kind="InputError", message=f"unreadable {RESULT_FILE}: {exc}")
     err = json.loads((out / ERROR_FILE).read_text(encoding="utf-8"))
     return JobOutcome(False, error_kind=err["kind"], message=err["message"])
 
@@ -216,8 +247,8 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
-    """Run the pipeline for ``spec`` in this process; return the result record."""
+def execute(spec: JobSpec, cache: ModelSource | None = None) -> JobResult:
+    """Run the pipeline for ``spec`` in this process; return its result (paths relative to ``out_dir``)."""
     from segnode.models.base import RunSettings
     from segnode.node.jobs.pipeline import PipelineRequest, run_pipeline
 
@@ -228,13 +259,8 @@ def execute(spec: JobSpec, cache: Any = None) -> dict[str, Any]:
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
                               output_format="seg", settings=settings,
                               outputs=_job_kinds(spec), **_shared_run(spec))
-    result = run_pipeline(request, cache=cache)
-    return {
-        **result_record(result),
-        "harvest": harvest(spec, result) if spec.harvest else None,
-        "qc": result.summary.get("qc"),
-        "pictures": result.summary.get("pictures"),
-    }
+    result = JobResult.from_pipeline(run_pipeline(request, cache=cache), Path(spec.out_dir))
+    return result.with_harvest(harvest(spec, result)) if spec.harvest else result
 
 
 def _shared_run(spec: JobSpec) -> dict[str, Any]:
@@ -253,21 +279,7 @@ def _job_kinds(spec: JobSpec) -> tuple[str, ...]:
     return kinds if not spec.harvest or "seg" in kinds else ("seg", *kinds)
 
 
-def result_record(result: Any) -> dict[str, Any]:
-    """The part of a job's result record that one pipeline run gives (one profile's outputs)."""
-    return {
-        "seg_path": str(result.seg_path) if result.seg_path else None,
-        "summary_path": str(result.summary_path),
-        "backend_used": result.backend_used,
-        "model_version": result.model_version,
-        "weights_hash": result.weights_hash,
-        "seg_series_uid": result.seg_series_uid,
-        "seg_sop_instance_uid": result.seg_sop_instance_uid,
-        "outputs": list(getattr(result, "outputs", [])),  # node.outputs.record of every object, all kinds
-    }
-
-
-def harvest(spec: JobSpec, result: Any) -> dict[str, str]:
+def harvest(spec: JobSpec, result: JobResult) -> Harvest:
     """Put a de-identified copy of the series and its SEG into the route's dataset.
 
     Harvesting never fails the clinical job: the SEG still goes to the PACS;
@@ -280,22 +292,24 @@ def harvest(spec: JobSpec, result: Any) -> dict[str, str]:
     from segnode.storage.dataset import harvest as harvest_case
     from segnode.storage.pseudonyms import load_secret
 
-    record = {"dataset": str(spec.harvest)}
+    dataset = str(spec.harvest)
     try:
-        store = DatasetStore.open(Path(str(spec.dataset_store)),
+        if spec.dataset_store is None:
+            raise InputError("the job names no dataset store")
+        store = DatasetStore.open(Path(spec.dataset_store),
                                   load_secret(Path(spec.deid_secret_file) if spec.deid_secret_file else None))
-        case = harvest_case(store, dataset=str(spec.harvest), series_files=sorted(Path(spec.input_dir).iterdir()),
-                            seg_path=Path(result.seg_path), profile=spec.profile, backend=result.backend_used,
-                            model_version=result.model_version, weights_hash=result.weights_hash,
-                            rule=spec.rule or "", calling_ae=spec.calling_ae)
+        case = harvest_case(store, dataset=dataset, series_files=sorted(Path(spec.input_dir).iterdir()),
+                            seg_path=Path(spec.out_dir) / result.seg.path, profile=spec.profile,
+                            backend=result.backend_used, model_version=result.model_version,
+                            weights_hash=result.weights_hash, rule=spec.rule or "", calling_ae=spec.calling_ae)
     except SegnodeError as exc:  # quarantined, no secret, store unwritable
-        logger.warning("job %d: not harvested into %s: %s", spec.job_id, spec.harvest, exc)
-        return {**record, "status": "not harvested", "reason": str(exc)}
-    logger.info("job %d: harvested into %s (%s labels)", spec.job_id, spec.harvest, case.label_status.value)
-    return {**record, "status": "harvested"}
+        logger.warning("job %d: not harvested into %s: %s", spec.job_id, dataset, exc)
+        return Harvest(dataset, "not harvested", str(exc))
+    logger.info("job %d: harvested into %s (%s labels)", spec.job_id, dataset, case.label_status.value)
+    return Harvest(dataset, "harvested")
 
 
-def run_one(spec_path: Path, cache: Any) -> int:
+def run_one(spec_path: Path, cache: ModelSource | None) -> int:
     """Run the job in ``spec_path``, logging into the job's ``worker.log``."""
     spec = JobSpec.from_json(spec_path.read_text(encoding="utf-8"))
     out = Path(spec.out_dir)
@@ -305,13 +319,13 @@ def run_one(spec_path: Path, cache: Any) -> int:
         for fd in (1, 2):  # this job's log: library prints and tracebacks of a crash included
             os.dup2(log.fileno(), fd)
         try:
-            record = execute(spec, cache)
+            result = execute(spec, cache)
         except SegnodeError as exc:
             logger.error("job %d failed: %s", spec.job_id, exc)
             _write_json(out / ERROR_FILE, {"kind": type(exc).__name__, "message": str(exc)})
             return exc.exit_code
-        _write_json(out / RESULT_FILE, record)
-        logger.info("job %d: SEG %s", spec.job_id, record["seg_path"])
+        _write_text(out / RESULT_FILE, result.to_json())
+        logger.info("job %d: SEG %s", spec.job_id, result.seg.path)
         return 0
 
 

@@ -6,10 +6,18 @@ comes by WADO-RS with the job's token, the job runs through the same code as a
 local worker (:func:`segnode.node.jobs.worker.execute`, models kept warm in this process's
 :class:`~segnode.models.cache.ModelCache`), and every file of the output
 folder goes back in one multipart POST to ``/remote/v1/jobs/{id}/result``
-with the result record, its paths made relative (``@out/…``).  A job the node
+with the job's :class:`~segnode.node.jobs.result.JobResult`, as is (its paths
+are relative to the output folder already).  A job the node
 no longer waits for (HTTP 410, or the node acknowledged another result) is
 dropped; a node that cannot be reached is retried with backoff before the
 message is given up (the node then enqueues the job again after its timeout).
+
+The state folder (``--state-dir``, private: 0700) holds only the jobs in
+progress, each in ``jobs/<pid>-job-<id>-attempt-<n>/`` (series, outputs): a
+job's folder is removed when it ends, :func:`prepare_state` empties ``jobs/``
+when the worker starts, and each job first removes the folders of pool
+processes that are gone (a job whose process was killed), so a worker killed
+in the middle of a job and started again keeps no patient data behind.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 from segnode.errors import InputError, SegnodeError
@@ -34,12 +42,15 @@ from segnode.node.http_in.multipart import (
 )
 from segnode.node.http_in.stow import read_file_meta
 from segnode.node.jobs.worker import JobSpec, execute
+
+if TYPE_CHECKING:
+    from segnode.models.cache import ModelCache
 from segnode.uids import check_uid, is_valid_uid
 
 logger = logging.getLogger(__name__)
 
-OUT_PREFIX = "@out/"
-_CACHE: Any = None  # this process's warm models (a Celery pool process keeps it between jobs)
+JOBS = "jobs"  # the state folder's one subfolder: the jobs in progress
+_CACHE: ModelCache | None = None  # this process's warm models (a Celery pool process keeps it between jobs)
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,7 @@ class WorkerSettings:
     http_timeout_s: float = 120.0
 
 
-def _cache() -> Any:
+def _cache() -> ModelCache:
     global _CACHE
     if _CACHE is None:
         from segnode.models.cache import ModelCache
@@ -66,12 +77,47 @@ def _cache() -> Any:
     return _CACHE
 
 
+def prepare_state(state_dir: Path) -> Path:
+    """Make the state folder private (0700) and empty its jobs folder (before any job runs); return it."""
+    if not state_dir.exists():
+        state_dir.mkdir(parents=True, mode=0o700)
+    state_dir.chmod(0o700)  # it holds series in transit: patient data
+    jobs = state_dir / JOBS
+    shutil.rmtree(jobs, ignore_errors=True)
+    jobs.mkdir(mode=0o700)
+    return jobs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds that pid
+        return True
+    return True
+
+
+def sweep_orphans(jobs: Path) -> list[str]:
+    """Remove the job folders of processes that are gone (killed mid-job); return their names."""
+    removed = []
+    for folder in jobs.iterdir() if jobs.is_dir() else ():
+        owner = folder.name.split("-", 1)[0]
+        if not owner.isdigit() or not _alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
 def handle(message: dict[str, Any], settings: WorkerSettings) -> str:
     """Run one job message; return ``done`` or ``dropped`` (the node no longer wants it)."""
     job_id, attempt = int(message["job_id"]), int(message["attempt"])
     study, series = check_uid(message.get("study_uid"), "StudyInstanceUID"), check_uid(
         message.get("series_uid"), "SeriesInstanceUID")
-    work = settings.state_dir / "jobs" / f"job-{job_id}-attempt-{attempt}"
+    jobs = settings.state_dir / JOBS
+    for name in sweep_orphans(jobs):
+        logger.warning("removed %s, left by a worker process that was killed", name)
+    work = jobs / f"{os.getpid()}-job-{job_id}-attempt-{attempt}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "input").mkdir(parents=True)
     base = (settings.node_url or str(message["node_url"])).rstrip("/")
@@ -114,7 +160,7 @@ def fetch_series(session: requests.Session, base: str, study: str, series: str, 
 
 
 def run(spec_data: dict[str, Any], work: Path, settings: WorkerSettings) -> dict[str, Any]:
-    """Run the job here; the record's paths relative to the output folder."""
+    """Run the job here; the record to post: ``ok``, the worker's name, and the result or the error."""
     out = work / "out"
     options = dict(spec_data.get("options") or {})
     if options.get("shared_run"):
@@ -132,19 +178,7 @@ def run(spec_data: dict[str, Any], work: Path, settings: WorkerSettings) -> dict
     except SegnodeError as exc:
         logger.error("job %d failed: %s", spec.job_id, exc)
         return {"ok": False, "error_kind": type(exc).__name__, "message": str(exc), "worker": settings.name}
-    return {"ok": True, "result": relative(result, out), "worker": settings.name}
-
-
-def relative(value: Any, out: Path) -> Any:
-    """``value`` with every path under ``out`` written ``@out/…`` (recursively)."""
-    root = str(out) + os.sep
-    if isinstance(value, str) and value.startswith(root):
-        return OUT_PREFIX + value[len(root):]
-    if isinstance(value, dict):
-        return {k: relative(v, out) for k, v in value.items()}
-    if isinstance(value, list):
-        return [relative(v, out) for v in value]
-    return value
+    return {"ok": True, "result": result.to_dict(), "worker": settings.name}
 
 
 def post_result(session: requests.Session, base: str, job_id: int, record: dict[str, Any], out: Path,

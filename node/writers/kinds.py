@@ -17,24 +17,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import EncodedResult, SegType
+from segnode.node.writers.record import EncodedObject
 from segnode.node.writers.seg import write_seg
 from segnode.output_kinds import ALL_KINDS, OutputKind, encoded_with, parse_kinds
 from segnode.profiles.schema import Profile
 
-__all__ = ["ALL_KINDS", "OutputKind", "encode_outputs", "encoded_with", "parse_kinds", "record"]
+__all__ = ["ALL_KINDS", "EncodedObject", "OutputKind", "encode_outputs", "encoded_object", "encoded_with",
+           "parse_kinds"]
 
 logger = logging.getLogger(__name__)
 
 
-def record(result: EncodedResult, profile: str) -> dict[str, Any]:
-    """One output as the JSON the worker, the index and the dispatcher exchange."""
-    return {"kind": result.kind, "profile": profile, "path": str(result.path),
-            "sop_class_uid": result.sop_class_uid, "sop_instance_uid": result.sop_instance_uid,
-            "series_instance_uid": result.series_instance_uid}
+def encoded_object(result: EncodedResult, profile: str, folder: Path) -> EncodedObject:
+    """The record of ``result``, written in ``folder``."""
+    return EncodedObject(kind=result.kind, profile=profile, path=result.path.relative_to(folder).as_posix(),
+                         sop_class_uid=result.sop_class_uid, sop_instance_uid=result.sop_instance_uid,
+                         series_instance_uid=result.series_instance_uid)
 
 
 def encode_outputs(
@@ -46,8 +47,8 @@ def encode_outputs(
     *,
     seg_type: SegType | str = SegType.BINARY,
     statistics: list[dict] | None = None,
-) -> list[dict[str, Any]]:
-    """Write every kind in ``kinds`` (SEG first); return one :func:`record` per object written."""
+) -> list[EncodedObject]:
+    """Write every kind in ``kinds`` (SEG first) into ``out_dir``; return each object written (paths relative to it)."""
     wanted = encoded_with(kinds)
     results: list[EncodedResult] = []
     seg: EncodedResult | None = None
@@ -76,7 +77,7 @@ def encode_outputs(
             results.append(_as_kind(write_sr(volume, labels, profile, out_dir, seg_path=seg.path, statistics=stats),
                                     kind))
     logger.info("encoded %s: %d object(s)", ", ".join(wanted), len(results))
-    return [record(r, profile.organ) for r in results]
+    return [encoded_object(r, profile.organ, out_dir) for r in results]
 
 
 def _as_kind(result: EncodedResult, kind: str) -> EncodedResult:
