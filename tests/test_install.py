@@ -2,7 +2,7 @@
 
 The wheel is installed (``--no-deps``) into a new virtual environment whose
 dependencies come from the project's environment through a ``.pth`` file,
-and everything runs from a folder that holds a ``segnode.models.py`` and a ``node/``
+and everything runs from a folder that holds a ``models.py`` and a ``node/``
 package of the user's own: ``profiles list``, ``run`` on a real series,
 ``serve`` with a C-ECHO and a C-STORE from DCMTK and one worker job, and
 the old top-level names (``models``, ``node``, ...) must not be importable.
@@ -55,7 +55,7 @@ def build_sdist_and_wheel(out: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A fresh venv with the wheel, and a user's folder with a ``segnode.models.py`` and a ``node/`` of its own."""
+    """A fresh venv with the wheel, and a user's folder with a ``models.py`` and a ``node/`` of its own."""
     tmp = tmp_path_factory.mktemp("install")
     sdist, wheel = build_sdist_and_wheel(tmp / "dist")
     venv = tmp / "venv"
