@@ -29,7 +29,7 @@ import zlib
 from pathlib import Path
 
 import xxhash
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -90,11 +90,14 @@ def verify(path: Path) -> bool | None:
     OSError, pydicom.errors.InvalidDicomError
         The file cannot be read, or has no Part 10 header.
     """
+    meta = read_file_meta_info(path)
+    if str(meta.get("PrivateInformationCreatorUID", "")) != CHECK_CREATOR_UID:
+        return None
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:  # every file we write has it: this one was not written whole by us
+        return False
     with path.open("rb") as fp:
-        read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
-        if str(meta.get("PrivateInformationCreatorUID", "")) != CHECK_CREATOR_UID:
-            return None
+        fp.seek(len(PREAMBLE) + 12 + int(group_length))  # preamble, DICM, the group length element, the meta
         dataset = fp.read()
     value = bytes(meta.get("PrivateInformation", b""))
     if value[:4] == _CRC_MAGIC:

@@ -9,6 +9,7 @@ A-ASSOCIATE-AC/-RJ, a C-STORE-RSP status, an A-ABORT, or a closed socket.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -137,10 +138,11 @@ class Reply:
 
 
 class RawPeer:
-    """A plain TCP connection to the receiver, read PDU by PDU."""
+    """A TCP connection to the receiver (over TLS with ``tls``, a client context), read PDU by PDU."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls is not None else sock
 
     def __enter__(self) -> Self:
         return self
@@ -153,6 +155,10 @@ class RawPeer:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def half_close(self) -> None:
+        """Say we have sent everything (TCP's own shutdown: over TLS, reading the answers goes on)."""
+        socket.socket.shutdown(self.sock, socket.SHUT_WR)
 
     def _exact(self, n: int) -> bytes | None:
         data = bytearray()

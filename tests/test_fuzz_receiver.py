@@ -1,11 +1,12 @@
-"""Seeded, bounded mutation fuzzing of both receivers over captured valid DICOM streams.
+"""Seeded, bounded mutation fuzzing of the receiver over captured valid DICOM streams, over TCP and over TLS.
 
 Streams are captured once from real senders (DCMTK ``echoscu`` and
 ``storescu``, plain and deflated) through a recording relay.  Each case
 mutates one stream (bit flips, boundary values, PDU length and type fields,
 cuts, insertions, duplications; 1–3 per case, from ``random.Random(SEED)``),
-sends it on a fresh connection, half-closes, and reads until the receiver
-closes.  A case fails the test if the receiver does not close within
+sends it on a fresh connection (plain, or TLS with a client certificate: the
+DICOM bytes inside are mutated, not the TLS records), half-closes, and reads
+until the receiver closes.  A case fails the test if the receiver does not close within
 :data:`HANG_S` (a hang), a thread dies, a segnode logger records a traceback,
 a file appears anywhere but ``spool/<study>/<series>/<sop>.dcm`` (valid
 UIDs) and the index, or an instance acknowledged with Success is missing.
@@ -13,9 +14,9 @@ Afterwards the node must still answer C-ECHO and C-STORE.
 
 A hang is decided on the input: a case that hung among eight concurrent ones
 is sent again alone, and fails the test if it hangs again.  One that does not
-(a stall of a loaded machine, seen once in CI on the pynetdicom receiver and
-not reproduced here under CPU stress) is reported with the receiver's thread
-stacks at the moment it hung, not counted as a finding.
+(a stall of a loaded machine, seen once in CI on the former pynetdicom
+receiver and not reproduced here under CPU stress) is reported with the
+receiver's thread stacks at the moment it hung, not counted as a finding.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import itertools
 import logging
 import random
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -41,17 +43,14 @@ from segnode.uids import is_valid_uid
 
 from tests.peers import DCMTK_ENV, store_statuses, storescu
 from tests.raw_peer import RawPeer, Reply
-from tests.test_scp import (  # noqa: F401 - receiver: the fixture
-    echo,
-    make_scp,
-    receiver,
-)
+from tests.test_scp import echo, make_scp
+from tests.tls_pki import Pki
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 pytestmark = [pytest.mark.peer, pytest.mark.filterwarnings("ignore::UserWarning")]  # pydicom on mutated UIDs
 
 SEED = 20261203
-CASES = {"native": 3000, "pynetdicom": 1500}  # pynetdicom's two threads per association make it slower
+CASES = {"plain": 3000, "tls": 1500}  # a TLS case adds a handshake
 HANG_S = 15.0  # deadlines in the node are 1 s; a connection still open after this is a hang
 WORKERS = 8  # connections at a time
 INTERESTING_BYTES = (0x00, 0x01, 0x02, 0x04, 0x07, 0x7F, 0x80, 0xFE, 0xFF)
@@ -109,7 +108,7 @@ def _dcmtk(tool: str, *args: str, files: tuple[Path, ...] = ()) -> Callable[[int
 def streams(tmp_path_factory: pytest.TempPathFactory) -> list[Stream]:
     """Valid streams: C-ECHO, two C-STOREs, a deflated C-STORE."""
     tmp = tmp_path_factory.mktemp("capture")
-    server, _, _ = make_scp(tmp, "native")
+    server, _, _ = make_scp(tmp)
     files = (THORAX / "CT0001.dcm", THORAX / "CT0002.dcm")
     try:
         return [capture(server.port, _dcmtk("echoscu")), capture(server.port, _dcmtk("storescu", files=files)),
@@ -237,20 +236,26 @@ def _turns(data: bytes, turns: tuple[int, ...]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
-def run_case(port: int, turns: list[bytes], findings: Findings, case: int, half_close: bool) -> None:
+@pytest.fixture(params=["plain", "tls"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def run_case(port: int, turns: list[bytes], findings: Findings, case: int, half_close: bool,
+             tls: ssl.SSLContext | None = None) -> None:
     """Send each turn and read one answer, as the sender did; then read until the receiver closes.
 
     ``half_close``: say we have sent all after the last turn (else the
     receiver ends the association, or waits out its deadline).
     """
     replies: list[Reply] = []
-    with RawPeer(port, timeout=HANG_S) as peer:
+    with RawPeer(port, timeout=HANG_S, tls=tls) as peer:
         try:
             for k, turn in enumerate(turns):
                 peer.send(turn)
                 if k == len(turns) - 1:
                     if half_close:
-                        peer.sock.shutdown(socket.SHUT_WR)
+                        peer.half_close()
                 elif (reply := peer.read()) is None:
                     break
                 else:
@@ -278,9 +283,9 @@ SOP_UIDS = [dcmread(THORAX / name, stop_before_pixels=True).SOPInstanceUID.encod
             for name in ("CT0001.dcm", "CT0002.dcm")]
 
 
-def case_input(receiver: str, case: int, streams: list[Stream]) -> tuple[list[bytes], bool]:  # noqa: F811
+def case_input(transport: str, case: int, streams: list[Stream]) -> tuple[list[bytes], bool]:
     """Case ``case``'s turns (its own SOP Instance UIDs, then mutated) and whether to half-close: from the seed."""
-    rng = random.Random(f"{SEED}-{receiver}-{case}")
+    rng = random.Random(f"{SEED}-{transport}-{case}")
     stream = rng.choice(streams)
     data = stream.data
     for k, uid in enumerate(SOP_UIDS):  # same length: every length field stays right
@@ -315,27 +320,28 @@ def _files_outside_the_spool(state: Path) -> list[str]:
 
 
 def test_mutated_streams_never_crash_hang_or_lose_an_acknowledged_instance(
-        tmp_path: Path, receiver: str, streams: list[Stream], findings: Findings) -> None:  # noqa: F811
-    server, spool, index = make_scp(tmp_path, receiver, limits={
+        tmp_path: Path, transport: str, pki: Pki, streams: list[Stream], findings: Findings) -> None:
+    client = pki.client_context() if transport == "tls" else None
+    server, spool, index = make_scp(tmp_path, client, pki, limits={
         "min_free_disk_mb": 1, "acse_timeout_s": 1, "network_timeout_s": 1, "max_associations": 64})
     started = time.monotonic()
     try:
         def one(case: int) -> None:
-            turns, half_close = case_input(receiver, case, streams)
-            run_case(server.port, turns, findings, case, half_close)
+            turns, half_close = case_input(transport, case, streams)
+            run_case(server.port, turns, findings, case, half_close, client)
 
         with ThreadPoolExecutor(WORKERS) as pool:  # each case's input is seeded; only their interleaving varies
-            list(pool.map(one, range(CASES[receiver])))
+            list(pool.map(one, range(CASES[transport])))
         elapsed = time.monotonic() - started
-        print(f"\n[{receiver}] {CASES[receiver]} fuzz cases in {elapsed:.1f} s; "
+        print(f"\n[{transport}] {CASES[transport]} fuzz cases in {elapsed:.1f} s; "
               f"{len(findings.acknowledged)} instances acknowledged; "
-              f"{findings.library_tracebacks} tracebacks logged by pynetdicom itself")
+              f"{findings.library_tracebacks} tracebacks logged by libraries")
         if findings.hangs:  # decided on the input: sent again, alone
             under_load = sorted(findings.hangs)
             findings.hangs.clear()
             for case in under_load:
                 one(case)
-            print(f"[{receiver}] cases {under_load} hung among concurrent ones; alone: "
+            print(f"[{transport}] cases {under_load} hung among concurrent ones; alone: "
                   f"{'hung again' if findings.hangs else 'served'}\n" + "\n".join(findings.stacks[:1]))
         assert findings.hangs == [], f"cases {findings.hangs[:10]} hung, sent alone too"
         assert findings.thread_errors == []
@@ -346,8 +352,8 @@ def test_mutated_streams_never_crash_hang_or_lose_an_acknowledged_instance(
         assert _files_outside_the_spool(tmp_path / "state") == []
         assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
         assert list(spool.tmp.iterdir()) == []
-        assert echo(server.port) == 0x0000
-        result = storescu(server.port, [THORAX / "CT0003.dcm"])
+        assert echo(server.port, tls=client) == 0x0000
+        result = storescu(server.port, [THORAX / "CT0003.dcm"], extra=pki.storescu_args() if client else ())
         assert store_statuses(result.stderr) == ["Success"], result.stderr
     finally:
         server.stop()

@@ -12,7 +12,7 @@ import pytest
 from segnode.errors import ConfigError
 from segnode.node.config import NodeConfig
 from segnode.node.config.http import HttpConfig
-from segnode.node.dicom_in.scp import start_scp
+from segnode.node.dicom_in.server import start_scp
 from segnode.node.ops.api import start_http, token_matches
 from segnode.node.ops.audit import read_records
 from segnode.node.ops.runner import Ops, audit_path

@@ -10,8 +10,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from segnode.node.config import AllowedSender, NodeConfig
-from segnode.node.dicom_in.scp import start_scp
-from segnode.node.ops.metrics import store_rejection_reason
+from segnode.node.dicom_in.server import start_scp
+from segnode.node.events import Delivered, Event, InstanceRefused
+from segnode.node.status import Category, Refusal, Status, category, reason
+from segnode.node.ops.metrics import NodeMetrics
 from segnode.node.ops.runner import Ops, audit_path
 from segnode.routing import RulesHolder
 from segnode.storage.index import Index, JobState
@@ -51,8 +53,11 @@ def scp_node(tmp_path):
     index = Index(config.index_path)
     service = fake_service(config, index)
     ops = Ops(service)
-    service.scp = start_scp(config, Spool(config.spool_dir), index,
-                            lambda kind, data: [listener(kind, data) for listener in service.listeners])
+    def fan_out(event: Event) -> None:
+        for listener in service.listeners:
+            listener(event)
+
+    service.scp = start_scp(config, Spool(config.spool_dir), index, fan_out)
     ops.start()
     yield service, ops
     ops.stop()
@@ -112,7 +117,7 @@ def test_stage_histograms_jobs_and_dispatch_match_the_scripted_history(tmp_path)
     ops.start()
     try:
         for ok in (False, False, True):
-            ops.on_event("delivery", {"job_id": s.jobs["done"], "destination": "pacs", "ok": ok, "message": "x"})
+            ops.on_event(Delivered(s.jobs["done"], "pacs", ok, "x"))
         ops.follower.poll()
         parsed = samples(ops.metrics.render().decode())
     finally:
@@ -132,14 +137,19 @@ def test_stage_histograms_jobs_and_dispatch_match_the_scripted_history(tmp_path)
     assert value(parsed, "segnode_dispatch_failures_total", destination="pacs") == 2
 
 
-@pytest.mark.parametrize(("status", "comment", "reason"), [
-    (0x0000, None, None), (0xB000, None, None),
-    (0xA700, "instance larger than the node accepts", "too_large"),
-    (0xA700, "free disk below the node's minimum", "disk_full"),
-    (0xA700, "write failed", "write_failed"), (0xA702, None, "out_of_resources"),
-    (0xC210, "x", "cannot_decode"), (0xC211, None, "invalid_uid"), (0xC212, None, "uid_mismatch"),
-    (0x0122, None, "sop_class_not_supported"), (0xA900, None, "sop_class_mismatch"),
-    (0xA700, "internal error (KeyError), retry later", "internal_error"), (0xA801, None, "status_0xA801"),
-])
-def test_store_status_to_rejection_reason(status, comment, reason):
-    assert store_rejection_reason(status, comment) == reason
+def test_refusals_are_counted_by_the_reason_their_event_carries_never_by_the_comment(tmp_path):
+    metrics = NodeMetrics(None, None)
+    refused = [InstanceRefused(Status.OUT_OF_RESOURCES, "disk_full", "instance larger than the node accepts", "CT",
+                               "127.0.0.1", "1.2.3"),  # the comment would say too_large; the event says disk_full
+               InstanceRefused(Status.OUT_OF_RESOURCES, Refusal(Status.OUT_OF_RESOURCES, "x").reason, "write failed",
+                               "CT", "127.0.0.1", "1.2.4"),  # the table's reason for 0xA700
+               InstanceRefused(Status.CANNOT_DECODE, "cannot_decode", None, "CT", "127.0.0.1", "1.2.5")]
+    for event in refused:
+        metrics.on_event(event)
+    parsed = samples(metrics.render().decode())
+    assert value(parsed, "segnode_rejections_total", reason="disk_full") == 1
+    assert value(parsed, "segnode_rejections_total", reason="too_large") == 0
+    assert value(parsed, "segnode_rejections_total", reason="write_failed") == 0
+    assert value(parsed, "segnode_rejections_total", reason="out_of_resources") == 1
+    assert value(parsed, "segnode_rejections_total", reason="cannot_decode") == 1
+    assert category(Status.OUT_OF_RESOURCES) is Category.RETRYABLE and reason(0xA700) == "out_of_resources"

@@ -1,4 +1,4 @@
-"""The native receiver (``limits.receiver: native``) against real senders: DCMTK and pynetdicom SCUs, raw sockets."""
+"""The receiver against real senders (DCMTK and pynetdicom SCUs, raw sockets), and the typed events it emits."""
 
 from __future__ import annotations
 
@@ -11,11 +11,21 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 from segnode.node.config import NodeConfig
 from segnode.node.dicom_in.receiver import NativeServer
-from segnode.node.dicom_in.scp import RunningSCP, start_scp
+from segnode.node.dicom_in.server import RunningSCP, start_scp
+from segnode.node.events import (
+    AssociationAccepted,
+    AssociationRejected,
+    AssociationReleased,
+    Event,
+    InstanceRefused,
+    InstanceStored,
+    RejectionReason,
+)
+from segnode.node.status import Status
 from segnode.storage.index import Index
 from segnode.storage.spool import Spool
 
@@ -26,11 +36,11 @@ THORAX = DATA / "thorax_cta"
 pytestmark = pytest.mark.peer
 
 
-def make_scp(tmp_path: Path, **config: object) -> tuple[RunningSCP, Spool, Index]:
-    limits = {"min_free_disk_mb": 1, "receiver": "native", **config.pop("limits", {})}  # type: ignore[dict-item]
+def make_scp(tmp_path: Path, events: list[Event] | None = None, **config: object) -> tuple[RunningSCP, Spool, Index]:
+    limits = {"min_free_disk_mb": 1, **config.pop("limits", {})}  # type: ignore[dict-item]
     cfg = NodeConfig(**{"port": 0, "state_dir": tmp_path / "state", "limits": limits, **config})
     spool, index = Spool(cfg.spool_dir), Index(cfg.index_path)
-    running = start_scp(cfg, spool, index)
+    running = start_scp(cfg, spool, index, events.append if events is not None else lambda event: None)
     assert isinstance(running.server, NativeServer)
     return running, spool, index
 
@@ -72,18 +82,37 @@ def test_c_echo_with_echoscu(scp: tuple[RunningSCP, Spool, Index]) -> None:
     assert "Received Echo Response (Success)" in result.stdout + result.stderr
 
 
-def test_rejections_reach_bound_event_handlers(tmp_path: Path) -> None:
-    """The pynetdicom-style ``bind`` the metrics use: called-AE rejections fire EVT_REJECTED."""
-    server, _, _ = make_scp(tmp_path, allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"}])
-    rejected: list[object] = []
-    server.server.bind(evt.EVT_REJECTED, rejected.append)
+def test_what_happens_is_emitted_as_typed_events(tmp_path: Path) -> None:
+    """Associations accepted, rejected with their reason, released; instances stored, refused with their status."""
+    events: list[Event] = []
+    server, _, _ = make_scp(tmp_path, events, allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"}])
+    no_study = dcmread(THORAX / "CT0002.dcm")
+    del no_study.StudyInstanceUID
+    no_study.save_as(tmp_path / "no_study.dcm")
     try:
         assert "Association Rejected" in storescu(server.port, [THORAX / "CT0001.dcm"], calling="INTRUDER").stderr
         assert "Called AE Title Not Recognized" in storescu(server.port, [THORAX / "CT0001.dcm"],
                                                             called="SOMEONE").stderr
-        assert len(rejected) == 1  # the called-AE rejection (allow-list ones are counted by the listener)
+        sent = storescu(server.port, [THORAX / "CT0001.dcm", tmp_path / "no_study.dcm"])
+        assert store_statuses(sent.stderr)[0] == "Success"
     finally:
         server.stop()
+    first = dcmread(THORAX / "CT0001.dcm")
+    [path] = spooled(Spool(tmp_path / "state" / "spool"))
+    stored = [e for e in events if isinstance(e, InstanceStored)]
+    assert [type(e) for e in events] == [AssociationRejected, AssociationRejected, AssociationAccepted,
+                                         InstanceStored, InstanceRefused, AssociationReleased]
+    assert events[:3] == [AssociationRejected("INTRUDER", "127.0.0.1", RejectionReason.SENDER_NOT_ALLOWED),
+                          AssociationRejected("SCANNER", "127.0.0.1", RejectionReason.CALLED_AE_UNKNOWN),
+                          AssociationAccepted("SCANNER", "127.0.0.1")]
+    assert (stored[0].sop_uid, stored[0].series_uid, stored[0].size) == (
+        first.SOPInstanceUID, first.SeriesInstanceUID, path.stat().st_size)
+    refused = events[4]
+    assert isinstance(refused, InstanceRefused)
+    assert (refused.status, refused.reason, refused.sop_uid) == (Status.INVALID_UID, "invalid_uid",
+                                                                 no_study.SOPInstanceUID)
+    assert refused.comment is not None and "StudyInstanceUID" in refused.comment
+    assert events[5] == AssociationReleased((first.SeriesInstanceUID,))
 
 
 def test_pynetdicom_scu_proposing_several_contexts(scp: tuple[RunningSCP, Spool, Index]) -> None:

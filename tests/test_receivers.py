@@ -7,11 +7,20 @@ import threading
 from pathlib import Path
 
 import pytest
-from pynetdicom import evt
+from pydicom import dcmread
 from segnode.node.config import NodeConfig
+from segnode.node.events import (
+    AssociationAccepted,
+    AssociationRejected,
+    Event,
+    InstanceRefused,
+    InstanceStored,
+    RejectionReason,
+)
 from segnode.node.service import Service
 
 from tests.peers import store_statuses, storescu
+from tests.tls_pki import Pki
 
 THORAX = Path(__file__).parent / "data" / "thorax_cta"
 pytestmark = pytest.mark.peer
@@ -25,21 +34,19 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
 
 
-@pytest.mark.parametrize("receiver", ["native", "pynetdicom"])
-def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(tmp_path: Path, receiver: str) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(tmp_path: Path, pki: Pki,
+                                                                               tls: bool) -> None:
     config = NodeConfig(port=0, state_dir=tmp_path / "state",
-                        limits={"min_free_disk_mb": 1, "receiver_processes": 3, "receiver": receiver},
+                        limits={"min_free_disk_mb": 1, "receiver_processes": 3},
                         allowed_senders=[{"ae_title": "SCANNER", "host": "127.0.0.1"}],
-                        completion={"quiet_period_s": 3600})
+                        completion={"quiet_period_s": 3600}, tls=pki.server_tls(client_ca=True) if tls else None)
+    extra = pki.storescu_args() if tls else []
     service = Service(config)
-    events: list[str] = []
-    service.listeners.append(lambda kind, data: events.append(kind))
+    events: list[Event] = []
+    service.listeners.append(events.append)  # the receiver processes' events arrive over their pipes, typed
     port = service.start()
-    accepted: list[int] = []
-    statuses: list[int] = []
     assert service.scp is not None and service.receivers is not None
-    service.scp.server.bind(evt.EVT_ACCEPTED, lambda e: accepted.append(1))
-    service.scp.server.bind(evt.EVT_DIMSE_SENT, lambda e: statuses.append(int(e.message.command_set.Status)))
     pids = service.receivers.pids
     try:
         files = sorted(THORAX.glob("*.dcm"))
@@ -47,7 +54,7 @@ def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(t
         results: list[list[str]] = [[] for _ in parts]
 
         def send(k: int) -> None:
-            results[k] = store_statuses(storescu(port, parts[k]).stderr)
+            results[k] = store_statuses(storescu(port, parts[k], extra=extra).stderr)
 
         threads = [threading.Thread(target=send, args=(k,)) for k in range(6)]
         for t in threads:
@@ -56,13 +63,18 @@ def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(t
             t.join()
         assert [len(r) for r in results] == [len(p) for p in parts]
         assert all(status == "Success" for r in results for status in r)
-        refused = store_statuses(storescu(port, files[:1], calling="INTRUDER").stderr)
+        refused = store_statuses(storescu(port, files[:1], calling="INTRUDER", extra=extra).stderr)
         assert refused == []  # rejected at association, by whichever process took it
         assert service.index.instance_count() == len(files)
         stats = service.scp.handler.stats
         assert (stats.stored, stats.associations_rejected) == (len(files), 1)
-        assert events.count("instance_stored") == len(files) and events.count("association_rejected") == 1
-        assert len(accepted) == 6 and statuses == [0] * len(files)  # every process's C-STORE responses seen
+        kinds = [type(e) for e in events]
+        assert kinds.count(InstanceStored) == len(files) and kinds.count(InstanceRefused) == 0
+        assert kinds.count(AssociationAccepted) == 6  # every process's associations seen
+        assert [e for e in events if isinstance(e, AssociationRejected)] == [
+            AssociationRejected("INTRUDER", "127.0.0.1", RejectionReason.SENDER_NOT_ALLOWED)]
+        assert {e.sop_uid for e in events if isinstance(e, InstanceStored)} == {
+            str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     finally:
         service.stop()
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)

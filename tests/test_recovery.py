@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from segnode.node.config import NodeConfig
-from segnode.node.dicom_in.scp import start_scp
+from segnode.node.dicom_in.server import start_scp
 from segnode.storage.index import Index, JobState
 from segnode.storage.recovery import UNKNOWN_HOST, reindex_spool
 from segnode.storage.spool import Spool

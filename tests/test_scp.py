@@ -19,28 +19,16 @@ from segnode.storage.index import Index, JobState
 from segnode.storage.spool import Spool
 
 from tests.peers import store_statuses, storescu, wait_until
-from tests.tls_pki import Pki, make_pki
+from tests.tls_pki import Pki
 
 DATA = Path(__file__).parent / "data"
 THORAX = DATA / "thorax_cta"
 pytestmark = pytest.mark.peer
 
 
-@pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    """A CA, the node's server certificate, a client certificate it signed, a rogue one (tests/tls_pki.py)."""
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(params=["plain", "tls"])
-def transport(request: pytest.FixtureRequest, pki: Pki) -> ssl.SSLContext | None:
-    """The receiver over plain TCP, and over TLS with a client certificate: the client's context, or ``None``."""
-    return pki.client_context() if request.param == "tls" else None
-
-
 def make_scp(tmp_path: Path, client: ssl.SSLContext | None = None, pki: Pki | None = None,
              **config: object) -> tuple[RunningSCP, Spool, Index]:
-    """The receiver on an ephemeral port; with ``client`` (a TLS context, from :func:`transport`), over TLS."""
+    """The receiver on an ephemeral port; with ``client`` (a client's TLS context), over TLS with ``pki``'s certificates."""
     limits = {"min_free_disk_mb": 1, **config.pop("limits", {})}  # type: ignore[dict-item]
     if client is not None:
         assert pki is not None

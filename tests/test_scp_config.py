@@ -67,3 +67,13 @@ def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     path.write_text("port: 99999\n")
     assert main(["serve", "--config", str(path)]) == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_the_removed_receiver_key_is_a_clear_error(tmp_path: Path) -> None:
+    """``limits.receiver`` chose the pynetdicom receiver or the native one; there is one receiver now."""
+    path = tmp_path / "node.yaml"
+    path.write_text("limits:\n  max_associations: 4\n  receiver: native\n")
+    with pytest.raises(ConfigError, match=rf"{path}:2: limits: limits.receiver was removed: the node has one receiver"):
+        load_config(path)
+    path.write_text("limits:\n  max_associations: 4\n")
+    assert load_config(path).limits.max_associations == 4

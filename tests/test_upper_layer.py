@@ -19,6 +19,7 @@ from pynetdicom.pdu import (
     A_RELEASE_RP,
     P_DATA_TF,
 )
+from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from segnode.node.dicom_in import pdu
 from segnode.node.dicom_in.pdu import (
     Context,
@@ -165,6 +166,8 @@ def test_the_associate_ac_decodes_in_pynetdicom() -> None:
     assert ac.application_context_name == pdu.APPLICATION_CONTEXT
     assert [(cx.context_id, cx.result) for cx in ac.presentation_context] == [(1, 0), (3, 0), (5, 3)]
     assert ac.user_information.maximum_length == 65536
+    assert ac.user_information.implementation_class_uid == IMPLEMENTATION_CLASS_UID  # segnode's own identity
+    assert ac.user_information.implementation_version_name == IMPLEMENTATION_VERSION_NAME
 
 
 @pytest.mark.parametrize("reason", [pdu.REJECT_SENDER, pdu.REJECT_BUSY, pdu.REJECT_PROTOCOL_VERSION])

@@ -27,7 +27,9 @@ with the metric reason it is counted under):
             may retry)
 ``0xA900``  data set does not match SOP class: the dataset's SOP Class UID
             differs from the request's
-``0xC210``  cannot understand: the dataset does not decode
+``0xC210``  cannot understand: the dataset does not decode, or the structural
+            walk (:mod:`segnode.node.ingest.walk`) finds it cut short or
+            malformed (the comment says where); nothing is written
 ``0xC211``  cannot understand: a SOP Class/Instance, Study or Series UID (of
             the request or the dataset) is missing or breaks the UID grammar
 ``0xC212``  cannot understand: SOP Instance UID differs from the request
@@ -66,6 +68,7 @@ from segnode.node.events import (
 )
 from segnode.node.ingest.header import read_header
 from segnode.node.ingest.inflate import DEFLATED, InflatesTooLarge, inflated_header
+from segnode.node.ingest.walk import walk_dataset
 from segnode.node.status import Refusal, Status
 from segnode.storage.index import Index, InstanceRecord
 from segnode.storage.part10 import dataset_check, file_prefix
@@ -256,6 +259,10 @@ class StoreHandler:
             logger.warning("refusing instance %s: its deflated dataset inflates past %d bytes",
                            request.sop_instance_uid, limit)
             return INFLATES_TOO_LARGE
+        fault = walk_dataset(dataset, request.transfer_syntax, request.sop_class_uid, inflate_limit=limit)
+        if fault is not None:  # cut short or malformed: refused before anything is written
+            logger.warning("refusing instance %s: %s", request.sop_instance_uid, fault)
+            return Refusal(Status.CANNOT_DECODE, fault)
         if uids is None:
             return CANNOT_DECODE
         refusal = self._check_dataset(request, uids)
