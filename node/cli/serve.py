@@ -185,10 +185,10 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from segnode.node.dispatch import echo
+    from segnode.node.sending.sender import sender_for
 
     config = _load(args)
-    result = echo(config.destination(args.destination), calling_ae=config.ae_title,
-                  timeout_s=config.dispatch.timeout_s)
+    sender = sender_for(config.destination(args.destination), calling_ae=config.ae_title, dispatch=config.dispatch)
+    result = sender.echo()
     print(f"{args.destination}: {result.message}")
     return 0 if result.ok else DispatchError.exit_code

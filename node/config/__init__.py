@@ -132,6 +132,11 @@ class Destination(Frozen):
     calling_ae_title: AETitle | None = None  # default: our own AE title
     # kinds this destination takes (seg, rtstruct, overlay, sr); None: whatever the job encodes (docs/node.md)
     outputs: Annotated[tuple[str, ...] | None, BeforeValidator(kinds_field)] = None
+    # deadlines of one try (node/sending/sender.py Deadlines); None: the dispatch: section's
+    connect_timeout_s: float | None = Field(None, gt=0, le=300)
+    timeout_s: float | None = Field(None, gt=0, le=3600)  # the most the peer may stay silent
+    attempt_timeout_s: float | None = Field(None, gt=0, le=86400)
+    workers: int = Field(1, ge=1, le=16)  # deliveries to this destination at a time (node/sending/queues.py)
 
     @model_validator(mode="after")
     def _dimse_or_dicomweb(self) -> "Destination":
@@ -148,10 +153,14 @@ class Destination(Frozen):
 
 
 class Dispatch(Frozen):
+    """The retry policy (node/dispatch.py) and the default deadlines of one try (node/sending/sender.py)."""
+
     max_attempts: int = Field(8, ge=1)
     backoff_initial_s: float = Field(5.0, gt=0)
     backoff_max_s: float = Field(600.0, gt=0)
-    timeout_s: float = Field(30.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)  # TCP connect
+    timeout_s: float = Field(30.0, gt=0, le=3600)  # each wait for the peer (A-ASSOCIATE-AC, a response, HTTP read)
+    attempt_timeout_s: float = Field(600.0, gt=0, le=86400)  # the whole try: aborted after it
     poll_interval_s: float = Field(1.0, gt=0)
 
 
