@@ -106,7 +106,15 @@ class Limits(Frozen):
     acse_timeout_s: float = Field(30.0, gt=0)  # deadline for the whole A-ASSOCIATE-RQ, from accept()
     network_timeout_s: float = Field(60.0, gt=0)  # deadline for each later PDU, idle wait included
     receiver_processes: int = Field(1, ge=1, le=64)  # SCP processes sharing the port (node/dicom_in/processes.py)
-    receiver: Literal["pynetdicom", "native"] = "native"  # native: node/dicom_in/receiver.py; TLS always uses pynetdicom
+
+    @model_validator(mode="before")
+    @classmethod
+    def _receiver_removed(cls, data: object) -> object:
+        """``limits.receiver`` chose between two receivers; there is one now (docs/node.md): say so, by name."""
+        if isinstance(data, dict) and "receiver" in data:
+            raise ValueError("limits.receiver was removed: the node has one receiver (node/dicom_in/receiver.py), "
+                             "serving plain TCP, or TLS when tls: is set; delete the key")
+        return data
 
 
 class Completion(Frozen):

@@ -13,15 +13,16 @@ events), ``ops.start()`` after it (binds to the SCP and listens), and
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from segnode.errors import ConfigError, StorageError
 from segnode.node.config import NodeConfig
+from segnode.node.config.datasets import dataset_store_root
+from segnode.node.events import Delivered, Event, JobMoved
 from segnode.node.ops.api import OpsApp, RunningHTTP, start_http
-from segnode.node.ops.audit import AuditFollower, AuditLog
+from segnode.node.ops.audit import AuditFollower, AuditLog, record_of
 from segnode.node.ops.metrics import NodeMetrics
 from segnode.node.ops.status_page import render_status
 from segnode.node.ops.views import OpsDB
@@ -31,19 +32,6 @@ logger = logging.getLogger(__name__)
 
 def audit_path(config: NodeConfig) -> Path:
     return config.audit.path or config.state_dir / "audit" / "audit.jsonl"
-
-
-def dataset_store_root(config: NodeConfig) -> Path:
-    """Where the dataset store lives.
-
-    Adapter: the node config has no dataset-store key yet.  Use one named
-    ``dataset_store`` if it appears, else ``$SEGNODE_DATASET_STORE`` (as
-    ``segnode dataset`` does), else ``<state_dir>/datasets``.
-    """
-    from segnode.storage.cli import STORE_ENV
-
-    root = getattr(config, "dataset_store", None) or os.environ.get(STORE_ENV)
-    return Path(root) if root else config.state_dir / "datasets"
 
 
 def datasets_summary(root: Path) -> dict[str, Any]:
@@ -82,8 +70,6 @@ class Ops:
 
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> None:
-        if self.service.scp is not None:
-            self.metrics.bind(self.service.scp.server)
         self.follower.start()
         if getattr(self.service, "remote", None) is not None or getattr(self.service, "dicomweb", None) is not None:
             from segnode.node.remote.status import ScaleoutCollector
@@ -175,30 +161,25 @@ class Ops:
             self.metrics.audit_errors.inc()
             logger.error("audit record %s not written: %s", event, exc)
 
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        """Listener of the service's events (runs on the SCP's and the dispatcher's threads)."""
-        self.metrics.on_service_event(kind, data)
-        if kind == "association_rejected":
-            self.write_audit("association.rejected", calling_ae=data.get("calling_ae"), host=data.get("host"),
-                             reason="not an allowed sender")
-        elif kind == "instance_refused":
-            self.write_audit("instance.refused", calling_ae=data.get("calling_ae"), host=data.get("host"),
-                             sop_uid=data.get("sop_uid"), status=f"0x{int(data.get('status', 0)):04X}",
-                             reason=data.get("reason"))
-        elif kind == "delivery":
-            self._audit_delivery(data)
-        if kind in ("job_state", "delivery"):
+    def on_event(self, event: Event) -> None:
+        """The service's event sink (runs on the receiver's and the dispatcher's threads)."""
+        self.metrics.on_event(event)
+        if isinstance(event, Delivered):
+            self._audit_delivery(event)
+        elif (record := record_of(event)) is not None:
+            self.write_audit(record[0], **record[1])
+        if isinstance(event, (JobMoved, Delivered)):
             self.follower.wake()
 
-    def _audit_delivery(self, data: dict[str, Any]) -> None:
-        name = str(data.get("destination"))
-        job = self.db.job(int(data["job_id"])) or {}
+    def _audit_delivery(self, event: Delivered) -> None:
+        name = event.destination
+        job = self.db.job(event.job_id) or {}
         try:
             dest = self.config.destination(name)
             where = {"destination_ae": dest.ae_title, "destination_host": dest.host, "destination_port": dest.port}
         except ConfigError:
             where = {}
-        self.write_audit("delivery.attempt", job_id=data.get("job_id"), destination=name, **where,
+        self.write_audit("delivery.attempt", job_id=event.job_id, destination=name, **where,
                          study_uid=job.get("study_uid"), series_uid=job.get("series_uid"),
-                         seg_sop_uid=job.get("seg_sop_uid"), ok=bool(data.get("ok")), message=data.get("message"))
+                         seg_sop_uid=job.get("seg_sop_uid"), ok=event.ok, message=event.message)
 
