@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from segnode.models.measurements import label_volumes_ml, mask_volume_ml
 from segnode.models.volume import LabelMap, Volume
 from segnode.profiles.schema import Profile, Side, TissueQC
 
@@ -63,7 +64,7 @@ def check_tissue(volume: Volume, mask: np.ndarray, name: str, spec: TissueQC) ->
         return [Finding("empty", name, outcome, 0.0, "allowed" if spec.allow_empty else "not empty")]
     found = [Finding("empty", name, Outcome.PASS, float(voxels), "not empty")]
     if spec.volume_ml or spec.volume_fail_ml:
-        found.append(check_volume(voxels * volume.voxel_volume_ml, name, spec))
+        found.append(check_volume(mask_volume_ml(volume, mask), name, spec))
     if spec.side is not None:
         found.append(check_side(volume, mask, name, spec.side))
     if spec.max_components is not None:
@@ -93,8 +94,9 @@ def check_side(volume: Volume, mask: np.ndarray, name: str, side: Side) -> Findi
 
 
 def check_components(volume: Volume, mask: np.ndarray, name: str, spec: TissueQC) -> Finding:
+    """Connected components (faces touching) of at least ``min_component_ml``, measured slice by slice."""
     components, n = ndimage.label(mask)
-    sizes_ml = np.bincount(components.ravel())[1:] * volume.voxel_volume_ml
+    sizes_ml = label_volumes_ml(volume, components, n + 1)[1][1:]
     count = int((sizes_ml >= spec.min_component_ml).sum())
     outcome = Outcome.PASS if count <= (spec.max_components or 0) else Outcome.WARN
     return Finding("components", name, outcome, float(count), f"<= {spec.max_components} of >= {spec.min_component_ml:g} mL")

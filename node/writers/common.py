@@ -3,7 +3,7 @@
 Each writer (:mod:`~segnode.node.writers.seg`, :mod:`~segnode.node.writers.rtstruct`,
 :mod:`~segnode.node.writers.overlay`, :mod:`~segnode.node.writers.sr`,
 :mod:`~segnode.node.writers.nifti`) returns an :class:`EncodedResult`, derives
-its UIDs with :func:`deterministic_uid` from :func:`source_seed`, and names
+its UIDs with :func:`deterministic_uid` from :func:`output_seed`, and names
 segnode (:mod:`segnode.identity`) in its equipment attributes and file meta.
 """
 
@@ -75,6 +75,25 @@ def source_seed(source: SourceSeries) -> str:
         members.append(",".join(map(str, source.frame_order)))
     digest = hashlib.sha256("\n".join(members).encode()).hexdigest()[:16]
     return f"{source.series_instance_uid}/{digest}"
+
+
+def output_seed(
+    source: SourceSeries, profile: Profile, labels: LabelMap, kind: str, seg_type: SegType | str
+) -> tuple[str, ...]:
+    """Everything that makes one output object distinct, as the seed of its UIDs.
+
+    Source instances (:func:`source_seed`), profile, backend and model version,
+    output kind, SEG type.  A BINARY result keeps the seed it always had (a
+    resend after an upgrade is still one object): the kind is left out for the
+    SEG itself and "labelmap" is added only for a LABELMAP result, so no UID is
+    shared between kinds or between the BINARY and LABELMAP results of a series.
+    """
+    seed: tuple[str, ...] = (source_seed(source), profile.organ, labels.backend, labels.model_version)
+    if kind != "seg":
+        seed += (kind,)
+    if SegType(seg_type) is SegType.LABELMAP:
+        seed += ("labelmap",)
+    return seed
 
 
 #: modules whose root attributes highdicom copies from the source image

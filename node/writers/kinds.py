@@ -5,9 +5,11 @@
 * ``overlay``: a colour overlay series (secondary capture), any viewer shows it;
 * ``sr``: a measurement report (TID 1500) referencing the SEG.
 
-Each kind has its own deterministic UIDs (source series, profile, model
-version, kind), so every object of a job is stored once by a PACS, also on a
-resend.  ``sr`` references the SEG, so asking for ``sr`` also encodes ``seg``
+Each kind has its own deterministic UIDs (source series and instances,
+profile, model version, kind, SEG type: ``output_seed``), so every object of a
+job is stored once by a PACS, also on a resend, and a BINARY and a LABELMAP run
+of one series never share a UID.  The SR reports on the SEG of the same run
+(BINARY or LABELMAP) and its volumes are ``segment_statistics``'.  ``sr`` references the SEG, so asking for ``sr`` also encodes ``seg``
 (a destination that does not take SEG still gets only what it takes).
 Writers are imported when used: a node that never asks for a kind never
 loads its libraries.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from segnode.models.measurements import SegmentStatistics, segment_statistics
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import EncodedResult, SegType
 from segnode.node.writers.record import EncodedObject
@@ -46,7 +49,7 @@ def encode_outputs(
     kinds: tuple[str, ...] | list[str],
     *,
     seg_type: SegType | str = SegType.BINARY,
-    statistics: list[dict] | None = None,
+    statistics: list[SegmentStatistics] | None = None,
 ) -> list[EncodedObject]:
     """Write every kind in ``kinds`` (SEG first) into ``out_dir``; return each object written (paths relative to it)."""
     wanted = encoded_with(kinds)
@@ -59,13 +62,12 @@ def encode_outputs(
         elif kind == OutputKind.RTSTRUCT.value:
             from segnode.node.writers.rtstruct import write_rtstruct
 
-            results.append(_as_kind(write_rtstruct(volume, labels, profile, out_dir), kind))
+            results.append(_as_kind(write_rtstruct(volume, labels, profile, out_dir, seg_type=seg_type), kind))
         elif kind == OutputKind.OVERLAY.value:
             from segnode.node.writers.overlay import write_overlay
 
-            results += [_as_kind(r, kind) for r in write_overlay(volume, labels, profile, out_dir)]
+            results += [_as_kind(r, kind) for r in write_overlay(volume, labels, profile, out_dir, seg_type=seg_type)]
         elif kind == OutputKind.SR.value:
-            from segnode.models.measurements import segment_statistics
             from segnode.node.writers.sr import write_sr
 
             assert seg is not None  # SEG is encoded first

@@ -33,9 +33,10 @@ from segnode import identity
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import (
     EncodedResult,
+    SegType,
     checked_source,
     deterministic_uid,
-    source_seed,
+    output_seed,
 )
 from segnode.node.writers.outline import draw_outlines
 from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
@@ -123,8 +124,13 @@ def write_overlay(
     *,
     not_for_diagnosis: bool = True,
     series_number: int = 9003,
+    seg_type: SegType | str = SegType.BINARY,
 ) -> list[EncodedResult]:
-    """Write one RGB Secondary Capture per source slice with the outlines of ``labels`` burned in."""
+    """Write one RGB Secondary Capture per source slice with the outlines of ``labels`` burned in.
+
+    ``seg_type``: the SEG type of the result the overlay belongs to; it only
+    seeds the UIDs (a BINARY and a LABELMAP result never share one).
+    """
     source = checked_source(volume, labels, profile, "an overlay series needs them")
     planes = source_planes(volume)
     colours = {value: tuple(profile.tissue(name).color) for value, name in labels.labels.items()}
@@ -132,7 +138,7 @@ def write_overlay(
     if not_for_diagnosis:
         entries.append((NOT_FOR_DIAGNOSIS, WARNING_COLOUR))
     band = legend_band(volume.shape[2], entries)  # type: ignore[arg-type]
-    seed = (source_seed(source), profile.organ, labels.backend, labels.model_version, "overlay")
+    seed = output_seed(source, profile, labels, "overlay", seg_type)
     series_uid = str(deterministic_uid(*seed, "series"))
     suffix = f" {NOT_FOR_DIAGNOSIS}" if not_for_diagnosis else ""
     text = {

@@ -38,9 +38,10 @@ from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import (
     EncodedResult,
+    SegType,
     checked_source,
     deterministic_uid,
-    source_seed,
+    output_seed,
 )
 from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
 from segnode.profiles.schema import Profile, Tissue
@@ -141,14 +142,19 @@ def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str,
 
 
 def write_rtstruct(
-    volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, series_number: int = 9002
+    volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, series_number: int = 9002,
+    seg_type: SegType | str = SegType.BINARY,
 ) -> EncodedResult:
-    """Write ``labels`` as an RT Structure Set referencing the source images of ``volume``."""
+    """Write ``labels`` as an RT Structure Set referencing the source images of ``volume``.
+
+    ``seg_type``: the SEG type of the result this structure set belongs to; it
+    only seeds the UIDs (a BINARY and a LABELMAP result never share one).
+    """
     source = checked_source(volume, labels, profile, "an RT Structure Set needs them")
     planes = source_planes(volume)
     if "FrameOfReferenceUID" not in source.datasets[0]:
         raise EncodeError("the source has no FrameOfReferenceUID: contours cannot be placed", where=source.series_instance_uid)
-    seed = (source_seed(source), profile.organ, labels.backend, labels.model_version, "rtstruct")
+    seed = output_seed(source, profile, labels, "rtstruct", seg_type)
     series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
     ds = _header(volume, labels, profile, str(series_uid), str(sop_uid), series_number)
     frame_uid = source.datasets[0].FrameOfReferenceUID

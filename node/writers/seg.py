@@ -42,7 +42,7 @@ from segnode.node.writers.common import (
     checked_source,
     deterministic_uid,
     drop_empty_conditional,
-    source_seed,
+    output_seed,
 )
 from segnode.profiles.schema import Code, Profile, Tissue
 
@@ -103,9 +103,7 @@ def write_seg(
     """Write ``labels`` as a DICOM SEG referencing the source images of ``volume``."""
     seg_type = SegType(seg_type)
     source = checked_source(volume, labels, profile, "a SEG needs them; use --format nifti")
-    seed: tuple[str, ...] = (source_seed(source), profile.organ, labels.backend, labels.model_version)
-    if seg_type is SegType.LABELMAP:  # BINARY keeps the UIDs it always had (a resend stays one object)
-        seed += ("labelmap",)
+    seed = output_seed(source, profile, labels, "seg", seg_type)  # BINARY: the UIDs it always had
     series_uid = deterministic_uid(*seed, "series")
     sop_uid = deterministic_uid(*seed, "instance")
     array = _frames_in_source_order(volume, labels.array.astype(np.uint8, copy=False))

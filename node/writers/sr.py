@@ -2,29 +2,38 @@
 
 * one measurement group (TID 1411) per non-empty segment, referencing that
   segment of the SEG at ``seg_path`` (ReferencedSegment, with its source
-  images) and tracked by the segment's tracking UID / tissue name;
+  images) and tracked by the segment's tracking UID / tissue name; a BINARY
+  SEG's segment is referenced with the frames that hold it, a LABELMAP SEG's
+  (whose frames hold several segments, with no per-frame Segment
+  Identification) by its segment number alone, with the source images of the
+  frames in which its value occurs;
 * measurements: volume in mL (UCUM ``ml``) and mean attenuation in Hounsfield
   units (UCUM ``[hnsf'U]``, derivation Mean), the values of
-  ``segment_statistics`` as computed (already rounded: 3 decimals mL, 1 HU);
+  ``segment_statistics`` as computed (already rounded: 3 decimals mL, 0.1 HU;
+  each slice counted with its own extent, :mod:`segnode.models.measurements`);
 * the device observer names segnode, the backend and its model version;
-* UIDs are deterministic (source series and its instances, organ, backend, model version, "sr").
+* UIDs are deterministic (:func:`~segnode.node.writers.common.output_seed`: source
+  series and its instances, organ, backend, model version, "sr", and the SEG
+  type of the SEG it reports on, read from that SEG).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
-
 import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from segnode import __version__, identity
 from segnode.errors import EncodeError
+from segnode.models.measurements import SegmentStatistics
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import (
     EncodedResult,
+    SegType,
     deterministic_uid,
-    source_seed,
+    output_seed,
 )
 from segnode.profiles.schema import Code, Profile
 
@@ -54,15 +63,20 @@ def _observation_context(labels: LabelMap) -> hd.sr.ObservationContext:
     )
 
 
-def _group(seg: hd.seg.Segmentation, stat: dict[str, Any], profile: Profile, labels: LabelMap):
+def _group(
+    seg: hd.seg.Segmentation, stat: SegmentStatistics, profile: Profile, labels: LabelMap
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     number = int(stat["segment_number"])
     tissue = profile.tissue(stat["tissue"])
     assert tissue.type is not None and tissue.category is not None  # the profile validator ensures it
+    mean_hu = stat["mean_hu"]
+    if mean_hu is None:
+        raise EncodeError(f"segment {number} ({tissue.name}) is empty: no measurement group")
     algorithm = hd.sr.AlgorithmIdentification(name=f"segnode {labels.backend}"[:64], version=labels.model_version or __version__)
     measurements = [
         hd.sr.Measurement(name=codes.SCT.Volume, value=float(stat["volume_ml"]), unit=ML, algorithm_id=algorithm),
         hd.sr.Measurement(
-            name=ATTENUATION, value=float(stat["mean_hu"]), unit=HU, derivation=codes.SCT.Mean, algorithm_id=algorithm
+            name=ATTENUATION, value=float(mean_hu), unit=HU, derivation=codes.SCT.Mean, algorithm_id=algorithm
         ),
     ]
     segment = next((s for s in seg.SegmentSequence if s.SegmentNumber == number), None)
@@ -74,10 +88,45 @@ def _group(seg: hd.seg.Segmentation, stat: dict[str, Any], profile: Profile, lab
             uid=tracking_uid or deterministic_uid(labels.backend, labels.model_version, tissue.name, "sr"),
             identifier=tissue.name,
         ),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+        referenced_segment=referenced_segment(seg, number),
         finding_type=_code(tissue.type),
         finding_category=_code(tissue.category),
         measurements=measurements,
+    )
+
+
+def seg_type_of(seg: Dataset) -> SegType:
+    """BINARY or LABELMAP, as the SEG says (a FRACTIONAL SEG is not one segnode writes)."""
+    value = str(seg.get("SegmentationType", "")).upper()
+    if value == "LABELMAP":
+        return SegType.LABELMAP
+    if value == "BINARY":
+        return SegType.BINARY
+    raise EncodeError(f"the SEG's SegmentationType is {value or 'missing'}: segnode reports on BINARY or LABELMAP")
+
+
+def referenced_segment(seg: hd.seg.Segmentation, number: int) -> hd.sr.ReferencedSegment:
+    """Segment ``number`` of ``seg`` with the source images it was drawn on (TID 1411 row 'Referenced Segment')."""
+    if seg_type_of(seg) is SegType.BINARY:
+        return hd.sr.ReferencedSegment.from_segmentation(seg, number)
+    sources: dict[tuple[str, int | None], hd.sr.SourceImageForSegmentation] = {}
+    for frame_number, frame in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        if not np.any(seg.get_stored_frame(frame_number) == number):
+            continue
+        for derivation in frame.get("DerivationImageSequence") or []:
+            for image in derivation.get("SourceImageSequence") or []:
+                frames = image.get("ReferencedFrameNumber")
+                key = (str(image.ReferencedSOPInstanceUID), int(frames) if frames is not None else None)
+                sources[key] = hd.sr.SourceImageForSegmentation(
+                    referenced_sop_class_uid=image.ReferencedSOPClassUID,
+                    referenced_sop_instance_uid=image.ReferencedSOPInstanceUID,
+                    referenced_frame_numbers=[key[1]] if key[1] is not None else None,
+                )
+    if not sources:
+        raise EncodeError(f"segment {number} occurs in no frame of the LABELMAP SEG")
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
+        source_images=list(sources.values()),
     )
 
 
@@ -88,7 +137,7 @@ def _segment_per_frame(seg: hd.seg.Segmentation) -> None:
     DICOM), but ``ReferencedSegment.from_segmentation`` reads it per frame.
     """
     shared = seg.SharedFunctionalGroupsSequence[0]
-    if "SegmentIdentificationSequence" not in shared:
+    if seg_type_of(seg) is SegType.LABELMAP or "SegmentIdentificationSequence" not in shared:
         return
     for frame in seg.PerFrameFunctionalGroupsSequence:
         if "SegmentIdentificationSequence" not in frame:
@@ -102,7 +151,7 @@ def write_sr(
     out_dir: Path,
     *,
     seg_path: Path,
-    statistics: list[dict],
+    statistics: list[SegmentStatistics],
     series_number: int = 9004,
 ) -> EncodedResult:
     """Write ``statistics`` (``segment_statistics``) as a TID 1500 report on the SEG at ``seg_path``."""
@@ -115,7 +164,7 @@ def write_sr(
         raise EncodeError(f"cannot read the SEG the SR refers to: {exc}", where=str(seg_path)) from exc
     _segment_per_frame(seg)
     present = [s for s in statistics if not s.get("empty") and s.get("voxels")]
-    seed = (source_seed(source), profile.organ, labels.backend, labels.model_version, "sr")
+    seed = output_seed(source, profile, labels, "sr", seg_type_of(seg))
     series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
     try:
         report = hd.sr.MeasurementReport(
