@@ -19,9 +19,8 @@ def test_the_identity_is_well_formed() -> None:
     assert 0 < len(name) <= 16 and name.isascii() and "\\" not in name
 
 
-#: an SR on a LABELMAP SEG is refused by highdicom today (issue 22 fixes it)
 @pytest.mark.parametrize(("seg_type", "kinds"), [("binary", ("seg", "rtstruct", "overlay", "sr")),
-                                                 ("labelmap", ("seg", "rtstruct", "overlay"))])
+                                                 ("labelmap", ("seg", "rtstruct", "overlay", "sr"))])
 def test_every_kind_carries_the_node_identity(tmp_path: Path, seg_type: str, kinds: tuple[str, ...]) -> None:
     profile = writer_profile(tmp_path)
     volume, labels = tilted_uneven(tmp_path / "ct", profile)
