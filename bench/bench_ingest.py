@@ -10,15 +10,18 @@ measures the time from the last image acknowledged to the SEG acknowledged
 by Orthanc, minus the quiet period.
 
     .venv/bin/python bench/bench_ingest.py [--images 300] [--size 512] [--runs 3] [--receivers 2] [--no-latency]
-                                           [--pynetdicom]
+                                           [--tls]
 
-The ``segnode`` rows use the default native receiver (:mod:`segnode.node.dicom_in.receiver`);
-``--pynetdicom`` adds a row for ``limits.receiver: pynetdicom`` (the one TLS uses).
+The ``segnode`` rows use the node's receiver (:mod:`segnode.node.dicom_in.receiver`);
+``--tls`` adds ``storescp+tls`` and ``segnode+tls``: both over TLS with a client
+certificate required (a throw-away CA, tests/tls_pki.py), ``storescu +tls``
+sending; ``segnode+tls`` is compared with ``storescp+tls``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +40,16 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.peers import (  # noqa: E402  (bench tooling reuses the test peers)
     DCMTK_ENV,
+    free_port,
     node,
     orthanc,
+    port_open,
+    stop_process,
     storescp,
     wait_until,
     write_node_config,
 )
+from tests.tls_pki import Pki, make_pki  # noqa: E402
 
 
 def write_series(folder: Path, images: int, size: int) -> list[Path]:
@@ -81,12 +89,12 @@ def write_series(folder: Path, images: int, size: int) -> list[Path]:
     return paths
 
 
-def send(port: int, called: str, folders: list[Path]) -> float:
-    """Seconds to send ``folders`` over one association each, all at once."""
+def send(port: int, called: str, folders: list[Path], extra: tuple[str, ...] = ()) -> float:
+    """Seconds to send ``folders`` over one association each, all at once (``extra``: storescu options, e.g. TLS)."""
     errors: list[str] = []
 
     def one(folder: Path) -> None:
-        r = subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "+sd", "127.0.0.1", str(port),
+        r = subprocess.run(["storescu", "-aet", "BENCH", "-aec", called, "+sd", *extra, "127.0.0.1", str(port),
                             str(folder)], env=DCMTK_ENV, capture_output=True, text=True)
         if r.returncode != 0 or "E:" in r.stderr:
             errors.append(r.stderr[-300:])
@@ -120,11 +128,11 @@ LABELS = ("1 assoc", "4 conc")
 def measure_round(peers: dict, whole: Path, quarters: list[Path], images: int) -> dict[tuple[str, str], float]:  # type: ignore[type-arg]
     """One run of every receiver × (one association, 4 concurrent), receivers interleaved."""
     out = {}
-    for name, (start_peer, called) in peers.items():
+    for name, (start_peer, called, *extra) in peers.items():
         for label, folders in zip(LABELS, ([whole], quarters)):
             with start_peer() as port:
                 os.sync()  # no receiver pays for the writeback of the previous one's unsynced files
-                out[name, label] = images / send(port, called, folders)
+                out[name, label] = images / send(port, called, folders, tuple(extra[0]) if extra else ())
     print("  run: " + ", ".join(f"{n} {lab} {v:.0f}" for (n, lab), v in out.items()), flush=True)
     return out
 
@@ -136,12 +144,16 @@ def report(rounds: list[dict[tuple[str, str], float]], names: list[str]) -> dict
     for name in names:
         print(f"  {name:<10} " + " ".join(f"{med[name, lab]:8.0f}" for lab in LABELS))
     for name in (n for n in names if n.startswith("segnode")):
+        tls = name.endswith("+tls")
+        ref = "storescp+tls" if tls else "storescp"
         for label in LABELS:  # ratios per run, then their median (the load varies between runs)
-            to_ref = [r[name, label] / r["storescp", label] for r in rounds]
-            to_orth = [r[name, label] / r["Orthanc", label] for r in rounds]
-            print(f"  ratio {label}: {name}/storescp {statistics.median(to_ref):.2f} "
-                  f"(runs {min(to_ref):.2f}-{max(to_ref):.2f}), {name}/Orthanc {statistics.median(to_orth):.2f} "
-                  f"(runs {min(to_orth):.2f}-{max(to_orth):.2f})")
+            to_ref = [r[name, label] / r[ref, label] for r in rounds]
+            line = (f"  ratio {label}: {name}/{ref} {statistics.median(to_ref):.2f} "
+                    f"(runs {min(to_ref):.2f}-{max(to_ref):.2f})")
+            if not tls:
+                to_orth = [r[name, label] / r["Orthanc", label] for r in rounds]
+                line += f", {name}/Orthanc {statistics.median(to_orth):.2f} (runs {min(to_orth):.2f}-{max(to_orth):.2f})"
+            print(line)
     return med
 
 
@@ -153,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-latency", action="store_true", help="skip the end-to-end latency run")
     parser.add_argument("--receivers", type=int, default=2,
                         help="also measure segnode with this many receiver processes (1: skip)")
-    parser.add_argument("--pynetdicom", action="store_true",
-                        help="also measure segnode with the pynetdicom receiver (limits.receiver: pynetdicom)")
+    parser.add_argument("--tls", action="store_true",
+                        help="also measure storescp and segnode over TLS (client certificates required)")
     parser.add_argument("--quiet", type=float, default=2.0, help="quiet period for the latency run (s)")
     args = parser.parse_args(argv)
     if not all(shutil.which(t) for t in ("storescu", "storescp", "Orthanc")):
@@ -186,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     yield peer.dicom_port
             return cm()
 
-        def segnode_peer(processes: int = 1, receiver: str = "native"):  # type: ignore[no-untyped-def]
+        def segnode_peer(processes: int = 1, tls: dict[str, object] | None = None):  # type: ignore[no-untyped-def]
             from contextlib import contextmanager
 
             @contextmanager
@@ -194,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 run = work / f"segnode{next(counter)}"
                 run.mkdir()
                 config = write_node_config(run / "node.yaml", completion={"quiet_period_s": 3600},
-                                           limits={"min_free_disk_mb": 1, "receiver_processes": processes,
-                                                   "receiver": receiver})
+                                           limits={"min_free_disk_mb": 1, "receiver_processes": processes},
+                                           **({"tls": tls} if tls else {}))
                 with node(config) as n:
                     yield n.port
             return cm()
@@ -205,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                  "segnode": (segnode_peer, "SEGNODE")}
         if args.receivers > 1:
             peers[f"segnode-{args.receivers}p"] = (lambda: segnode_peer(args.receivers), "SEGNODE")
-        if args.pynetdicom:
-            peers["segnode-pynetdicom"] = (lambda: segnode_peer(receiver="pynetdicom"), "SEGNODE")
+        if args.tls:
+            pki = make_pki(work / "pki")
+            client = tuple(pki.storescu_args())
+            peers["storescp+tls"] = (lambda: storescp_tls(work / f"storescp{next(counter)}", pki), "ANY", client)
+            peers["segnode+tls"] = (lambda: segnode_peer(tls=pki.server_tls(client_ca=True)), "SEGNODE", client)
         rounds = [measure_round(peers, work / "series", quarters, args.images) for _ in range(args.runs)]
         report(rounds, list(peers))
         if not args.no_latency:
@@ -214,6 +229,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+@contextlib.contextmanager
+def storescp_tls(out_dir: Path, pki: Pki) -> Iterator[int]:
+    """DCMTK ``storescp +tls`` with ``pki``'s server certificate, requiring a client certificate our CA signed."""
+    out_dir.mkdir(parents=True)
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out_dir), "+tls", str(pki.key("server")),
+                             str(pki.cert("server")), "-pw", "+cf", str(pki.ca), str(port)],
+                            env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port) or proc.poll() is not None, 10, f"storescp +tls on {port}")
+        assert proc.poll() is None, "storescp +tls exited at start"
+        yield port
+    finally:
+        stop_process(proc)
 
 
 def latency(work: Path, quiet: float) -> None:
