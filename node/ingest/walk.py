@@ -88,7 +88,7 @@ def walk_dataset(dataset: memoryview | bytes, transfer_syntax: str, sop_class_ui
     try:
         pixels = _Walk(cursor, encapsulated=transfer_syntax not in _NATIVE).dataset(syntax, 0, None, delimited=False)
         if not cursor.complete():
-            return "deflate stream ends before the dataset does"
+            return "deflate stream cut short"
     except _Fault as fault:
         return str(fault)[:64]
     except zlib.error:
@@ -210,7 +210,7 @@ class _Walk:
         ``end``: where a defined-length item ends (``None``: where the data
         end); ``delimited``: it ends with an item delimiter instead.
         """
-        image: dict[int, int] = {}
+        image: dict[int, bytes | None] = {}  # Rows, Columns, …: read as they pass, judged by the Pixel Data
         pixels = False
         while not self._ended(end, delimited, "item"):
             tag, vr, length = self.element(syntax)
@@ -228,7 +228,7 @@ class _Walk:
             elif vr == b"SQ":
                 self.sequence(syntax, depth + 1, self._inside(end, length, tag), delimited=False, tag=tag, vr=vr)
             elif tag in _IMAGE_TAGS:
-                image[tag] = _image_value(tag, self._value(end, length, tag), syntax)
+                image[tag] = self._value(end, length, tag)
             else:
                 self.skip(end, length, tag)
         return pixels
@@ -250,7 +250,8 @@ class _Walk:
             else:
                 self.dataset(syntax, depth, self._inside(end, length, tag), delimited=False)
 
-    def pixel_data(self, syntax: _Syntax, depth: int, end: int | None, length: int, image: dict[int, int]) -> None:
+    def pixel_data(self, syntax: _Syntax, depth: int, end: int | None, length: int,
+                   image: dict[int, bytes | None]) -> None:
         """Native Pixel Data of the size its dataset's attributes say, or whole encapsulated fragments."""
         encapsulated = length == _UNDEFINED
         if depth == 0 and encapsulated != self.encapsulated:
@@ -259,7 +260,7 @@ class _Walk:
         if encapsulated:
             self.fragments(syntax, end)
             return
-        expected = _native_size(image)
+        expected = _native_size(image, syntax)
         if length < expected:  # more is trailing padding, which readers drop (pydicom: with a warning)
             raise _Fault(f"Pixel Data has {length} bytes, its attributes say {expected}")
         self.skip(end, length, PIXEL_DATA)
@@ -313,10 +314,11 @@ class _Walk:
         elif not cur.skip(length):
             raise _Fault(f"{_name(tag)} runs past the end of the dataset")
 
-    def _value(self, end: int | None, length: int, tag: int) -> bytes:
-        """A short value (an image attribute's)."""
+    def _value(self, end: int | None, length: int, tag: int) -> bytes | None:
+        """A short value (an image attribute's); ``None``, skipped, if it is longer than any valid one."""
         if length > _SMALL:
-            raise _Fault(f"{_name(tag)} is {length} bytes long")
+            self.skip(end, length, tag)
+            return None
         self._inside(end, length, tag)
         cur = self.cur
         if not cur.fill(length):
@@ -345,22 +347,29 @@ class _Walk:
         return True
 
 
-def _image_value(tag: int, raw: memoryview | bytes, syntax: _Syntax) -> int:
-    """Rows, Columns, SamplesPerPixel, BitsAllocated (US) or NumberOfFrames (IS) as a number."""
-    if tag != _FRAMES:
-        if len(raw) != 2:
-            raise _Fault(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not one US value")
-        return int(syntax.u16.unpack_from(raw)[0])
-    text = bytes(raw).decode("latin-1").strip(" \x00")
-    if not text.isdigit():
-        raise _Fault("NumberOfFrames is not a number")
-    return int(text)
+def _image_value(image: dict[int, bytes | None], tag: int, syntax: _Syntax, default: int | None = None) -> int:
+    """Rows, Columns, SamplesPerPixel, BitsAllocated (one US) or NumberOfFrames (an IS) as a number."""
+    if tag not in image:
+        if default is None:
+            raise _Fault("Pixel Data without Rows, Columns or BitsAllocated")
+        return default
+    raw = image[tag]
+    if raw is None:
+        raise _Fault(f"{_name(tag)} is too long")
+    if tag == _FRAMES:
+        text = raw.decode("latin-1").strip(" \x00")
+        if not text.isdigit():
+            raise _Fault("NumberOfFrames is not a number")
+        return int(text)
+    if len(raw) != 2:
+        raise _Fault(f"{_name(tag)} is not one US value")
+    return int(syntax.u16.unpack_from(raw)[0])
 
 
-def _native_size(image: dict[int, int]) -> int:
-    """The bytes native Pixel Data must have: packed bits, rounded up to even."""
-    if not {_ROWS, _COLUMNS, _BITS} <= image.keys():
-        raise _Fault("Pixel Data without Rows, Columns or BitsAllocated")
-    bits = image[_ROWS] * image[_COLUMNS] * image.get(_SAMPLES, 1) * image.get(_FRAMES, 1) * image[_BITS]
+def _native_size(image: dict[int, bytes | None], syntax: _Syntax) -> int:
+    """The bytes native Pixel Data must have, from its dataset's attributes: packed bits, rounded up to even."""
+    bits = _image_value(image, _SAMPLES, syntax, 1) * _image_value(image, _FRAMES, syntax, 1)
+    for tag in (_ROWS, _COLUMNS, _BITS):
+        bits *= _image_value(image, tag, syntax)
     size = (bits + 7) // 8
     return size + (size & 1)
