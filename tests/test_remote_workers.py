@@ -67,14 +67,7 @@ def workers(tmp_path: Path, broker: RabbitMQ, count: int) -> Iterator[dict[str, 
     procs: dict[str, subprocess.Popen] = {}
     try:
         for n in range(count):
-            name = f"w{n}"
-            folder = tmp_path / "workers" / name
-            (folder / "weights").mkdir(parents=True)
-            with open(folder / "worker.log", "ab") as log:
-                procs[name] = subprocess.Popen(
-                    [*SEGNODE, "worker", "--broker", broker.url, "--queue", "cpu", "--name", name, "--state-dir",
-                     str(folder / "state"), "--weights-dir", str(folder / "weights"), "--device", "cpu"],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+            procs[f"w{n}"] = start_worker(tmp_path, broker, f"w{n}")
         wait_until(lambda: consumers(broker, "cpu") >= count, 90, f"{count} workers on the cpu queue", interval=0.2)
         yield procs
     finally:
@@ -86,6 +79,22 @@ def workers(tmp_path: Path, broker: RabbitMQ, count: int) -> Iterator[dict[str, 
             except subprocess.TimeoutExpired:
                 kill_group(proc, signal.SIGKILL)
                 proc.wait()
+
+
+def start_worker(tmp_path: Path, broker: RabbitMQ, name: str) -> subprocess.Popen:
+    """``segnode worker`` in its own process group, with its folders under tmp/workers/NAME (kept on a restart)."""
+    folder = tmp_path / "workers" / name
+    (folder / "weights").mkdir(parents=True, exist_ok=True)
+    with open(folder / "worker.log", "ab") as log:
+        return subprocess.Popen(
+            [*SEGNODE, "worker", "--broker", broker.url, "--queue", "cpu", "--name", name, "--state-dir",
+             str(folder / "state"), "--weights-dir", str(folder / "weights"), "--device", "cpu"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def job_files(state: Path) -> list[Path]:
+    """Every file a worker's state folder holds for jobs (series in transit, outputs)."""
+    return [p for p in (state / "jobs").rglob("*") if p.is_file()]
 
 
 def kill_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
@@ -142,7 +151,7 @@ def test_twenty_series_three_workers_each_result_exactly_once(tmp_path: Path) ->
         assert all(encoded_events(index, j.job_id) == 1 and j.segment_attempts == 1 for j in jobs)
         assert len(set(results.values())) >= 2, results  # the queue spread the work
         for job in jobs:  # each SEG came back whole, for its own source series
-            seg = dcmread(job.seg_path)
+            seg = dcmread(job.file(job.seg_path))
             assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == job.series_uid
         for name in ("w0", "w1", "w2"):  # the workers kept nothing: their scratch folders are empty
             assert not any((tmp_path / "workers" / name / "state" / "jobs").glob("*"))
@@ -164,7 +173,9 @@ def ops_url(n: NodeProcess) -> str:
     return line.rsplit(" ", 1)[1].strip()
 
 
-def test_worker_killed_mid_job_another_finishes_it_once(tmp_path: Path) -> None:
+def test_worker_killed_mid_job_another_finishes_it_once_and_the_restarted_one_keeps_nothing(tmp_path: Path) -> None:
+    """kill -9 of a worker mid-job: the job completes once, by redelivery; restarted with the same state folder,
+    the killed worker holds none of the job's files (patient data) and its folder stays private."""
     [folder] = small_series(tmp_path / "series", 1, shape=(60, 160, 160))  # a few seconds of hu_based
     with rabbitmq(tmp_path / "broker") as broker, node(remote_config(tmp_path, broker)) as n, \
             workers(tmp_path, broker, 3) as procs:
@@ -172,7 +183,7 @@ def test_worker_killed_mid_job_another_finishes_it_once(tmp_path: Path) -> None:
 
         def busy() -> str | None:  # the worker whose scratch folder holds the job's series
             for name in procs:
-                if any((tmp_path / "workers" / name / "state" / "jobs").glob("job-*/input/*.dcm")):
+                if any((tmp_path / "workers" / name / "state" / "jobs").glob("*job-*/input/*.dcm")):
                     return name
             return None
 
@@ -186,6 +197,13 @@ def test_worker_killed_mid_job_another_finishes_it_once(tmp_path: Path) -> None:
         assert list(results) == [job.job_id] and results[job.job_id] != victim
         assert encoded_events(index, job.job_id) == 1
         assert job.segment_attempts == 1  # the broker redelivered the same attempt; the node did not re-enqueue
+
+        state = tmp_path / "workers" / victim / "state"
+        assert job_files(state)  # what the kill left: the job's series, in the victim's folder
+        procs[victim] = start_worker(tmp_path, broker, victim)  # same name, same --state-dir
+        wait_until(lambda: consumers(broker, "cpu") >= 3, 90, "the restarted worker on the cpu queue", interval=0.2)
+        assert job_files(state) == []
+        assert state.stat().st_mode & 0o777 == 0o700 and (state / "jobs").stat().st_mode & 0o777 == 0o700
 
 
 def test_broker_restarted_mid_run_nothing_lost(tmp_path: Path) -> None:
