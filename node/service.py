@@ -2,22 +2,25 @@
 
 Data flows one way through the index (:mod:`segnode.storage.index`):
 
-1. the SCP (:mod:`segnode.node.dicom_in.scp`) spools instances and opens ``received`` jobs;
+1. the receiver (:mod:`segnode.node.dicom_in.server`) spools instances and opens ``received`` jobs;
 2. the completion sweep, on evidence or after the quiet period, selects and
    routes each series (:mod:`segnode.node.sweep`) → ``complete`` (or
    ``skipped``, ``not_routed``);
 3. the job starter claims ``complete`` jobs (→ ``segmenting``) and runs each in
    its own process (:mod:`segnode.node.jobs.worker`) → ``encoded`` or ``failed``;
-4. the dispatcher sends each destination the objects it takes (SEG, RTSTRUCT,
-   overlay, SR), tracked one by one, with retries and backoff
-   (:mod:`segnode.node.dispatch`) → ``done`` or ``dead_letter``;
+4. each destination's delivery queue sends it the objects it takes (SEG,
+   RTSTRUCT, overlay, SR), tracked one by one, with retries and backoff
+   (:mod:`segnode.node.sending.queues`, policy in :mod:`segnode.node.dispatch`)
+   → ``done`` or ``dead_letter``; a destination that is down or slow delays
+   only its own deliveries, and accepting a result never waits on a send;
 5. housekeeping removes spooled series some time after their job is done.
 
 APScheduler drives 2–5 on intervals; a finished step also triggers the next
 one directly, so latency does not wait for a tick.  Anything acknowledged but
 unfinished resumes on restart, because every step reads its work from the
-index.  Listeners (:attr:`Service.listeners`) receive ``(kind, data)`` events
-for an ops API, metrics or an audit log.
+index.  Listeners (:attr:`Service.listeners`, :class:`segnode.node.events.EventSink`)
+receive the node's typed events (:mod:`segnode.node.events`) for an ops API,
+metrics or an audit log; :meth:`Service.emit` is how other parts emit into them.
 """
 
 from __future__ import annotations
@@ -34,21 +37,18 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from segnode.errors import ConfigError, SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.dicom_in.processes import ReceiverPool
-from segnode.node.dicom_in.scp import RunningSCP, start_scp
-from segnode.node.dispatch import (
-    backoff_s,
-    deliver,
-    deliver_objects,
-    encoded_kinds,
-    summarise,
-)
-from segnode.node.ingest.store import Listener
-from segnode.node.jobs.worker import JobOutcome, JobSpec, run_job
+from segnode.node.dicom_in.server import RunningSCP, start_scp
+from segnode.node.dispatch import encoded_kinds
+from segnode.node.events import Event, EventSink, Harvested, JobMoved
+from segnode.node.config.datasets import dataset_store_root
+from segnode.node.jobs.result import job_folder
+from segnode.node.jobs.worker import JobOutcome, JobSpec, WorkerPool, run_job
 from segnode.node.review import decide
+from segnode.node.sending.queues import Senders
 from segnode.node.sweep import CompletionSweep
 from segnode.output_kinds import encoded_with
 from segnode.routing.rules import QcPolicy
-from segnode.storage.index import DeliveryState, Index, Job, JobState, ObjectOutcome
+from segnode.storage.index import Index, Job, JobState
 from segnode.storage.recovery import reindex_spool
 from segnode.storage.spool import Spool
 
@@ -89,17 +89,18 @@ class Service:
         self.spool = Spool(config.spool_dir)
         self.index = Index(config.index_path)
         self.rules = _rules_holder(config)
-        self._completion = CompletionSweep(config, self.index, self.spool, self.rules, self._emit,
+        self._completion = CompletionSweep(config, self.index, self.spool, self.rules, self.emit,
                                            self._resolve_destinations)
-        self.listeners: list[Listener] = []
+        self.listeners: list[EventSink] = []
         self.scp: RunningSCP | None = None
         self.receivers: ReceiverPool | None = None
         self.remote: Any = None  # node.remote.RemoteJobs when `broker:` is configured (docs/scaling.md)
         self.dicomweb: Any = None  # node.http_api.RunningHTTP (node/http_in/dicomweb.py) when `dicomweb.enabled`
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
+        self.workers = WorkerPool()  # local worker processes, each started when a job first needs it
         self._running = 0
         self._lock = threading.Lock()
-        self._dispatch_lock = threading.Lock()
+        self.senders = Senders(config, self.index, self.emit)  # a queue and thread(s) per destination
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
 
     # -- life cycle -------------------------------------------------------------------
@@ -110,11 +111,12 @@ class Service:
         for job_id in self.index.recover():
             logger.info("job %d was interrupted while segmenting; it will run again", job_id)
         extra = self.config.limits.receiver_processes - 1
-        self.scp = start_scp(self.config, self.spool, self.index, self._emit, reuse_port=extra > 0)
+        self.scp = start_scp(self.config, self.spool, self.index, self.emit, reuse_port=extra > 0)
         if extra:
             self.receivers = ReceiverPool(self.config, self.scp, extra)
             self.receivers.start()
         self._start_scaleout()  # before the scheduler: start_jobs must see `remote` from its first call
+        self.senders.start()
         every = self._scheduler.add_job
         every(self.sweep_completion, "interval", seconds=self.config.completion.sweep_interval_s, id="completion")
         every(self.start_jobs, "interval", seconds=1.0, id="jobs")
@@ -147,12 +149,15 @@ class Service:
         if self.scp is not None:
             self.scp.stop()
         self._scheduler.shutdown(wait=False)
+        self.senders.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
         (self.config.state_dir / "segnode.pid").unlink(missing_ok=True)
 
-    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+    def emit(self, event: Event) -> None:
+        """An :class:`~segnode.node.events.EventSink`: ``event`` to every listener (receiver, sweep, remote jobs)."""
         for listener in self.listeners:
-            listener(kind, data)
+            listener(event)
 
     # -- 2. completion and routing ------------------------------------------------------
     def sweep_completion(self) -> None:
@@ -188,7 +193,7 @@ class Service:
                 if job is None:
                     return
                 self._running += 1
-            self._emit("job_state", {"job_id": job.job_id, "state": JobState.SEGMENTING.value})
+            self.emit(JobMoved(job.job_id, JobState.SEGMENTING))
             self._pool.submit(self._segment, job)
 
     def job_spec(self, job: Job) -> JobSpec:
@@ -196,14 +201,14 @@ class Service:
         if info is None or job.profile is None:
             raise ConfigError("job has no series or no profile", where=f"job {job.job_id}")
         worker = self.config.worker
-        out = self.config.results_dir / f"job-{job.job_id}" / f"attempt-{job.segment_attempts}"
+        out = job_folder(self.config.results_dir, job.job_id, job.segment_attempts)
         return JobSpec(job_id=job.job_id, series_uid=job.series_uid,
                        input_dir=str(self.spool.series_dir(info.study_uid, info.series_uid)),
                        profile=job.profile, out_dir=str(out), backend=job.backend, seg_type=worker.seg_type,
                        device=worker.device, threads=worker.threads,
                        weights_dir=str(worker.weights_dir) if worker.weights_dir else None,
                        memory_budget_mb=worker.memory_budget_mb, harvest=job.harvest, rule=job.rule, calling_ae=info.calling_ae,
-                       dataset_store=str(self.config.dataset_store or self.config.state_dir / "datasets"),
+                       dataset_store=str(dataset_store_root(self.config)),
                        deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None,
                        options={**job.options, "outputs": list(self.encoded_kinds(job))})
 
@@ -232,52 +237,56 @@ class Service:
             self.index.transition(job.job_id, JobState.FAILED, str(exc))
             return
         started = time.monotonic()
-        outcome = run_job(spec, timeout_s=self.config.worker.timeout_s)
+        outcome = run_job(spec, self.workers, timeout_s=self.config.worker.timeout_s)
         self.finish_job(job, outcome, started)
 
     def finish_job(self, job: Job, outcome: JobOutcome, started: float) -> None:
-        """Record a worker's outcome: a local worker process's, or a remote worker's result (node/remote/jobs.py)."""
-        if not outcome.ok:
+        """Record a worker's outcome: a local worker process's, or a remote worker's result (node/remote/jobs.py).
+
+        The result's paths stay relative: the index records them with the job folder they are relative to.
+        """
+        if outcome.result is None:
             reason = f"{outcome.error_kind}: {outcome.message}"
             logger.error("job %d failed: %s", job.job_id, reason)
             self.index.transition(job.job_id, JobState.FAILED, reason)
-            self._emit("job_state", {"job_id": job.job_id, "state": JobState.FAILED.value, "reason": reason})
+            self.emit(JobMoved(job.job_id, JobState.FAILED, reason))
             return
-        result = outcome.result or {}
-        verdict = decide(result.get("qc"), job.options.get("review"))  # docs/review.md
+        result = outcome.result
+        verdict = decide([f.as_dict() for f in result.qc], job.options.get("review"))  # docs/review.md
         if verdict.policy is QcPolicy.FAIL:
             self.index.transition(job.job_id, JobState.FAILED, verdict.reason)
-            self._emit("job_state", {"job_id": job.job_id, "state": JobState.FAILED.value, "reason": verdict.reason})
+            self.emit(JobMoved(job.job_id, JobState.FAILED, verdict.reason))
             return
         if verdict.policy is QcPolicy.SEND_WITH_WARNING:
             logger.warning("job %d sent with a QC warning: %s", job.job_id, verdict.reason)
-        self.index.mark_encoded(job.job_id, seg_path=result.get("seg_path"),
-                                seg_series_uid=result.get("seg_series_uid"),
-                                seg_sop_uid=result.get("seg_sop_instance_uid"),
-                                backend_used=str(result.get("backend_used")),
-                                model_version=str(result.get("model_version")),
+        seg = result.seg
+        self.index.mark_encoded(job.job_id, seg_path=seg.path, seg_series_uid=seg.series_instance_uid,
+                                seg_sop_uid=seg.sop_instance_uid, backend_used=result.backend_used,
+                                model_version=result.model_version,
                                 hold=verdict.reason if verdict.policy is QcPolicy.HOLD else None,
                                 warning=verdict.reason if verdict.policy is QcPolicy.SEND_WITH_WARNING else None,
-                                outputs=result.get("outputs") or [], takes=self._takes(job))
+                                outputs=[o.to_json() for o in result.objects], takes=self._takes(job),
+                                result_dir=str(job_folder(self.config.results_dir, job.job_id, job.segment_attempts)))
         logger.info("job %d segmented in %.1f s", job.job_id, time.monotonic() - started)
         for earlier in job.options.get("supersedes") or ():  # a late instance re-ran the series
             if self.index.transition(int(earlier), JobState.SUPERSEDED, f"superseded by job {job.job_id}"):
-                self._emit("job_state", {"job_id": int(earlier), "state": JobState.SUPERSEDED.value})
-        if result.get("harvest"):
-            self._emit("harvest", {"job_id": job.job_id, **result["harvest"]})
-        self._emit("job_state", {"job_id": job.job_id, "state": JobState.ENCODED.value})
+                self.emit(JobMoved(int(earlier), JobState.SUPERSEDED))
+        if result.harvest is not None:
+            harvest = result.harvest
+            self.emit(Harvested(job.job_id, harvest.dataset, harvest.status, harvest.reason))
+        self.emit(JobMoved(job.job_id, JobState.ENCODED))
         self.dispatch_due()
 
     def review(self, job_id: int, approve: bool, reviewer: str, comment: str = "") -> str | None:
         """A reviewer's decision on a held job (HTTP API): the state it moved to, or None if not held.
 
-        An approved job is dispatched at once.
+        An approved job's deliveries are handed to their destinations' queues at once (never waited on).
         """
         moved = (self.index.approve if approve else self.index.reject)(job_id, reviewer, comment)
         if moved is None:
             return None
         state = moved.value
-        self._emit("job_state", {"job_id": job_id, "state": state})
+        self.emit(JobMoved(job_id, moved))
         if approve:
             self.dispatch_due()
         else:
@@ -293,7 +302,7 @@ class Service:
         from segnode.storage.pseudonyms import load_secret
 
         try:
-            store = DatasetStore.open(self.config.dataset_store or self.config.state_dir / "datasets",
+            store = DatasetStore.open(dataset_store_root(self.config),
                                       load_secret(self.config.deid_secret_file))
             case_id = store.case_id(job.harvest, "series|" + job.series_uid)
             if store.find_case(case_id, job.harvest).label_status is LabelStatus.AUTO:  # curated labels stay
@@ -303,40 +312,12 @@ class Service:
 
     # -- 4. dispatch --------------------------------------------------------------------
     def dispatch_due(self) -> None:
-        """Attempt every delivery whose time has come (one pass at a time)."""
-        if not self._dispatch_lock.acquire(blocking=False):
-            return
-        try:
-            for job, delivery in self.index.due_deliveries():
-                self._deliver(job, delivery.destination, delivery.attempts)
-        finally:
-            self._dispatch_lock.release()
+        """Hand every delivery whose time has come to its destination's queue (node/sending/queues.py).
 
-    def _deliver(self, job: Job, destination: str, attempts: int) -> None:
-        settings = self.config.dispatch
-        objects = self.index.delivery_objects(job.job_id, destination)
-        pending = [o for o in objects if o.state is DeliveryState.PENDING]
-        try:
-            if job.outputs:  # every object this destination takes, in one association
-                sent = deliver_objects(self.config, destination, [Path(o.path) for o in pending])
-                dead = [(o.kind, o.last_error or "") for o in objects if o.state is DeliveryState.DEAD]
-                result = summarise([o.kind for o in pending], sent, dead=dead)
-            else:  # a job encoded before its objects were tracked: the SEG alone
-                sent, result = [], deliver(self.config, destination, Path(job.seg_path or ""))
-        except SegnodeError as exc:  # unknown destination, unreadable file: retrying will not help
-            self.index.delivery_result(job.job_id, destination, ok=False, error=str(exc))
-            return
-        tries = attempts + 1
-        retry_at = None
-        if not result.ok and result.retryable and tries < settings.max_attempts:
-            retry_at = time.time() + backoff_s(tries, settings.backoff_initial_s, settings.backoff_max_s)
-        outcomes = [ObjectOutcome(o.sop_instance_uid, DeliveryState.DONE if r.ok else
-                                  DeliveryState.PENDING if r.retryable and retry_at is not None else DeliveryState.DEAD,
-                                  None if r.ok else r.message) for o, r in zip(pending, sent)]
-        self.index.delivery_result(job.job_id, destination, ok=result.ok, error=None if result.ok else result.message,
-                                   retry_at=retry_at, objects=outcomes)
-        self._emit("delivery", {"job_id": job.job_id, "destination": destination, "ok": result.ok,
-                                "message": result.message})
+        Returns at once: the queues' threads send, record each try's outcome in the index and emit it
+        (:class:`segnode.node.events.Delivered`, on the destination's thread).
+        """
+        self.senders.dispatch_due()
 
     # -- 5. housekeeping ------------------------------------------------------------------
     def housekeeping(self) -> None:

@@ -162,7 +162,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     print(f"  rule         {job.rule or '-'}\n  profile      {job.profile or '-'} (backend {job.backend or 'profile'})")
     print(f"  attempts     {job.segment_attempts} segmentation(s)")
     if job.seg_path:
-        print(f"  SEG          {job.seg_path}\n  SEG series   {job.seg_series_uid}\n  model        "
+        print(f"  SEG          {job.file(job.seg_path)}\n  SEG series   {job.seg_series_uid}\n  model        "
               f"{job.backend_used} {job.model_version}")
     for d in index.deliveries(job.job_id):
         print(f"  → {d.destination}: {d.state.value}, {d.attempts} attempt(s)"

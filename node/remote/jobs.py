@@ -10,6 +10,9 @@ with that token; :meth:`accept_result` records it once: the first result of
 the current attempt moves the job on exactly as a local worker's outcome does
 (:meth:`segnode.node.service.Service.finish_job`), later ones — a redelivered message,
 a worker thought dead that finished after all — are acknowledged and ignored.
+The result is the worker's :class:`~segnode.node.jobs.result.JobResult` as is:
+its paths are relative to the job folder, where the posted files are written,
+and every file it names must have come with it.
 A job with no result within ``broker.result_timeout_s`` is enqueued again.
 
 Tokens are ``job.<id>.<attempt>.<HMAC-SHA256>`` under a secret kept in
@@ -25,7 +28,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -37,15 +39,15 @@ from typing import Any
 from segnode.errors import InputError, StorageError
 from segnode.node.config.dicomweb import Priority
 from segnode.node.http_in.dicomweb import JobGrant
+from segnode.node.events import JobMoved
 from segnode.node.http_in.multipart import Part
+from segnode.node.jobs.result import JobResult, job_folder, safe_relative
 from segnode.node.jobs.worker import JobOutcome
 from segnode.node.remote.broker import TASK, celery_app
 from segnode.storage.index import Job, JobState
 
 logger = logging.getLogger(__name__)
 
-OUT_PREFIX = "@out/"  # paths in a remote result record are relative to the job's output folder
-_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 MAX_RESULT_FILES = 1000
 
 
@@ -68,25 +70,6 @@ def _secret(path: Path) -> bytes:
         with os.fdopen(fd, "w") as out:
             out.write(secrets.token_hex(32))
     return path.read_text().strip().encode("ascii")
-
-
-def safe_relative(name: str) -> str:
-    """``name`` if it is a relative path of safe components (no ``..``, no absolute path), else raise."""
-    parts = name.split("/")
-    if not name or len(parts) > 4 or not all(_SAFE_COMPONENT.fullmatch(p) for p in parts):
-        raise InputError(f"result file name {name[:80]!r} is not a safe relative path")
-    return name
-
-
-def rebase(value: Any, out_dir: Path) -> Any:
-    """``value`` with every ``@out/…`` string made a path under ``out_dir`` (recursively)."""
-    if isinstance(value, str) and value.startswith(OUT_PREFIX):
-        return str(out_dir / safe_relative(value[len(OUT_PREFIX):]))
-    if isinstance(value, dict):
-        return {k: rebase(v, out_dir) for k, v in value.items()}
-    if isinstance(value, list):
-        return [rebase(v, out_dir) for v in value]
-    return value
 
 
 class RemoteJobs:
@@ -185,7 +168,7 @@ class RemoteJobs:
         with self._lock:
             self.inflight[job.job_id] = InFlight(job.job_id, job.segment_attempts, queue, priority.value, time.time())
         self.counters["enqueued"] += 1
-        self.service._emit("job_state", {"job_id": job.job_id, "state": JobState.SEGMENTING.value})
+        self.service.emit(JobMoved(job.job_id, JobState.SEGMENTING))
         logger.info("job %d (attempt %d) enqueued on %s, priority %s", job.job_id, job.segment_attempts, queue,
                     priority.value)
         return True
@@ -233,7 +216,7 @@ class RemoteJobs:
                             grant.attempt, state, job.segment_attempts if job else 0)
                 return {"accepted": False, "job_id": grant.job_id, "state": state,
                         "reason": "the node has this job's result already, or no longer waits for this attempt"}
-            out = self.config.results_dir / f"job-{job.job_id}" / f"attempt-{job.segment_attempts}"
+            out = job_folder(self.config.results_dir, job.job_id, job.segment_attempts)
             self._write_files(parts, out)
             self._accepted.add((grant.job_id, grant.attempt))  # the state moves on below, outside the lock
             (out / "remote.json").write_text(json.dumps({"worker": str(record.get("worker", "?"))[:100],
@@ -249,8 +232,16 @@ class RemoteJobs:
 
     @staticmethod
     def _outcome(record: dict[str, Any], out: Path) -> JobOutcome:
-        if record.get("ok") is True and isinstance(record.get("result"), dict):
-            return JobOutcome(True, result=rebase(record["result"], out))
+        """The worker's outcome; a result that is malformed or names a file not sent is a failed job."""
+        if record.get("ok") is True:
+            try:
+                result = JobResult.from_dict(record.get("result"))
+                missing = result.missing(out)
+                if missing:
+                    raise InputError(f"the result names files that were not sent: {', '.join(missing[:5])}")
+            except InputError as exc:
+                return JobOutcome(False, error_kind="InputError", message=f"remote result refused: {exc}")
+            return JobOutcome(True, result=result)
         kind = str(record.get("error_kind") or "RemoteError")[:64]
         return JobOutcome(False, error_kind=kind, message=str(record.get("message") or "")[:2000])
 
