@@ -212,9 +212,13 @@ class _Walk:
         """
         image: dict[int, bytes | None] = {}  # Rows, Columns, …: read as they pass, judged by the Pixel Data
         pixels = False
+        cur = self.cur
         while not self._ended(end, delimited, "item"):
             tag, vr, length = self.element(syntax)
-            if tag == PIXEL_DATA:
+            if (end is None and tag < PIXEL_DATA and tag not in _IMAGE_TAGS and vr != b"SQ"
+                    and length != _UNDEFINED and cur.i + length <= cur.size):
+                cur.i += length  # most elements: a plain value at hand, passed
+            elif tag == PIXEL_DATA:
                 self.pixel_data(syntax, depth, end, length, image)
                 pixels = True
             elif length == _UNDEFINED:
