@@ -8,9 +8,12 @@ versions of every object we create) say about the node.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from segnode import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom.dataset import FileMetaDataset
 
 #: a 2.25 UID (PS3.5 B.2) derived once from "segnode implementation class"; it never changes
 IMPLEMENTATION_CLASS_UID = "2.25.81889068252909961747583286213210863358"
@@ -21,12 +24,9 @@ MODEL_NAME = "segnode"
 SOFTWARE_VERSIONS = __version__
 
 
-class _FileMeta(Protocol):
-    ImplementationClassUID: str
-    ImplementationVersionName: str
-
-
-def stamp_file_meta(meta: _FileMeta) -> None:
+def stamp_file_meta(meta: FileMetaDataset) -> None:
     """Name segnode as the implementation that wrote a file (PS3.10 7.1 group 0002)."""
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    from pydicom.uid import UID
+
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

@@ -9,6 +9,7 @@ importing the node.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 
 from segnode.errors import ConfigError
@@ -24,14 +25,14 @@ class OutputKind(str, Enum):
 ALL_KINDS: tuple[str, ...] = tuple(k.value for k in OutputKind)
 
 
-def parse_kinds(kinds: object, *, where: str = "outputs") -> tuple[str, ...]:
+def parse_kinds(kinds: str | Iterable[str] | None, *, where: str = "outputs") -> tuple[str, ...]:
     """Validated kind names, in canonical order, without duplicates (``ConfigError`` on a bad one).
 
     Accepts one name, a comma-separated string (``"seg,rtstruct"``), or a list of names or kinds.
     """
     if isinstance(kinds, str):
         kinds = kinds.split(",")
-    names = [str(getattr(k, "value", k)).strip().lower() for k in (kinds or ())]  # type: ignore[union-attr]
+    names = [str(getattr(k, "value", k)).strip().lower() for k in (kinds or ())]
     names = [n for n in names if n]
     bad = [n for n in names if n not in ALL_KINDS]
     if bad:
@@ -39,7 +40,7 @@ def parse_kinds(kinds: object, *, where: str = "outputs") -> tuple[str, ...]:
     return tuple(k for k in ALL_KINDS if k in names)
 
 
-def encoded_with(kinds: object) -> tuple[str, ...]:
+def encoded_with(kinds: str | Iterable[str] | None) -> tuple[str, ...]:
     """``kinds`` (validated, canonical order; none: the SEG) with what they need: an SR refers to its SEG."""
     wanted = parse_kinds(kinds) or (OutputKind.SEG.value,)
     if OutputKind.SR.value in wanted:
@@ -51,6 +52,8 @@ def kinds_field(value: object) -> tuple[str, ...] | None:
     """Pydantic ``before`` validator of an ``outputs`` key: ``ValueError`` (file:line added by the loader)."""
     if value is None:
         return None
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"give a kind name or a list of them, not {type(value).__name__}")
     try:
         kinds = parse_kinds(value)
     except ConfigError as exc:

@@ -117,7 +117,8 @@ def regularize(array: np.ndarray, planes: Planes, *, labels: bool, fill: float =
     return RegularGrid(out, _affine(origin, row, col, normal, dx, dy, dz), note)
 
 
-def _affine(origin, row, col, normal, dx: float, dy: float, dz: float) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _affine(origin: np.ndarray, row: np.ndarray, col: np.ndarray, normal: np.ndarray,
+            dx: float, dy: float, dz: float) -> np.ndarray:
     out = np.eye(4)
     out[:3, 0], out[:3, 1], out[:3, 2], out[:3, 3] = row * dx, col * dy, normal * dz, origin
     return out

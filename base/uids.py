@@ -9,6 +9,7 @@ trailing NUL — is refused, so a peer can never steer where a file lands.
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
 
 from segnode.errors import InputError
 
@@ -16,7 +17,7 @@ MAX_UID_LENGTH = 64
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 
 
-def is_valid_uid(value: object) -> bool:
+def is_valid_uid(value: object) -> TypeGuard[str]:
     """Whether ``value`` is a string that follows the DICOM UID grammar."""
     return (
         isinstance(value, str)
@@ -35,7 +36,7 @@ def check_uid(value: object, what: str) -> str:
     what:
         Its name for the message (``"SOPInstanceUID"``).
     """
-    if not is_valid_uid(value):
-        shown = repr(value)[:80]
-        raise InputError(f"{what} {shown} is not a valid DICOM UID (digits and dots, at most 64)")
-    return value  # type: ignore[return-value]
+    if is_valid_uid(value):
+        return value
+    shown = repr(value)[:80]
+    raise InputError(f"{what} {shown} is not a valid DICOM UID (digits and dots, at most 64)")

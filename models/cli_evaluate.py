@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
+
 from segnode.errors import ConfigError, InputError
-from segnode.models.evaluate import CaseInput, EvalGrid, evaluate_cases, format_table, parse_map
+from segnode.models.evaluate import CaseInput, EvalGrid, Evaluation, evaluate_cases, format_table, parse_map
 from segnode.models.segmentation_io import NIFTI_SUFFIXES, Grid, load_labels_file, read_segmentation
+from segnode.models.volume import Volume
+
+#: ``{value: name}`` of a NIfTI label map, None: from a dataset.json beside it or the file name
+Labels = Mapping[int, str] | None
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ def _cases(args: argparse.Namespace) -> list[CaseInput]:
     raise ConfigError("give --pred and --ref, --pred-dir and --ref-dir, or --dataset and --model")
 
 
-def _on_split(args: argparse.Namespace):
+def _on_split(args: argparse.Namespace) -> Evaluation:
     """Predict a split of a frozen dataset version with a model, then evaluate it."""
     import os
 
@@ -103,15 +110,17 @@ def _on_split(args: argparse.Namespace):
     return evaluation
 
 
-def _load_image(path: Path):
+def _load_image(path: Path) -> tuple[Volume, Grid]:
     from segnode.models.series import load_series
 
     volume = load_series(path)
     return volume, Grid.of_volume(volume)
 
 
-def _single_case(args: argparse.Namespace, pred_labels, ref_labels) -> CaseInput:
-    source = image = image_grid = None
+def _single_case(args: argparse.Namespace, pred_labels: Labels, ref_labels: Labels) -> CaseInput:
+    source: Volume | None = None
+    image: np.ndarray | None = None
+    image_grid: Grid | None = None
     if args.source:
         source, image_grid = _load_image(args.source)
         image = source.hu
@@ -131,7 +140,8 @@ def _case_name(path: Path) -> str:
     return name
 
 
-def _folder_cases(pred_dir: Path, ref_dir: Path, image_dir: Path | None, pred_labels, ref_labels):
+def _folder_cases(pred_dir: Path, ref_dir: Path, image_dir: Path | None, pred_labels: Labels,
+                  ref_labels: Labels) -> Iterator[CaseInput]:
     for folder in (pred_dir, ref_dir):
         if not folder.is_dir():
             raise InputError("not a folder", where=str(folder))
@@ -144,7 +154,8 @@ def _folder_cases(pred_dir: Path, ref_dir: Path, image_dir: Path | None, pred_la
     if missing:
         logger.warning("%d reference case(s) have no prediction: %s", len(missing), ", ".join(missing[:10]))
     for name in common:
-        image = image_grid = None
+        image: np.ndarray | None = None
+        image_grid: Grid | None = None
         if image_dir is not None:
             candidates = [image_dir / f"{name}_0000.nii.gz", image_dir / f"{name}.nii.gz"]
             found = next((c for c in candidates if c.exists()), None)

@@ -13,11 +13,17 @@ import json
 import logging
 import math
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from segnode.errors import ConfigError, WeightsError, WeightsNotInstalledError
 from segnode.profiles.schema import Backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    from segnode.models.evaluate import Evaluation, OrganSummary
+    from segnode.models.predict_cases import PredictionStats
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +109,17 @@ def export_split(store_root: Path, dataset: str, out: Path, test_fraction: float
     return export_nnunet(store, dataset, out, dataset_id=dataset_id, test_fraction=test_fraction).folder
 
 
-def verdicts(summary_a, summary_b, organs: list[str]) -> list[OrganVerdict]:
+def verdicts(summary_a: Iterable[OrganSummary], summary_b: Iterable[OrganSummary],
+             organs: list[str]) -> list[OrganVerdict]:
     a = {s.segment: s for s in summary_a}
     b = {s.segment: s for s in summary_b}
-    get = lambda table, organ, key: getattr(table[organ], key) if organ in table else math.nan  # noqa: E731
-    return [OrganVerdict(o, get(a, o, "dice_mean"), get(b, o, "dice_mean"), get(a, o, "hd95_median_mm"),
-                         get(b, o, "hd95_median_mm")) for o in organs]
+    return [OrganVerdict(o, _metric(a, o, "dice_mean"), _metric(b, o, "dice_mean"),
+                         _metric(a, o, "hd95_median_mm"), _metric(b, o, "hd95_median_mm")) for o in organs]
+
+
+def _metric(table: dict[str, OrganSummary], organ: str, key: str) -> float:
+    """``key`` of ``organ``'s summary, NaN when the model does not predict it."""
+    return float(getattr(table[organ], key)) if organ in table else math.nan
 
 
 @dataclass
@@ -116,14 +127,14 @@ class Comparison:
     dataset: str
     split: str
     models: tuple[ModelUnderTest, ModelUnderTest]
-    stats: tuple  # PredictionStats, PredictionStats
+    stats: tuple[PredictionStats, PredictionStats]
     organs: list[OrganVerdict]
     out_dir: Path
 
 
 def evaluate_on_split(model: ModelUnderTest, *, dataset: str, store: Path, out_dir: Path, split: str = "test",
                       device: str = "cpu", threads: int | None = None, test_fraction: float = 0.2,
-                      pictures: bool = True):
+                      pictures: bool = True) -> tuple[Evaluation, PredictionStats, list[str]]:
     """Predict one split of a frozen dataset version with ``model`` and evaluate it.
 
     Returns ``(Evaluation, PredictionStats, organs)``; the split is the store's
@@ -164,7 +175,7 @@ def compare(spec_a: str, spec_b: str, *, dataset: str, store: Path, root: Path, 
                       verdicts(results[0][0], results[1][0], organs), out_dir)
 
 
-def card_test_fraction(models, dataset: str) -> float:
+def card_test_fraction(models: Sequence[ModelUnderTest], dataset: str) -> float:
     """The test fraction a fine-tuned model was trained with on this dataset (same split), else 0.2."""
     for model in models:
         card = model.card or {}

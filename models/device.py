@@ -25,12 +25,13 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from types import ModuleType
 
 import numpy as np
 
 from segnode.errors import BackendError, ConfigError, DependencyMissingError
 from segnode.models.base import RunSettings
-from segnode.models.volume import LabelMap, Volume
+from segnode.models.volume import LabelMap, Volume, vec3
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ SLAB_MARGIN = 16
 MIN_SLAB = 32
 
 
-def _torch():
+def _torch() -> ModuleType:
     try:
         import torch
     except ImportError as exc:
@@ -127,8 +128,8 @@ def slab_ranges(n_slices: int, core: int, margin: int = SLAB_MARGIN) -> list[tup
 def sub_volume(volume: Volume, start: int, stop: int) -> Volume:
     """Slices ``[start, stop)`` of ``volume`` with the origin moved to slice ``start``."""
     axis_k = np.asarray(volume.direction)[:, 2] * volume.spacing[2]
-    origin = tuple(float(v) for v in np.asarray(volume.origin) + start * axis_k)
-    return replace(volume, hu=volume.hu[start:stop], origin=origin, source=None)  # type: ignore[arg-type]
+    origin = vec3(np.asarray(volume.origin) + start * axis_k)
+    return replace(volume, hu=volume.hu[start:stop], origin=origin, source=None)
 
 
 def run_within_budget(segment: Callable[[Volume], LabelMap], volume: Volume, settings: RunSettings,

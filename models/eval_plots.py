@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -25,7 +26,7 @@ REF_COLOUR = "#00d000"
 PRED_COLOUR = "#ff2020"
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     try:
         import matplotlib
 
@@ -70,8 +71,10 @@ def _tick(name: str, values: Iterable[float]) -> str:
 def _centre(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int, int]:
     union = pred | ref
     if not union.any():
-        return tuple(n // 2 for n in union.shape)  # type: ignore[return-value]
-    return tuple(int(round(float(c))) for c in np.argwhere(union).mean(axis=0))  # type: ignore[return-value]
+        k, j, i = union.shape
+        return k // 2, j // 2, i // 2
+    k, j, i = (int(round(float(c))) for c in np.argwhere(union).mean(axis=0))
+    return k, j, i
 
 
 def overlay(
@@ -81,7 +84,7 @@ def overlay(
     plt = _pyplot()
     k, j, i = _centre(pred, ref)
     sk, sj, si = grid.array_spacing
-    planes = [  # (label, slicer, row spacing, column spacing)
+    planes: list[tuple[str, tuple[int | slice, ...], float, float]] = [  # (label, slicer, row spacing, column spacing)
         (f"axial k={k}", (k, slice(None), slice(None)), sj, si),
         (f"coronal j={j}", (slice(None, None, -1), j, slice(None)), sk, si),
         (f"sagittal i={i}", (slice(None, None, -1), slice(None), i), sk, sj),

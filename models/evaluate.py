@@ -252,13 +252,19 @@ def read_csv(path: Path) -> list[Row]:
     """Rows back from :func:`write_csv` (for reports and comparisons)."""
     try:
         with Path(path).open(newline="", encoding="utf-8") as handle:
-            return [
-                Row(**{k: (v if k in ("case", "segment", "pred_segment", "ref_segment") else float(v))
-                       for k, v in record.items()})
-                for record in csv.DictReader(handle)
-            ]
+            return [_row(record) for record in csv.DictReader(handle)]
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"not a metrics CSV: {exc}", where=str(path)) from exc
+
+
+def _row(record: Mapping[str, str]) -> Row:
+    """One line of :func:`write_csv` (``ValueError`` when a column is missing, unknown or not a number)."""
+    if set(record) != set(CSV_COLUMNS):
+        raise ValueError(f"columns {sorted(set(record) ^ set(CSV_COLUMNS))} missing or unknown")
+    return Row(case=record["case"], segment=record["segment"], pred_segment=record["pred_segment"],
+               ref_segment=record["ref_segment"], dice=float(record["dice"]), hd95_mm=float(record["hd95_mm"]),
+               pred_ml=float(record["pred_ml"]), ref_ml=float(record["ref_ml"]),
+               volume_diff_ml=float(record["volume_diff_ml"]), volume_diff_pct=float(record["volume_diff_pct"]))
 
 
 def format_table(results: Sequence[CaseResult]) -> str:

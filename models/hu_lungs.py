@@ -96,10 +96,11 @@ def split_left_right(grid: Grid, lungs: np.ndarray, body: np.ndarray) -> tuple[n
         sides = _by_two_components(grid, labels, order[0], order[1])
         how = "lungs: two separate components"
     else:
-        sides = _by_erosion(grid, lungs)
+        eroded = _by_erosion(grid, lungs)
         how = "lungs: joined lungs separated by erosion"
-        if sides is None:
+        if eroded is None:
             return (*_single_lung(grid, lungs, body), "lungs: one lung in view, side from the body centre")
+        sides = eroded
     a, b = sides == 1, sides == 2
     if _centroid_x(grid, a) < _centroid_x(grid, b):
         a, b = b, a

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from segnode.models import morphology as mm
-from segnode.models.volume import Volume
+from segnode.models.volume import Volume, vec3
 
 #: Default target voxel size of the working grid (mm); each method picks its own.
 WORK_MM = 2.0
@@ -81,7 +81,7 @@ def body_mask(grid: Grid) -> np.ndarray:
     dense = grid.hu > BODY_HU
     step = 2 if min(grid.spacing) * 2 <= BODY_GRID_MM else 1
     small = dense[::step, ::step, ::step]
-    spacing = tuple(s * step for s in grid.spacing)
+    spacing = vec3(s * step for s in grid.spacing)
     opened = mm.open_mm(small, TABLE_CUT_MM, spacing, per_slice=True)
     core = mm.largest_component(opened)
     body = mm.dilate_mm(core, TABLE_CUT_MM, spacing, per_slice=True) & small

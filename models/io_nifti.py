@@ -16,10 +16,17 @@ spaced (:mod:`segnode.regular_grid`), so no slice is misplaced.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from segnode.models.volume import Volume
+from segnode.models.volume import Volume, vec3
 from segnode.regular_grid import Planes, regularize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nibabel import Nifti1Image
+    from nibabel.spatialimages import SpatialImage
 
 #: LPS → RAS (and back: the matrix is its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -33,7 +40,7 @@ def ras_affine(volume: Volume) -> np.ndarray:
     return LPS_TO_RAS @ volume.affine()
 
 
-def volume_to_nifti(volume: Volume, dtype: np.dtype | type | None = None):  # -> nibabel.Nifti1Image
+def volume_to_nifti(volume: Volume, dtype: np.dtype | type | None = None) -> Nifti1Image:
     """A NIfTI image of ``volume`` (array ``[i, j, k]``, RAS affine, sform and qform set).
 
     Parameters
@@ -56,7 +63,7 @@ def volume_to_nifti(volume: Volume, dtype: np.dtype | type | None = None):  # ->
     return img
 
 
-def array_from_nifti(img, volume: Volume) -> np.ndarray:
+def array_from_nifti(img: SpatialImage, volume: Volume) -> np.ndarray:
     """The data of ``img`` as a ``[k, j, i]`` array on ``volume``'s grid.
 
     Raises
@@ -79,7 +86,7 @@ def array_from_nifti(img, volume: Volume) -> np.ndarray:
     return np.ascontiguousarray(data.transpose(2, 1, 0))
 
 
-def labels_from_nifti(img, volume: Volume) -> np.ndarray:
+def labels_from_nifti(img: SpatialImage, volume: Volume) -> np.ndarray:
     """The integer labels of ``img`` as a ``uint8``/``uint16`` ``[k, j, i]`` array.
 
     Raises ``ValueError`` if the image is off the grid or holds non-integer or
@@ -97,7 +104,18 @@ def labels_from_nifti(img, volume: Volume) -> np.ndarray:
     return data.astype(np.uint8 if top < 256 else np.uint16)
 
 
-def volume_from_nifti(img) -> Volume:
+def load_nifti(path: str | Path) -> SpatialImage:
+    """The image in the NIfTI file at ``path`` (``ValueError`` when it holds no spatial image)."""
+    import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
+
+    img = nib.load(path)
+    if not isinstance(img, SpatialImage):
+        raise ValueError(f"{path} holds no spatial image ({type(img).__name__})")
+    return img
+
+
+def volume_from_nifti(img: SpatialImage) -> Volume:
     """A :class:`Volume` from a NIfTI CT image (the inverse of :func:`volume_to_nifti`).
 
     The data are read as stored (scaled by the header's slope/intercept when
@@ -115,8 +133,8 @@ def volume_from_nifti(img) -> Volume:
         raise ValueError(f"NIfTI image must be 3-D, got shape {array.shape}")
     return Volume(
         hu=np.ascontiguousarray(array.transpose(2, 1, 0)),
-        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
-        origin=tuple(float(o) for o in lps[:3, 3]),  # type: ignore[arg-type]
+        spacing=vec3(spacing),
+        origin=vec3(lps[:3, 3]),
         direction=direction,
     )
 
@@ -139,8 +157,8 @@ def to_closest_ras(array: np.ndarray, volume: Volume) -> tuple[np.ndarray, tuple
     from nibabel.orientations import apply_orientation
 
     forward, _ = _ras_transforms(volume)
-    spacing = tuple(float(volume.spacing[int(axis)]) for axis in np.argsort(forward[:, 0]))
-    return np.ascontiguousarray(apply_orientation(np.asarray(array).transpose(2, 1, 0), forward)), spacing  # type: ignore[return-value]
+    spacing = vec3(volume.spacing[int(axis)] for axis in np.argsort(forward[:, 0]))
+    return np.ascontiguousarray(apply_orientation(np.asarray(array).transpose(2, 1, 0), forward)), spacing
 
 
 def from_closest_ras(array: np.ndarray, volume: Volume) -> np.ndarray:
@@ -158,7 +176,8 @@ def planes_of(volume: Volume) -> Planes:
                   spacing=(float(volume.spacing[0]), float(volume.spacing[1])))
 
 
-def regular_nifti(volume: Volume, array: np.ndarray, *, labels: bool, dtype: type | None = None):  # -> (Nifti1Image, note)
+def regular_nifti(volume: Volume, array: np.ndarray, *, labels: bool,
+                  dtype: type | None = None) -> tuple[Nifti1Image, str | None]:
     """``array[k, j, i]`` on ``volume`` as a NIfTI on a regular orthonormal grid, and the resampling note.
 
     Exact (no resampling, ``note`` None) when the volume is regular; otherwise

@@ -21,6 +21,7 @@ import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from segnode.models.io_nifti import from_closest_ras, to_closest_ras
 from segnode.models.volume import LabelMap, Volume
 from segnode.models.weights import TORCHSCRIPT_SUFFIXES, ModelFolderBackend, ModelRecord, verify_or_raise
 from segnode.profiles.schema import Backend, MonaiOptions, Profile
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def _memory(options: MonaiOptions, n_out: int) -> MemoryModel:
 
 @dataclass
 class MonaiModel:
-    network: object
+    network: torch.nn.Module
     record: ModelRecord
     profile: Profile
     settings: RunSettings
@@ -99,6 +103,8 @@ class MonaiModel:
             image = F.interpolate(image, size=size, mode="trilinear", align_corners=False)
         logits = sliding_window_inference(image, roi_size=options.roi_size, sw_batch_size=options.sw_batch_size,
                                           predictor=self.network, overlap=options.overlap, mode="gaussian")
+        if not isinstance(logits, torch.Tensor):
+            raise BackendError(f"the network gives {type(logits).__name__} outputs, not one tensor", where=self.record.name)
         labels = torch.argmax(logits, dim=1, keepdim=True).to(torch.float32)
         if tuple(labels.shape[2:]) != data.shape:
             labels = F.interpolate(labels, size=data.shape, mode="nearest")
@@ -132,7 +138,7 @@ def _torchscript_file(folder: Path) -> Path | None:
     return files[0] if len(files) == 1 and not (folder / "configs").is_dir() else None
 
 
-def _load_bundle(folder: Path, device: str):
+def _load_bundle(folder: Path, device: str) -> torch.nn.Module:
     import torch
     from monai.bundle import ConfigParser
 
@@ -141,7 +147,7 @@ def _load_bundle(folder: Path, device: str):
         raise WeightsError("bundle has no configs/inference.json|yaml", where=str(folder))
     parser = ConfigParser()
     parser.read_config(str(configs[0]))
-    key = "network_def" if "network_def" in parser.config else "network"  # type: ignore[operator]
+    key = "network_def" if "network_def" in parser else "network"
     network = parser.get_parsed_content(key, instantiate=True)
     state = torch.load(folder / "models" / "model.pt", map_location=device, weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -150,7 +156,7 @@ def _load_bundle(folder: Path, device: str):
     return network
 
 
-def load_network(record: ModelRecord, device: str):
+def load_network(record: ModelRecord, device: str) -> torch.nn.Module:
     """The network of an imported bundle or TorchScript model, in eval mode on ``device``."""
     import torch
 

@@ -169,7 +169,11 @@ def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: Spacing, *, per_slice
 def grid_factors(spacing: Spacing, target_mm: float) -> tuple[int, int, int]:
     """Integer ``(k, j, i)`` block sizes that bring each spacing nearest ``target_mm``."""
     sx, sy, sz = spacing
-    return tuple(max(1, int(target_mm / s + 0.5)) for s in (sz, sy, sx))  # type: ignore[return-value]
+    return _blocks(target_mm, sz), _blocks(target_mm, sy), _blocks(target_mm, sx)
+
+
+def _blocks(target_mm: float, spacing_mm: float) -> int:
+    return max(1, int(target_mm / spacing_mm + 0.5))
 
 
 def downsample_mean(hu: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:

@@ -26,6 +26,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,11 +51,19 @@ def _memory(plans: dict, n_labels: int) -> MemoryModel:
     )
 
 
+class Predictor(Protocol):
+    """What segnode calls of nnU-Net's ``nnUNetPredictor``."""
+
+    def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict[str, Any],
+                                 segmentation_previous_stage: np.ndarray | None, output_file_truncated: str | None,
+                                 save_or_return_probabilities: bool) -> np.ndarray: ...
+
+
 @dataclass
 class NnunetModel:
     """A loaded nnU-Net predictor bound to a profile's tissues."""
 
-    predictor: object
+    predictor: Predictor
     record: ModelRecord
     profile: Profile
     settings: RunSettings
@@ -85,7 +94,7 @@ class NnunetModel:
         props = {"spacing": [float(sz), float(sy), float(sx)]}
         try:
             with torch_threads(self.settings.threads), torch.inference_mode():
-                raw = self.predictor.predict_single_npy_array(  # type: ignore[attr-defined]
+                raw = self.predictor.predict_single_npy_array(
                     np.ascontiguousarray(array, dtype=np.float32)[None], props, None, None, False)
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise BackendError(f"nnU-Net inference failed: {exc}", where=self.record.name) from exc

@@ -19,6 +19,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: plans identifier of plans taken over from a base model
 BASE_PLANS = "segnodeBasePlans"
@@ -29,13 +33,14 @@ def _say(message: str) -> None:
     print(f"[segnode train] {message}", flush=True)
 
 
-def make_trainer_class(epochs: int, iterations: int, val_iterations: int, initial_lr: float):
+def make_trainer_class(epochs: int, iterations: int, val_iterations: int, initial_lr: float) -> type:
     """An ``nnUNetTrainer`` with our schedule, a checkpoint every epoch (atomic) and a progress line."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     class SegnodeTrainer(nnUNetTrainer):
-        def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        def __init__(self, plans: dict, configuration: str, fold: int | str, dataset_json: dict,
+                     device: torch.device = torch.device("cuda")) -> None:
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_epochs = epochs
             self.num_iterations_per_epoch = iterations
@@ -122,7 +127,7 @@ def _preprocess(job: dict, dataset_id: int, plans_name: str, preprocessed: Path,
     return plans
 
 
-def _transfer_weights(network, checkpoint_file: str) -> int:
+def _transfer_weights(network: torch.nn.Module, checkpoint_file: str) -> int:
     """Load every matching weight of the base checkpoint but the output (``seg_layers``) layers."""
     import torch
 

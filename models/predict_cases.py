@@ -67,7 +67,7 @@ def _predict(model_folder: str, images: list[str], out_dir: str, device: str, th
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from segnode.models.io_nifti import ras_affine, volume_from_nifti
+    from segnode.models.io_nifti import load_nifti, ras_affine, volume_from_nifti
 
     if threads:
         torch.set_num_threads(threads)
@@ -79,7 +79,7 @@ def _predict(model_folder: str, images: list[str], out_dir: str, device: str, th
                                                    checkpoint_name=checkpoint)
     seconds = []
     for image in images:
-        volume = volume_from_nifti(nib.load(image))
+        volume = volume_from_nifti(load_nifti(image))
         start = time.perf_counter()
         data = np.asarray(volume.hu, dtype=np.float32)[None]
         props = {"spacing": [float(volume.spacing[2]), float(volume.spacing[1]), float(volume.spacing[0])]}

@@ -29,11 +29,17 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from segnode.errors import InputError
 from segnode.models.volume import Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    import highdicom as hd
+    import SimpleITK as sitk
+    from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ class Grid:
 
     @classmethod
     def of_volume(cls, volume: Volume) -> Grid:
-        return cls(tuple(volume.shape), volume.affine())  # type: ignore[arg-type]
+        return cls(volume.shape, volume.affine())
 
     @property
     def spacing_ijk(self) -> np.ndarray:
@@ -134,22 +140,29 @@ def labelmap_segmentation(array: np.ndarray, labels: Mapping[int, str], grid: Gr
     Resampled label maps are resampled once for all their segments.
     """
     values = {normalise_name(name): int(value) for value, name in labels.items()}
-    segmentation = Segmentation(grid, tuple(values), lambda name: array == values[name], where)
+    return _LabelMapSegmentation(array, values, grid, where)
 
-    def on_grid(target: Grid) -> Segmentation:
-        if target.same_as(grid):
-            return segmentation
-        resampled = functools.cache(lambda: resample_labels(array, grid, target))
-        return Segmentation(target, tuple(values), lambda name: resampled() == values[name], where)
 
-    segmentation.on_grid = on_grid  # type: ignore[method-assign]
-    return segmentation
+class _LabelMapSegmentation(Segmentation):
+    """The segments of one label array: resampled once for all of them."""
+
+    def __init__(self, array: np.ndarray, values: dict[str, int], grid: Grid, where: str) -> None:
+        super().__init__(grid, tuple(values), lambda name: array == values[name], where)
+        self._array = array
+        self._values = values
+
+    def on_grid(self, grid: Grid) -> Segmentation:
+        if grid.same_as(self.grid):
+            return self
+        values, source = self._values, self.grid
+        resampled = functools.cache(lambda: resample_labels(self._array, source, grid))
+        return Segmentation(grid, tuple(values), lambda name: resampled() == values[name], self.where)
 
 
 # --------------------------------------------------------------------------- resampling
 
 
-def _sitk_image(array: np.ndarray, grid: Grid):
+def _sitk_image(array: np.ndarray, grid: Grid) -> sitk.Image:
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
@@ -157,7 +170,7 @@ def _sitk_image(array: np.ndarray, grid: Grid):
     return image
 
 
-def _set_geometry(image, grid: Grid) -> None:
+def _set_geometry(image: sitk.Image, grid: Grid) -> None:
     spacing = grid.spacing_ijk
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(o) for o in grid.affine[:3, 3]])
@@ -224,11 +237,11 @@ def read_segmentation(
     return read_seg(path, source)
 
 
-def _nifti(path: Path):
-    import nibabel as nib
+def _nifti(path: Path) -> tuple[np.ndarray, Grid]:
+    from segnode.models.io_nifti import load_nifti
 
     try:
-        img = nib.load(path)
+        img = load_nifti(path)
         data = np.asanyarray(img.dataobj)
     except (OSError, ValueError, EOFError) as exc:  # nibabel's errors for unreadable files
         raise InputError(f"cannot read NIfTI: {exc}", where=str(path)) from exc
@@ -244,7 +257,8 @@ def _nifti(path: Path):
     if data.size and data.min() < 0:
         raise InputError("label image holds negative values", where=str(path))
     array = np.ascontiguousarray(data.transpose(2, 1, 0))
-    return array, Grid(tuple(array.shape), LPS_TO_RAS @ np.asarray(img.affine, dtype=float))  # type: ignore[arg-type]
+    k, j, i = array.shape
+    return array, Grid((k, j, i), LPS_TO_RAS @ np.asarray(img.affine, dtype=float))
 
 
 def _stem(path: Path) -> str:
@@ -333,7 +347,7 @@ def read_mask_folder(folder: Path) -> Segmentation:
     return Segmentation(grid, tuple(by_name), mask, str(folder))
 
 
-def _segment_name(description) -> str:
+def _segment_name(description: Dataset) -> str:
     tracking = description.get("TrackingID")
     return normalise_name(str(tracking or description.SegmentLabel))
 
@@ -369,16 +383,17 @@ def read_seg(path: Path, source: Volume | None = None) -> Segmentation:
     return Segmentation(grid, tuple(numbers), mask, where)
 
 
-def _grid_of_hd_volume(volume) -> Grid:
+def _grid_of_hd_volume(volume: hd.Volume) -> Grid:
     """highdicom's affine indexes (slice, row, column); ours (column, row, slice)."""
     affine = np.array(volume.affine, dtype=float)
     ours = np.eye(4)
     ours[:3, :3] = affine[:3, [2, 1, 0]]
     ours[:3, 3] = affine[:3, 3]
-    return Grid(tuple(int(n) for n in volume.spatial_shape), ours)  # type: ignore[arg-type]
+    k, j, i = volume.spatial_shape
+    return Grid((int(k), int(j), int(i)), ours)
 
 
-def _seg_on_source(seg, number: int, source: Volume, where: str) -> np.ndarray:
+def _seg_on_source(seg: hd.seg.Segmentation, number: int, source: Volume, where: str) -> np.ndarray:
     """Frames by the source images they reference.
 
     Many SEG writers (dcmqi among them) leave out "spatial locations
@@ -389,7 +404,7 @@ def _seg_on_source(seg, number: int, source: Volume, where: str) -> np.ndarray:
     if series is None:
         raise InputError("the source volume has no DICOM images to match the SEG frames to", where=where)
     try:
-        if series.multiframe:
+        if series.frame_order is not None:  # multi-frame
             ds = series.datasets[0]
             return seg.get_pixels_by_source_frame(
                 source_sop_instance_uid=ds.SOPInstanceUID,

@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -29,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from segnode.errors import InputError
-from segnode.models.volume import SourceSeries, Volume
+from segnode.models.volume import SourceSeries, Volume, vec3
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def _stack_volume(datasets: list[Dataset], arrays: list[np.ndarray], files: Iter
     return Volume(
         hu=hu,
         spacing=(spacing_rc[1], spacing_rc[0], step),
-        origin=tuple(float(v) for v in positions[0]),  # type: ignore[arg-type]
+        origin=vec3(positions[0]),
         direction=direction,
         source=SourceSeries(
             series_instance_uid=str(first.SeriesInstanceUID),
@@ -284,7 +285,7 @@ def _stack_volume(datasets: list[Dataset], arrays: list[np.ndarray], files: Iter
             files=tuple(files),
         ),
         notes=tuple(notes),
-        slice_positions=tuple(tuple(float(v) for v in p) for p in positions),  # type: ignore[misc]
+        slice_positions=tuple(vec3(p) for p in positions),
     )
 
 
@@ -328,7 +329,7 @@ def _multiframe_volume(ds: Dataset, frames: np.ndarray, file: Path) -> Volume:
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
 
-    def attr(i: int, seq: str, keyword: str):  # per-frame group first, then shared
+    def attr(i: int, seq: str, keyword: str) -> Any:  # a DICOM value; per-frame group first, then shared
         for group in (per_frame[i] if i < len(per_frame) else Dataset(), shared):
             if seq in group and keyword in group[seq][0]:
                 return group[seq][0][keyword].value
@@ -347,7 +348,7 @@ def _multiframe_volume(ds: Dataset, frames: np.ndarray, file: Path) -> Volume:
     return Volume(
         hu=frames[order],
         spacing=(spacing_rc[1], spacing_rc[0], step),
-        origin=tuple(float(v) for v in positions[order][0]),  # type: ignore[arg-type]
+        origin=vec3(positions[order][0]),
         direction=np.column_stack([row, col, axis]),
         source=SourceSeries(
             series_instance_uid=str(ds.SeriesInstanceUID),
@@ -357,7 +358,7 @@ def _multiframe_volume(ds: Dataset, frames: np.ndarray, file: Path) -> Volume:
             frame_order=tuple(int(i) for i in order),
         ),
         notes=tuple(notes),
-        slice_positions=tuple(tuple(float(v) for v in p) for p in positions[order]),  # type: ignore[misc]
+        slice_positions=tuple(vec3(p) for p in positions[order]),
     )
 
 
@@ -385,7 +386,7 @@ def load_image_file(path: Path) -> Volume:
         )
     return Volume(
         hu=hu,
-        spacing=tuple(float(s) for s in image.GetSpacing()),  # type: ignore[arg-type]
-        origin=tuple(float(o) for o in image.GetOrigin()),  # type: ignore[arg-type]
+        spacing=vec3(image.GetSpacing()),
+        origin=vec3(image.GetOrigin()),
         direction=np.array(image.GetDirection(), dtype=float).reshape(3, 3),
     )

@@ -39,7 +39,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from segnode.models.base import RunSettings
 from segnode.models.device import MemoryModel, resolve_device, run_within_budget
 from segnode.models.io_nifti import labels_from_nifti, volume_to_nifti
 from segnode.models.volume import LabelMap, Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nibabel import Nifti1Image
 from segnode.models.weights import ModelRecord, combined_hash, find_model, verify_or_raise, weights_root
 from segnode.profiles.schema import Backend, Profile, TotalSegmentatorOptions
 
@@ -247,7 +250,7 @@ class TotalSegmentatorModel:
         memory = _memory(self.profile.options.totalsegmentator)
         return run_within_budget(self._segment, volume, self.settings, memory, self.backend.value)
 
-    def run_totalsegmentator(self, volume: Volume, output: Path | None = None):
+    def run_totalsegmentator(self, volume: Volume, output: Path | None = None) -> Nifti1Image:
         """TotalSegmentator's own multilabel NIfTI image for ``volume`` (written to ``output`` if given)."""
         options = self.profile.options.totalsegmentator
         # TotalSegmentator would download anything missing now: check again, cheaply

@@ -34,9 +34,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from segnode.errors import BackendError, ConfigError, WeightsError
 from segnode.profiles.schema import Backend
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from segnode.models.evaluate import Evaluation
+    from segnode.models.predict_cases import PredictionStats
+    from segnode.models.segmentation_io import Grid
+    from segnode.storage.dataset import DatasetStore
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +185,7 @@ def _prepare_workdir(workdir: Path, identity: dict, fresh: bool, say: Reporter) 
     run_file.write_text(json.dumps(identity, indent=2), encoding="utf-8")
 
 
-def _export(options: TrainOptions, store, raw: Path, say: Reporter) -> Path:
+def _export(options: TrainOptions, store: DatasetStore, raw: Path, say: Reporter) -> Path:
     from segnode.storage.export_nnunet import export_nnunet, parse_ref
 
     name, _ = parse_ref(options.dataset)
@@ -207,7 +216,7 @@ def patient_folds(case_patients: dict[str, str], n_folds: int = CV_FOLDS) -> lis
     return folds
 
 
-def _write_splits(options: TrainOptions, store, folder: Path, preprocessed: Path) -> None:
+def _write_splits(options: TrainOptions, store: DatasetStore, folder: Path, preprocessed: Path) -> None:
     if options.fold == "all":
         return
     from segnode.storage.export_nnunet import parse_ref
@@ -367,7 +376,8 @@ def card_markdown(card: dict) -> str:
 
 
 def evaluate_model_folder(model_folder: Path, dataset_folder: Path, out_dir: Path, *, device: str,
-                          threads: int | None = None, split: str = "Ts", pictures: bool = True):
+                          threads: int | None = None, split: str = "Ts",
+                          pictures: bool = True) -> tuple[Evaluation, PredictionStats]:
     """Predict ``images<split>`` with the model and evaluate against ``labels<split>``.
 
     Returns ``(Evaluation, PredictionStats)``.
@@ -390,18 +400,16 @@ def evaluate_model_folder(model_folder: Path, dataset_folder: Path, out_dir: Pat
     return evaluation, stats
 
 
-def read_image(path: Path):
+def read_image(path: Path) -> tuple[np.ndarray, Grid]:
     """A CT NIfTI as ``(array [k, j, i], Grid)`` for the overlay pictures."""
-    import nibabel as nib
-
-    from segnode.models.io_nifti import volume_from_nifti
+    from segnode.models.io_nifti import load_nifti, volume_from_nifti
     from segnode.models.segmentation_io import Grid
 
-    volume = volume_from_nifti(nib.load(path))
+    volume = volume_from_nifti(load_nifti(path))
     return volume.hu, Grid.of_volume(volume)
 
 
-def metrics_block(evaluation, stats) -> dict:
+def metrics_block(evaluation: Evaluation, stats: PredictionStats) -> dict:
     from segnode.models.evaluate import summarise
 
     return {

@@ -115,8 +115,9 @@ def check(cond: Condition, facts: Facts) -> tuple[bool, str]:
             return _check_tag(cond, facts.ds)
         case "calling_ae" | "called_ae":
             test = cond.calling_ae or cond.called_ae
+            assert test is not None  # the kind names the one field set (Condition._one_kind)
             name = cond.kind.replace("_ae", " AE")
-            return _check_values(name, [getattr(facts, cond.kind)], test)  # type: ignore[arg-type]
+            return _check_values(name, [getattr(facts, cond.kind)], test)
         case "sender_host":
             return _check_host(cond.sender_host or (), facts.sender_host)
         case "all":
@@ -124,7 +125,8 @@ def check(cond: Condition, facts: Facts) -> tuple[bool, str]:
         case "any":
             return _check_any(cond.any or (), facts)
         case _:
-            holds, why = check(cond.not_, facts)  # type: ignore[arg-type]
+            assert cond.not_ is not None  # the only kind left (Condition._one_kind)
+            holds, why = check(cond.not_, facts)
             return (False, f"excluded by 'not': {why}") if holds else (True, f"not ({why})")
 
 
@@ -149,9 +151,10 @@ def _check_any(conds: tuple[Condition, ...], facts: Facts) -> tuple[bool, str]:
 
 
 def _check_tag(cond: Condition, ds: Dataset) -> tuple[bool, str]:
-    tag = resolve_tag(cond.tag or "")
+    given = cond.tag or ""
+    tag = resolve_tag(given)
     keyword = keyword_for_tag(tag)
-    name = cond.tag if cond.tag == keyword or not keyword else f"{cond.tag} ({keyword})"
+    name = given if given == keyword or not keyword else f"{given} ({keyword})"
     elem = ds[tag] if tag in ds else None
     present = elem is not None and not elem.is_empty
     if cond.present is not None or cond.absent is not None:

@@ -155,8 +155,9 @@ class Condition(_Operators):
     @field_validator("range")
     @classmethod
     def _ordered(cls, value: tuple[float | None, float | None] | None) -> Any:
-        if value is not None and None not in value and value[0] > value[1]:  # type: ignore[operator]
-            raise ValueError(f"range low {value[0]:g} is above high {value[1]:g}")
+        low, high = value if value is not None else (None, None)
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"range low {low:g} is above high {high:g}")
         if value == (None, None):
             raise ValueError("range needs a low or a high bound")
         return value
@@ -283,6 +284,8 @@ class Action(Frozen):
     review: Review | None = Field(default=None, description="QC policy; absent: send, QC only recorded")
     outputs: Annotated[tuple[str, ...] | None, BeforeValidator(kinds_field)] = Field(
         default=None, description="kinds to encode (seg, rtstruct, overlay, sr); absent: what the destinations take")
+    rtstruct_holes: Literal["keyhole", "xor"] | None = Field(
+        default=None, description="RTSTRUCT holes: keyhole contours (absent: the default) or CLOSEDPLANAR_XOR")
     queue: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                               description="broker queue for remote workers (gpu, cpu; docs/scaling.md)")
     priority: Literal["urgent", "routine", "research"] | None = Field(

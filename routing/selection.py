@@ -50,10 +50,11 @@ class SeriesFacts:
     @property
     def orientation(self) -> str:
         """``axial``, ``coronal``, ``sagittal`` or ``oblique`` (from the normal's largest component)."""
-        if self.normal is None:
+        normal = self.normal
+        if normal is None:
             return "unknown"
-        axis = max(range(3), key=lambda i: abs(self.normal[i]))  # type: ignore[index]
-        if abs(self.normal[axis]) < 0.9:
+        axis = max(range(3), key=lambda i: abs(normal[i]))
+        if abs(normal[axis]) < 0.9:
             return "oblique"
         return ("sagittal", "coronal", "axial")[axis]
 

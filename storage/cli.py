@@ -70,7 +70,9 @@ def _root(args: argparse.Namespace) -> Path:
 
 def _writable(args: argparse.Namespace) -> DatasetStore:
     secret = load_secret(args.secret_file)
-    return DatasetStore.open(_root(args), secret, secret_path=args.secret_file or os.environ.get(SECRET_ENV))
+    from_env = os.environ.get(SECRET_ENV)
+    secret_path = args.secret_file or (Path(from_env) if from_env else None)
+    return DatasetStore.open(_root(args), secret, secret_path=secret_path)
 
 
 def _readable(args: argparse.Namespace) -> DatasetStore:

@@ -130,14 +130,15 @@ class DatasetStore:
         config_path = root / "store.json"
         if not config_path.exists():
             chosen = DEFAULT_OPTIONS if options is None else tuple(Option(o) for o in options)
+            names = sorted(o.value for o in chosen)
             config = {
                 "format": STORE_FORMAT,
-                "options": sorted(o.value for o in chosen),
+                "options": names,
                 "keep_dicom": keep_dicom,
                 "key_check": pseudonyms.key_check(),
             }
             write_json_atomic(config_path, config)
-            logger.info("created dataset store %s (options %s)", root, ", ".join(config["options"]) or "none")
+            logger.info("created dataset store %s (options %s)", root, ", ".join(names) or "none")
         store = cls._load(root, pseudonyms)
         if store.config.get("key_check") != pseudonyms.key_check():
             raise ConfigError(

@@ -342,7 +342,9 @@ class Deidentifier:
             return value
         if isinstance(value, str):
             return value if value in UID_dictionary else self.pseudonyms.uid(value)
-        return [self._remap(v) for v in value]  # multi-valued
+        if isinstance(value, Iterable):
+            return [self._remap(v) for v in value]  # multi-valued
+        raise TypeError(f"a UID value of type {type(value).__name__}")
 
     def _dummy(self, elem: DataElement) -> object:
         if elem.VR == "UI":
@@ -405,7 +407,9 @@ class Deidentifier:
         if value is None:
             return value
         if not isinstance(value, str):
-            return [self._scrub(v, ctx) for v in value]
+            if isinstance(value, Iterable):
+                return [self._scrub(v, ctx) for v in value]
+            raise TypeError(f"a text value of type {type(value).__name__}")
         text = str(value)
         for term in ctx.scrub:
             text = re.sub(re.escape(term), "", text, flags=re.IGNORECASE)

@@ -71,7 +71,8 @@ def export_nnunet(
         raise StorageError("export folder exists and is not empty", where=str(folder))
     renumber = {value: i for i, value in enumerate(sorted(table), start=1)}
     train_patients, _ = split_patients(cases, test_fraction, seed)
-    train, test = [], []
+    train: list[str] = []
+    test: list[str] = []
     for case in sorted(cases, key=lambda c: c.case_id):
         side = "Tr" if case.patient in train_patients else "Ts"
         _write_case(store, case, folder, side, renumber)

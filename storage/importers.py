@@ -108,7 +108,8 @@ def _msd_mapping(path: Path) -> dict[int, str]:
     return {v: tissue_name(n) for v, n in pairs.items() if v != 0}
 
 
-def _import_nifti(store, path, layout, dataset, mapping, profile, status) -> ImportReport:
+def _import_nifti(store: DatasetStore, path: Path, layout: Layout, dataset: str, mapping: Mapping[int, str] | None,
+                  profile: str, status: LabelStatus) -> ImportReport:
     names = dict(mapping) if mapping else (_msd_mapping(path) if layout is Layout.MSD else None)
     if names is None:
         raise InputError("plain NIfTI pairs need a label mapping (--label-map 1=liver,...)", where=str(path))
@@ -151,7 +152,8 @@ def _read(path: Path) -> bytes:
         raise InputError(f"cannot read: {exc.strerror}", where=str(path)) from exc
 
 
-def _import_dicom(store, path, dataset, mapping, profile, status) -> ImportReport:
+def _import_dicom(store: DatasetStore, path: Path, dataset: str, mapping: Mapping[int, str] | None, profile: str,
+                  status: LabelStatus) -> ImportReport:
     series: dict[str, list[Path]] = defaultdict(list)
     segs: list[Path] = []
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -191,7 +193,7 @@ def _import_dicom(store, path, dataset, mapping, profile, status) -> ImportRepor
     return report
 
 
-def _remap_segments(array: np.ndarray, names: dict[int, str], mapping: Mapping[int, str]):
+def _remap_segments(array: np.ndarray, names: dict[int, str], mapping: Mapping[int, str]) -> tuple[np.ndarray, dict[int, str]]:
     """A mapping on a SEG import renames segment numbers (``2=-`` drops segment 2)."""
     renamed = {n: mapping.get(n, names[n]) for n in names}
     return apply_mapping(array, renamed)

@@ -607,7 +607,7 @@ class Index:
             "WHERE j.state = ? AND d.state = ? AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at",
             (JobState.SENDING.value, DeliveryState.PENDING.value, self.clock()),
         ).fetchall()
-        return [(self.job(r["job_id"]), _delivery(r)) for r in rows]
+        return [(job, _delivery(r)) for r in rows if (job := self.job(r["job_id"])) is not None]
 
     def delivery_result(self, job_id: int, destination: str, *, ok: bool, error: str | None = None,
                         retry_at: float | None = None, objects: Collection[ObjectOutcome] = ()) -> None:
@@ -653,9 +653,7 @@ class Index:
     # -- operator actions and recovery --------------------------------------------
     def retry(self, job_id: int) -> JobState:
         """Put a failed, dead-lettered or not-routed job back in the pipeline; return its new state."""
-        job = self.job(job_id)
-        if job is None:
-            raise StorageError("no such job", where=f"job {job_id}")
+        job = self.existing_job(job_id)
         with self._tx() as db:
             if job.state is JobState.FAILED:
                 self._move(db, job_id, JobState.COMPLETE, "retry requested")
@@ -671,7 +669,7 @@ class Index:
             else:
                 raise StorageError(f"job is {job.state.value}; only failed, dead_letter or not_routed "
                                    "jobs can be retried", where=f"job {job_id}")
-        return self.job(job_id).state  # type: ignore[union-attr]
+        return self.existing_job(job_id).state
 
     def recover(self) -> list[int]:
         """At start-up: jobs interrupted while segmenting go back to ``complete``."""
@@ -685,6 +683,13 @@ class Index:
     def job(self, job_id: int) -> Job | None:
         row = self._db().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return Job.from_row(row) if row else None
+
+    def existing_job(self, job_id: int) -> Job:
+        """The job ``job_id`` (``StorageError`` when there is none)."""
+        job = self.job(job_id)
+        if job is None:
+            raise StorageError("no such job", where=f"job {job_id}")
+        return job
 
     def jobs(self, state: JobState | None = None, limit: int = 100) -> list[Job]:
         if state is None:

@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from segnode.errors import SegnodeError
 
@@ -33,7 +34,7 @@ COMMAND_MODULES = (
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit code 2, as for config errors
+    def error(self, message: str) -> NoReturn:  # exit code 2, as for config errors
         self.print_usage(sys.stderr)
         self.exit(2, f"segnode: error: {message}\n")
 

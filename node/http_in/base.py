@@ -77,6 +77,7 @@ class RunningHTTP:
     @property
     def url(self) -> str:
         host = self.server.server_address[0]
+        assert isinstance(host, str)  # an IP address: the server listens on TCP
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     def stop(self) -> None:

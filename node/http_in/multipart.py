@@ -98,14 +98,14 @@ class ChunkedBody(LengthBody):
         return data
 
     def _next_chunk(self) -> bool:
-        line = self.stream.readline(1024)  # type: ignore[call-arg]
+        line = self.stream.readline(1024)
         size_text = line.split(b";", 1)[0].strip()
         try:
             size = int(size_text, 16)
         except ValueError:
             raise InputError("bad chunk size line in a chunked body") from None
         if size == 0:
-            while self.stream.readline(1024).strip():  # type: ignore[call-arg]  # trailer fields
+            while self.stream.readline(1024).strip():  # trailer fields
                 pass
             self.done = True
             return False

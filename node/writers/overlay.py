@@ -133,11 +133,11 @@ def write_overlay(
     """
     source = checked_source(volume, labels, profile, "an overlay series needs them")
     planes = source_planes(volume)
-    colours = {value: tuple(profile.tissue(name).color) for value, name in labels.labels.items()}
+    colours = {value: profile.tissue(name).color for value, name in labels.labels.items()}
     entries = [(name, colours[value]) for value, name in sorted(labels.labels.items())]
     if not_for_diagnosis:
         entries.append((NOT_FOR_DIAGNOSIS, WARNING_COLOUR))
-    band = legend_band(volume.shape[2], entries)  # type: ignore[arg-type]
+    band = legend_band(volume.shape[2], entries)
     seed = output_seed(source, profile, labels, "overlay", seg_type)
     series_uid = str(deterministic_uid(*seed, "series"))
     suffix = f" {NOT_FOR_DIAGNOSIS}" if not_for_diagnosis else ""

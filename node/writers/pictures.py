@@ -31,7 +31,8 @@ def write_pictures(volume: Volume, labels: LabelMap, profile: Profile, out_dir: 
         where = np.nonzero(labels.array == value)
         if not where[0].size:
             continue
-        centre = tuple(int(round(float(axis.mean()))) for axis in where)
+        k, j, i = (int(round(float(axis.mean()))) for axis in where)
+        centre = (k, j, i)
         for plane in PLANES:
             hu, lab = _plane(volume, labels.array, plane, centre)
             file = f"{name}_{plane}.png"

@@ -8,7 +8,9 @@ spaced series stay exact.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydicom import Dataset
@@ -49,7 +51,8 @@ class SourcePlane:
         return self.position[None, :] + cols * dc * self.row_dir[None, :] + rows * dr * self.col_dir[None, :]
 
 
-def _plane(position, orientation, spacing, sop_class: str, sop_uid: str, frame: int | None) -> SourcePlane:
+def _plane(position: Sequence[float], orientation: Sequence[float], spacing: Sequence[float], sop_class: str,
+           sop_uid: str, frame: int | None) -> SourcePlane:
     iop = np.asarray([float(v) for v in orientation])
     return SourcePlane(
         position=np.asarray([float(v) for v in position]),
@@ -62,7 +65,7 @@ def _plane(position, orientation, spacing, sop_class: str, sop_uid: str, frame: 
     )
 
 
-def _frame_attr(ds: Dataset, index: int, seq: str, keyword: str):
+def _frame_attr(ds: Dataset, index: int, seq: str, keyword: str) -> Any:  # a DICOM value
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else Dataset()
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     for group in (per_frame[index] if index < len(per_frame) else Dataset(), shared):
