@@ -73,8 +73,9 @@ class Courier:
     def _send(self, job: Job, objects: list[DeliveryObject],
               pending: list[DeliveryObject]) -> tuple[list[SendResult], Summary]:
         if not job.outputs:  # a job encoded before its objects were tracked: the SEG alone
-            [result] = self.sender.send([Path(job.seg_path or "")])
-            _log(job.job_id, self.destination, Path(job.seg_path or "").name, result)
+            seg = job.file(job.seg_path or "")
+            [result] = self.sender.send([seg])
+            _log(job.job_id, self.destination, seg.name, result)
             return [], Summary(result.category, result.message)
         sent = self.sender.send([job.file(o.path) for o in pending])  # paths are relative to the job folder
         for obj, one in zip(pending, sent):
