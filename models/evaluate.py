@@ -19,7 +19,7 @@ import logging
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -168,7 +168,8 @@ def evaluate_case(
     rows = []
     for pair in pairing.pairs:
         pred_mask, ref_mask = pred_on.mask(pair.pred), ref_on.mask(pair.ref)
-        m = segment_metrics(pred_mask, ref_mask, grid.array_spacing, grid.voxel_ml)
+        m = replace(segment_metrics(pred_mask, ref_mask, grid.array_spacing, grid.voxel_ml),
+                    pred_ml=grid.volume_ml(pred_mask), ref_ml=grid.volume_ml(ref_mask))  # slice by slice
         row = Row(case, pair.name, pair.pred, pair.ref, m.dice, m.hd95_mm, m.pred_ml, m.ref_ml,
                   m.volume_diff_ml, m.volume_diff_pct)
         if on_pair is not None:

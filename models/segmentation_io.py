@@ -53,14 +53,26 @@ MaskFn = Callable[[str], np.ndarray]
 
 @dataclass(frozen=True, eq=False)
 class Grid:
-    """A voxel grid: array shape ``(k, j, i)`` and the affine ``(i, j, k, 1)`` → LPS mm."""
+    """A voxel grid: array shape ``(k, j, i)`` and the affine ``(i, j, k, 1)`` → LPS mm.
+
+    ``slice_ml``: the volume of one voxel of each slice, for the grid of a
+    DICOM series (:meth:`Volume.slice_voxel_ml`: each slice at its own extent,
+    where the affine has the median step); ``None`` for a NIfTI's exact grid.
+    """
 
     shape: tuple[int, int, int]
     affine: np.ndarray
+    slice_ml: tuple[float, ...] | None = None
 
     @classmethod
     def of_volume(cls, volume: Volume) -> Grid:
-        return cls(volume.shape, volume.affine())
+        return cls(volume.shape, volume.affine(), tuple(float(v) for v in volume.slice_voxel_ml()))
+
+    def volume_ml(self, mask: np.ndarray) -> float:
+        """Volume in mL of the true voxels of ``mask`` (on this grid), each slice at its own extent."""
+        per_slice = np.asarray(mask, dtype=bool).reshape(self.shape[0], -1).sum(axis=1)
+        voxel = np.asarray(self.slice_ml) if self.slice_ml is not None else np.full(self.shape[0], self.voxel_ml)
+        return float(per_slice @ voxel)
 
     @property
     def spacing_ijk(self) -> np.ndarray:

@@ -111,3 +111,21 @@ def test_run_qc_volume_finding_on_an_uneven_series(tmp_path: Path) -> None:
         "aorta": TissueQC(volume_ml=(expected * 0.995, expected * 1.005))}})})
     found = [f for f in run_qc(volume, labels, tight) if f.check == "volume_ml"]
     assert [f.outcome.value for f in found] == ["pass"]
+
+
+def test_evaluation_on_a_dicom_grid_measures_slice_by_slice(tmp_path: Path) -> None:
+    """``segnode-eval`` on a SEG over its unevenly spaced source reports the geometric volume too."""
+    from segnode.models.evaluate import evaluate_case
+    from segnode.models.segmentation_io import read_seg
+    from segnode.node.writers.seg import write_seg
+
+    profile = writer_profile(tmp_path)
+    shape = write_shape("tilted_uneven", tmp_path / "ct")
+    volume = load_series(tmp_path / "ct")
+    seg = write_seg(volume, labels_for(volume, shape), profile, tmp_path / "seg")
+    on_source = read_seg(seg.path, source=volume)
+    rows = {r.segment: r for r in evaluate_case(on_source, on_source).rows}
+    expected = reference_volumes_ml(shape)
+    assert rows["aorta"].pred_ml == pytest.approx(expected[1], rel=1e-9)
+    assert rows["vertebrae_t12"].ref_ml == pytest.approx(expected[2], rel=1e-9)
+    assert rows["aorta"].volume_diff_ml == 0.0
