@@ -277,8 +277,8 @@ class _Connection:
         self.sock = tls
         self.server.track(tls)
         remaining = min(self.deadline - time.monotonic(), self.server.handshake_timeout_s)
-        if remaining <= 0:
-            raise _TimedOut("deadline passed before the TLS handshake")
+        if remaining <= 0:  # no A-ABORT: there is no TLS session to send it in
+            raise PeerGone("deadline passed before the TLS handshake")
         tls.settimeout(remaining)  # one deadline for the whole handshake (CPython's do_handshake loop keeps it)
         try:
             tls.do_handshake()
