@@ -100,6 +100,7 @@ from segnode.node.dicom_in.pdu import (
 )
 from segnode.node.events import AssociationAccepted, AssociationRejected, RejectionReason
 from segnode.node.ingest.guards import AcceptWatchdog, PendingGate, PendingSlot
+from segnode.node.status import Status
 from segnode.node.ingest.store import (
     CT_FAMILY,
     TRANSFER_SYNTAXES,
@@ -424,7 +425,8 @@ class _Connection:
         if message_id is None:
             raise ProtocolError("command without a Message ID")
         if field_ == C_ECHO_RQ:
-            rsp = encode_response(0x8030, message_id, command.get(0x0002, VERIFICATION.encode()), 0x0000)
+            rsp = encode_response(0x8030, message_id, command.get(0x0002, VERIFICATION.encode()),
+                                  Status.SUCCESS)
             self._send(p_data(context_id, rsp))
         elif field_ == C_STORE_RQ and us(command.get(0x0800)) != NO_DATASET:
             self.pending, self.pending_context, self.filled = command, context_id, 0
