@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,9 +25,11 @@ from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NA
 from segnode.node.config import NodeConfig
 from segnode.node.dispatch import backoff_s
 from segnode.node.events import Delivered, Event
-from segnode.node.sending.sender import Sender, sender_for
+from segnode.node.sending.delivery import Courier, DeliveryTask
+from segnode.node.sending.queues import DestinationQueue
+from segnode.node.sending.sender import Sender, SendResult, sender_for
 from segnode.node.service import Service
-from segnode.storage.index import Delivery, DeliveryState, Job, JobState
+from segnode.storage.index import Delivery, DeliveryState, Index, InstanceRecord, Job, JobState
 
 from tests.peers import free_port, store_statuses, storescp, storescu, wait_until
 from tests.phantoms import thorax_phantom, write_ct_series
@@ -367,3 +369,103 @@ def send_and_time(service: Service, port: int, folder: Path, calling: str) -> Ti
     job = wait_until(lambda: job_in(service, folder, JobState.DONE) or job_in(service, folder, JobState.SENDING),
                      120, f"{folder.name} sending")
     return Timing(sent, sending_at(service, job), delivered_at(service, job, "pacs"))
+
+
+# -- the queues and the courier, with a scripted sender ------------------------------------------
+
+class Scripted:
+    """A :class:`Sender` that answers from a script and can be held (a destination that hangs)."""
+
+    def __init__(self, *answers: list[SendResult]) -> None:
+        self.answers = list(answers)
+        self.calls: list[list[str]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def send(self, paths: Sequence[Path]) -> list[SendResult]:
+        self.calls.append([str(p) for p in paths])
+        self.release.wait(30)
+        return self.answers.pop(0)
+
+    def echo(self) -> SendResult:
+        return SendResult.stored("echo")
+
+
+def sending_job(index: Index, destinations: tuple[str, ...], uids: tuple[str, ...]) -> int:
+    index.record_instance(InstanceRecord(
+        sop_uid="1.1", series_uid="1.2.3", study_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", path="1.2/1.2.3/1.1.dcm", size_bytes=10,
+        calling_ae="SCANNER", called_ae="SEGNODE", sender_host="127.0.0.1"))
+    job_id = index.jobs()[0].job_id
+    index.mark_complete(job_id, rule="r", profile="lungs", backend=None, destinations=destinations)
+    index.claim_next()
+    outputs = [{"kind": "seg", "path": f"{u}.dcm", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.66.4",
+                "sop_instance_uid": u, "series_instance_uid": "9"} for u in uids]
+    index.mark_encoded(job_id, seg_path=f"{uids[0]}.dcm", seg_series_uid="9", seg_sop_uid=uids[0], backend_used="b",
+                       model_version="1", outputs=outputs, result_dir="/results/job-1")
+    return job_id
+
+
+def queue_for(name: str, sender: Scripted, index: Index, events: list[Event]) -> DestinationQueue:
+    policy = NodeConfig(dispatch={"max_attempts": 3, "backoff_initial_s": 5, "backoff_max_s": 60}).dispatch
+    return DestinationQueue(Courier(name, sender, index, policy, events.append))
+
+
+def test_a_hanging_destination_holds_only_its_own_queue(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    job_id = sending_job(index, ("hangs", "fine"), ("5.1",))
+    events: list[Event] = []
+    hangs, fine = Scripted([SendResult.stored("ok")]), Scripted([SendResult.stored("ok")])
+    hangs.release.clear()
+    queues = [queue_for("hangs", hangs, index, events), queue_for("fine", fine, index, events)]
+    for q in queues:
+        q.start()
+    try:
+        for q in queues:
+            assert q.put(DeliveryTask(job_id, q.destination, 0))
+        wait_until(lambda: fine.calls and events, 10, "the fine destination's try")
+        assert events == [Delivered(job_id, "fine", True, "stored 1 object(s)")]
+        assert hangs.calls == [["/results/job-1/5.1.dcm"]]  # in flight, held
+        assert not queues[0].put(DeliveryTask(job_id, "hangs", 0))  # found due again while in flight: left alone
+        assert index.job(job_id).state is JobState.SENDING  # type: ignore[union-attr]
+        hangs.release.set()
+        wait_until(lambda: len(events) == 2, 10, "the held try to end")
+        assert index.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
+        assert fine.calls == hangs.calls == [["/results/job-1/5.1.dcm"]]  # each sent once
+        assert queues[0].put(DeliveryTask(job_id, "hangs", 0))  # a stale task (tried since): not sent again
+        wait_until(lambda: queues[0].in_hand() == 0, 10, "the stale task to be dropped")
+        assert len(hangs.calls) == 1
+    finally:
+        for q in queues:
+            q.stop()
+
+
+def test_a_retry_resends_only_what_was_not_stored_on_the_backoff_schedule(tmp_path: Path) -> None:
+    index = Index(tmp_path / "index.sqlite")
+    job_id = sending_job(index, ("pacs",), ("5.1", "5.2", "5.3"))
+    events: list[Event] = []
+    pacs = Scripted([SendResult.stored("ok"), SendResult.retry("0xA700", 0xA700), SendResult.refused("no context")],
+                    [SendResult.stored("ok")])
+    queue = queue_for("pacs", pacs, index, events)
+    queue.start()
+    try:
+        before = time.time()
+        queue.put(DeliveryTask(job_id, "pacs", 0))
+        wait_until(lambda: events, 10, "the first try")
+        [row] = index.deliveries(job_id)
+        assert row.state is DeliveryState.PENDING and row.attempts == 1
+        assert before + 5 <= row.next_attempt_at <= time.time() + 5  # backoff_s(1) = 5 s
+        assert {o.sop_instance_uid: o.state for o in index.delivery_objects(job_id)} == {
+            "5.1": DeliveryState.DONE, "5.2": DeliveryState.PENDING, "5.3": DeliveryState.DEAD}
+        assert queue.put(DeliveryTask(job_id, "pacs", 0))  # found due before that try, handed over late: dropped
+        wait_until(lambda: queue.in_hand() == 0, 10, "the stale task to be dropped")
+        assert len(pacs.calls) == 1  # a retry is never sent before its time
+        queue.put(DeliveryTask(job_id, "pacs", 1))  # as the poll hands it over once due
+        wait_until(lambda: len(events) == 2, 10, "the second try")
+    finally:
+        queue.stop()
+    folder = "/results/job-1/"
+    assert pacs.calls == [[folder + "5.1.dcm", folder + "5.2.dcm", folder + "5.3.dcm"], [folder + "5.2.dcm"]]
+    [row] = index.deliveries(job_id)
+    assert row.state is DeliveryState.DEAD and row.attempts == 2  # 5.3 was refused for good
+    assert index.job(job_id).state is JobState.DEAD_LETTER  # type: ignore[union-attr]
