@@ -100,13 +100,13 @@ from segnode.node.dicom_in.pdu import (
 )
 from segnode.node.events import AssociationAccepted, AssociationRejected, RejectionReason
 from segnode.node.ingest.guards import AcceptWatchdog, PendingGate, PendingSlot
-from segnode.node.status import Status
 from segnode.node.ingest.store import (
     CT_FAMILY,
     TRANSFER_SYNTAXES,
     StoreHandler,
     StoreRequest,
 )
+from segnode.node.status import Status
 
 logger = logging.getLogger(__name__)
 
