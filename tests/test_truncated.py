@@ -102,6 +102,8 @@ def serving(tmp_path: Path) -> Iterator[tuple[NodeProcess, int, str]]:
         "clients": [{"name": "ris", "token_file": str(tmp_path / "ris.token"), "ae_title": "RIS"}]})
     with node(config) as running:
         yield running, port, token
+    if running.proc.stdout is not None:  # its "listening" pipe
+        running.proc.stdout.close()
 
 
 def spooled(running: NodeProcess) -> set[str]:

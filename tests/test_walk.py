@@ -28,7 +28,7 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 from segnode.node.http_in.stow import read_file_meta
-from segnode.node.ingest.walk import MAX_DEPTH, needs_pixel_data, walk_dataset
+from segnode.node.ingest.walk import MAX_DEPTH, MAX_ELEMENTS, needs_pixel_data, walk_dataset
 
 DATA = Path(__file__).parent / "data"
 EDGE = DATA / "edge_cases" / "pydicom"
@@ -56,7 +56,8 @@ def part10_files() -> list[Path]:
     """Every Part 10 file in tests/data (with a file meta and a transfer syntax)."""
     out = []
     for path in sorted(p for p in DATA.rglob("*") if p.is_file() and p.suffix not in {".json", ".md", ".nrrd"}):
-        head = path.open("rb").read(132)
+        with path.open("rb") as file:
+            head = file.read(132)
         if head[128:132] == b"DICM" and read_file_meta(path.read_bytes()) is not None:
             out.append(path)
     return out
@@ -298,6 +299,12 @@ def test_sequences_and_items_must_be_closed() -> None:
     assert walk(not_an_item, sop_class=EnhancedSRStorage) == "(0008,1140) holds (0008,1155), not an item"
     undefined_text = struct.pack("<HH2sHL", 0x0008, 0x0100, b"UT", 0, 0xFFFFFFFF)
     assert walk(undefined_text, sop_class=EnhancedSRStorage) == "(0008,0100) of undefined length is not a sequence"
+
+
+def test_the_number_of_elements_is_bounded() -> None:
+    empty = struct.pack("<HH2sH", 0x0009, 0x1010, b"LO", 0)
+    assert walk(empty * (MAX_ELEMENTS - 1), sop_class=EnhancedSRStorage) is None
+    assert walk(empty * MAX_ELEMENTS, sop_class=EnhancedSRStorage) == f"more than {MAX_ELEMENTS} elements"
 
 
 def test_an_undefined_length_un_sequence_is_read_as_implicit_vr() -> None:

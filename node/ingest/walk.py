@@ -9,7 +9,8 @@ later by the job.  The walk reads element headers only, and checks:
 - every element header is whole and every defined length lies inside the data
   (and inside its item, for an element of a defined-length item);
 - sequences and items, of defined and undefined length, are closed (their
-  delimiters present) and nested at most :data:`MAX_DEPTH` deep;
+  delimiters present) and nested at most :data:`MAX_DEPTH` deep; at most
+  :data:`MAX_ELEMENTS` element headers in all;
 - native Pixel Data (7FE0,0010) holds Rows × Columns × SamplesPerPixel ×
   NumberOfFrames × BitsAllocated / 8 bytes (bits packed for BitsAllocated 1,
   rounded up to even), read from the attributes of the dataset (or item) that
@@ -43,6 +44,10 @@ from pydicom.uid import UID
 
 #: how deep sequences may nest (a sequence in an item of a sequence: 2).
 MAX_DEPTH = 32
+#: how many element headers (items and delimiters included) a dataset may have: what bounds the
+#: walk's time (~1 µs each) when a dataset is a long run of tiny elements; a 2,000-frame enhanced
+#: CT with per-frame functional groups has ~100,000.
+MAX_ELEMENTS = 2_000_000
 DEFLATED = "1.2.840.10008.1.2.1.99"
 _IMPLICIT_LE, _EXPLICIT_BE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"
 #: transfer syntaxes whose Pixel Data is native; every other one encapsulates it.
@@ -203,6 +208,7 @@ class _Walk:
     def __init__(self, cursor: _Cursor, *, encapsulated: bool) -> None:
         self.cur = cursor
         self.encapsulated = encapsulated  # the transfer syntax encapsulates the top-level Pixel Data
+        self.left = MAX_ELEMENTS  # element headers still allowed
 
     def dataset(self, syntax: _Syntax, depth: int, end: int | None, *, delimited: bool) -> bool:
         """Walk a dataset (the top one, or an item's) to its end; whether it held Pixel Data.
@@ -291,6 +297,9 @@ class _Walk:
         cur = self.cur
         if cur.size - cur.i < 12 and not cur.fill(12) and not cur.fill(8):
             raise _Fault("dataset ends inside an element header")
+        self.left -= 1
+        if not self.left:
+            raise _Fault(f"more than {MAX_ELEMENTS} elements")
         buf, i = cur.buf, cur.i
         if not syntax.explicit:
             group, elem, length = syntax.head.unpack_from(buf, i)
