@@ -293,7 +293,7 @@ def _slice_axis(positions: np.ndarray, normal: np.ndarray, files: list[Path]) ->
     """Unit slice-step direction, step length and notes on tilt / spacing."""
     notes: list[str] = []
     if len(positions) == 1:
-        return normal, 1.0, ["single slice: slice spacing taken as 1 mm"]
+        return normal, 1.0, ["single slice: grid step 1 mm (volumes use its SliceThickness)"]
     deltas = np.diff(positions, axis=0)
     along = deltas @ normal
     if np.any(np.abs(along) < 1e-3):
