@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb rabbitmq-server chromium nodejs npm
+APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb rabbitmq-server chromium nodejs npm plastimatch
 
 .PHONY: run test install install-test peers bench wheel clean
 
@@ -24,6 +24,7 @@ peers:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v plastimatch >/dev/null || missing="$$missing plastimatch"; \
 	command -v Orthanc  >/dev/null || missing="$$missing orthanc"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v npm      >/dev/null || missing="$$missing nodejs npm"; \

@@ -9,7 +9,7 @@ from pathlib import Path
 from segnode.errors import ConfigError
 from segnode.models.base import RunSettings
 from segnode.node.jobs.pipeline import PipelineRequest, run_pipeline
-from segnode.node.writers.common import OutputFormat, SegType
+from segnode.node.writers.common import OutputFormat, RtstructHoles, SegType
 from segnode.output_kinds import ALL_KINDS, parse_kinds
 from segnode.profiles import Backend
 
@@ -36,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--output", default="seg", metavar="KINDS", type=_kinds,
         help=f"DICOM objects to write, comma-separated, of {','.join(ALL_KINDS)} (default seg; "
         "sr brings its SEG); ignored with --format nifti",
+    )
+    parser.add_argument(
+        "--rtstruct-holes", choices=[h.value for h in RtstructHoles], default=RtstructHoles.KEYHOLE.value,
+        help="RTSTRUCT holes: keyhole (one contour per region, each hole entered through a zero-width cut; "
+        "default) or xor (CLOSEDPLANAR_XOR contours)",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
@@ -65,6 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.model,
         series_uid=args.series,
         seg_type=args.seg_type,
+        rtstruct_holes=args.rtstruct_holes,
         output_format=args.format,
         settings=RunSettings(device=args.device, threads=args.threads, weights_dir=args.weights_dir,
                              memory_budget_mb=args.memory_budget_mb),

@@ -21,7 +21,7 @@ from segnode.models.qc import Finding, Outcome, run_qc
 from segnode.models.registry import get_backend
 from segnode.models.series import load_series
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.common import EncodedResult, OutputFormat, SegType
+from segnode.node.writers.common import EncodedResult, OutputFormat, RtstructHoles, SegType
 from segnode.node.writers.record import EncodedObject
 from segnode.node.writers.nifti import write_nifti
 from segnode.node.writers.pictures import write_pictures
@@ -46,6 +46,7 @@ class PipelineRequest:
     backend: str | None = None
     series_uid: str | None = None
     seg_type: str = SegType.BINARY.value
+    rtstruct_holes: str = RtstructHoles.KEYHOLE.value  # keyhole or xor (node.writers.rtstruct)
     output_format: str = OutputFormat.SEG.value
     settings: RunSettings = field(default_factory=RunSettings)
     use_fallback: bool = True
@@ -188,7 +189,8 @@ def run_pipeline(
 
         kinds = encoded_with(request.outputs)
         say(f"encoding {', '.join(kinds)}")
-        outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type)
+        outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type,
+                                 rtstruct_holes=request.rtstruct_holes)
         first = next((o for o in outputs if o.kind == "seg"), outputs[0])
         encoded = EncodedResult(path=request.out_dir / first.path, series_instance_uid=first.series_instance_uid,
                                 sop_instance_uid=first.sop_instance_uid, kind=first.kind)

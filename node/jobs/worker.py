@@ -258,6 +258,7 @@ def execute(spec: JobSpec, cache: ModelSource | None = None) -> JobResult:
     request = PipelineRequest(input_path=Path(spec.input_dir), profile=spec.profile, out_dir=Path(spec.out_dir),
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
                               output_format="seg", settings=settings,
+                              rtstruct_holes=spec.options.get("rtstruct_holes") or "keyhole",
                               outputs=_job_kinds(spec), **_shared_run(spec))
     result = JobResult.from_pipeline(run_pipeline(request, cache=cache), Path(spec.out_dir))
     return result.with_harvest(harvest(spec, result)) if spec.harvest else result

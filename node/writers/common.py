@@ -31,6 +31,13 @@ class OutputFormat(str, Enum):
     NIFTI = "nifti"
 
 
+class RtstructHoles(str, Enum):
+    """How an RT Structure Set writes a region's holes (PS3.3 C.8.8.6.3; :mod:`segnode.node.writers.rtstruct`)."""
+
+    KEYHOLE = "keyhole"  # one CLOSED_PLANAR contour per region, each hole entered through a zero-width cut
+    XOR = "xor"  # every boundary a CLOSEDPLANAR_XOR contour; a plane's contours combine by exclusive or
+
+
 @dataclass(frozen=True)
 class EncodedResult:
     path: Path

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from segnode.models.measurements import SegmentStatistics, segment_statistics
 from segnode.models.volume import LabelMap, Volume
-from segnode.node.writers.common import EncodedResult, SegType
+from segnode.node.writers.common import EncodedResult, RtstructHoles, SegType
 from segnode.node.writers.record import EncodedObject
 from segnode.node.writers.seg import write_seg
 from segnode.output_kinds import ALL_KINDS, OutputKind, encoded_with, parse_kinds
@@ -50,8 +50,12 @@ def encode_outputs(
     *,
     seg_type: SegType | str = SegType.BINARY,
     statistics: list[SegmentStatistics] | None = None,
+    rtstruct_holes: RtstructHoles | str = RtstructHoles.KEYHOLE,
 ) -> list[EncodedObject]:
-    """Write every kind in ``kinds`` (SEG first) into ``out_dir``; return each object written (paths relative to it)."""
+    """Write every kind in ``kinds`` (SEG first) into ``out_dir``; return each object written (paths relative to it).
+
+    ``rtstruct_holes``: how the RTSTRUCT writes holes (keyhole contours or CLOSEDPLANAR_XOR).
+    """
     wanted = encoded_with(kinds)
     results: list[EncodedResult] = []
     seg: EncodedResult | None = None
@@ -62,7 +66,8 @@ def encode_outputs(
         elif kind == OutputKind.RTSTRUCT.value:
             from segnode.node.writers.rtstruct import write_rtstruct
 
-            results.append(_as_kind(write_rtstruct(volume, labels, profile, out_dir, seg_type=seg_type), kind))
+            results.append(_as_kind(write_rtstruct(volume, labels, profile, out_dir, seg_type=seg_type,
+                                                    holes=rtstruct_holes), kind))
         elif kind == OutputKind.OVERLAY.value:
             from segnode.node.writers.overlay import write_overlay
 

@@ -4,20 +4,27 @@
   its colour (ROIDisplayColor), its SNOMED type code (RT ROI Identification
   Code Sequence), interpreted type ORGAN and generation algorithm AUTOMATIC;
 * contours are traced per source slice with marching squares
-  (``skimage.measure.find_contours`` at level 0.5 on the zero-padded binary
-  mask): the polygon passes half-way between inside and outside pixel centres,
-  so an even-odd fill at pixel centres gives back exactly the mask; collinear
-  vertices are dropped (exact on the half-pixel grid);
-* holes are separate CLOSED_PLANAR contours on the same plane (the RTSTRUCT
-  convention: readers fill all contours of a plane even-odd / XOR, as
-  dicompyler-core does); a single pixel becomes a 4-point diamond around its
-  centre, so nothing is dropped;
+  (:mod:`segnode.node.writers.polygons`): a polygon passes half-way between
+  inside and outside pixel centres, so a fill at pixel centres gives back
+  exactly the mask; a single pixel becomes a 4-point diamond around its centre
+  and every small component is kept;
+* holes as PS3.3 C.8.8.6.3 allows, chosen by ``holes`` (:class:`RtstructHoles`,
+  the route's ``rtstruct_holes``): ``keyhole`` (default, what deployed readers
+  fill right, plastimatch included) writes one CLOSED_PLANAR contour per
+  connected region whose outline enters each hole through a zero-width cut, an
+  island inside a hole being a region of its own; ``xor`` writes every
+  boundary (outline, hole, island) as its own CLOSEDPLANAR_XOR contour, the
+  contours of a plane combined by exclusive or;
+* a contour longer than Explicit VR allows (Contour Data over 65,534 bytes,
+  the note of PS3.3 Table C.8-42) makes the file Implicit VR Little Endian,
+  which every DICOM peer accepts;
 * points are in patient coordinates from each source image's own
   ImagePositionPatient / ImageOrientationPatient / PixelSpacing, so tilted
   and unevenly spaced series are exact; each contour references its image
   (and frame, for a multi-frame source);
 * an empty segment keeps its ROI, with no contours;
-* UIDs are deterministic (source series and its instances, organ, backend, model version, "rtstruct").
+* UIDs are deterministic (source series and its instances, organ, backend, model version, "rtstruct",
+  SEG type, and "xor" for XOR holes).
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ import datetime
 import logging
 from pathlib import Path
 
-import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    UID,
+    ImplicitVRLittleEndian,
     RTStructureSetStorage,
 )
 from segnode import identity
@@ -38,59 +46,54 @@ from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import (
     EncodedResult,
+    RtstructHoles,
     SegType,
     checked_source,
     deterministic_uid,
     output_seed,
 )
 from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
+from segnode.node.writers.polygons import keyhole_polygons, mask_contours
 from segnode.profiles.schema import Profile, Tissue
-from skimage.measure import find_contours
 
 logger = logging.getLogger(__name__)
 
 #: PS3.3 C.8.8.5: the study is referenced with the (retired) Detached Study Management SOP class
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 
-#: patient and study attributes copied from the source (Patient, General Study modules)
-def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
-    """Closed polygons (each ``(n, 2)`` row, column; not repeating the first point) of a 2D mask."""
-    padded = np.pad(mask.astype(np.uint8), 1)
-    out = []
-    for contour in find_contours(padded, 0.5):
-        points = contour[:-1] - 1.0  # find_contours closes by repeating the first point
-        out.append(_drop_collinear(points))
-    return out
-
-
-def _drop_collinear(points: np.ndarray) -> np.ndarray:
-    prev, nxt = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
-    a, b = points - prev, nxt - points
-    cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
-    keep = cross != 0
-    return points[keep] if keep.sum() >= 3 else points
+#: the longest value Explicit VR can hold in a 2-byte length (even)
+_EXPLICIT_VR_MAX = 0xFFFE
 
 
 def _ds(value: float) -> str:
     return f"{float(value) + 0.0:.5f}"
 
 
-def _contour_items(labels: LabelMap, value: int, planes: list[SourcePlane]) -> list[Dataset]:
-    items = []
+def _contour_items(labels: LabelMap, value: int, planes: list[SourcePlane], holes: RtstructHoles) -> list[Dataset]:
+    polygons, geometric_type = (keyhole_polygons, "CLOSED_PLANAR") if holes is RtstructHoles.KEYHOLE else \
+        (mask_contours, "CLOSEDPLANAR_XOR")
+    items: list[Dataset] = []
     for k, plane in enumerate(planes):
         mask = labels.array[k] == value
         if not mask.any():
             continue
-        for polygon in mask_contours(mask):
+        for polygon in polygons(mask):
             xyz = plane.to_patient(polygon[:, 0], polygon[:, 1])
             item = Dataset()
             item.ContourImageSequence = Sequence([plane.reference()])
-            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.ContourGeometricType = geometric_type
             item.NumberOfContourPoints = len(xyz)
             item.ContourNumber = len(items) + 1
             item.ContourData = [_ds(v) for v in xyz.ravel()]
             items.append(item)
     return items
+
+
+def _transfer_syntax(contours: list[Dataset]) -> UID:
+    """Explicit VR Little Endian, or Implicit VR when a Contour Data value is too long for a 2-byte length."""
+    longest = max((sum(len(str(v)) + 1 for v in item.ContourData) - 1
+                   for roi in contours for item in roi.get("ContourSequence", [])), default=0)
+    return ImplicitVRLittleEndian if longest > _EXPLICIT_VR_MAX else ExplicitVRLittleEndian
 
 
 def _code_item(tissue: Tissue) -> Dataset:
@@ -143,18 +146,20 @@ def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str,
 
 def write_rtstruct(
     volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, series_number: int = 9002,
-    seg_type: SegType | str = SegType.BINARY,
+    seg_type: SegType | str = SegType.BINARY, holes: RtstructHoles | str = RtstructHoles.KEYHOLE,
 ) -> EncodedResult:
     """Write ``labels`` as an RT Structure Set referencing the source images of ``volume``.
 
     ``seg_type``: the SEG type of the result this structure set belongs to; it
     only seeds the UIDs (a BINARY and a LABELMAP result never share one).
+    ``holes``: keyhole contours or CLOSEDPLANAR_XOR contours (:class:`RtstructHoles`).
     """
+    holes = RtstructHoles(holes)
     source = checked_source(volume, labels, profile, "an RT Structure Set needs them")
     planes = source_planes(volume)
     if "FrameOfReferenceUID" not in source.datasets[0]:
         raise EncodeError("the source has no FrameOfReferenceUID: contours cannot be placed", where=source.series_instance_uid)
-    seed = output_seed(source, profile, labels, "rtstruct", seg_type)
+    seed = output_seed(source, profile, labels, "rtstruct", seg_type) + (("xor",) if holes is RtstructHoles.XOR else ())
     series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
     ds = _header(volume, labels, profile, str(series_uid), str(sop_uid), series_number)
     frame_uid = source.datasets[0].FrameOfReferenceUID
@@ -174,7 +179,7 @@ def write_rtstruct(
         contour = Dataset()
         contour.ROIDisplayColor = list(tissue.color)
         contour.ReferencedROINumber = value
-        items = _contour_items(labels, value, planes)
+        items = _contour_items(labels, value, planes, holes)
         if items:
             contour.ContourSequence = Sequence(items)
         else:
@@ -194,7 +199,7 @@ def write_rtstruct(
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = _transfer_syntax(contours)
     identity.stamp_file_meta(ds.file_meta)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"RTSTRUCT_{profile.organ}_{sop_uid}.dcm"
