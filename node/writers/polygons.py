@@ -29,7 +29,9 @@ from skimage.measure import find_contours
 
 def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
     """Every boundary of a 2D mask as a closed polygon: outlines and holes alike (combine them by XOR)."""
-    return _rings(np.asarray(mask, bool), (0, 0))
+    padded = np.pad(np.asarray(mask, bool).astype(np.uint8), 1)
+    # find_contours closes each contour by repeating its first point; the padding shifts indices by one
+    return [_drop_collinear(contour[:-1] - 1.0) for contour in find_contours(padded, 0.5)]
 
 
 def keyhole_polygons(mask: np.ndarray) -> list[np.ndarray]:
@@ -49,13 +51,6 @@ def _region_of(ring: np.ndarray, padded_regions: np.ndarray) -> int:
     pair = ((int(np.floor(row)), int(col)), (int(np.ceil(row)), int(col))) if row % 1 else \
         ((int(row), int(np.floor(col))), (int(row), int(np.ceil(col))))
     return int(max(padded_regions[pair[0]], padded_regions[pair[1]]))
-
-
-def _rings(mask: np.ndarray, offset: tuple[int, int]) -> list[np.ndarray]:
-    padded = np.pad(mask.astype(np.uint8), 1)
-    shift = np.asarray(offset, float) - 1.0
-    # find_contours closes each contour by repeating its first point
-    return [_drop_collinear(contour[:-1] + shift) for contour in find_contours(padded, 0.5)]
 
 
 def _drop_collinear(points: np.ndarray) -> np.ndarray:
