@@ -146,7 +146,25 @@ class WorkerProcess:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-        return self.proc.wait()
+        return self._closed(self.proc.wait())
+
+    def stop(self) -> None:
+        """End of input: the worker leaves its loop and exits (killed if it has not within 5 s)."""
+        if self.proc.stdin is not None:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self._closed(self.proc.wait(timeout=5))
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def _closed(self, code: int) -> int:
+        """Close our ends of the pipes once the process is gone; pass ``code`` through."""
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
+        return code
 
 
 class WorkerPool:
@@ -174,6 +192,7 @@ class WorkerPool:
                 worker = self._idle.pop()
                 if worker.proc.poll() is None:
                     return worker
+                worker.kill()  # died while idle: reap it, close its pipes
         return WorkerProcess()
 
     def give_back(self, worker: WorkerProcess) -> None:
@@ -181,23 +200,14 @@ class WorkerPool:
             if not self._closed:
                 self._idle.append(worker)
                 return
-        _stop(worker)
+        worker.stop()
 
     def shutdown(self) -> None:
         """Stop every idle worker (running ones stop with their job or with us)."""
         with self._lock:
             idle, self._idle, self._closed = self._idle, [], True
         for worker in idle:
-            _stop(worker)
-
-
-def _stop(worker: WorkerProcess) -> None:
-    if worker.proc.stdin is not None:
-        worker.proc.stdin.close()  # end of input: the worker leaves its loop
-    try:
-        worker.proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        worker.kill()
+            worker.stop()
 
 
 def run_job(spec: JobSpec, pool: WorkerPool, *, timeout_s: float,
