@@ -14,7 +14,7 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Protocol
 
 from segnode.errors import InputError
 
@@ -56,10 +56,18 @@ class BodyTooLarge(InputError):
     """A chunked body grew past its cap while being read."""
 
 
+class ByteStream(Protocol):
+    """What the body readers read from: a request's ``rfile``, a response's raw stream, a ``BytesIO``."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+    def readline(self, size: int, /) -> bytes: ...
+
+
 class LengthBody:
     """Exactly ``length`` bytes of ``stream`` (a Content-Length body), read in chunks."""
 
-    def __init__(self, stream: BinaryIO, length: int) -> None:
+    def __init__(self, stream: ByteStream, length: int) -> None:
         self.stream = stream
         self.remaining = length
 
@@ -80,7 +88,7 @@ class LengthBody:
 class ChunkedBody(LengthBody):
     """A ``Transfer-Encoding: chunked`` body (RFC 9112 7.1), at most ``limit`` bytes of data."""
 
-    def __init__(self, stream: BinaryIO, limit: int) -> None:
+    def __init__(self, stream: ByteStream, limit: int) -> None:
         super().__init__(stream, 0)
         self.limit = limit
         self.total = 0
