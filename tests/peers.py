@@ -58,6 +58,7 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop ``proc`` (SIGTERM, then SIGKILL after ``timeout``) and close its pipes."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -65,6 +66,9 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 # -- DCMTK -----------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(t
 def test_receivers_exit_when_the_node_is_killed(tmp_path: Path) -> None:
     import signal
 
-    from tests.peers import start_node, wait_until, write_node_config
+    from tests.peers import start_node, stop_process, wait_until, write_node_config
 
     config = write_node_config(tmp_path / "node.yaml", limits={"min_free_disk_mb": 1, "receiver_processes": 3})
     node = start_node(config)
@@ -94,5 +94,5 @@ def test_receivers_exit_when_the_node_is_killed(tmp_path: Path) -> None:
         assert store_statuses(storescu(node.port, sorted(THORAX.glob("*.dcm"))[:4]).stderr) == ["Success"] * 4
     finally:
         node.proc.send_signal(signal.SIGKILL)
-        node.proc.wait()
+        stop_process(node.proc)  # reaps it and closes its pipe
     wait_until(lambda: not any(_alive(pid) for pid in receivers), 10, "the receivers to exit")

@@ -19,6 +19,7 @@ from segnode.storage.index import Index, JobState
 from segnode.storage.spool import Spool
 
 from tests.peers import store_statuses, storescu, wait_until
+from tests.raw_peer import IMPLICIT_LE, VERIFICATION, RawPeer
 from tests.tls_pki import Pki
 
 DATA = Path(__file__).parent / "data"
@@ -243,7 +244,8 @@ def test_a_client_without_a_certificate_our_ca_signed_is_refused(tmp_path: Path,
         assert echo(server.port, tls=pki.client_context(None)) is None  # no certificate at all
         rogue = storescu(server.port, [THORAX / "CT0001.dcm"], extra=pki.storescu_args("rogue"))
         assert rogue.returncode != 0 and store_statuses(rogue.stderr) == []
-        assert echo(server.port) is None  # plain DICOM is refused on a TLS port
+        with RawPeer(server.port) as plain:  # plain DICOM on a TLS port: closed, never associated
+            assert plain.associate([(1, VERIFICATION, [IMPLICIT_LE])]) is None
         assert spooled(spool) == []
         wait_until(lambda: server.health().pending == 0, 10, "the refused connections to be dropped")
         assert echo(server.port, tls=pki.client_context()) == 0x0000  # and it still serves
