@@ -73,9 +73,9 @@ class CompletionSweep:
             studies.setdefault(job.study_uid, []).append(job)
         routed = False
         for members in studies.values():
-            evidence = [(job, self.evidence(job.series_uid, now)) for job in members]
-            if all(e is not None for _, e in evidence):
-                routed |= self._route_study(evidence, by_study=True)  # type: ignore[arg-type]
+            ready = [(job, e) for job in members if (e := self.evidence(job.series_uid, now)) is not None]
+            if len(ready) == len(members):  # every series of the study has its evidence
+                routed |= self._route_study(ready, by_study=True)
         return routed
 
     # -- completion ---------------------------------------------------------------------
@@ -160,16 +160,20 @@ class CompletionSweep:
         profiles = every[:1] if options.get("combine") else every
         if len(every) > 1:
             options["shared_run"] = str(self.config.results_dir / f"shared-job-{job.job_id}")
-        fields = dict(rule=decision.rule, backend=decision.backend, destinations=destinations,
-                      harvest=decision.harvest, options=options)
-        if not self.index.mark_complete(job.job_id, profile=profiles[0], note=note, **fields):  # type: ignore[arg-type]
+        if not self.index.mark_complete(job.job_id, profile=profiles[0], note=note, rule=decision.rule,
+                                        backend=decision.backend, destinations=destinations,
+                                        harvest=decision.harvest, options=options):
             return False
+        like = self.index.job(job.job_id)  # as just routed: each sibling copies it
         for profile in profiles[1:]:
+            if like is None:  # the row is gone (cannot happen after mark_complete): no siblings
+                break
             sibling = self.index.add_complete_job(
-                self.index.job(job.job_id),  # type: ignore[arg-type]
+                like,
                 reason=f"routed by rule {decision.rule!r} (profile {profile}, model run shared with job "
                        f"{job.job_id})" + (f"; {note}" if note else ""),
-                profile=profile, **fields)
+                profile=profile, rule=decision.rule, backend=decision.backend, destinations=destinations,
+                harvest=decision.harvest, options=options)
             self.emit(JobMoved(sibling, JobState.COMPLETE))
         logger.info("series %s complete (%d instances): rule %s, profile(s) %s, to %s", job.series_uid,
                     info.instance_count, decision.rule, ", ".join(profiles), ", ".join(destinations) or "nowhere")
