@@ -54,6 +54,9 @@ def test_seg_is_stored_byte_for_byte_by_storescp(tmp_path: Path) -> None:
     assert got.SOPInstanceUID == original.SOPInstanceUID and got.PixelData == original.PixelData
 
 
+# pynetdicom 3.0.4 leaks the socket of a refused connection (transport.connect: shutdown() of the unconnected
+# socket raises ENOTCONN before close()); the leak is pynetdicom's, reported when the socket is collected
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 def test_nobody_listening_is_retryable() -> None:
     [result] = sender(config_for(free_port())).send([seg_file()])
     assert not result.ok and result.retryable and "cannot connect" in result.message
