@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 from segnode.errors import InputError
 from segnode.models.volume import LabelMap
-from segnode.profiles.schema import Profile, TotalSegmentatorOptions
+from segnode.profiles.schema import Profile, Tissue, TotalSegmentatorOptions
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def union_profile(profiles: Sequence[Profile]) -> Profile:
     TotalSegmentator ``roi_subset`` is the union (none if one profile has none).
     """
     first = profiles[0]
-    tissues = {}
+    tissues: dict[str, Tissue] = {}
     for profile in profiles:
         for tissue in profile.tissues:
             tissues.setdefault(tissue.name, tissue)
