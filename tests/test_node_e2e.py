@@ -154,6 +154,7 @@ def test_kill_9_during_transfer_loses_nothing_acknowledged_and_segments_once(tmp
                     n.proc.send_signal(signal.SIGKILL)
                     break
             log += sender.stdout.readlines()
+            sender.stdout.close()
             sender.wait()
             n.proc.wait()
         acked = acknowledged_files("".join(log))
