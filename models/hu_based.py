@@ -23,6 +23,7 @@ import numpy as np
 
 from segnode.errors import BackendError, ConfigError
 from segnode.models.base import RunSettings
+from segnode.models.capability import cannot_segment
 from segnode.models.hu_bone import segment_bone
 from segnode.models.hu_brain import segment_brain
 from segnode.models.hu_lungs import segment_lungs
@@ -32,14 +33,6 @@ from segnode.profiles.schema import Backend, Profile
 logger = logging.getLogger(__name__)
 
 VERSION = "hu_based-1.0"
-
-#: method → the tissue names it produces, in the order its function returns them.
-METHOD_TISSUES: dict[str, tuple[str, ...]] = {
-    "brain": ("brain", "shell"),
-    "lungs": ("lung_left", "lung_right"),
-    "bone": ("bone",),
-}
-
 
 @dataclass(frozen=True)
 class HuBasedModel:
@@ -101,21 +94,13 @@ class HuBasedBackend:
     def load(self, profile: Profile, settings: RunSettings) -> HuBasedModel:
         if profile.options.hu_based is None:
             raise ConfigError("profile has no options.hu_based.method", where=f"profile {profile.organ}")
+        why = cannot_segment(Backend.HU_BASED, profile)
+        if why is not None:
+            raise ConfigError(why, where=f"profile {profile.organ}")
         method = profile.options.hu_based.method
-        wanted = METHOD_TISSUES[method]
         labels = profile.label_values()
-        names = tuple(labels.values())
-        if sorted(names) != sorted(wanted):
-            raise ConfigError(
-                f"hu_based method {method!r} produces tissues {list(wanted)}, the profile has {list(names)}",
-                where=f"profile {profile.organ}",
-            )
-        ranges = {}
-        for name in names:
-            hu_range = profile.tissue(name).hu_range
-            if hu_range is None:
-                raise ConfigError(f"tissue {name!r} needs an hu_range for hu_based", where=f"profile {profile.organ}")
-            ranges[name] = (float(hu_range[0]), float(hu_range[1]))
+        ranges = {name: (float(r[0]), float(r[1])) for name in labels.values()
+                  if (r := profile.tissue(name).hu_range) is not None}
         return HuBasedModel(method=method, labels=labels, ranges=ranges)
 
 

@@ -5,14 +5,22 @@ job.  Its series is complete on evidence or after the quiet period
 (:mod:`segnode.node.completion`); the evidence is recorded on the job
 (:attr:`segnode.storage.index.Job.completion`).  With ``completion.group_by: series``
 each complete series is routed on its own.  With ``group_by: study`` a study
-waits until all its received series are complete, then:
+waits until all its received series are complete.  Either way the verdict on
+each series comes from :func:`segnode.routing.study.judge_series`, the
+function ``segnode route test`` calls too:
 
 1. a series that cannot be segmented (localizer, secondary capture, derived,
    SEG/RTSTRUCT/SR, our own output) is ``skipped`` with the reason;
 2. every other series is matched against the rules; none matching: ``not_routed``;
-3. for a rule with ``select``, one series is chosen per study
+3. by study, for a rule with ``select``, one series is chosen per study
    (:func:`segnode.routing.selection.choose`) and the others are ``skipped`` with the
-   reason; a rule without ``select`` takes every series it matches.
+   reason; a rule without ``select`` takes every series it matches;
+4. by study, a series that arrives after the rule already routed another
+   series of its study (a second association past the grace period) is
+   judged against that series by the rule's preferences: worse, ``skipped``
+   ("study already routed to series X, preferred by rule R"); better, routed,
+   and its jobs supersede the earlier series' jobs of the same profile once
+   encoded.
 
 A routed series becomes one job per profile of its rule (``profiles:``), all
 sharing one model run (:mod:`segnode.node.jobs.shared_run`), or one job for all with
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from pydicom import dcmread
 from segnode.node.completion import judge, read_facts
@@ -36,7 +45,8 @@ from segnode.node.config import NodeConfig
 from segnode.node.events import EventSink, JobMoved
 from segnode.routing.matcher import Decision
 from segnode.routing.reload import RulesHolder
-from segnode.routing.selection import SeriesFacts, choose, ineligible
+from segnode.routing.selection import SeriesFacts
+from segnode.routing.study import Candidate, Earlier, Outcome, judge_series
 from segnode.storage.index import Index, Job, JobState, SeriesInfo
 from segnode.storage.spool import Spool
 
@@ -107,62 +117,79 @@ class CompletionSweep:
 
     # -- routing ------------------------------------------------------------------------
     def _route_study(self, members: list[tuple[Job, str]], *, by_study: bool) -> bool:
-        chosen: dict[str, list[tuple[Job, SeriesInfo, SeriesFacts | None, Decision]]] = {}
+        """Judge the complete series (:func:`segnode.routing.study.judge_series`) and act on each verdict."""
+        batch: list[tuple[Job, SeriesInfo, Candidate]] = []
         for job, evidence in members:
             self.index.set_completion(job.job_id, evidence)
             info = self.index.series(job.series_uid)
             paths = self.index.instance_paths(job.series_uid)
             if info is None or not paths:
                 continue
-            facts = self.facts(info)
-            skip = ineligible(facts, strict=by_study) if facts is not None else None
-            if skip is not None:
-                self._finish(job, JobState.SKIPPED, f"skipped: {skip}")
-                continue
             header = dcmread(self.spool.root / paths[0], stop_before_pixels=True)
-            decision = self.rules.current.evaluate(header, calling_ae=info.calling_ae, called_ae=info.called_ae,
-                                                   sender_host=info.sender_host)
-            if decision is None:
-                self._finish(job, JobState.NOT_ROUTED, "no routing rule matched")
-                continue
-            chosen.setdefault(decision.rule, []).append((job, info, facts, decision))
+            batch.append((job, info, Candidate(job.series_uid, self.facts(info), header, info.calling_ae,
+                                               info.called_ae, info.sender_host)))
+        if not batch:
+            return False
+        earlier = self._earlier(batch[0][0].study_uid, {job.series_uid for job, _, _ in batch}) if by_study else []
+        verdicts = judge_series([c for _, _, c in batch], self.rules.current, by_study=by_study,
+                                earlier=[e for e, _ in earlier])
         routed = False
-        for candidates in chosen.values():
-            select = candidates[0][3].select
-            if select is None or not by_study:
-                for job, info, _, decision in candidates:
-                    routed |= self._complete(job, info, decision, note=None)
-                continue
-            choice = choose([f for _, _, f, _ in candidates if f is not None], select)
-            for job, info, facts, decision in candidates:
-                uid = job.series_uid
-                if uid == choice.chosen:
-                    routed |= self._complete(job, info, decision, note=choice.reason)
-                else:
-                    self._finish(job, JobState.SKIPPED, f"rule {decision.rule!r}: "
-                                 + choice.skipped.get(uid, "not selected: headers unreadable"))
+        for (job, info, _), verdict in zip(batch, verdicts):
+            if verdict.outcome is Outcome.ROUTED and verdict.decision is not None:
+                replaced = [j for e, jobs in earlier if e.series_uid in verdict.supersedes for j in jobs]
+                routed |= self._complete(job, info, verdict.decision, note=verdict.reason or None, replaced=replaced)
+            elif verdict.outcome is Outcome.SKIPPED:
+                self._finish(job, JobState.SKIPPED, verdict.reason)
+            else:
+                self._finish(job, JobState.NOT_ROUTED, verdict.reason)
         return routed
+
+    def _earlier(self, study_uid: str, batch: set[str]) -> list[tuple[Earlier, list[Job]]]:
+        """The study's series routed before this batch (by rule), with their jobs."""
+        found: dict[tuple[str, str], list[Job]] = {}
+        for job in self.index.routed_in_study(study_uid):
+            if job.series_uid not in batch and job.rule is not None:
+                found.setdefault((job.series_uid, job.rule), []).append(job)
+        out = []
+        for (series_uid, rule), jobs in found.items():
+            info = self.index.series(series_uid)
+            out.append((Earlier(series_uid, rule, self.facts(info) if info is not None else None), jobs))
+        return out
 
     def _finish(self, job: Job, state: JobState, reason: str) -> None:
         if self.index.transition(job.job_id, state, reason):
             logger.info("series %s %s: %s", job.series_uid, state.value, reason)
             self.emit(JobMoved(job.job_id, state, reason))
 
-    def _complete(self, job: Job, info: SeriesInfo, decision: Decision, note: str | None) -> bool:
+    def _complete(self, job: Job, info: SeriesInfo, decision: Decision, note: str | None,
+                  replaced: list[Job] | None = None) -> bool:
+        """Route ``job``; its results supersede the series' earlier ones and ``replaced`` (a worse series).
+
+        Each profile's job supersedes the earlier jobs of its own profile
+        (``options["supersedes"]``, acted on once its result is encoded).
+        """
         destinations = self.resolve(decision.destinations, info.calling_ae, info.sender_host)
         options = dict(decision.options)
-        earlier = [j.job_id for j in self.index.earlier_results(job.series_uid, job.job_id)]
+        earlier = self.index.earlier_results(job.series_uid, job.job_id)
         if earlier:
-            options["supersedes"] = earlier
             note = "; ".join(filter(None, (note, f"re-opened by a late instance: supersedes job(s) "
-                                                 f"{', '.join(map(str, earlier))} once encoded")))
+                                                 f"{', '.join(str(j.job_id) for j in earlier)} once encoded")))
+        if replaced:
+            note = "; ".join(filter(None, (note, f"supersedes job(s) {', '.join(str(j.job_id) for j in replaced)} "
+                                                 "of the series routed earlier once encoded")))
+        old = [*earlier, *(replaced or ())]
         every = decision.profiles or (decision.profile,)
         profiles = every[:1] if options.get("combine") else every
+
+        def for_profile(profile: str) -> dict[str, Any]:
+            ids = [j.job_id for j in old if j.profile == profile or options.get("combine")]
+            return {**options, "supersedes": ids} if ids else options
+
         if len(every) > 1:
             options["shared_run"] = str(self.config.results_dir / f"shared-job-{job.job_id}")
         if not self.index.mark_complete(job.job_id, profile=profiles[0], note=note, rule=decision.rule,
                                         backend=decision.backend, destinations=destinations,
-                                        harvest=decision.harvest, options=options):
+                                        harvest=decision.harvest, options=for_profile(profiles[0])):
             return False
         like = self.index.job(job.job_id)  # as just routed: each sibling copies it
         for profile in profiles[1:]:
@@ -173,7 +200,7 @@ class CompletionSweep:
                 reason=f"routed by rule {decision.rule!r} (profile {profile}, model run shared with job "
                        f"{job.job_id})" + (f"; {note}" if note else ""),
                 profile=profile, rule=decision.rule, backend=decision.backend, destinations=destinations,
-                harvest=decision.harvest, options=options)
+                harvest=decision.harvest, options=for_profile(profile))
             self.emit(JobMoved(sibling, JobState.COMPLETE))
         logger.info("series %s complete (%d instances): rule %s, profile(s) %s, to %s", job.series_uid,
                     info.instance_count, decision.rule, ", ".join(profiles), ", ".join(destinations) or "nowhere")

@@ -368,4 +368,20 @@ def read_rules(
     finally:
         _KNOWN.reset(token)
     _check_order(rules, Path(path), node)
+    if profiles is not None:
+        _check_runs(rules, Path(path), node)
     return rules
+
+
+def _check_runs(rules: tuple[Rule, ...], path: Path, node: yaml.Node | None) -> None:
+    """Every route can run: its backend can segment each of its profiles (:mod:`segnode.models.capability`)."""
+    from segnode.models.capability import route_problems
+    from segnode.profiles.loader import load_profile
+
+    for i, rule in enumerate(rules):
+        action = rule.action
+        names = action.profiles or (action.profile,)
+        problems = route_problems([load_profile(name) for name in names], action.backend)
+        if problems:
+            raise ConfigError(f"{path}:{_line_of(node, ('rules', i, 'action'))}: rules[{i}] {rule.name!r} "
+                              f"(profiles {', '.join(names)}) cannot run: {'; '.join(problems)}")

@@ -528,6 +528,15 @@ class Index:
             "ORDER BY job_id", (series_uid, before_job, *(s.value for s in current)))
         return [Job.from_row(r) for r in rows]
 
+    def routed_in_study(self, study_uid: str) -> list[Job]:
+        """Jobs of a study that a rule routed, result current or on its way (a late series is judged against them)."""
+        routed = (JobState.COMPLETE, JobState.SEGMENTING, JobState.ENCODED, JobState.SENDING, JobState.DONE,
+                  JobState.HELD, JobState.DEAD_LETTER)
+        rows = self._db().execute(
+            f"SELECT * FROM jobs WHERE study_uid = ? AND state IN ({','.join('?' * len(routed))}) ORDER BY job_id",
+            (study_uid, *(s.value for s in routed)))
+        return [Job.from_row(r) for r in rows]
+
     def claim_next(self) -> Job | None:
         """Atomically move the oldest ``complete`` job to ``segmenting`` and return it."""
         with self._tx() as db:

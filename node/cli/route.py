@@ -1,4 +1,8 @@
-"""``segnode route test``: which rule matches a file or folder, and why earlier ones do not."""
+"""``segnode route test``: which rule matches a file or folder, why earlier ones do not, and the node's verdict.
+
+The verdict on each series (routed, skipped with the reason, not routed) is
+the node's own: both call :func:`segnode.routing.study.judge_series`.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from segnode.errors import InputError
 from segnode.node.completion import judge, read_facts
 from segnode.node.config import load_config
 from segnode.profiles.loader import profile_paths
-from segnode.routing.matcher import Decision, RuleSet, load_rules
-from segnode.routing.selection import SeriesFacts, choose, describe, ineligible
+from segnode.routing.matcher import RuleSet, load_rules
+from segnode.routing.selection import describe
+from segnode.routing.study import Candidate, Outcome, SeriesVerdict, describe_verdict, judge_series
 
 logger = logging.getLogger(__name__)
 
@@ -29,84 +34,70 @@ def register(sub: argparse._SubParsersAction) -> None:
     test.add_argument("--calling-ae", default="STORESCU", help="the sender's AE title (default STORESCU)")
     test.add_argument("--called-ae", help="our AE title (default: the config's ae_title, else SEGNODE)")
     test.add_argument("--host", default="127.0.0.1", help="the sender's address (default 127.0.0.1)")
+    test.add_argument("--group-by", choices=("series", "study"),
+                      help="completion.group_by to judge as (default: the config's; without one, study for a "
+                           "folder of several series, else series)")
     test.add_argument("path", type=Path, help="a DICOM file or a folder (searched recursively)")
     test.set_defaults(func=_test)
 
 
 def _test(args: argparse.Namespace) -> int:
-    rules, called_ae = _rules_for(args)
+    rules, called_ae, group_by = _rules_for(args)
     print(f"rules: {rules.source}")
-    routed: dict[str, list[tuple[SeriesFacts, Decision]]] = {}
     found = _series(args.path)
-    study = len(found) > 1  # a study folder: completion evidence and selection are shown too
-    for path, ds, files in found:
+    by_study = (group_by or ("study" if len(found) > 1 else "series")) == "study"
+    candidates = [_candidate(ds, files, args.calling_ae, called_ae, args.host) for _, ds, files in found]
+    verdicts = judge_series(candidates, rules, by_study=by_study)  # the node's verdicts (node/sweep.py)
+    for (path, ds, files), series, verdict in zip(found, candidates, verdicts):
         count = len(files)
         more = f" (+{count - 1} more files of series {ds.SeriesInstanceUID})" if count > 1 else ""
         print(f"{path}{more}")
-        series = read_facts(str(ds.get("SeriesInstanceUID", "")), files) if study else None
-        if series is not None:
-            verdict = judge(series)
-            print(f"  on release: {'whole' if verdict.whole else 'not whole'} ({verdict.reason}); "
-                  f"{describe(series)}")
+        if len(found) > 1 and series.facts is not None:  # a study folder: completion evidence too
+            whole = judge(series.facts)
+            print(f"  on release: {'whole' if whole.whole else 'not whole'} ({whole.reason}); "
+                  f"{describe(series.facts)}")
         facts = {"calling_ae": args.calling_ae, "called_ae": called_ae, "sender_host": args.host}
         for trace in rules.explain(ds, **facts):
             print(f"  {'MATCH' if trace.matched else 'no   '} {trace.rule}: {trace.reason}")
-        decision = rules.evaluate(ds, **facts)
-        if decision is None:
-            print("  => not routed")
-            continue
-        profiles = ", ".join(decision.profiles or (decision.profile,))
-        print(
-            f"  => rule {decision.rule}: profile {profiles}, "
-            f"backend {decision.backend or '(from profile)'}, "
-            f"destinations {', '.join(decision.destinations) or '(none)'}, "
-            f"harvest {decision.harvest or '(no)'}"
-        )
-        if series is not None:
-            routed.setdefault(decision.rule, []).append((series, decision))
-    _show_selection(routed)
+        print(f"  => {describe_verdict(verdict)}")
+    _show_selection(verdicts, by_study)
     return 0
 
 
-def _show_selection(routed: dict[str, list[tuple[SeriesFacts, Decision]]]) -> None:
-    """What ``completion.group_by: study`` would segment: skips, then each rule's ``select``."""
-    if not any(d.select is not None for members in routed.values() for _, d in members):
+def _candidate(ds: Dataset, files: list[Path], calling_ae: str, called_ae: str, host: str) -> Candidate:
+    """One series as the node's completion sweep sees it: header facts, first instance, association."""
+    uid = str(ds.get("SeriesInstanceUID", ""))
+    return Candidate(uid, read_facts(uid, files), ds, calling_ae, called_ae, host)
+
+
+def _show_selection(verdicts: list[SeriesVerdict], by_study: bool) -> None:
+    """The study's verdicts in one list when a rule selects one series per study."""
+    if not by_study or not any(v.decision is not None and v.decision.select is not None for v in verdicts):
         return
     print("study selection (completion.group_by: study):")
-    for rule, members in routed.items():
-        select = members[0][1].select
-        candidates = []
-        for series, _ in members:
-            skip = ineligible(series)
-            if skip is not None:
-                print(f"  skip   {series.series_uid}: {skip}")
-            else:
-                candidates.append(series)
-        if select is None:
-            for series in candidates:
-                print(f"  run    {series.series_uid}: rule {rule} (no select: every series it matches)")
-            continue
-        choice = choose(candidates, select)
-        if choice.chosen is not None:
-            print(f"  run    {choice.chosen}: rule {rule}, {choice.reason}")
+    for verdict in verdicts:
+        if verdict.outcome is Outcome.ROUTED and verdict.decision is not None:
+            print(f"  run    {verdict.series_uid}: rule {verdict.decision.rule}"
+                  + (f", {verdict.reason}" if verdict.reason else " (no select: every series it matches)"))
+        elif verdict.outcome is Outcome.SKIPPED:
+            print(f"  skip   {verdict.series_uid}: {verdict.reason}")
         else:
-            print(f"  none   rule {rule}: {choice.reason}")
-        for uid, why in choice.skipped.items():
-            print(f"  skip   {uid}: {why}")
+            print(f"  none   {verdict.series_uid}: {verdict.reason}")
 
 
-def _rules_for(args: argparse.Namespace) -> tuple[RuleSet, str]:
-    """The rules to test and our called AE title, from ``--rules`` / ``--config``."""
-    rules_path, destinations, called_ae = args.rules, None, "SEGNODE"
+def _rules_for(args: argparse.Namespace) -> tuple[RuleSet, str, str | None]:
+    """The rules to test, our called AE title and the grouping, from ``--rules`` / ``--config`` / ``--group-by``."""
+    rules_path, destinations, called_ae, group_by = args.rules, None, "SEGNODE", args.group_by
     if args.config is not None:
         config = load_config(args.config)
         rules_path = rules_path or config.routes
         destinations = [d.name for d in config.destinations]
         called_ae = config.ae_title
+        group_by = group_by or config.completion.group_by
     if rules_path is None:
-        return RuleSet.default(), args.called_ae or called_ae
+        return RuleSet.default(), args.called_ae or called_ae, group_by
     rules = load_rules(rules_path, profiles=profile_paths().keys(), destinations=destinations)
-    return rules, args.called_ae or called_ae
+    return rules, args.called_ae or called_ae, group_by
 
 
 def _series(path: Path) -> list[tuple[Path, Dataset, list[Path]]]:

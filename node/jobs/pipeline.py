@@ -159,11 +159,13 @@ def run_pipeline(
     """Run one job; raise :class:`InputError`, :class:`BackendError` or :class:`EncodeError`."""
     say = report or (lambda message: logger.info("%s", message))
     profile = load_profile(request.profile)
+    members: list[Profile] = []
     union = None
     if len(request.profiles) > 1:
         from segnode.node.jobs.shared_run import union_profile
 
-        union = union_profile([load_profile(name) for name in request.profiles])
+        members = [load_profile(name) for name in request.profiles]
+        union = union_profile(members)
         profile = union if request.combine else profile
     output_format = OutputFormat(request.output_format)
     timings: dict[str, float] = {}
@@ -180,7 +182,7 @@ def run_pipeline(
         say(f"note: {note}")
 
     start = time.perf_counter()
-    labels, attempts = _segment(volume, profile, union, request, cache, say)
+    labels, attempts = _segment(volume, profile, members, union, request, cache, say)
     timings["segment_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -245,19 +247,19 @@ def run_pipeline(
     )
 
 
-def _segment(volume: Volume, profile: Profile, union: Profile | None, request: PipelineRequest,
-             cache: ModelSource | None, say: Reporter) -> tuple[LabelMap, list[dict[str, str]]]:
-    """Run the backend chain; with several profiles, once for their union, shared between their jobs."""
+def _segment(volume: Volume, profile: Profile, members: list[Profile], union: Profile | None,
+             request: PipelineRequest, cache: ModelSource | None, say: Reporter,
+             ) -> tuple[LabelMap, list[dict[str, str]]]:
+    """Run the backend chain; with several profiles (``members``), their union's runs, shared between their jobs."""
     model_profile = union or profile
     chain = backend_chain(model_profile, request.backend, request.use_fallback)
     say(f"segmenting {model_profile.organ} with {' → '.join(b.value for b in chain)}")
+    if union is None:
+        return segment_with_fallback(volume, model_profile, chain, request.settings, cache)
+    from segnode.node.jobs.shared_run import segment_profiles, shared_labels, split
 
     def run() -> tuple[LabelMap, list[dict[str, str]]]:
-        return segment_with_fallback(volume, model_profile, chain, request.settings, cache)
-
-    if union is None:
-        return run()
-    from segnode.node.jobs.shared_run import shared_labels, split
+        return segment_profiles(volume, members, chain, request.settings, cache)
 
     if request.shared_dir is None:
         labels, attempts = run()

@@ -1,12 +1,20 @@
-"""Several profiles, one model run: the union profile, its label map shared between jobs, split per profile.
+"""Several profiles, shared model runs: the union label map, shared between jobs, split per profile.
 
 A route with ``profiles: [liver, spleen, kidneys]`` gives one job per profile
 on the same series (or one job with ``combine: true``).  The first of them to
-run segments the series once with the union of the profiles' structures
-(:func:`union_profile`) and leaves the label map in the route's shared-run
+run segments the series for the union of the profiles' structures
+(:func:`segment_profiles`) and leaves the label map in the route's shared-run
 folder; the others load it (under a file lock, so concurrent workers never
 run the model twice).  Each job then keeps its own profile's structures
 (:func:`split`) and encodes its own result.
+
+The union is made by one backend run per *run key*
+(:func:`segnode.models.capability.run_groups`): one TotalSegmentator run for
+all, one ``hu_based`` run per HU method (``[lungs, bone]``: the lungs method
+once and the bone method once, per series), one run per nnU-Net/MONAI model.
+The runs' label maps are merged into the union's numbering
+(:func:`merge`).  A fallback backend that cannot segment one of the profiles
+is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -17,12 +25,15 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
-from segnode.errors import InputError
-from segnode.models.volume import LabelMap
-from segnode.profiles.schema import Profile, Tissue, TotalSegmentatorOptions
+from segnode.errors import BackendError, InputError
+from segnode.models.base import LoadedModel, RunSettings
+from segnode.models.capability import cannot_segment, run_groups
+from segnode.models.registry import get_backend
+from segnode.models.volume import LabelMap, Volume
+from segnode.profiles.schema import Backend, Profile, Tissue, TotalSegmentatorOptions
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,59 @@ def union_profile(profiles: Sequence[Profile]) -> Profile:
         "options": first.options.model_copy(update={"totalsegmentator": ts}),
         "qc": first.qc.model_copy(update={"tissues": {n: q for p in profiles for n, q in p.qc.tissues.items()}}),
     })
+
+
+class Models(Protocol):
+    """Where loaded models come from (:class:`segnode.node.jobs.pipeline.ModelSource`)."""
+
+    def get(self, backend: str, profile: Profile, settings: RunSettings) -> LoadedModel: ...
+
+
+def segment_profiles(volume: Volume, profiles: Sequence[Profile], chain: Sequence[Backend], settings: RunSettings,
+                     models: Models | None = None) -> tuple[LabelMap, list[dict[str, str]]]:
+    """The union label map of ``profiles``: the first backend of ``chain`` that can make it, one run per group.
+
+    Returns the label map (numbered as :func:`union_profile` numbers the
+    tissues) and the attempts, as :func:`segnode.node.jobs.pipeline.segment_with_fallback`.
+    """
+    union = union_profile(profiles)
+    attempts: list[dict[str, str]] = []
+    for backend in chain:
+        why = next((f"cannot segment {p.organ}: {w}" for p in profiles if (w := cannot_segment(backend, p))), None)
+        try:
+            if why is not None:
+                raise BackendError(why)
+            parts = [_run(volume, group, backend, settings, models) for group in run_groups(backend, profiles)]
+        except BackendError as exc:
+            logger.warning("backend %s failed for %s: %s", backend.value, union.organ, exc)
+            attempts.append({"backend": backend.value, "error": str(exc)})
+            continue
+        attempts.append({"backend": backend.value, "error": ""})
+        return merge(parts, union), attempts
+    tried = "; ".join(f"{a['backend']}: {a['error']}" for a in attempts)
+    raise BackendError(f"no backend could segment {union.organ} ({tried})")
+
+
+def _run(volume: Volume, group: tuple[Profile, ...], backend: Backend, settings: RunSettings,
+         models: Models | None) -> LabelMap:
+    """One backend run for the profiles of one run group."""
+    profile = group[0] if len(group) == 1 else union_profile(group)
+    model = models.get(backend.value, profile, settings) if models else get_backend(backend).load(profile, settings)
+    logger.info("model run %s for %s", backend.value, ", ".join(p.organ for p in group))
+    return model.segment(volume)
+
+
+def merge(parts: Sequence[LabelMap], union: Profile) -> LabelMap:
+    """The runs' label maps in one, numbered as ``union`` numbers its tissues (a later run wins an overlap)."""
+    values = {name: value for value, name in union.label_values().items()}
+    out = np.zeros(parts[0].array.shape, dtype=np.uint8)
+    for part in parts:
+        for value, name in part.labels.items():
+            out[part.array == value] = values[name]
+    versions = " + ".join(dict.fromkeys(p.model_version for p in parts))
+    hashes = " + ".join(dict.fromkeys(p.weights_hash for p in parts if p.weights_hash))
+    return LabelMap(out, union.label_values(), parts[0].backend, versions, hashes,
+                    tuple(n for p in parts for n in p.notes))
 
 
 def split(labels: LabelMap, profile: Profile) -> LabelMap:
