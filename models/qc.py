@@ -67,8 +67,8 @@ def check_tissue(volume: Volume, mask: np.ndarray, name: str, spec: TissueQC) ->
         found.append(check_volume(mask_volume_ml(volume, mask), name, spec))
     if spec.side is not None:
         found.append(check_side(volume, mask, name, spec.side))
-    if spec.max_components is not None:
-        found.append(check_components(volume, mask, name, spec))
+    if spec.max_components is not None or spec.min_largest_share is not None:
+        found += check_components(volume, mask, name, spec)
     if spec.max_edge_fraction is not None:
         found.append(check_edges(mask, name, spec.max_edge_fraction))
     return found
@@ -85,28 +85,73 @@ def check_volume(ml: float, name: str, spec: TissueQC) -> Finding:
     return Finding("volume_ml", name, outcome, round(ml, 1), "; ".join(parts))
 
 
+#: Above this HU a voxel is part of the patient (for the midline), as in hu_regions.BODY_HU.
+BODY_HU = -500.0
+#: The midline is measured on at most this many of the organ's slices, every other row and column.
+MIDLINE_SLICES = 16
+
+_FACES = ("first slice", "last slice", "first row", "last row", "first column", "last column")
+
+
 def check_side(volume: Volume, mask: np.ndarray, name: str, side: Side) -> Finding:
-    """Centroid's patient x in mm (LPS: positive is the patient's left), against the midline x = 0."""
+    """Centroid's patient x (LPS: + is the patient's left) against the body's midline.
+
+    The midline is the median patient x of the body (``HU > BODY_HU``) on the
+    organ's slices, so a patient lying off the table centre is judged correctly.
+    The figure is the centroid's distance from the midline in mm (+: left).
+    """
     k, j, i = (axis.mean() for axis in np.nonzero(mask))
     x = float((volume.affine() @ np.array([i, j, k, 1.0]))[0])
-    ok = x > 0 if side is Side.LEFT else x < 0
-    return Finding("side", name, Outcome.PASS if ok else Outcome.FAIL, round(x, 1), f"centroid x {'>' if side is Side.LEFT else '<'} 0 mm ({side.value})")
+    midline = body_midline_x(volume, mask)
+    offset = x - midline
+    ok = offset > 0 if side is Side.LEFT else offset < 0
+    sign = ">" if side is Side.LEFT else "<"
+    expected = f"centroid {sign} midline x {midline:.1f} mm ({side.value})"
+    return Finding("side", name, Outcome.PASS if ok else Outcome.FAIL, round(offset, 1), expected)
 
 
-def check_components(volume: Volume, mask: np.ndarray, name: str, spec: TissueQC) -> Finding:
-    """Connected components (faces touching) of at least ``min_component_ml``, measured slice by slice."""
+def body_midline_x(volume: Volume, mask: np.ndarray) -> float:
+    """Median patient x of the body voxels on (up to :data:`MIDLINE_SLICES` of) the organ's slices."""
+    slices = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    slices = slices[np.linspace(0, len(slices) - 1, min(len(slices), MIDLINE_SLICES)).astype(int)]
+    ks, js, is_ = np.nonzero(volume.hu[slices, ::2, ::2] > BODY_HU)
+    if not len(ks):
+        return 0.0
+    a = volume.affine()
+    xs = a[0, 0] * (2 * is_) + a[0, 1] * (2 * js) + a[0, 2] * slices[ks] + a[0, 3]
+    return float(np.median(xs))
+
+
+def check_components(volume: Volume, mask: np.ndarray, name: str, spec: TissueQC) -> list[Finding]:
+    """Connected components (faces touching), measured slice by slice: how many of at least
+    ``min_component_ml`` (``max_components``), and the largest one's share of the tissue
+    (``min_largest_share``)."""
     components, n = ndimage.label(mask)
     sizes_ml = label_volumes_ml(volume, components, n + 1)[1][1:]
-    count = int((sizes_ml >= spec.min_component_ml).sum())
-    outcome = Outcome.PASS if count <= (spec.max_components or 0) else Outcome.WARN
-    return Finding("components", name, outcome, float(count), f"<= {spec.max_components} of >= {spec.min_component_ml:g} mL")
+    found = []
+    if spec.max_components is not None:
+        count = int((sizes_ml >= spec.min_component_ml).sum())
+        outcome = Outcome.PASS if count <= spec.max_components else Outcome.WARN
+        expected = f"<= {spec.max_components} of >= {spec.min_component_ml:g} mL"
+        found.append(Finding("components", name, outcome, float(count), expected))
+    if spec.min_largest_share is not None:
+        share = float(sizes_ml.max() / sizes_ml.sum()) if sizes_ml.sum() > 0 else 0.0
+        outcome = Outcome.PASS if share >= spec.min_largest_share else Outcome.WARN
+        found.append(Finding("largest_component", name, outcome, round(share, 4), f">= {spec.min_largest_share:g} of the volume"))
+    return found
 
 
 def check_edges(mask: np.ndarray, name: str, limit: float) -> Finding:
-    """Share of the tissue's voxels on the six faces of the volume: an organ cut by the field of view."""
-    faces = (mask[0], mask[-1], mask[1:-1, 0], mask[1:-1, -1], mask[1:-1, 1:-1, 0], mask[1:-1, 1:-1, -1])
-    fraction = min(1.0, float(sum(int(face.sum()) for face in faces) / mask.sum()))  # 1 slice: counted twice
-    return Finding("field_of_view", name, Outcome.PASS if fraction <= limit else Outcome.WARN, round(fraction, 4), f"<= {limit:g} of voxels on the volume's faces")
+    """Share of the tissue's voxels on the six faces of the volume: an organ cut by the field
+    of view (first or last slice, image edge).  ``limit`` 0: any voxel on a face warns."""
+    faces = (mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1])
+    counts = [int(face.sum()) for face in faces]
+    touched = [face for face, count in zip(_FACES, counts) if count]
+    total = int(mask.sum())
+    fraction = (total - int(mask[1:-1, 1:-1, 1:-1].sum())) / total
+    outcome = Outcome.PASS if fraction <= limit else Outcome.WARN
+    expected = f"<= {limit:g} of voxels on the volume's faces; touches: {', '.join(touched) or 'none'}"
+    return Finding("field_of_view", name, outcome, round(fraction, 4), expected)
 
 
 def check_agreement(labels: LabelMap, other: LabelMap, minimum: float) -> list[Finding]:

@@ -122,11 +122,18 @@ class TissueQC(Frozen):
 
     volume_ml: Range | None = Field(default=None, description="expected volume; outside: warn")
     volume_fail_ml: Range | None = Field(default=None, description="plausible volume; outside: fail")
-    side: Side | None = Field(default=None, description="centroid on the patient's left or right; wrong: fail")
+    side: Side | None = Field(
+        default=None, description="centroid on the patient's left or right of the body's midline; wrong: fail"
+    )
     max_components: Annotated[int, Field(ge=1)] | None = Field(default=None, description="more: warn")
     min_component_ml: Annotated[float, Field(ge=0)] = Field(default=1.0, description="smaller ones not counted")
-    max_edge_fraction: Annotated[float, Field(gt=0, le=1)] | None = Field(
-        default=None, description="share of the tissue's voxels on the volume's faces (organ cut); more: warn"
+    min_largest_share: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="the largest component's share of the tissue's volume; less: warn (scattered result)"
+    )
+    max_edge_fraction: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None,
+        description="share of the tissue's voxels on the volume's faces (organ cut by the field of view); "
+        "more: warn; 0: any voxel on a face warns",
     )
     allow_empty: bool = Field(default=False, description="an empty segment passes instead of failing")
 
