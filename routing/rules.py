@@ -383,5 +383,5 @@ def _check_runs(rules: tuple[Rule, ...], path: Path, node: yaml.Node | None) -> 
         names = action.profiles or (action.profile,)
         problems = route_problems([load_profile(name) for name in names], action.backend)
         if problems:
-            raise ConfigError(f"{path}:{_line_of(node, ('rules', i, 'action'))}: rules[{i}] {rule.name!r} "
+            raise ConfigError(f"{path}:{_line_of(node, ('rules', i, 'action', 'profiles'))}: rules[{i}] {rule.name!r} "
                               f"(profiles {', '.join(names)}) cannot run: {'; '.join(problems)}")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from segnode.errors import BackendError, EncodeError, WeightsNotInstalledError
 from segnode.models.base import LoadedModel, RunSettings
@@ -26,6 +26,9 @@ from segnode.node.writers.record import EncodedObject
 from segnode.node.writers.nifti import write_nifti
 from segnode.node.writers.pictures import write_pictures
 from segnode.profiles import Backend, Profile, load_profile
+
+if TYPE_CHECKING:  # highdicom is loaded only where a rejection note is written
+    from segnode.node.writers.rejection import RejectedObject
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ class PipelineRequest:
     profiles: tuple[str, ...] = ()
     shared_dir: Path | None = None
     combine: bool = False
+    # a superseding result (node/supersede.py): its version (series numbers, descriptions, UIDs) and the objects
+    # of the result it replaces, for the IOCM Rejection Note
+    version: int = 1
+    rejects: tuple[RejectedObject, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,8 @@ def run_pipeline(
         kinds = encoded_with(request.outputs)
         say(f"encoding {', '.join(kinds)}")
         outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type,
-                                 rtstruct_holes=request.rtstruct_holes)
+                                 rtstruct_holes=request.rtstruct_holes, version=request.version,
+                                 rejects=request.rejects)
         first = next((o for o in outputs if o.kind == "seg"), outputs[0])
         encoded = EncodedResult(path=request.out_dir / first.path, series_instance_uid=first.series_instance_uid,
                                 sop_instance_uid=first.sop_instance_uid, kind=first.kind)
@@ -250,24 +258,20 @@ def run_pipeline(
 def _segment(volume: Volume, profile: Profile, members: list[Profile], union: Profile | None,
              request: PipelineRequest, cache: ModelSource | None, say: Reporter,
              ) -> tuple[LabelMap, list[dict[str, str]]]:
-    """Run the backend chain; with several profiles (``members``), their union's runs, shared between their jobs."""
+    """Run the backend chain; with several profiles (``members``), runs shared between the route's jobs."""
     model_profile = union or profile
     chain = backend_chain(model_profile, request.backend, request.use_fallback)
     say(f"segmenting {model_profile.organ} with {' → '.join(b.value for b in chain)}")
     if union is None:
         return segment_with_fallback(volume, model_profile, chain, request.settings, cache)
-    from segnode.node.jobs.shared_run import segment_profiles, shared_labels, split
+    from segnode.node.jobs.shared_run import segment_profiles
 
-    def run() -> tuple[LabelMap, list[dict[str, str]]]:
-        return segment_profiles(volume, members, chain, request.settings, cache)
-
-    if request.shared_dir is None:
-        labels, attempts = run()
-    else:
-        labels, attempts, reused = shared_labels(request.shared_dir, volume.shape, run)
-        if reused:
-            say(f"model run shared with the route's other profiles ({request.shared_dir.name})")
-    return (labels if profile is union else split(labels, profile)), attempts
+    wanted = members if profile is union else [profile]
+    labels, attempts, reused = segment_profiles(volume, members, wanted, chain, request.settings, cache,
+                                                request.shared_dir)
+    if reused:
+        say("model run shared with the route's other profiles")
+    return labels, attempts
 
 
 def _progress(say: Reporter, what: str) -> Callable[[int, int], None]:

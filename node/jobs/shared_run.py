@@ -1,20 +1,19 @@
-"""Several profiles, shared model runs: the union label map, shared between jobs, split per profile.
+"""Several profiles, shared model runs: each backend run once per series, shared between the route's jobs.
 
 A route with ``profiles: [liver, spleen, kidneys]`` gives one job per profile
-on the same series (or one job with ``combine: true``).  The first of them to
-run segments the series for the union of the profiles' structures
-(:func:`segment_profiles`) and leaves the label map in the route's shared-run
-folder; the others load it (under a file lock, so concurrent workers never
-run the model twice).  Each job then keeps its own profile's structures
-(:func:`split`) and encodes its own result.
-
-The union is made by one backend run per *run key*
-(:func:`segnode.models.capability.run_groups`): one TotalSegmentator run for
-all, one ``hu_based`` run per HU method (``[lungs, bone]``: the lungs method
-once and the bone method once, per series), one run per nnU-Net/MONAI model.
-The runs' label maps are merged into the union's numbering
-(:func:`merge`).  A fallback backend that cannot segment one of the profiles
-is skipped with the reason.
+on the same series (or one job with ``combine: true``).  A backend runs once
+per *run group* of the profiles (:func:`segnode.models.capability.run_groups`):
+one TotalSegmentator run for all of them (the union of their structures,
+:func:`union_profile`), one ``hu_based`` run per HU method (``[lungs, bone]``:
+the lungs method once and the bone method once per series; two profiles with
+the same method share its run), one run per nnU-Net/MONAI model.  The first
+job that needs a group's run makes it and leaves the label map in the route's
+shared-run folder, under ``<run key>/``; the others load it (under a file
+lock, so concurrent workers never run it twice).  Each job then keeps its own
+profile's structures (:func:`split`) and encodes its own result; a
+``combine`` job merges every group's run into one label map (:func:`merge`).
+A backend of the chain that cannot segment a job's profile is skipped with
+the reason (:func:`segnode.models.capability.cannot_segment`).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from typing import Iterator, Protocol
 import numpy as np
 from segnode.errors import BackendError, InputError
 from segnode.models.base import LoadedModel, RunSettings
-from segnode.models.capability import cannot_segment, run_groups
+from segnode.models.capability import cannot_segment, run_groups, run_key
 from segnode.models.registry import get_backend
 from segnode.models.volume import LabelMap, Volume
 from segnode.profiles.schema import Backend, Profile, Tissue, TotalSegmentatorOptions
@@ -69,38 +68,56 @@ class Models(Protocol):
     def get(self, backend: str, profile: Profile, settings: RunSettings) -> LoadedModel: ...
 
 
-def segment_profiles(volume: Volume, profiles: Sequence[Profile], chain: Sequence[Backend], settings: RunSettings,
-                     models: Models | None = None) -> tuple[LabelMap, list[dict[str, str]]]:
-    """The union label map of ``profiles``: the first backend of ``chain`` that can make it, one run per group.
+def segment_profiles(volume: Volume, profiles: Sequence[Profile], wanted: Sequence[Profile],
+                     chain: Sequence[Backend], settings: RunSettings, models: Models | None = None,
+                     shared_dir: Path | None = None) -> tuple[LabelMap, list[dict[str, str]], bool]:
+    """The label map of ``wanted`` (one profile of the route's ``profiles``, or all of them with ``combine``).
 
-    Returns the label map (numbered as :func:`union_profile` numbers the
-    tissues) and the attempts, as :func:`segnode.node.jobs.pipeline.segment_with_fallback`.
+    The first backend of ``chain`` that can segment every wanted profile runs
+    once per run group (:func:`segnode.models.capability.run_groups`) holding
+    a wanted profile; each group's run is shared through ``shared_dir/<run key>``
+    with the route's other jobs on the series.  Returns the label map (one
+    profile: numbered as it numbers its tissues; several: as
+    :func:`union_profile` does), the attempts (as
+    :func:`segnode.node.jobs.pipeline.segment_with_fallback`), and whether
+    every run was reused from another job.
     """
-    union = union_profile(profiles)
+    names = {p.organ for p in wanted}
     attempts: list[dict[str, str]] = []
     for backend in chain:
-        why = next((f"cannot segment {p.organ}: {w}" for p in profiles if (w := cannot_segment(backend, p))), None)
+        why = next((f"cannot segment {p.organ}: {w}" for p in wanted if (w := cannot_segment(backend, p))), None)
         try:
             if why is not None:
                 raise BackendError(why)
-            parts = [_run(volume, group, backend, settings, models) for group in run_groups(backend, profiles)]
+            groups = [g for g in run_groups(backend, profiles) if any(p.organ in names for p in g)]
+            runs = [_shared_run(volume, group, backend, settings, models, shared_dir) for group in groups]
         except BackendError as exc:
-            logger.warning("backend %s failed for %s: %s", backend.value, union.organ, exc)
+            logger.warning("backend %s failed for %s: %s", backend.value, ", ".join(sorted(names)), exc)
             attempts.append({"backend": backend.value, "error": str(exc)})
             continue
         attempts.append({"backend": backend.value, "error": ""})
-        return merge(parts, union), attempts
+        parts = [labels for labels, _ in runs]
+        labels = split(parts[0], wanted[0]) if len(wanted) == 1 else merge(parts, union_profile(wanted))
+        return labels, attempts, all(reused for _, reused in runs)
     tried = "; ".join(f"{a['backend']}: {a['error']}" for a in attempts)
-    raise BackendError(f"no backend could segment {union.organ} ({tried})")
+    raise BackendError(f"no backend could segment {', '.join(sorted(names))} ({tried})")
 
 
-def _run(volume: Volume, group: tuple[Profile, ...], backend: Backend, settings: RunSettings,
-         models: Models | None) -> LabelMap:
-    """One backend run for the profiles of one run group."""
+def _shared_run(volume: Volume, group: tuple[Profile, ...], backend: Backend, settings: RunSettings,
+                models: Models | None, shared_dir: Path | None) -> tuple[LabelMap, bool]:
+    """One backend run for the profiles of one run group, shared in ``shared_dir/<run key>``; and if reused."""
     profile = group[0] if len(group) == 1 else union_profile(group)
-    model = models.get(backend.value, profile, settings) if models else get_backend(backend).load(profile, settings)
-    logger.info("model run %s for %s", backend.value, ", ".join(p.organ for p in group))
-    return model.segment(volume)
+    key = run_key(backend, group[0])
+
+    def run() -> tuple[LabelMap, list[dict[str, str]]]:
+        model = models.get(backend.value, profile, settings) if models else get_backend(backend).load(profile, settings)
+        logger.info("model run %s for %s", key, ", ".join(p.organ for p in group))
+        return model.segment(volume), []
+
+    if shared_dir is None:
+        return run()[0], False
+    labels, _, reused = shared_labels(shared_dir / key, volume.shape, run)
+    return labels, reused
 
 
 def merge(parts: Sequence[LabelMap], union: Profile) -> LabelMap:
