@@ -24,6 +24,10 @@ class OutputKind(str, Enum):
 
 ALL_KINDS: tuple[str, ...] = tuple(k.value for k in OutputKind)
 
+#: the kind of an IOCM Rejection Note (a KOS) a superseding job writes for the result it replaces; no route
+#: asks for it, a destination takes it with ``rejection_notes: true`` (node/writers/rejection.py)
+REJECTION_NOTE = "rejection"
+
 
 def parse_kinds(kinds: str | Iterable[str] | None, *, where: str = "outputs") -> tuple[str, ...]:
     """Validated kind names, in canonical order, without duplicates (``ConfigError`` on a bad one).

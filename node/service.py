@@ -45,8 +45,9 @@ from segnode.node.jobs.result import job_folder
 from segnode.node.jobs.worker import JobOutcome, JobSpec, WorkerPool, run_job
 from segnode.node.review import decide
 from segnode.node.sending.queues import Senders
+from segnode.node.supersede import supersede_options
 from segnode.node.sweep import CompletionSweep
-from segnode.output_kinds import encoded_with
+from segnode.output_kinds import REJECTION_NOTE, encoded_with
 from segnode.routing.rules import QcPolicy
 from segnode.storage.index import Index, Job, JobState
 from segnode.storage.recovery import reindex_spool
@@ -210,7 +211,8 @@ class Service:
                        memory_budget_mb=worker.memory_budget_mb, harvest=job.harvest, rule=job.rule, calling_ae=info.calling_ae,
                        dataset_store=str(dataset_store_root(self.config)),
                        deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None,
-                       options={**job.options, "outputs": list(self.encoded_kinds(job))})
+                       options={**job.options, "outputs": list(self.encoded_kinds(job)),
+                                **supersede_options(self.index, job)})  # a newer version: its number, what it rejects
 
     def encoded_kinds(self, job: Job) -> tuple[str, ...]:
         """The kinds the job encodes: the route's ``outputs``, else what its destinations take."""
@@ -225,6 +227,7 @@ class Service:
     def _segment(self, job: Job) -> None:
         try:
             self._segment_one(job)
+        kinds += (REJECTION_NOTE,)  # a superseding job's rejection note, to destinations with rejection_notes: true
         finally:
             with self._lock:
                 self._running -= 1

@@ -25,7 +25,7 @@ from pydantic import (
 from segnode.errors import ConfigError
 from segnode.node.config.dicomweb import BrokerConfig, DicomWebConfig, StowTarget
 from segnode.node.config.http import AuditConfig, HttpConfig
-from segnode.output_kinds import kinds_field
+from segnode.output_kinds import REJECTION_NOTE, kinds_field
 from segnode.yamlconf import Frozen, load_model
 
 _AE_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.+*/:")
@@ -145,6 +145,8 @@ class Destination(Frozen):
     timeout_s: float | None = Field(None, gt=0, le=3600)  # the most the peer may stay silent
     attempt_timeout_s: float | None = Field(None, gt=0, le=86400)
     workers: int = Field(1, ge=1, le=16)  # deliveries to this destination at a time (node/sending/queues.py)
+    # IHE IOCM: send a Rejection Note (KOS) for a superseded result, after the newer one is stored (docs/node.md)
+    rejection_notes: bool = False
 
     @model_validator(mode="after")
     def _dimse_or_dicomweb(self) -> "Destination":
@@ -156,8 +158,9 @@ class Destination(Frozen):
         return self
 
     def takes(self, encoded: Collection[str]) -> tuple[str, ...]:
-        """The kinds of ``encoded`` that this destination is sent."""
-        return tuple(k for k in encoded if self.outputs is None or k in self.outputs)
+        """The kinds of ``encoded`` that this destination is sent (a rejection note only with ``rejection_notes``)."""
+        return tuple(k for k in encoded if (self.rejection_notes if k == REJECTION_NOTE else
+                                            self.outputs is None or k in self.outputs))
 
 
 class Dispatch(Frozen):

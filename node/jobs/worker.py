@@ -269,7 +269,7 @@ def execute(spec: JobSpec, cache: ModelSource | None = None) -> JobResult:
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
                               output_format="seg", settings=settings,
                               rtstruct_holes=spec.options.get("rtstruct_holes") or "keyhole",
-                              outputs=_job_kinds(spec), **_shared_run(spec))
+                              outputs=_job_kinds(spec), **_shared_run(spec), **_superseding(spec))
     result = JobResult.from_pipeline(run_pipeline(request, cache=cache), Path(spec.out_dir))
     return result.with_harvest(harvest(spec, result)) if spec.harvest else result
 
@@ -282,6 +282,17 @@ def _shared_run(spec: JobSpec) -> dict[str, Any]:
     shared = spec.options.get("shared_run")
     return {"profiles": profiles, "shared_dir": Path(shared) if shared else None,
             "combine": bool(spec.options.get("combine"))}
+
+
+def _superseding(spec: JobSpec) -> dict[str, Any]:
+    """A superseding job's result version and the objects it rejects (node/supersede.py); none for a first result."""
+    from segnode.node.writers.rejection import RejectedObject
+
+    version = int(spec.options.get("result_version") or 1)
+    if version == 1:
+        return {}
+    return {"version": version,
+            "rejects": tuple(RejectedObject.from_json(o) for o in spec.options.get("rejects") or ())}
 
 
 def _job_kinds(spec: JobSpec) -> tuple[str, ...]:

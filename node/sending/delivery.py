@@ -2,7 +2,8 @@
 
 A delivery is one (job, destination) row of the index with one row per
 object (SEG, RTSTRUCT, overlay images, SR) that the destination takes
-(:mod:`segnode.storage.index`).  A try sends the objects still ``pending`` in
+(:mod:`segnode.storage.index`), an IOCM rejection note for a superseded result
+last of all, and only once the rest is stored there.  A try sends the objects still ``pending`` in
 one association or request, marks each stored one ``done``, each refused for
 good ``dead``, and leaves the others ``pending`` for the next try at the time
 the retry policy gives (:func:`segnode.node.dispatch.next_try_at`); after
@@ -22,6 +23,7 @@ from segnode.node.dispatch import Summary, next_try_at, summarise
 from segnode.node.events import Delivered, EventSink
 from segnode.node.sending.sender import Sender, SendResult
 from segnode.node.status import Category
+from segnode.output_kinds import REJECTION_NOTE
 from segnode.storage.index import Delivery, DeliveryObject, DeliveryState, Index, Job, JobState, ObjectOutcome
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ class Courier:
             return
         job, delivery = due
         objects = self.index.delivery_objects(job.job_id, self.destination)
-        pending = [o for o in objects if o.state is DeliveryState.PENDING]
+        pending = notes_last([o for o in objects if o.state is DeliveryState.PENDING])
         try:
             sent, result = self._send(job, objects, pending)
         except SegnodeError as exc:  # an unreadable file: retrying will not help
@@ -77,11 +79,31 @@ class Courier:
             [result] = self.sender.send([seg])
             _log(job.job_id, self.destination, seg.name, result)
             return [], Summary(result.category, result.message)
-        sent = self.sender.send([job.file(o.path) for o in pending])  # paths are relative to the job folder
+        sent = self._send_in_order(job, objects, pending)
         for obj, one in zip(pending, sent):
             _log(job.job_id, self.destination, Path(obj.path).name, one)
         dead = [(o.kind, o.last_error or "") for o in objects if o.state is DeliveryState.DEAD]
         return sent, summarise([o.kind for o in pending], sent, dead=dead)
+
+    def _send_in_order(self, job: Job, objects: list[DeliveryObject],
+                       pending: list[DeliveryObject]) -> list[SendResult]:
+        """Send ``pending`` (rejection notes last), a rejection note only once the rest of the result is stored.
+
+        IHE IOCM: the PACS hides what a Rejection Note names, so it goes only to a destination that holds the
+        newer result; until then it waits (retryable), and if the result is refused for good, so is the note.
+        """
+        result = [o for o in pending if o.kind != REJECTION_NOTE]
+        notes = pending[len(result):]
+        sent = self.sender.send([job.file(o.path) for o in result]) if result else []  # paths: in the job folder
+        if not notes:
+            return sent
+        others = [o for o in objects if o.kind != REJECTION_NOTE and o.state is not DeliveryState.PENDING]
+        if all(r.ok for r in sent) and all(o.state is DeliveryState.DONE for o in others):
+            return sent + self.sender.send([job.file(o.path) for o in notes])
+        waiting = (SendResult.retry if all(r.ok or r.retryable for r in sent)
+                   and not any(o.state is DeliveryState.DEAD for o in others) else SendResult.refused)
+        return sent + [waiting("rejection note not sent: the newer result is not stored there yet")
+                       for _ in notes]
 
     def _record(self, job_id: int, tries: int, pending: list[DeliveryObject], sent: list[SendResult],
                 result: Summary) -> None:
@@ -92,6 +114,11 @@ class Courier:
         self.index.delivery_result(job_id, self.destination, ok=result.ok, error=None if result.ok else result.message,
                                    retry_at=retry_at, objects=outcomes)
         self.report(Delivered(job_id, self.destination, result.ok, result.message))
+
+
+def notes_last(objects: list[DeliveryObject]) -> list[DeliveryObject]:
+    """``objects`` in their order, rejection notes moved to the end (they follow the result they replace it with)."""
+    return [o for o in objects if o.kind != REJECTION_NOTE] + [o for o in objects if o.kind == REJECTION_NOTE]
 
 
 def record_unknown(index: Index, task: DeliveryTask, report: EventSink) -> None:

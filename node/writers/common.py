@@ -130,3 +130,110 @@ def drop_empty_conditional(ds: Dataset) -> None:
     removed = str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
     if removed and "DeidentificationMethod" not in ds and "DeidentificationMethodCodeSequence" not in ds:
         ds.DeidentificationMethod = UNSTATED_DEID_METHOD  # required (1C) once identity removal is claimed
+
+
+# -- result versions (a late instance's re-run supersedes; docs/node.md "A late instance") -----------------
+
+#: the series number of each kind's first version; version n adds ``VERSION_STEP``·(n−1)
+SERIES_NUMBERS: dict[str, int] = {"seg": 9001, "rtstruct": 9002, "overlay": 9003, "sr": 9004, "rejection": 9005}
+#: wider than the number of kinds, so no two kinds or versions share a series number (9001, 9011, 9021 … SEG)
+VERSION_STEP = 10
+
+
+def versioned_series(kind: str, description: str, version: int = 1) -> tuple[int, str]:
+    """(SeriesNumber, SeriesDescription) of version ``version`` of a ``kind`` result.
+
+    Version 1 keeps the numbers segnode always wrote (SEG 9001, RTSTRUCT 9002,
+    overlay 9003, SR 9004); version 2 of a SEG is 9011 "… v2", so a PACS user
+    sees which series is the newer result.  Deterministic: the same version
+    gives the same number and description.
+    """
+    if version < 1:
+        raise EncodeError(f"a result version starts at 1, not {version}")
+    number = SERIES_NUMBERS[kind] + VERSION_STEP * (version - 1)
+    if version == 1:
+        return number, description[:64]
+    suffix = f" v{version}"
+    return number, description[: 64 - len(suffix)] + suffix
+
+
+def versioned_seed(seed: tuple[str, ...], version: int) -> tuple[str, ...]:
+    """``seed`` with the result version (left out for version 1, so a first result keeps its UIDs)."""
+    return seed if version == 1 else (*seed, f"v{version}")
+
+
+# -- IHE AI Results: the algorithm as contributing equipment -----------------------------------------------
+
+#: CID 7005 has no "algorithm" purpose; Processing Equipment is the equipment that made this instance from
+#: the source images (Modifying Equipment is for equipment that changed an existing instance, PS3.3 C.12.1.1.5)
+PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
+#: what highdicom names itself as in the contributing equipment it adds (``ContributingEquipment.for_highdicom``)
+_HIGHDICOM = "highdicom"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The algorithm that made a result: backend, model version, weights hash (IHE AIR "algorithm identity")."""
+
+    backend: str
+    model_version: str
+    weights_hash: str
+
+    @classmethod
+    def of(cls, labels: LabelMap) -> Algorithm:
+        return cls(labels.backend, labels.model_version or "", labels.weights_hash or "")
+
+    @property
+    def device_uid(self) -> UID:
+        """Stable for (backend, model version, weights hash): a fine-tuned model gets a new one."""
+        return deterministic_uid("device", self.backend, self.model_version, self.weights_hash or "none")
+
+    @property
+    def model_name(self) -> str:
+        return f"segnode {self.backend}"[:64]
+
+    @property
+    def version(self) -> str:
+        from segnode import __version__
+
+        return (self.model_version or __version__)[:64]
+
+
+def _coded(value: tuple[str, str, str]) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value
+    return item
+
+
+def algorithm_equipment(algorithm: Algorithm) -> Dataset:
+    """The ContributingEquipmentSequence item IHE AIR asks for: the algorithm, its version and Device UID."""
+    from segnode import identity
+
+    item = Dataset()
+    item.Manufacturer = identity.MANUFACTURER
+    item.ManufacturerModelName = algorithm.model_name
+    item.SoftwareVersions = [algorithm.version, f"segnode {identity.SOFTWARE_VERSIONS}"[:64]]
+    item.DeviceUID = algorithm.device_uid
+    item.PurposeOfReferenceCodeSequence = [_coded(PROCESSING_EQUIPMENT)]
+    weights = f", weights sha256 {algorithm.weights_hash}" if algorithm.weights_hash else ""
+    item.ContributionDescription = f"AI segmentation by segnode {algorithm.backend} {algorithm.version}{weights}"[:1024]
+    return item
+
+
+def stamp_algorithm(ds: Dataset, algorithm: Algorithm) -> None:
+    """Name ``algorithm`` in ``ds``'s ContributingEquipmentSequence; drop an item naming highdicom as the maker.
+
+    Other items (the source's acquisition equipment, which highdicom copies) stay.
+    """
+    kept = [item for item in ds.get("ContributingEquipmentSequence") or []
+            if str(item.get("Manufacturer", "")).lower() != _HIGHDICOM]
+    ds.ContributingEquipmentSequence = [*kept, algorithm_equipment(algorithm)]
+
+
+def algorithm_item(ds: Dataset) -> Dataset | None:
+    """``ds``'s AIR item (Processing Equipment with a Device UID), if it has one."""
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        purpose = item.get("PurposeOfReferenceCodeSequence") or []
+        if purpose and str(purpose[0].get("CodeValue", "")) == PROCESSING_EQUIPMENT[0] and item.get("DeviceUID"):
+            return item
+    return None

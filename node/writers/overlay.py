@@ -12,7 +12,10 @@
   of Reference are copied from each source image (extra to the SC IOD; viewers
   use them for linked scrolling), Source/Referenced Image Sequences name it;
 * UIDs are deterministic (source series and its instances, organ, backend,
-  model version, "overlay", source SOP instance / frame).
+  model version, "overlay", source SOP instance / frame, result version from 2 on);
+* IHE AI Results: each image's ContributingEquipmentSequence names the
+  algorithm (:func:`~segnode.node.writers.common.algorithm_equipment`); a newer
+  result version says so in its series number and description.
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ from segnode.node.writers.common import (
     EncodedResult,
     SegType,
     checked_source,
+    Algorithm,
     deterministic_uid,
     output_seed,
+    stamp_algorithm,
+    versioned_seed,
+    versioned_series,
 )
 from segnode.node.writers.outline import draw_outlines
 from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
@@ -86,6 +93,7 @@ def _instance(first: Dataset, plane: SourcePlane, rgb: np.ndarray, number: int, 
     ds.ConversionType = "WSD"
     ds.SecondaryCaptureDeviceManufacturer = identity.MANUFACTURER
     ds.SecondaryCaptureDeviceSoftwareVersions = identity.SOFTWARE_VERSIONS
+    stamp_algorithm(ds, text["algorithm"])  # IHE AIR
     ds.InstanceNumber = number
     ds.PatientOrientation = ""
     ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
@@ -123,13 +131,14 @@ def write_overlay(
     out_dir: Path,
     *,
     not_for_diagnosis: bool = True,
-    series_number: int = 9003,
+    version: int = 1,
     seg_type: SegType | str = SegType.BINARY,
 ) -> list[EncodedResult]:
     """Write one RGB Secondary Capture per source slice with the outlines of ``labels`` burned in.
 
     ``seg_type``: the SEG type of the result the overlay belongs to; it only
     seeds the UIDs (a BINARY and a LABELMAP result never share one).
+    ``version``: the result's version, in the series number and description and the UID seed.
     """
     source = checked_source(volume, labels, profile, "an overlay series needs them")
     planes = source_planes(volume)
@@ -138,12 +147,15 @@ def write_overlay(
     if not_for_diagnosis:
         entries.append((NOT_FOR_DIAGNOSIS, WARNING_COLOUR))
     band = legend_band(volume.shape[2], entries)
-    seed = output_seed(source, profile, labels, "overlay", seg_type)
+    seed = versioned_seed(output_seed(source, profile, labels, "overlay", seg_type), version)
     series_uid = str(deterministic_uid(*seed, "series"))
     suffix = f" {NOT_FOR_DIAGNOSIS}" if not_for_diagnosis else ""
+    series_number, description = versioned_series("overlay", f"OVERLAY {profile.organ} ({labels.backend}){suffix}",
+                                                  version)
     text = {
         "series_number": series_number,
-        "description": f"OVERLAY {profile.organ} ({labels.backend}){suffix}"[:64],
+        "description": description,
+        "algorithm": Algorithm.of(labels),
         "comments": f"segment outlines of {profile.organ} by segnode {labels.backend}{suffix}",
         "frame_of_reference": source.datasets[0].get("FrameOfReferenceUID", ""),
     }

@@ -24,7 +24,10 @@
   (and frame, for a multi-frame source);
 * an empty segment keeps its ROI, with no contours;
 * UIDs are deterministic (source series and its instances, organ, backend, model version, "rtstruct",
-  SEG type, and "xor" for XOR holes).
+  SEG type, and "xor" for XOR holes, and the result version from 2 on);
+* IHE AI Results: a ContributingEquipmentSequence item names the algorithm
+  (:func:`~segnode.node.writers.common.algorithm_equipment`); a newer result
+  version says so in its series number and description.
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ from segnode.node.writers.common import (
     RtstructHoles,
     SegType,
     checked_source,
+    Algorithm,
     deterministic_uid,
     output_seed,
+    stamp_algorithm,
+    versioned_seed,
+    versioned_series,
 )
 from segnode.node.writers.planes import SourcePlane, patient_study_header, source_planes
 from segnode.node.writers.polygons import keyhole_polygons, mask_contours
@@ -122,7 +129,7 @@ def _referenced_frame_of_reference(volume: Volume, planes: list[SourcePlane]) ->
     return frame
 
 
-def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str, sop_uid: str, series_number: int) -> Dataset:
+def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str, sop_uid: str, version: int) -> Dataset:
     first = volume.source.datasets[0]  # type: ignore[union-attr]
     ds = patient_study_header(first)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -130,13 +137,14 @@ def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str,
     ds.SOPInstanceUID = sop_uid
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = f"RTSTRUCT {profile.organ} ({labels.backend})"[:64]
+    ds.SeriesNumber, ds.SeriesDescription = versioned_series(
+        "rtstruct", f"RTSTRUCT {profile.organ} ({labels.backend})", version)
     ds.OperatorsName = ""
     ds.InstanceNumber = 1
     ds.Manufacturer = identity.MANUFACTURER
     ds.ManufacturerModelName = identity.MODEL_NAME
     ds.SoftwareVersions = identity.SOFTWARE_VERSIONS
+    stamp_algorithm(ds, Algorithm.of(labels))  # IHE AIR
     ds.StructureSetLabel = profile.organ.upper()[:16]
     ds.StructureSetName = f"{profile.organ} by {labels.backend}"[:64]
     ds.StructureSetDate = now.strftime("%Y%m%d")
@@ -145,7 +153,7 @@ def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str,
 
 
 def write_rtstruct(
-    volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, series_number: int = 9002,
+    volume: Volume, labels: LabelMap, profile: Profile, out_dir: Path, *, version: int = 1,
     seg_type: SegType | str = SegType.BINARY, holes: RtstructHoles | str = RtstructHoles.KEYHOLE,
 ) -> EncodedResult:
     """Write ``labels`` as an RT Structure Set referencing the source images of ``volume``.
@@ -153,15 +161,17 @@ def write_rtstruct(
     ``seg_type``: the SEG type of the result this structure set belongs to; it
     only seeds the UIDs (a BINARY and a LABELMAP result never share one).
     ``holes``: keyhole contours or CLOSEDPLANAR_XOR contours (:class:`RtstructHoles`).
+    ``version``: the result's version, in the series number and description and the UID seed.
     """
     holes = RtstructHoles(holes)
     source = checked_source(volume, labels, profile, "an RT Structure Set needs them")
     planes = source_planes(volume)
     if "FrameOfReferenceUID" not in source.datasets[0]:
         raise EncodeError("the source has no FrameOfReferenceUID: contours cannot be placed", where=source.series_instance_uid)
-    seed = output_seed(source, profile, labels, "rtstruct", seg_type) + (("xor",) if holes is RtstructHoles.XOR else ())
+    seed = versioned_seed(output_seed(source, profile, labels, "rtstruct", seg_type)
+                          + (("xor",) if holes is RtstructHoles.XOR else ()), version)
     series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
-    ds = _header(volume, labels, profile, str(series_uid), str(sop_uid), series_number)
+    ds = _header(volume, labels, profile, str(series_uid), str(sop_uid), version)
     frame_uid = source.datasets[0].FrameOfReferenceUID
     ds.FrameOfReferenceUID = frame_uid  # Frame of Reference module (RT Structure Set IOD since 2019)
     ds.PositionReferenceIndicator = source.datasets[0].get("PositionReferenceIndicator", "")

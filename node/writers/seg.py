@@ -18,6 +18,11 @@
 * every frame carries the SliceThickness of its own source image (per-frame
   Pixel Measures when the source thickness varies), and no SpacingBetweenSlices
   is declared for an unevenly spaced source;
+* IHE AI Results: a ContributingEquipmentSequence item names the algorithm
+  (Processing Equipment, model name, version, a Device UID per backend, model
+  version and weights hash), replacing the item highdicom adds for itself;
+* a newer result version (a late instance's re-run) has its version in the
+  series number and description ("SEG lungs (hu_based) v2", 9011) and its UIDs;
 * empty Type 1C/3 patient and study attributes copied from the source (an empty
   DeidentificationMethod) are dropped, and a LABELMAP SEG has no "Background"
   segment item 0 (pixel value 0 is simply not a segment).
@@ -41,8 +46,12 @@ from segnode.node.writers.common import (
     SegType,
     checked_source,
     deterministic_uid,
+    Algorithm,
     drop_empty_conditional,
     output_seed,
+    stamp_algorithm,
+    versioned_seed,
+    versioned_series,
 )
 from segnode.profiles.schema import Code, Profile, Tissue
 
@@ -98,12 +107,17 @@ def write_seg(
     out_dir: Path,
     *,
     seg_type: SegType | str = SegType.BINARY,
-    series_number: int = 9001,
+    version: int = 1,
 ) -> EncodedResult:
-    """Write ``labels`` as a DICOM SEG referencing the source images of ``volume``."""
+    """Write ``labels`` as a DICOM SEG referencing the source images of ``volume``.
+
+    ``version``: the result's version (a late instance's re-run is version 2, …): its series number and
+    description say so (:func:`~segnode.node.writers.common.versioned_series`) and it seeds the UIDs.
+    """
     seg_type = SegType(seg_type)
     source = checked_source(volume, labels, profile, "a SEG needs them; use --format nifti")
-    seed = output_seed(source, profile, labels, "seg", seg_type)  # BINARY: the UIDs it always had
+    seed = versioned_seed(output_seed(source, profile, labels, "seg", seg_type), version)  # BINARY v1: as always
+    series_number, series_description = versioned_series("seg", f"SEG {profile.organ} ({labels.backend})", version)
     series_uid = deterministic_uid(*seed, "series")
     sop_uid = deterministic_uid(*seed, "instance")
     array = _frames_in_source_order(volume, labels.array.astype(np.uint8, copy=False))
@@ -133,13 +147,14 @@ def write_seg(
             content_label=profile.organ.upper()[:16],
             content_description=f"{profile.organ} by {labels.backend}"[:64],
             content_creator_name="segnode^automatic",
-            series_description=f"SEG {profile.organ} ({labels.backend})"[:64],
+            series_description=series_description,
             transfer_syntax_uid=RLELossless if seg_type is SegType.LABELMAP else ExplicitVRLittleEndian,
             omit_empty_frames=bool(present),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise EncodeError(f"highdicom refused the segmentation: {exc}", where=source.series_instance_uid) from exc
     drop_empty_conditional(seg)
+    stamp_algorithm(seg, Algorithm.of(labels))  # IHE AIR: the algorithm, not highdicom, as contributing equipment
     if seg_type is SegType.LABELMAP:
         _drop_background_item(seg)
     _per_frame_pixel_measures(seg, volume)

@@ -11,7 +11,10 @@
   units (UCUM ``[hnsf'U]``, derivation Mean), the values of
   ``segment_statistics`` as computed (already rounded: 3 decimals mL, 0.1 HU;
   each slice counted with its own extent, :mod:`segnode.models.measurements`);
-* the device observer names segnode, the backend and its model version;
+* the device observer names segnode, the backend and its model version, with
+  the Device UID of the algorithm's contributing-equipment item (IHE AIR; one
+  per backend, model version and weights hash), which replaces highdicom's;
+* a newer result version has its version in the series number and description;
 * UIDs are deterministic (:func:`~segnode.node.writers.common.output_seed`: source
   series and its instances, organ, backend, model version, "sr", and the SEG
   type of the SEG it reports on, read from that SEG).
@@ -32,8 +35,12 @@ from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import (
     EncodedResult,
     SegType,
+    Algorithm,
     deterministic_uid,
     output_seed,
+    stamp_algorithm,
+    versioned_seed,
+    versioned_series,
 )
 from segnode.profiles.schema import Code, Profile
 
@@ -49,12 +56,13 @@ def _code(code: Code) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
-def _observation_context(labels: LabelMap) -> hd.sr.ObservationContext:
+def _observation_context(algorithm: Algorithm) -> hd.sr.ObservationContext:
+    """The device observer: the algorithm, with the Device UID of its contributing-equipment item (IHE AIR)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=deterministic_uid("device", labels.backend, labels.model_version),
-        name=f"segnode {labels.backend}"[:64],
+        uid=algorithm.device_uid,
+        name=algorithm.model_name,
         manufacturer_name=identity.MANUFACTURER,
-        model_name=(labels.model_version or __version__)[:64],
+        model_name=f"{algorithm.model_name} {algorithm.version}"[:64],
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -152,9 +160,12 @@ def write_sr(
     *,
     seg_path: Path,
     statistics: list[SegmentStatistics],
-    series_number: int = 9004,
+    version: int = 1,
 ) -> EncodedResult:
-    """Write ``statistics`` (``segment_statistics``) as a TID 1500 report on the SEG at ``seg_path``."""
+    """Write ``statistics`` (``segment_statistics``) as a TID 1500 report on the SEG at ``seg_path``.
+
+    ``version``: the result's version, in the series number and description and the UID seed.
+    """
     source = volume.source
     if source is None:
         raise EncodeError("the input has no DICOM source images (NIfTI?): an SR needs them")
@@ -164,11 +175,14 @@ def write_sr(
         raise EncodeError(f"cannot read the SEG the SR refers to: {exc}", where=str(seg_path)) from exc
     _segment_per_frame(seg)
     present = [s for s in statistics if not s.get("empty") and s.get("voxels")]
-    seed = output_seed(source, profile, labels, "sr", seg_type_of(seg))
+    seed = versioned_seed(output_seed(source, profile, labels, "sr", seg_type_of(seg)), version)
+    algorithm = Algorithm.of(labels)
+    series_number, series_description = versioned_series(
+        "sr", f"SR measurements {profile.organ} ({labels.backend})", version)
     series_uid, sop_uid = deterministic_uid(*seed, "series"), deterministic_uid(*seed, "instance")
     try:
         report = hd.sr.MeasurementReport(
-            observation_context=_observation_context(labels),
+            observation_context=_observation_context(algorithm),
             procedure_reported=CT_PROCEDURE,
             # nothing segmented: a report with no measurement group (highdicom refuses an empty list)
             imaging_measurements=[_group(seg, s, profile, labels) for s in present] or None,
@@ -182,7 +196,7 @@ def write_sr(
             instance_number=1,
             manufacturer=identity.MANUFACTURER,
             is_complete=True,
-            series_description=f"SR measurements {profile.organ} ({labels.backend})"[:64],
+            series_description=series_description,
             software_versions=identity.SOFTWARE_VERSIONS,
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
@@ -190,6 +204,7 @@ def write_sr(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"SR_{profile.organ}_{sop_uid}.dcm"
     sr.ManufacturerModelName = identity.MODEL_NAME
+    stamp_algorithm(sr, algorithm)  # IHE AIR: the algorithm as contributing equipment, not highdicom
     identity.stamp_file_meta(sr.file_meta)
     sr.save_as(path)
     logger.info("wrote SR %s (%d measurement groups)", path, len(present))
