@@ -31,16 +31,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from segnode.errors import ConfigError, SegnodeError
 from segnode.node.config import NodeConfig
+from segnode.node.config.datasets import dataset_store_root
 from segnode.node.dicom_in.processes import ReceiverPool
 from segnode.node.dicom_in.server import RunningSCP, start_scp
 from segnode.node.dispatch import encoded_kinds
 from segnode.node.events import Event, EventSink, Harvested, JobMoved
-from segnode.node.config.datasets import dataset_store_root
 from segnode.node.jobs.result import job_folder
 from segnode.node.jobs.worker import JobOutcome, JobSpec, WorkerPool, run_job
 from segnode.node.review import decide
@@ -53,12 +53,17 @@ from segnode.storage.index import Index, Job, JobState
 from segnode.storage.recovery import reindex_spool
 from segnode.storage.spool import Spool
 
+if TYPE_CHECKING:  # imported when configured (start-up cost)
+    from segnode.node.http_in.dicomweb import RunningDicomWeb
+    from segnode.node.remote.jobs import RemoteJobs
+    from segnode.routing import RulesHolder
+
 logger = logging.getLogger(__name__)
 
 SENDER = "@sender"
 
 
-def _rules_holder(config: NodeConfig) -> Any:
+def _rules_holder(config: NodeConfig) -> RulesHolder:
     from segnode.profiles.loader import profile_paths
     from segnode.routing import RulesHolder
 
@@ -95,8 +100,8 @@ class Service:
         self.listeners: list[EventSink] = []
         self.scp: RunningSCP | None = None
         self.receivers: ReceiverPool | None = None
-        self.remote: Any = None  # node.remote.RemoteJobs when `broker:` is configured (docs/scaling.md)
-        self.dicomweb: Any = None  # node.http_api.RunningHTTP (node/http_in/dicomweb.py) when `dicomweb.enabled`
+        self.remote: RemoteJobs | None = None  # when `broker:` is configured (docs/scaling.md)
+        self.dicomweb: RunningDicomWeb | None = None  # when `dicomweb.enabled`
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
         self.workers = WorkerPool()  # local worker processes, each started when a job first needs it
         self._running = 0
@@ -135,9 +140,10 @@ class Service:
 
             self.remote = RemoteJobs(self)
         if self.config.dicomweb.enabled:
-            from segnode.node.http_in.dicomweb import start_for_service
+            from segnode.node.http_in.dicomweb import start_for_node
 
-            self.dicomweb = start_for_service(self)
+            assert self.scp is not None  # started before: STOW-RS shares its store path
+            self.dicomweb = start_for_node(self.config, self.scp.handler, self.index, self.spool, self.remote)
 
     def stop(self) -> None:
         """Stop listening and scheduling; running worker processes exit with us."""
@@ -221,13 +227,13 @@ class Service:
     def _takes(self, job: Job) -> dict[str, tuple[str, ...]]:
         """Per destination, the encoded kinds it is sent (docs/node.md, "Which destination gets what")."""
         kinds = encoded_with(self.encoded_kinds(job))  # the SR's SEG goes with it where the destination takes SEG
+        kinds += (REJECTION_NOTE,)  # a superseding job's rejection note, to destinations with rejection_notes: true
         names = [d.name for d in self.config.destinations]
         return {n: self.config.destination(n).takes(kinds) for n in job.destinations if n in names}
 
     def _segment(self, job: Job) -> None:
         try:
             self._segment_one(job)
-        kinds += (REJECTION_NOTE,)  # a superseding job's rejection note, to destinations with rejection_notes: true
         finally:
             with self._lock:
                 self._running -= 1

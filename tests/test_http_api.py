@@ -32,7 +32,7 @@ def _node(tmp_path, *, token: bool, scp: bool = False, **config):
         http_cfg["token_file"] = str(tmp_path / "token")
     cfg = NodeConfig(port=0, state_dir=tmp_path / "state", http=http_cfg, limits={"min_free_disk_mb": 1}, **config)
     s = scripted_index(cfg.index_path)
-    service = types.SimpleNamespace(config=cfg, index=s.index, rules=RulesHolder(None), scp=None, listeners=[])
+    service = types.SimpleNamespace(config=cfg, index=s.index, rules=RulesHolder(None), scp=None, listeners=[], remote=None, dicomweb=None, review=None)
     if scp:
         service.scp = start_scp(cfg, Spool(cfg.spool_dir), s.index)
     ops = Ops(service)

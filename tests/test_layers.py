@@ -98,7 +98,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "sending": (ALL_WINGS - {"sending"}) | {"service", MODELS},
     "jobs": frozenset({"cli", "dicom_in", "http_in", "ingest", "sending", "remote", "service"}),
     "remote": frozenset({"cli", "dicom_in", "ingest", "sending", "service"}),
-    "ops": frozenset({"cli", "dicom_in", "ingest", "jobs", "sending", "writers", "service", MODELS}),
+    "ops": frozenset({"cli", "dicom_in", "jobs", "sending", "writers", "service", MODELS}),
     "cli": frozenset(),
     "service": frozenset(),
 }

@@ -41,7 +41,7 @@ def value(parsed, name: str, **labels: str) -> float:
 
 def fake_service(config: NodeConfig, index: Index) -> types.SimpleNamespace:
     """What :class:`segnode.node.ops.runner.Ops` needs of a service, without the scheduler and workers."""
-    return types.SimpleNamespace(config=config, index=index, rules=RulesHolder(None), scp=None, listeners=[])
+    return types.SimpleNamespace(config=config, index=index, rules=RulesHolder(None), scp=None, listeners=[], remote=None, dicomweb=None, review=None)
 
 
 @pytest.fixture

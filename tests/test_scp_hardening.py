@@ -167,7 +167,7 @@ def test_the_accept_watchdog_is_in_readyz_and_metrics(tmp_path: Path) -> None:
                      limits={"min_free_disk_mb": 1})
     scripted = scripted_index(cfg.index_path)
     scp = start_scp(cfg, Spool(cfg.spool_dir), scripted.index)
-    service = types.SimpleNamespace(config=cfg, index=scripted.index, rules=RulesHolder(None), scp=scp, listeners=[])
+    service = types.SimpleNamespace(config=cfg, index=scripted.index, rules=RulesHolder(None), scp=scp, listeners=[], remote=None, dicomweb=None, review=None)
     ops = Ops(service)
     ops.start()
     assert ops.http is not None

@@ -44,7 +44,7 @@ def node(tmp_path):
     config = NodeConfig(port=0, state_dir=tmp_path / "state", http={"port": 0})
     s = scripted_index(config.index_path)
     s.index.record_instance(_hostile_instance())
-    service = types.SimpleNamespace(config=config, index=s.index, rules=RulesHolder(None), scp=None, listeners=[])
+    service = types.SimpleNamespace(config=config, index=s.index, rules=RulesHolder(None), scp=None, listeners=[], remote=None, dicomweb=None, review=None)
     ops = Ops(service)
     ops.start()
     yield s, ops

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from segnode.errors import ConfigError, InputError, SegnodeError
+from segnode.node.config import NodeConfig
 from segnode.node.config.dicomweb import DicomWebClient, DicomWebConfig, read_secret
 from segnode.node.http_in.base import HttpError, RunningHTTP, bearer
 from segnode.node.http_in.multipart import (
@@ -191,7 +192,8 @@ class _Handler(BaseHTTPRequestHandler):
     _header_timer: threading.Timer | None = None
 
     def setup(self) -> None:
-        self.timeout = self.server.app.config.network_timeout_s
+        # StreamRequestHandler reads ``timeout`` in setup(): this connection's socket timeout
+        self.timeout = self.server.app.config.network_timeout_s  # type: ignore[misc]
         super().setup()
 
     def handle_one_request(self) -> None:
@@ -294,6 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, answer = app.stow(client, stow["study"], self.headers.get("Content-Type"), body,
                                       self.client_address[0])
             return self._json(status, answer, content_type="application/dicom+json")
+        assert result is not None  # one of the two matched
         grant = app.job_grant(self.headers.get("Authorization"))
         if grant is None or grant.job_id != int(result["job_id"]):
             app.count(unauthorized=1)
@@ -419,7 +422,14 @@ class DicomWebHTTPServer(ThreadingHTTPServer):
             slot.release()
 
 
-def start_dicomweb(app: DicomWebApp) -> RunningHTTP:
+@dataclass
+class RunningDicomWeb(RunningHTTP):
+    """The DICOMweb server serving in a thread, with its application (counters for metrics)."""
+
+    app: DicomWebApp
+
+
+def start_dicomweb(app: DicomWebApp) -> RunningDicomWeb:
     """Listen on ``dicomweb.host:port`` in a thread."""
     config = app.config
     try:
@@ -428,15 +438,14 @@ def start_dicomweb(app: DicomWebApp) -> RunningHTTP:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}", where="dicomweb") from exc
     thread = threading.Thread(target=server.serve_forever, name="segnode-dicomweb", daemon=True)
     thread.start()
-    running = RunningHTTP(server, thread)
+    running = RunningDicomWeb(server, thread, app)
     logger.info("DICOMweb on %s (%d client(s))", running.url, len(config.clients))
     return running
 
 
-def start_for_service(service: Any) -> RunningHTTP:
-    """The DICOMweb server of a running :class:`segnode.node.service.Service` (its SCP's store path and index)."""
-    config = service.config
-    app = DicomWebApp(config.dicomweb, ae_title=config.ae_title, handler=service.scp.handler, index=service.index,
-                      spool=service.spool, max_instance_bytes=config.limits.max_instance_bytes,
-                      remote=getattr(service, "remote", None))
+def start_for_node(config: NodeConfig, handler: StoreHandler, index: Index, spool: Spool,
+                   remote: RemoteJobsPort | None) -> RunningDicomWeb:
+    """The node's DICOMweb server: the same store path and index as its DICOM listener."""
+    app = DicomWebApp(config.dicomweb, ae_title=config.ae_title, handler=handler, index=index, spool=spool,
+                      max_instance_bytes=config.limits.max_instance_bytes, remote=remote)
     return start_dicomweb(app)

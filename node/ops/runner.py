@@ -15,17 +15,22 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from segnode.errors import ConfigError, StorageError
 from segnode.node.config import NodeConfig
 from segnode.node.config.datasets import dataset_store_root
-from segnode.node.events import Delivered, Event, JobMoved
+from segnode.node.events import Delivered, Event, EventSink, JobMoved
+from segnode.node.ingest.guards import ListenerHealth
+from segnode.node.ingest.store import StoreHandler
 from segnode.node.ops.api import OpsApp, RunningHTTP, start_http
 from segnode.node.ops.audit import AuditFollower, AuditLog, record_of
 from segnode.node.ops.metrics import NodeMetrics
 from segnode.node.ops.status_page import render_status
 from segnode.node.ops.views import OpsDB
+from segnode.node.remote.status import ScaleoutCollector, ScaleoutSource, render_remote
+from segnode.routing import RulesHolder
+from segnode.storage.index import Index
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +57,45 @@ def datasets_summary(root: Path) -> dict[str, Any]:
     return {"store": str(root), "exists": True, "datasets": out, "quarantined": len(store.quarantined())}
 
 
+class Listener(Protocol):
+    """The DICOM listener as ops sees it: its port, its store path's counters, its watchdog."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def handler(self) -> StoreHandler: ...
+
+    def health(self) -> ListenerHealth: ...
+
+
+class NodeForOps(ScaleoutSource, Protocol):
+    """What the ops side reads of the node (:class:`segnode.node.service.Service`)."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def index(self) -> Index: ...
+
+    @property
+    def rules(self) -> RulesHolder: ...
+
+    @property
+    def scp(self) -> Listener | None: ...
+
+    @property
+    def listeners(self) -> list[EventSink]: ...
+
+    def review(self, job_id: int, approve: bool, reviewer: str, comment: str = "") -> str | None: ...
+
+
 class Ops:
     """The node's ops side, attached to a :class:`segnode.node.service.Service`."""
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: NodeForOps) -> None:
         self.service = service
-        config: NodeConfig = service.config
-        self.config = config
+        config = self.config = service.config
         self.db = OpsDB(config.index_path)
         self.audit = AuditLog(audit_path(config), node=config.ae_title, fsync=config.audit.fsync == "always",
                               rotate_bytes=config.audit.rotate_bytes)
@@ -71,9 +108,7 @@ class Ops:
     # -- life cycle -------------------------------------------------------------------
     def start(self) -> None:
         self.follower.start()
-        if getattr(self.service, "remote", None) is not None or getattr(self.service, "dicomweb", None) is not None:
-            from segnode.node.remote.status import ScaleoutCollector
-
+        if self.service.remote is not None or self.service.dicomweb is not None:
             self.metrics.registry.register(ScaleoutCollector(self.service))
         if self.config.http.enabled:
             self.http = start_http(self.config.http, self.app())
@@ -90,16 +125,14 @@ class Ops:
                       rules=self.service.rules, readiness=self.readiness_checks(),
                       validate_rules=self.validate_rules, datasets=self.datasets,
                       status_page=self.status_page, audit=self.write_audit,
-                      review=getattr(self.service, "review", None), node=self.config.ae_title)
+                      review=self.service.review, node=self.config.ae_title)
 
     def status_page(self) -> str:
         checks = self.readiness_checks()
         page = render_status(self.db, node=self.config.ae_title,
                              readiness=lambda: {name: check() for name, check in checks.items()})
-        remote = getattr(self.service, "remote", None)
+        remote = self.service.remote
         if remote is not None:  # queues and in-flight remote jobs (node/remote/status.py)
-            from segnode.node.remote.status import render_remote
-
             page = page.replace("</body>", render_remote(remote.snapshot()) + "</body>", 1)
         return page
 

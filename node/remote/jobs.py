@@ -34,17 +34,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from segnode.errors import InputError, StorageError
-from segnode.node.config.dicomweb import Priority
+from segnode.errors import ConfigError, InputError, StorageError
+from segnode.node.config import NodeConfig
+from segnode.node.config.dicomweb import BrokerConfig, Priority
+from segnode.node.events import Event, JobMoved
+from segnode.node.http_in.base import RunningHTTP
 from segnode.node.http_in.dicomweb import JobGrant
-from segnode.node.events import JobMoved
 from segnode.node.http_in.multipart import Part
 from segnode.node.jobs.result import JobResult, job_folder, safe_relative
-from segnode.node.jobs.worker import JobOutcome
+from segnode.node.jobs.worker import JobOutcome, JobSpec
 from segnode.node.remote.broker import TASK, celery_app
-from segnode.storage.index import Job, JobState
+from segnode.storage.index import Index, Job, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -72,13 +74,34 @@ def _secret(path: Path) -> bytes:
     return path.read_text().strip().encode("ascii")
 
 
+class NodeSide(Protocol):
+    """What remote jobs need of the node (:class:`segnode.node.service.Service`)."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+
+    @property
+    def index(self) -> Index: ...
+
+    @property
+    def dicomweb(self) -> RunningHTTP | None: ...
+
+    def job_spec(self, job: Job) -> JobSpec: ...
+
+    def emit(self, event: Event) -> None: ...
+
+    def finish_job(self, job: Job, outcome: JobOutcome, started: float) -> None: ...
+
+
 class RemoteJobs:
     """Enqueues jobs, grants their tokens, and accepts their results once."""
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: NodeSide) -> None:
         self.service = service
         self.config = service.config
-        self.broker = self.config.broker
+        if self.config.broker is None:
+            raise ConfigError("remote jobs need the broker: section of the node configuration")
+        self.broker: BrokerConfig = self.config.broker
         self.index = service.index
         self.app = celery_app(self.broker.url, self.broker.queues, connect_timeout_s=self.broker.publish_timeout_s)
         self.key = _secret(self.config.state_dir / "remote.secret")

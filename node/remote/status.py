@@ -21,16 +21,30 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:  # the broker's client is imported only when a broker is configured
+    from segnode.node.http_in.dicomweb import RunningDicomWeb
+    from segnode.node.remote.jobs import RemoteJobs
+
+
+class ScaleoutSource(Protocol):
+    """The node's remote jobs and DICOMweb server, when configured (:class:`segnode.node.service.Service`)."""
+
+    @property
+    def remote(self) -> RemoteJobs | None: ...
+
+    @property
+    def dicomweb(self) -> RunningDicomWeb | None: ...
 
 
 class ScaleoutCollector(Collector):
     """Reads the running service's :class:`segnode.node.remote.jobs.RemoteJobs` and DICOMweb server at scrape time."""
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: ScaleoutSource) -> None:
         self.service = service
 
     def describe(self) -> list[Metric]:
@@ -42,7 +56,7 @@ class ScaleoutCollector(Collector):
             yield from _remote_metrics(remote.snapshot())
         dicomweb = self.service.dicomweb
         if dicomweb is not None:
-            yield from _dicomweb_metrics(dict(dicomweb.server.app.stats))
+            yield from _dicomweb_metrics(dict(dicomweb.app.stats))
 
 
 def _remote_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
