@@ -179,3 +179,83 @@ def test_encoded_object_record_carries_the_rejection_kind(chest: Volume, tmp_pat
     obj = EncodedObject(kind="rejection", profile="lungs", path="KO.dcm", sop_class_uid="1.2",
                         sop_instance_uid="1.3", series_instance_uid="1.4")
     assert EncodedObject.from_json(obj.to_json()) == obj
+
+
+# -- the node's side: versions along a chain of late instances, the rejection note sent last -----------------
+
+def _job(job_id: int, profile: str = "lungs", supersedes: tuple[int, ...] = (), outputs: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    from segnode.storage.index import Job, JobState
+
+    return Job(job_id=job_id, series_uid="1.2", study_uid="1.1", state=JobState.DONE, reason=None, rule="r",
+               profile=profile, backend=None, destinations=("pacs",), segment_attempts=1, seg_path=None,
+               seg_series_uid=None, seg_sop_uid=None, backend_used=None, model_version=None, harvest=None,
+               created_at=0.0, updated_at=0.0, options={"supersedes": list(supersedes)} if supersedes else {},
+               outputs=[{"kind": k, "sop_class_uid": "1.2.3", "sop_instance_uid": f"9.{job_id}.{n}",
+                         "series_instance_uid": f"8.{job_id}", "profile": profile, "path": f"{k}.dcm"}
+                        for n, k in enumerate(outputs)])
+
+
+class _Jobs:
+    """What node/supersede.py reads of the index: jobs by ID."""
+
+    def __init__(self, *jobs) -> None:  # type: ignore[no-untyped-def]
+        self.by_id = {j.job_id: j for j in jobs}
+
+    def job(self, job_id: int):  # type: ignore[no-untyped-def]
+        return self.by_id.get(job_id)
+
+
+def test_result_version_follows_the_chain_per_profile() -> None:
+    from segnode.node.supersede import rejected_objects, result_version, supersede_options
+
+    v1 = _job(1, outputs=("seg", "sr"))
+    bone = _job(2, profile="bone", outputs=("seg",))
+    v2 = _job(3, supersedes=(1, 2), outputs=("seg", "sr", "rejection"))
+    v3 = _job(4, supersedes=(3,), outputs=("seg",))
+    jobs = _Jobs(v1, bone, v2, v3)
+    assert [result_version(jobs, j) for j in (v1, bone, v2, v3)] == [1, 1, 2, 3]  # type: ignore[arg-type]
+    assert supersede_options(jobs, v1) == {}  # type: ignore[arg-type]
+    assert {o["sop_instance_uid"] for o in rejected_objects(jobs, v2)} == {"9.1.0", "9.1.1"}  # type: ignore[arg-type]
+    assert {o["sop_instance_uid"] for o in rejected_objects(jobs, v3)} == {"9.3.0", "9.3.1"}  # not v2's own note
+
+
+class _Sender:
+    def __init__(self, refuse: set[str] = frozenset(), retry: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.refuse, self.retry, self.calls = refuse, retry, []  # type: ignore[var-annotated]
+
+    def send(self, paths):  # type: ignore[no-untyped-def]
+        from segnode.node.sending.sender import SendResult
+
+        self.calls.append([p.name for p in paths])
+        return [SendResult.refused("no") if p.name in self.refuse else SendResult.retry("busy") if p.name in self.retry
+                else SendResult.stored("ok") for p in paths]
+
+    def echo(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def _pending(*kinds: str):  # type: ignore[no-untyped-def]
+    from segnode.storage.index import DeliveryObject, DeliveryState
+
+    return [DeliveryObject(1, "pacs", f"9.{n}", k, "1.2", f"{k}.dcm", DeliveryState.PENDING, None, None)
+            for n, k in enumerate(kinds)]
+
+
+@pytest.mark.parametrize(("refuse", "retry", "calls", "note"), [
+    (set(), set(), [["seg.dcm", "sr.dcm"], ["rejection.dcm"]], "stored"),  # after the result, in its own send
+    (set(), {"seg.dcm"}, [["seg.dcm", "sr.dcm"]], "retryable"),  # waits for the result to be stored
+    ({"seg.dcm"}, set(), [["seg.dcm", "sr.dcm"]], "permanent"),  # the result refused for good: so is the note
+])
+def test_the_rejection_note_goes_only_after_the_new_result_is_stored(
+        refuse: set[str], retry: set[str], calls: list[list[str]], note: str) -> None:
+    from segnode.node.config import Dispatch
+    from segnode.node.sending.delivery import Courier, notes_last
+
+    sender = _Sender(refuse, retry)
+    courier = Courier("pacs", sender, None, Dispatch(), lambda event: None)  # type: ignore[arg-type]
+    objects = _pending("rejection", "seg", "sr")  # the index lists them by kind: the note first
+    pending = notes_last(objects)
+    assert [o.kind for o in pending] == ["seg", "sr", "rejection"]
+    sent = courier._send_in_order(_job(1), objects, pending)  # type: ignore[arg-type]
+    assert sender.calls == calls
+    assert sent[-1].category.value == note
