@@ -23,7 +23,7 @@ import yaml
 from pydicom import dcmread
 from segnode.storage.index import Index, Job, JobState
 
-from tests.peers import free_port, node, orthanc, store_statuses, storescu, wait_until, write_node_config
+from tests.peers import node, orthanc, store_statuses, storescu, wait_until, write_node_config
 from tests.study_fixtures import _series, build_study
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
