@@ -167,7 +167,7 @@ def versioned_seed(seed: tuple[str, ...], version: int) -> tuple[str, ...]:
 #: CID 7005 has no "algorithm" purpose; Processing Equipment is the equipment that made this instance from
 #: the source images (Modifying Equipment is for equipment that changed an existing instance, PS3.3 C.12.1.1.5)
 PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
-#: what highdicom names itself as in the contributing equipment it adds (``ContributingEquipment.for_highdicom``)
+#: how highdicom names itself in the contributing equipment it adds (``ContributingEquipment.for_highdicom``)
 _HIGHDICOM = "highdicom"
 
 
@@ -225,9 +225,13 @@ def stamp_algorithm(ds: Dataset, algorithm: Algorithm) -> None:
 
     Other items (the source's acquisition equipment, which highdicom copies) stay.
     """
-    kept = [item for item in ds.get("ContributingEquipmentSequence") or []
-            if str(item.get("Manufacturer", "")).lower() != _HIGHDICOM]
+    kept = [item for item in ds.get("ContributingEquipmentSequence") or [] if not _names_highdicom(item)]
     ds.ContributingEquipmentSequence = [*kept, algorithm_equipment(algorithm)]
+
+
+def _names_highdicom(item: Dataset) -> bool:
+    """highdicom's item: "Highdicom open-source contributors", model "highdicom" (0.28)."""
+    return any(_HIGHDICOM in str(item.get(k, "")).lower() for k in ("Manufacturer", "ManufacturerModelName"))
 
 
 def algorithm_item(ds: Dataset) -> Dataset | None:
