@@ -275,7 +275,7 @@ class Action(Frozen):
 
     profile: Annotated[str, AfterValidator(_known_profile)]
     profiles: tuple[Annotated[str, AfterValidator(_known_profile)], ...] | None = Field(
-        default=None, description="several profiles, one model run (TotalSegmentator); 'profile' is the first")
+        default=None, description="several profiles, model runs shared (hu_based: one per HU method); 'profile' is the first")
     combine: bool | None = Field(default=None, description="with 'profiles': one result for all, not one per profile")
     select: Select | None = Field(default=None, description="series selection per study")
     backend: Backend | None = None
