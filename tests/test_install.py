@@ -85,7 +85,7 @@ def test_wheel_and_sdist_hold_one_namespace_and_every_data_file(installed: dict)
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert {n.split("/")[0] for n in names if not n.startswith("segnode-")} == {"segnode"}
     assert set(PACKAGE_DATA) <= set(names)
-    assert "segnode/errors.py" in names and "segnode/node/cli.py" in names
+    assert "segnode/errors.py" in names and "segnode/node/cli/main.py" in names
     with tarfile.open(installed["sdist"]) as tar:
         members = {m.split("/", 1)[1] for m in tar.getnames() if "/" in m}
     assert {"profiles/totalsegmentator_snomed_mapping.csv", "storage/data/confidentiality_profile_attributes.json",
