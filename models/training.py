@@ -253,24 +253,24 @@ def _run_job(job: dict, workdir: Path, options: TrainOptions, say: Reporter) -> 
     command = [sys.executable, "-u", "-m", "segnode.models.nnunet_job", str(job_file)]
     tail: list[str] = []
     result: dict | None = None
-    process = subprocess.Popen(command, env=_nnunet_env(workdir, options), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=str(workdir))
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            tail = (tail + [line])[-30:]
-            if line.startswith("[segnode train] "):
-                say(line.removeprefix("[segnode train] "))
-            elif line.startswith('{"segnode_result"'):
-                result = json.loads(line)["segnode_result"]
-            else:
-                logger.debug("nnU-Net: %s", line)
-        code = process.wait()
-    except BaseException:  # KeyboardInterrupt included: stop the child, keep its checkpoint
-        process.terminate()
-        process.wait(timeout=60)
-        raise
+    with subprocess.Popen(command, env=_nnunet_env(workdir, options), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, cwd=str(workdir)) as process:  # closes the pipe
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                line = line.rstrip("\n")
+                tail = (tail + [line])[-30:]
+                if line.startswith("[segnode train] "):
+                    say(line.removeprefix("[segnode train] "))
+                elif line.startswith('{"segnode_result"'):
+                    result = json.loads(line)["segnode_result"]
+                else:
+                    logger.debug("nnU-Net: %s", line)
+            code = process.wait()
+        except BaseException:  # KeyboardInterrupt included: stop the child, keep its checkpoint
+            process.terminate()
+            process.wait(timeout=60)
+            raise
     if code != 0 or result is None:
         raise BackendError("nnU-Net training failed (exit code %s):\n%s" % (code, "\n".join(tail[-15:])),
                            where=str(workdir))

@@ -223,7 +223,7 @@ def test_four_concurrent_associations_of_100_images_all_stored(tmp_path: Path) -
         v = thorax_phantom(shape=(100, 48, 48), spacing=(8.0, 8.0, 2.0), seed=s).volume
         folders.append(tmp_path / f"s{s}")
         write_ct_series(v.hu, folders[-1], v.spacing, v.origin, v.direction)
-    config = write_node_config(tmp_path / "node.yaml", completion={"quiet_period_s": 3600})
+    config = write_node_config(tmp_path / "node.yaml", completion={"quiet_period_s": 3600, "evidence": False})
     with node(config) as n:
         results: list[subprocess.CompletedProcess] = []
         threads = [threading.Thread(target=lambda f=f: results.append(storescu(n.port, [f]))) for f in folders]

@@ -218,7 +218,7 @@ def test_held_job_approved_in_the_browser_reaches_orthanc_rejected_one_is_not_se
                 assert page.js("document.querySelectorAll('#pictures img').length") == 6  # 2 lungs x 3 planes
                 assert page.js("Array.from(document.images).every(i => i.complete && i.naturalWidth > 100)")
                 qc = page.js("document.getElementById('qc').innerText")
-                assert "volume_ml" in qc and "side" in qc and "67.3" in qc  # the left lung's centroid x, mm
+                assert "volume_ml" in qc and "side" in qc and "51.9" in qc  # the left lung's centroid, mm left of the body's midline
                 assert page.js("document.querySelectorAll('#qc td.o-pass').length") == 10
                 assert page.js("document.querySelectorAll('#qc td.o-warn, #qc td.o-fail').length") == 0
                 ARTIFACTS.mkdir(exist_ok=True)

@@ -175,6 +175,7 @@ def test_a_training_killed_mid_run_resumes_from_its_last_epoch(tmp_path, capsys)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
     assert any("epoch 1/3" in line for line in seen), "".join(seen[-20:])
     assert proc.returncode == -signal.SIGKILL
     with pytest.raises(WeightsNotInstalledError):

@@ -73,10 +73,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 }
 #: dciodvfy errors the standard contradicts: the Label Map Segmentation SOP class instantiates the
 #: Segmentation IOD (PS3.4 B.5.1.25), so TID 1411's Referenced Segment Number on it is right; dciodvfy
-#: (2022 and 2026) allows it only for Segmentation and Surface Segmentation Storage
+#: (2022 and 2026) allows it only for Segmentation and Surface Segmentation Storage.  CLOSEDPLANAR_XOR
+#: is a defined Contour Geometric Type (PS3.3 C.8.8.6.1, added 2021) that Debian's 2022 build predates.
 DCIODVFY_KNOWN = (
     "Error - Shall not be present for Referenced SOP Class that is not segmentation - attribute "
     "<ReferencedSegmentNumber>",
+    "Error - Unrecognized enumerated value <CLOSEDPLANAR_XOR> for value 1 of attribute <Contour Geometric Type>",
 )
 _UNKNOWN_IOD = "Information Object Not found"
 #: the SOP classes whose frame of reference must be the source's
