@@ -218,8 +218,9 @@ def test_held_job_approved_in_the_browser_reaches_orthanc_rejected_one_is_not_se
                 assert page.js("document.querySelectorAll('#pictures img').length") == 6  # 2 lungs x 3 planes
                 assert page.js("Array.from(document.images).every(i => i.complete && i.naturalWidth > 100)")
                 qc = page.js("document.getElementById('qc').innerText")
-                assert "volume_ml" in qc and "side" in qc and "51.9" in qc  # the left lung's centroid, mm left of the body's midline
-                assert page.js("document.querySelectorAll('#qc td.o-pass').length") == 10
+                assert "volume_ml" in qc and "side" in qc and "51.9" in qc  # left lung: mm left of the body midline
+                # empty, volume, side, components, largest component, field of view: per lung
+                assert page.js("document.querySelectorAll('#qc td.o-pass').length") == 12
                 assert page.js("document.querySelectorAll('#qc td.o-warn, #qc td.o-fail').length") == 0
                 ARTIFACTS.mkdir(exist_ok=True)
                 page.screenshot(ARTIFACTS / "review_page.png")
