@@ -130,7 +130,9 @@ def _referenced_frame_of_reference(volume: Volume, planes: list[SourcePlane]) ->
 
 
 def _header(volume: Volume, labels: LabelMap, profile: Profile, series_uid: str, sop_uid: str, version: int) -> Dataset:
-    first = volume.source.datasets[0]  # type: ignore[union-attr]
+    source = volume.source
+    assert source is not None  # write_rtstruct checked it (checked_source)
+    first = source.datasets[0]
     ds = patient_study_header(first)
     now = datetime.datetime.now(datetime.timezone.utc)
     ds.SOPClassUID = RTStructureSetStorage
