@@ -104,8 +104,9 @@ class CompletionSweep:
             return None
         settings = self.config.completion
         why_not = ""
-        released = info.released_at is not None and info.released_at >= info.last_received_at
-        if settings.evidence and released and now - info.released_at >= settings.grace_s:  # type: ignore[operator]
+        released_at = info.released_at
+        released = released_at is not None and released_at >= info.last_received_at
+        if settings.evidence and released and released_at is not None and now - released_at >= settings.grace_s:
             facts = self.facts(info)
             verdict = judge(facts) if facts is not None else None
             if verdict is not None and verdict.whole:

@@ -192,8 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
     _header_timer: threading.Timer | None = None
 
     def setup(self) -> None:
-        # StreamRequestHandler reads ``timeout`` in setup(): this connection's socket timeout
-        self.timeout = self.server.app.config.network_timeout_s  # type: ignore[misc]
+        self.request.settimeout(self.server.app.config.network_timeout_s)  # this connection's socket timeout
         super().setup()
 
     def handle_one_request(self) -> None:
@@ -376,6 +375,14 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length:
          b"Connection: close\r\n\r\n")
 
 
+#: what socketserver hands a server for each request (a TCP server's: the connection's socket)
+_Request = socket.socket | tuple[bytes, socket.socket]
+
+
+def _socket_of(request: _Request) -> socket.socket:
+    return request if isinstance(request, socket.socket) else request[1]
+
+
 class DicomWebHTTPServer(ThreadingHTTPServer):
     """Threads per connection, capped in all and per client host (:class:`segnode.node.ingest.guards.PendingGate`)."""
 
@@ -389,35 +396,36 @@ class DicomWebHTTPServer(ThreadingHTTPServer):
         self._slots: dict[int, PendingSlot] = {}  # by the accepted socket's file descriptor
         super().__init__(address, _Handler)
 
-    def verify_request(self, request, client_address):  # type: ignore[no-untyped-def]
+    def verify_request(self, request: _Request, client_address: tuple[str, int]) -> bool:
+        sock = _socket_of(request)
         slot = self.gate.admit(client_address[0])
         if slot is None:  # socketserver closes it: no thread
             try:
-                request.setblocking(False)
-                request.send(_BUSY)
+                sock.setblocking(False)
+                sock.send(_BUSY)
             except OSError:
                 pass
             return False
-        self._slots[request.fileno()] = slot
+        self._slots[sock.fileno()] = slot
         return True
 
-    def process_request(self, request, client_address):  # type: ignore[no-untyped-def]
+    def process_request(self, request: _Request, client_address: tuple[str, int]) -> None:
         try:
             super().process_request(request, client_address)
         except RuntimeError:  # "can't start new thread"
             self._release(request)
             self.shutdown_request(request)
 
-    def process_request_thread(self, request, client_address):  # type: ignore[no-untyped-def]
-        slot = self._slots.pop(request.fileno(), None)
+    def process_request_thread(self, request: _Request, client_address: tuple[str, int]) -> None:
+        slot = self._slots.pop(_socket_of(request).fileno(), None)
         try:
             super().process_request_thread(request, client_address)
         finally:
             if slot is not None:
                 slot.release()
 
-    def _release(self, request) -> None:  # type: ignore[no-untyped-def]
-        slot = self._slots.pop(request.fileno(), None)
+    def _release(self, request: _Request) -> None:
+        slot = self._slots.pop(_socket_of(request).fileno(), None)
         if slot is not None:
             slot.release()
 
