@@ -34,7 +34,7 @@ from segnode.storage.index import Index, JobState
 
 from tests.peers import node, storescu, wait_until, write_node_config
 from tests.rabbitmq_peer import RabbitMQ, rabbitmq
-from tests.test_remote_workers import (
+from tests.node.remote.test_remote_workers import (
     remote_config,
     small_series,
     wait_all_done,

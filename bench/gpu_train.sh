@@ -23,7 +23,7 @@ CASES=${CASES:-24}
 mkdir -p "$WORK"
 echo "work folder: $WORK"
 "$PY" -c "import torch,sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''); sys.exit(0 if torch.cuda.is_available() else 1)" \
-  || { echo "no CUDA device: this benchmark is for a GPU (the CPU path is tested by tests/test_training_e2e.py)"; exit 2; }
+  || { echo "no CUDA device: this benchmark is for a GPU (the CPU path is tested by tests/models/test_training_e2e.py)"; exit 2; }
 
 t0=$(date +%s)
 "$PY" - "$WORK" "$CASES" <<'PYEOF'

@@ -6,7 +6,7 @@ reproducible across CPU families (floating-point kernels differ), so the
 tests never train what they assert on: they use the models committed in
 ``tests/data/tiny_models/`` (``MANIFEST.json`` there records their hashes,
 seeds, parameters and the library versions that made them), and
-``tests/test_tiny_models.py`` only checks that this script still runs end to end.
+``tests/models/test_tiny_models.py`` only checks that this script still runs end to end.
 
 * :func:`synthetic_case`: a small synthetic abdominal CT (body, fat, spine,
   liver, spleen, kidneys, gallbladder) with its truth labels, numbered as
