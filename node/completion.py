@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from segnode.routing.selection import SeriesFacts, ineligible, summarize
 
@@ -50,10 +50,13 @@ class Verdict:
     reason: str
 
 
-def read_facts(series_uid: str, paths: Iterable[Path]) -> SeriesFacts | None:
-    """The series' facts from its spooled files' headers; ``None`` if one cannot be read."""
-    headers = []
-    for path in paths:
+def read_facts(series_uid: str, paths: Iterable[Path], first: Dataset | None = None) -> SeriesFacts | None:
+    """The series' facts from its spooled files' headers; ``None`` if one cannot be read.
+
+    ``first``: the first file's header, already read whole (the routing rules need it): it is not read again.
+    """
+    headers = [] if first is None else [first]
+    for path in list(paths)[0 if first is None else 1:]:
         try:
             headers.append(dcmread(path, stop_before_pixels=True, specific_tags=list(HEADER_TAGS)))
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:

@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
 from segnode.node.completion import judge, read_facts
 from segnode.node.config import NodeConfig
 from segnode.node.events import EventSink, JobMoved
@@ -64,6 +66,8 @@ class CompletionSweep:
         self.emit, self.resolve = emit, resolve
         #: series → (instance count, facts) of the series still ``received``; read again when the count changes
         self._facts: dict[str, tuple[int, SeriesFacts | None]] = {}
+        #: series → (path, header) of its first instance, read whole once: for the routing rules and the facts
+        self._first: dict[str, tuple[Path, Dataset]] = {}
 
     def sweep(self) -> bool:
         """One pass; ``True`` if a job became ``complete``."""
@@ -71,6 +75,7 @@ class CompletionSweep:
         jobs = self.index.received_jobs()
         waiting = {job.series_uid for job in jobs}
         self._facts = {uid: known for uid, known in self._facts.items() if uid in waiting}
+        self._first = {uid: header for uid, header in self._first.items() if uid in waiting}
         if self.config.completion.group_by == "series":
             routed = False
             for job in jobs:
@@ -93,9 +98,23 @@ class CompletionSweep:
         count, facts = self._facts.get(info.series_uid, (-1, None))
         if count != info.instance_count:
             paths = [self.spool.root / p for p in self.index.instance_paths(info.series_uid)]
-            facts = read_facts(info.series_uid, paths)
+            first = self.first_header(info.series_uid, paths[0]) if paths else None
+            facts = read_facts(info.series_uid, paths, first)
             self._facts[info.series_uid] = (info.instance_count, facts)
         return facts
+
+    def first_header(self, series_uid: str, path: Path) -> Dataset | None:
+        """The header of the series' first instance (``path``), read once; ``None`` if it cannot be read."""
+        known = self._first.get(series_uid)
+        if known is not None and known[0] == path:
+            return known[1]
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            logger.warning("series %s: cannot read the header of %s: %s", series_uid, path.name, exc)
+            return None
+        self._first[series_uid] = (path, header)
+        return header
 
     def evidence(self, series_uid: str, now: float) -> str | None:
         """The sentence saying why the series is complete now, or ``None`` if it is not yet."""
@@ -126,8 +145,12 @@ class CompletionSweep:
             paths = self.index.instance_paths(job.series_uid)
             if info is None or not paths:
                 continue
-            header = dcmread(self.spool.root / paths[0], stop_before_pixels=True)
-            batch.append((job, info, Candidate(job.series_uid, self.facts(info), header, info.calling_ae,
+            facts = self.facts(info)  # reads the first header whole, once
+            header = self.first_header(job.series_uid, self.spool.root / paths[0])
+            if header is None:
+                self._finish(job, JobState.NOT_ROUTED, "the first instance's header cannot be read")
+                continue
+            batch.append((job, info, Candidate(job.series_uid, facts, header, info.calling_ae,
                                                info.called_ae, info.sender_host)))
         if not batch:
             return False

@@ -19,7 +19,7 @@ from http import HTTPStatus
 from typing import Any
 
 from segnode.node.http_in.multipart import Part
-from segnode.node.ingest.header import element_at, read_header
+from segnode.node.ingest.header import element_at
 from segnode.node.ingest.store import StoreHandler, StoreRequest
 from segnode.node.status import Status
 from segnode.uids import is_valid_uid
@@ -99,22 +99,11 @@ class StowIngest:
         claimed = (meta.sop_class_uid if is_valid_uid(meta.sop_class_uid) else "",
                    meta.sop_instance_uid if is_valid_uid(meta.sop_instance_uid) else "")
         dataset = memoryview(part.body)[meta.dataset_offset:]
-        if self.study_uid is not None and (refusal := self._other_study(meta, dataset)):
-            return StowOutcome(*claimed, Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, refusal)
         request = StoreRequest(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax, self.calling_ae,
-                               self.called_ae, self.host, abstract_syntax=meta.sop_class_uid, session=self.session)
+                               self.called_ae, self.host, abstract_syntax=meta.sop_class_uid, session=self.session,
+                               study_uid=self.study_uid)  # the store path reads the header once and checks it
         code, comment = self.handler.store(request, dataset)
         return StowOutcome(*claimed, code, comment)
-
-    def _other_study(self, meta: FileMeta, dataset: memoryview) -> str | None:
-        try:
-            header = read_header(dataset, meta.transfer_syntax)
-        except ValueError:
-            header = None  # the store path reads it again and answers "cannot decode"
-        if header is not None and header.get("StudyInstanceUID") not in (None, self.study_uid):
-            return "StudyInstanceUID differs from the request's study"
-        return None
-
 
 def store_response(outcomes: list[StowOutcome], retrieve_base: str | None) -> tuple[HTTPStatus, dict[str, Any]]:
     """The HTTP status and the Store Instances Response Module (DICOM JSON) for ``outcomes``.

@@ -105,6 +105,8 @@ CANNOT_DECODE = Refusal(Status.CANNOT_DECODE, "dataset cannot be decoded")
 NOT_ON_THIS_CONTEXT = Refusal(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this context")
 SOP_CLASS_DIFFERS = Refusal(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from the request")
 INSTANCE_DIFFERS = Refusal(Status.UID_MISMATCH, "SOPInstanceUID differs from the request")
+STUDY_DIFFERS = Refusal(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID differs from the request's study",
+                        "study_mismatch")
 
 
 def internal_error(exc: BaseException) -> Refusal:
@@ -149,6 +151,7 @@ class StoreRequest:
     host: str
     abstract_syntax: str  # of the presentation context the instance came on
     session: int = 0  # which association (its object's id): completion on evidence needs its release
+    study_uid: str | None = None  # STOW-RS to /studies/{study}: the study every instance must belong to
 
 
 
@@ -294,6 +297,8 @@ class StoreHandler:
             return SOP_CLASS_DIFFERS
         if uids["SOPInstanceUID"] != request.sop_instance_uid:
             return INSTANCE_DIFFERS
+        if request.study_uid is not None and uids["StudyInstanceUID"] != request.study_uid:
+            return STUDY_DIFFERS
         return None
 
     def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> None:

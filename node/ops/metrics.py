@@ -13,7 +13,8 @@ metric                                 type       source
                                                   (``too_large``, ``disk_full``, ``write_failed``,
                                                   ``cannot_decode``, ``invalid_uid``,
                                                   ``uid_mismatch``, ``sop_class_not_supported``,
-                                                  ``sop_class_mismatch``, ``internal_error``)
+                                                  ``sop_class_mismatch``, ``study_mismatch`` (STOW-RS),
+                                                  ``internal_error``)
 ``segnode_jobs``                       gauge      jobs per ``state`` (read from the index)
 ``segnode_stage_duration_seconds``     histogram  per ``stage`` (ingest, queue, segment,
                                                   dispatch), see :mod:`segnode.node.ops.views`

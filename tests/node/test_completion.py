@@ -238,3 +238,27 @@ def test_the_receiver_records_a_release_and_not_an_abort(tmp_path: Path) -> None
         assert AssociationReleased((uid,)) in events
     finally:
         service.stop()
+
+
+def test_each_instance_header_is_read_once_from_completion_to_routing(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first instance is read whole once, for the facts and the rules; every other one once, for the facts."""
+    import segnode.node.completion as completion
+    import segnode.node.sweep as sweep_module
+
+    reads: dict[str, int] = {}
+
+    def counting(path: Path, **kwargs: object):  # type: ignore[no-untyped-def]
+        reads[Path(path).name] = reads.get(Path(path).name, 0) + 1
+        return dcmread(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(completion, "dcmread", counting)
+    monkeypatch.setattr(sweep_module, "dcmread", counting)
+    clock = Clock()
+    sweep, index, spool = _sweep(tmp_path, clock)
+    uid = _receive(index, spool, THORAX)
+    index.mark_released([uid])
+    clock.now += 2.0
+    assert sweep.sweep()
+    assert index.jobs()[0].state is JobState.COMPLETE
+    assert len(reads) == 164 and set(reads.values()) == {1}, sorted(reads.items(), key=lambda kv: -kv[1])[:3]
