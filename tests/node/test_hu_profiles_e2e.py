@@ -69,6 +69,20 @@ def _segs_of(pacs, series_uid: str, tmp_path: Path) -> dict[str, list[str]]:  # 
     return found
 
 
+def _rejected_series(pacs, tmp_path: Path) -> list[set[str]]:  # type: ignore[no-untyped-def]
+    """The series each Key Object Selection (Rejected for Quality Reasons) in Orthanc references."""
+    notes = []
+    for series in pacs.series_by_modality("KO"):
+        for instance_id in series["Instances"]:
+            path = tmp_path / f"{instance_id}.dcm"
+            path.write_bytes(pacs.get(f"/instances/{instance_id}/file"))
+            kos = dcmread(path)
+            assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"
+            notes.append({str(s.SeriesInstanceUID) for study in kos.CurrentRequestedProcedureEvidenceSequence
+                          for s in study.ReferencedSeriesSequence})
+    return notes
+
+
 def test_two_hu_profiles_one_run_per_method_and_late_series(tmp_path: Path) -> None:
     study = build_study(tmp_path / "study")
     thorax = sorted(study["thin"].glob("*.dcm"))
@@ -82,7 +96,8 @@ def test_two_hu_profiles_one_run_per_method_and_late_series(tmp_path: Path) -> N
     with orthanc(tmp_path / "orthanc") as pacs:
         config = write_node_config(
             tmp_path / "node.yaml", routes=str(routes),
-            destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}],
+            destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port,
+                           "rejection_notes": True}],
             completion={"group_by": "study", "quiet_period_s": 3600, "sweep_interval_s": 0.2},
             worker={"device": "cpu", "timeout_s": 600})
         with node(config) as n:
@@ -108,6 +123,11 @@ def test_two_hu_profiles_one_run_per_method_and_late_series(tmp_path: Path) -> N
             wait_until(lambda: {j.state for j in _settled(index, uids["thick"], 2) or ()} == {JobState.SUPERSEDED},
                        60, "the thick series' results superseded")
             assert sorted(_segs_of(pacs, uids["thin"], tmp_path).values()) == sorted(PROFILES.values())
+            # an IOCM Rejection Note per superseded result, naming exactly the thick series' SEGs among its objects
+            notes = wait_until(lambda: (lambda k: k if len(k) == 2 else None)(_rejected_series(pacs, tmp_path)), 120,
+                               "a rejection note per superseded result in Orthanc")
+            assert set().union(*notes) >= set(_segs_of(pacs, uids["thick"], tmp_path))
+            assert not set().union(*notes) & set(_segs_of(pacs, uids["thin"], tmp_path))
 
             # 3. a 3 mm series, later still: worse than the thin one, skipped with the reason
             sent = storescu(n.port, [medium])
