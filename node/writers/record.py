@@ -32,7 +32,13 @@ class EncodedObject:
     @classmethod
     def from_json(cls, data: object) -> EncodedObject:
         """Strict: exactly this class's keys, each a string (:class:`InputError` otherwise)."""
-        names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) != names or not all(isinstance(v, str) for v in data.values()):
-            raise InputError(f"an encoded object must be a JSON object of the strings {', '.join(sorted(names))}")
-        return cls(**data)
+        return cls(**string_fields(cls, data, "an encoded object"))
+
+
+def string_fields(record: type, data: object, what: str, *, non_empty: bool = False) -> dict[str, str]:
+    """``data`` if it is a JSON object of exactly ``record``'s dataclass fields, each a (non-empty) string."""
+    names = {f.name for f in fields(record)}
+    if not isinstance(data, dict) or set(data) != names or not all(
+            isinstance(v, str) and (v or not non_empty) for v in data.values()):
+        raise InputError(f"{what} must be a JSON object of the strings {', '.join(sorted(names))}")
+    return data

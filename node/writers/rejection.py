@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 from segnode import identity
-from segnode.errors import EncodeError, InputError
+from segnode.errors import EncodeError
 from segnode.models.volume import SourceSeries
 from segnode.node.writers.common import (
     Algorithm,
@@ -44,6 +44,7 @@ from segnode.node.writers.common import (
     stamp_algorithm,
     versioned_series,
 )
+from segnode.node.writers.record import string_fields
 from segnode.output_kinds import REJECTION_NOTE
 
 logger = logging.getLogger(__name__)
@@ -72,10 +73,7 @@ class RejectedObject:
     @classmethod
     def from_json(cls, data: object) -> RejectedObject:
         """Strict: exactly this class's keys, each a non-empty string (:class:`InputError` otherwise)."""
-        names = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) != names or not all(isinstance(v, str) and v for v in data.values()):
-            raise InputError(f"a rejected object must be a JSON object of the strings {', '.join(sorted(names))}")
-        return cls(**data)
+        return cls(**string_fields(cls, data, "a rejected object", non_empty=True))
 
 
 def _evidence(first: Dataset, study_uid: str, obj: RejectedObject) -> Dataset:
