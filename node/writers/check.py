@@ -29,10 +29,12 @@ dciodvfy's own that the standard contradicts.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -95,10 +97,11 @@ def check_objects(paths: Sequence[Path], source: SourceSeries, algorithm: Algori
     if exe is None:
         logger.info("checked %d object(s) before sending (dciodvfy not installed)", len(paths))
         return
-    for path in paths:
-        errors = dciodvfy_errors(exe, path)
-        if errors:
-            raise EncodeError(f"{path.name} failed dciodvfy: {'; '.join(errors[:5])}", where=str(path))
+    # one dciodvfy process per file, as many at once as there are CPUs (an overlay series is one file per slice)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(paths), os.cpu_count() or 1))) as pool:
+        for path, errors in zip(paths, pool.map(lambda p: dciodvfy_errors(exe, p), paths)):
+            if errors:
+                raise EncodeError(f"{path.name} failed dciodvfy: {'; '.join(errors[:5])}", where=str(path))
     logger.info("checked %d object(s) before sending, dciodvfy included", len(paths))
 
 

@@ -176,6 +176,25 @@ def test_a_job_whose_object_fails_the_check_fails_with_the_reason(
         execute(spec)
 
 
+def test_dciodvfy_runs_on_every_file_and_names_the_one_that_fails(chest: Volume, tmp_path: Path) -> None:
+    """The dciodvfy pass runs its files side by side; an error in one overlay slice of many still fails with its name."""
+    from segnode.node.writers.check import check_objects, dciodvfy_path
+
+    if dciodvfy_path() is None:
+        pytest.skip("dciodvfy is not installed")
+    labels = lungs(chest)
+    objects = encode_outputs(chest, labels, load_profile("lungs"), tmp_path, ("overlay",))
+    paths = [tmp_path / o.path for o in objects]
+    assert len(paths) == chest.shape[0] > 2
+    check_objects(paths, chest.source, Algorithm.of(labels))  # type: ignore[arg-type]  # all pass as written
+    broken = paths[len(paths) // 2]
+    ds = pydicom.dcmread(broken)
+    ds.PatientSex = "Q"  # not one of PS3.3's enumerated values M, F, O: dciodvfy's error, not our checklist's
+    ds.save_as(broken, enforce_file_format=True)
+    with pytest.raises(EncodeError, match=f"{broken.name} failed dciodvfy: .*Patient.?s Sex"):
+        check_objects(paths, chest.source, Algorithm.of(labels))  # type: ignore[arg-type]
+
+
 def test_encoded_object_record_carries_the_rejection_kind(chest: Volume, tmp_path: Path) -> None:
     obj = EncodedObject(kind="rejection", profile="lungs", path="KO.dcm", sop_class_uid="1.2",
                         sop_instance_uid="1.3", series_instance_uid="1.4")
