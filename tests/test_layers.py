@@ -85,7 +85,7 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path, monkeypatch: pytest.M
 # status table) and one folder per thing the node serves.  ``service`` composes them all and the
 # CLI may use any; the others keep to their side (docs/architecture.md, "Wings").
 
-WINGS = ("cli", "dicom_in", "http_in", "ingest", "jobs", "ops", "remote", "sending", "writers")
+WINGS = ("cli", "dicom_in", "http_in", "ingest", "jobs", "ops", "remote", "sending", "sources", "writers")
 ALL_WINGS = frozenset(WINGS)
 MODELS = "models"
 #: what each part of node/ must not import: wings, "service", and "models" (the models layer)
@@ -96,6 +96,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "dicom_in": (ALL_WINGS - {"dicom_in", "ingest"}) | {"service", MODELS},
     "http_in": (ALL_WINGS - {"http_in", "ingest"}) | {"service", MODELS},
     "sending": (ALL_WINGS - {"sending"}) | {"service", MODELS},
+    "sources": (ALL_WINGS - {"sources", "ingest"}) | {"service", MODELS},
     "jobs": frozenset({"cli", "dicom_in", "http_in", "ingest", "sending", "remote", "service"}),
     "remote": frozenset({"cli", "dicom_in", "ingest", "sending", "service"}),
     "ops": frozenset({"cli", "dicom_in", "jobs", "sending", "writers", "service", MODELS}),

@@ -25,6 +25,7 @@ from pydantic import (
 from segnode.errors import ConfigError
 from segnode.node.config.dicomweb import BrokerConfig, DicomWebConfig, StowTarget
 from segnode.node.config.http import AuditConfig, HttpConfig
+from segnode.node.config.sources import SourceConfig
 from segnode.output_kinds import REJECTION_NOTE, kinds_field
 from segnode.yamlconf import Frozen, load_model
 
@@ -212,6 +213,7 @@ class NodeConfig(Frozen):
     broker: BrokerConfig | None = None  # set: jobs go to remote workers (node/remote/jobs.py, docs/scaling.md)
     dataset_store: Path | None = None  # harvest target (storage/dataset.py); default <state_dir>/datasets
     deid_secret_file: Path | None = None  # HMAC secret for pseudonyms; must live outside the store
+    sources: tuple[SourceConfig, ...] = ()  # PACS to query and retrieve from (node/sources/, docs/sources.md)
 
     @field_validator("storage_classes")
     @classmethod
