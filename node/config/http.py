@@ -18,7 +18,13 @@ class HttpConfig(Frozen):
     """The ops HTTP server: API, status page, ``/metrics``.
 
     Bound to loopback by default.  ``token_file`` names a file holding the
-    bearer token; it is mandatory when ``host`` is not a loopback address.
+    shared bearer token for machine clients; a token file or accounts
+    (``segnode users add``) are mandatory when ``host`` is not a loopback address.
+    Login sessions end after ``session_idle_s`` without a request or
+    ``session_max_s`` after login; after ``login_free_failures`` failed logins
+    for a name or from an address each further attempt waits twice as long
+    (at most ``login_max_delay_s``).  ``secure_cookie`` marks the session cookie
+    ``Secure`` (set it when a TLS proxy fronts the node).
     """
 
     enabled: bool = True
@@ -26,6 +32,11 @@ class HttpConfig(Frozen):
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
     token_file: Path | None = None
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    session_idle_s: float = Field(1800.0, gt=0)
+    session_max_s: float = Field(12 * 3600.0, gt=0)
+    login_free_failures: int = Field(5, ge=1, le=100)
+    login_max_delay_s: float = Field(900.0, ge=1)
+    secure_cookie: bool = False
 
     @property
     def is_loopback(self) -> bool:

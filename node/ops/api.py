@@ -7,6 +7,8 @@ Standard library only (:class:`http.server.ThreadingHTTPServer`).  Bound to
 =======  ===================================  ==========================================
 GET      ``/healthz``                         liveness (no authentication)
 GET      ``/readyz``                          readiness: index, SCP, disk, rules, audit
+GET      ``/login``                           the login form (no authentication)
+POST     ``/login``, ``/logout``              start (throttled) or end a session
 GET      ``/``, ``/status``                   the status page (HTML)
 GET      ``/metrics``                         Prometheus text exposition
 GET      ``/api/v1/studies``                  studies with their series and jobs
@@ -14,27 +16,29 @@ GET      ``/api/v1/studies/{study_uid}``      one study
 GET      ``/api/v1/jobs``                     jobs (``state``, ``study``, ``limit``) with timings
 GET      ``/api/v1/jobs/{job_id}``            rule, profile, backend, errors, history, deliveries
 POST     ``/api/v1/jobs/{job_id}/retry``      re-run / resend / re-route
-POST     ``/api/v1/jobs/{job_id}/approve``    a held job approved: sent (JSON {reviewer, comment})
+POST     ``/api/v1/jobs/{job_id}/approve``    a held job approved: sent (JSON {comment})
 POST     ``/api/v1/jobs/{job_id}/reject``     a held job rejected: never sent
 GET      ``/jobs/{job_id}/review``            job page: QC figures, pictures, approve/reject form
+POST     ``/jobs/{job_id}/decision``          the job page's form (session + CSRF token)
 GET      ``/api/v1/routes``                   the rules in force
 POST     ``/api/v1/routes/validate``          validate a candidate rules file (YAML body)
 GET      ``/api/v1/datasets``                 the dataset store's datasets and versions
 GET      ``/api/v1/openapi.json``             the OpenAPI description
 =======  ===================================  ==========================================
 
-Authentication: when ``http.token_file`` is set, every endpoint but
-``/healthz`` and ``/readyz`` needs ``Authorization: Bearer <token>`` (or HTTP
-Basic with the token as password, for a browser on the status page); the
-token is compared in constant time.  Binding to an address other than
-loopback without a token is refused at start.
+Authentication and roles (:mod:`segnode.node.ops.auth`): each route names its
+``access`` (:mod:`segnode.node.ops.roles`).  People log in (``/login``: a
+session cookie and a CSRF token); machine clients send ``Authorization: Bearer``
+with a personal token (``segnode users token``) or the shared token of
+``http.token_file`` (the machine principal ``shared-token``, roles admin and
+ops).  Every response carries ``Content-Security-Policy`` (``frame-ancestors
+'none'``), ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff`` and
+``Referrer-Policy: same-origin``.  Binding to an address other than loopback
+without a token file or accounts is refused at start.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import json
 import logging
 import re
@@ -58,6 +62,11 @@ from segnode.node.http_in.base import (
     RunningHTTP,
     json_response,
 )
+from segnode.node.ops.accounts import AccountStore
+from segnode.node.ops.auth import DEFAULT_CSP, SECURITY_HEADERS, Guard, OpsRequest, OpsResponse
+from segnode.node.ops.login import Login
+from segnode.node.ops.roles import Access, Principal, Role
+from segnode.node.ops.sessions import LoginThrottle, SessionStore
 from segnode.node.ops.views import FAILURE_STATES, OpsDB, stage_totals
 from segnode.storage.index import JobState
 from segnode.uids import is_valid_uid
@@ -67,7 +76,10 @@ logger = logging.getLogger(__name__)
 API = "/api/v1"
 
 
-Handler = Callable[[Request], Response]
+Handler = Callable[[OpsRequest], Response]
+
+#: who may read jobs, studies and the job pages
+JOB_READERS = frozenset({Role.REVIEWER, Role.OPS, Role.CURATOR})
 
 
 # -- the token --------------------------------------------------------------------------------
@@ -84,23 +96,6 @@ def read_token(path: Path) -> bytes:
     if Path(path).stat().st_mode & 0o004:
         logger.warning("the HTTP token file %s is readable by every user; chmod 600 it", path)
     return token
-
-
-def token_matches(header: str | None, token: bytes) -> bool:
-    """Does an ``Authorization`` header carry ``token`` (Bearer, or Basic password)?"""
-    if not header:
-        return False
-    scheme, _, value = header.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() == "bearer":
-        return hmac.compare_digest(value.encode("utf-8", "replace"), token)
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        return hmac.compare_digest(decoded.partition(b":")[2], token)
-    return False
 
 
 # -- the application ----------------------------------------------------------------------------
@@ -150,35 +145,47 @@ class OpsApp:
         self.clock = clock
         self.review = review
         self.node = node
-        self.routes: list[tuple[str, re.Pattern[str], Handler, bool]] = [
-            ("GET", re.compile(r"/healthz"), self.healthz, False),
-            ("GET", re.compile(r"/readyz"), self.readyz, False),
+        #: (verb, path pattern, handler, access): see segnode.node.ops.roles for ``access``
+        self.routes: list[tuple[str, re.Pattern[str], Handler, Access]] = [
+            ("GET", re.compile(r"/healthz"), self.healthz, None),
+            ("GET", re.compile(r"/readyz"), self.readyz, None),
             ("GET", re.compile(r"/(status)?"), self.status, True),
-            ("GET", re.compile(r"/metrics"), self.get_metrics, True),
+            ("GET", re.compile(r"/metrics"), self.get_metrics, Role.OPS),
             ("GET", re.compile(f"{API}/openapi.json"), self.openapi, True),
-            ("GET", re.compile(f"{API}/studies"), self.studies, True),
-            ("GET", re.compile(f"{API}/studies/(?P<study_uid>[^/]+)"), self.study, True),
-            ("GET", re.compile(f"{API}/jobs"), self.jobs, True),
-            ("GET", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)"), self.job, True),
-            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/retry"), self.retry_job, True),
-            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/approve"), self.approve_api, True),
-            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/reject"), self.reject_api, True),
-            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review"), self.review_page, True),
-            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review/(?P<file>[^/]+)"), self.review_picture, True),
-            ("POST", re.compile(r"/jobs/(?P<job_id>[^/]+)/decision"), self.review_form, True),
-            ("GET", re.compile(f"{API}/routes"), self.get_routes, True),
-            ("POST", re.compile(f"{API}/routes/validate"), self.validate_routes, True),
-            ("GET", re.compile(f"{API}/datasets"), self.datasets, True),
+            ("GET", re.compile(f"{API}/studies"), self.studies, JOB_READERS),
+            ("GET", re.compile(f"{API}/studies/(?P<study_uid>[^/]+)"), self.study, JOB_READERS),
+            ("GET", re.compile(f"{API}/jobs"), self.jobs, JOB_READERS),
+            ("GET", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)"), self.job, JOB_READERS),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/retry"), self.retry_job, Role.OPS),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/approve"), self.approve_api, Role.REVIEWER),
+            ("POST", re.compile(f"{API}/jobs/(?P<job_id>[^/]+)/reject"), self.reject_api, Role.REVIEWER),
+            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review"), self.review_page, JOB_READERS),
+            ("GET", re.compile(r"/jobs/(?P<job_id>[^/]+)/review/(?P<file>[^/]+)"), self.review_picture,
+             JOB_READERS),
+            ("POST", re.compile(r"/jobs/(?P<job_id>[^/]+)/decision"), self.review_form, Role.REVIEWER),
+            ("GET", re.compile(f"{API}/routes"), self.get_routes, Role.OPS),
+            ("POST", re.compile(f"{API}/routes/validate"), self.validate_routes, Role.OPS),
+            ("GET", re.compile(f"{API}/datasets"), self.datasets, Role.CURATOR),
         ]
+        #: path prefix → Content-Security-Policy for pages that need another one (a viewer's scripts)
+        self.csp_by_prefix: dict[str, str] = {}
 
-    def match(self, method: str, path: str) -> tuple[Handler, bool, dict[str, str]]:
-        """The handler for ``method path``, whether it needs the token, and its path parameters."""
+    def add_routes(self, routes: list[tuple[str, str, Handler, Access]]) -> None:
+        """Routes of another part (login, a viewer): ``(verb, path regex, handler, access)``."""
+        self.routes.extend((verb, re.compile(path), handler, access) for verb, path, handler, access in routes)
+
+    def csp_for(self, path: str) -> str:
+        found = [p for p in self.csp_by_prefix if path.startswith(p)]
+        return self.csp_by_prefix[max(found, key=len)] if found else DEFAULT_CSP
+
+    def match(self, method: str, path: str) -> tuple[Handler, Access, dict[str, str]]:
+        """The handler for ``method path``, who may call it, and its path parameters."""
         allowed = []
-        for verb, pattern, handler, auth in self.routes:
+        for verb, pattern, handler, access in self.routes:
             found = pattern.fullmatch(path)
             if found:
                 if verb == method:
-                    return handler, auth, found.groupdict()
+                    return handler, access, found.groupdict()
                 allowed.append(verb)
         if allowed:
             raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} not allowed here (use {', '.join(allowed)})")
@@ -201,8 +208,11 @@ class OpsApp:
                              HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE)
 
     # -- pages ----------------------------------------------------------------------
-    def status(self, req: Request) -> Response:
-        return Response(HTTPStatus.OK, self.status_page().encode("utf-8"), "text/html; charset=utf-8")
+    def status(self, req: OpsRequest) -> Response:
+        from segnode.node.ops.status_page import user_bar
+
+        page = self.status_page().replace("<body>", "<body>" + user_bar(req.user, _csrf(req)), 1)
+        return Response(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def get_metrics(self, req: Request) -> Response:
         from segnode.node.ops.metrics import CONTENT_TYPE
@@ -299,7 +309,7 @@ class OpsApp:
         )
         return json_response(view)
 
-    def retry_job(self, req: Request) -> Response:
+    def retry_job(self, req: OpsRequest) -> Response:
         job_id = self._job_id(req)
         if self.db.job(job_id) is None:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
@@ -308,57 +318,62 @@ class OpsApp:
         except StorageError as exc:
             raise HttpError(HTTPStatus.CONFLICT, exc.message) from exc
         if self.audit is not None:
-            self.audit("api.retry", job_id=job_id, state=state.value, client=req.client)
+            self.audit("api.retry", job_id=job_id, state=state.value, client=req.client, **_who(req.user))
         logger.info("job %d retried through the API by %s: now %s", job_id, req.client, state.value)
         return json_response({"job_id": job_id, "state": state.value})
 
     # -- review (docs/review.md) -----------------------------------------------------------
-    def approve_api(self, req: Request) -> Response:
+    def approve_api(self, req: OpsRequest) -> Response:
         return self._review_api(req, approve=True)
 
-    def reject_api(self, req: Request) -> Response:
+    def reject_api(self, req: OpsRequest) -> Response:
         return self._review_api(req, approve=False)
 
-    def _review_api(self, req: Request, *, approve: bool) -> Response:
+    def _review_api(self, req: OpsRequest, *, approve: bool) -> Response:
         try:
             body = json.loads(req.body or b"{}")
         except ValueError:
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {reviewer, comment}") from None
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {comment}") from None
         if not isinstance(body, dict):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {reviewer, comment}")
+            raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {comment}")
         state = self._decide(req, approve, body.get("reviewer"), body.get("comment"))
         return json_response({"job_id": int(req.params["job_id"]), "state": state})
 
-    def review_form(self, req: Request) -> Response:
-        form = {k: v[-1] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()}
+    def review_form(self, req: OpsRequest) -> Response:
+        form = req.form()
         if form.get("decision") not in ("approve", "reject"):
             raise HttpError(HTTPStatus.BAD_REQUEST, "decision must be approve or reject")
         self._decide(req, form["decision"] == "approve", form.get("reviewer"), form.get("comment"))
         return self.review_page(req)
 
-    def _decide(self, req: Request, approve: bool, reviewer: Any, comment: Any) -> str:
+    def _decide(self, req: OpsRequest, approve: bool, reviewer: Any, comment: Any) -> str:
+        """The logged-in user decides; a ``reviewer`` field naming anyone else is refused."""
         job_id = self._job_id(req)
         if self.review is None:
             raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "this node takes no review decisions")
-        if not isinstance(reviewer, str) or not reviewer.strip() or len(reviewer) > 64:
-            raise HttpError(HTTPStatus.BAD_REQUEST, "reviewer (1-64 characters) is required")
+        user = req.user
+        if user is None:
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "log in to decide: the reviewer is the logged-in user")
+        if reviewer is not None and reviewer != user.name:
+            raise HttpError(HTTPStatus.FORBIDDEN, f"a reviewer acting as another user: {user.name} "
+                            "may decide only as themself")
         comment = comment if isinstance(comment, str) else ""
         if len(comment) > 500:
             raise HttpError(HTTPStatus.BAD_REQUEST, "comment is longer than 500 characters")
         if self.db.job(job_id) is None:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
-        state = self.review(job_id, approve, reviewer.strip(), comment.strip())
+        state = self.review(job_id, approve, user.name, comment.strip())
         if state is None:
             now = (self.db.job(job_id) or {}).get("state")
             raise HttpError(HTTPStatus.CONFLICT, f"job {job_id} is {now}, not held for review")
         if self.audit is not None:
             self.audit("review.decision", job_id=job_id, decision="approve" if approve else "reject",
-                       reviewer=reviewer.strip(), comment=comment.strip(), state=state, client=req.client)
+                       reviewer=user.name, via=user.via, comment=comment.strip(), state=state, client=req.client)
         logger.info("job %d %s through the API by %s: now %s", job_id, "approved" if approve else "rejected",
                     req.client, state)
         return state
 
-    def review_page(self, req: Request) -> Response:
+    def review_page(self, req: OpsRequest) -> Response:
         from segnode.node.ops.status_page import render_review
         from segnode.node.review import job_summary
 
@@ -367,7 +382,7 @@ class OpsApp:
         if job is None:
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id}")
         page = render_review(job, job_summary(job), node=self.node,
-                             events=self.db.events_of([job_id])[job_id])
+                             events=self.db.events_of([job_id])[job_id], user=req.user, csrf=_csrf(req))
         return Response(HTTPStatus.OK, page.encode("utf-8"), "text/html; charset=utf-8")
 
     def review_picture(self, req: Request) -> Response:
@@ -404,6 +419,14 @@ class OpsApp:
     # -- datasets ------------------------------------------------------------------------
     def datasets(self, req: Request) -> Response:
         return json_response(self.datasets_summary())
+
+
+def _csrf(req: OpsRequest) -> str | None:
+    return req.session.csrf if req.session is not None else None
+
+
+def _who(user: Principal | None) -> dict[str, str]:
+    return {} if user is None else {"user": user.name, "via": user.via}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -453,17 +476,23 @@ class _RequestHandler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         try:
             body = self._body()  # read (bounded) before any refusal, so a kept-alive connection stays in step
-            handler, needs_auth, params = self.server.app.match(method, url.path)
-            if needs_auth and self.server.token is not None:
-                if not token_matches(self.headers.get("Authorization"), self.server.token):
-                    raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong token")
-            response = handler(Request(method, url.path, parse_qs(url.query), body, self.client_address[0], params))
+            handler, access, params = self.server.app.match(method, url.path)
+            req = OpsRequest(method, url.path, parse_qs(url.query), body, self.client_address[0], params,
+                             headers={k.lower(): v for k, v in self.headers.items()})
+            response = self._guarded(req, handler, access)
         except HttpError as exc:
             response = json_response({"error": exc.message}, exc.status)
         except SegnodeError as exc:  # the index or the store failed under this request
             logger.error("%s %s failed: %s", method, url.path, exc)
             response = json_response({"error": str(exc)}, HTTPStatus.INTERNAL_SERVER_ERROR)
         self._send(response)
+
+    def _guarded(self, req: OpsRequest, handler: Handler, access: Access) -> Response:
+        guard = self.server.guard
+        guard.authenticate(req)
+        guard.check_request(req)
+        refused = guard.authorize(req, access)
+        return refused if refused is not None else handler(req)
 
     def _body(self) -> bytes:
         length = self.headers.get("Content-Length")
@@ -485,10 +514,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
+        csp = response.csp if isinstance(response, OpsResponse) and response.csp else None
+        self.send_header("Content-Security-Policy", csp or self.server.app.csp_for(urlsplit(self.path).path))
+        for name, value in SECURITY_HEADERS:
+            self.send_header(name, value)
+        for name, value in response.headers if isinstance(response, OpsResponse) else ():
+            self.send_header(name, value)
         if response.status == HTTPStatus.UNAUTHORIZED:
             self.send_header("WWW-Authenticate", 'Bearer realm="segnode"')
-            self.send_header("WWW-Authenticate", 'Basic realm="segnode"')
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(response.body)
@@ -501,26 +534,31 @@ class OpsHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], app: OpsApp, token: bytes | None, max_body: int) -> None:
+    def __init__(self, address: tuple[str, int], app: OpsApp, guard: Guard, max_body: int) -> None:
         self.app = app
-        self.token = token
+        self.guard = guard
         self.max_body = max_body
         super().__init__(address, _RequestHandler)
 
 
-def start_http(config: HttpConfig, app: OpsApp) -> RunningHTTP:
-    """Listen on ``config.host:config.port`` in a thread; refuse an exposed bind without a token."""
+def start_http(config: HttpConfig, app: OpsApp, accounts: AccountStore | None = None,
+               clock: Callable[[], float] = time.time) -> RunningHTTP:
+    """Listen on ``config.host:config.port`` in a thread; refuse an exposed bind without a token or accounts."""
     token = read_token(config.token_file) if config.token_file is not None else None
-    if token is None and not config.is_loopback:
+    if token is None and not config.is_loopback and not (accounts is not None and accounts.any()):
         raise ConfigError(f"http.host {config.host} is not a loopback address: set http.token_file "
-                          "(a file holding the API token) or bind to 127.0.0.1")
+                          "(a file holding the API token), add accounts (segnode users add) or bind to 127.0.0.1")
+    guard = Guard(token=token, accounts=accounts, secure_cookie=config.secure_cookie,
+                  sessions=SessionStore(idle_s=config.session_idle_s, max_s=config.session_max_s, clock=clock))
+    throttle = LoginThrottle(free=config.login_free_failures, max_delay_s=config.login_max_delay_s, clock=clock)
+    app.add_routes(Login(guard, throttle, node=app.node, audit=app.audit).routes())
     try:
-        server = OpsHTTPServer((config.host, config.port), app, token, config.max_body_bytes)
+        server = OpsHTTPServer((config.host, config.port), app, guard, config.max_body_bytes)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror} "
                           "(set http.port, or http.enabled: false)", where="http") from exc
     thread = threading.Thread(target=server.serve_forever, name="segnode-http", daemon=True)
     thread.start()
     running = RunningHTTP(server, thread)
-    logger.info("ops HTTP API on %s (%s)", running.url, "token required" if token else "no token")
+    logger.info("ops HTTP API on %s (%s)", running.url, "login required" if guard.login_required else "open")
     return running

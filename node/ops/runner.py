@@ -23,6 +23,7 @@ from segnode.node.config.datasets import dataset_store_root
 from segnode.node.events import Delivered, Event, EventSink, JobMoved
 from segnode.node.ingest.guards import ListenerHealth
 from segnode.node.ingest.store import StoreHandler
+from segnode.node.ops.accounts import AccountStore
 from segnode.node.ops.api import OpsApp, RunningHTTP, start_http
 from segnode.node.ops.audit import AuditFollower, AuditLog, record_of
 from segnode.node.ops.metrics import NodeMetrics
@@ -103,6 +104,7 @@ class Ops:
         self.follower = AuditFollower(self.audit, self.db, poll_interval_s=config.audit.poll_interval_s,
                                       on_spans=self.metrics.observe_spans)
         self.http: RunningHTTP | None = None
+        self.accounts = AccountStore.in_state_dir(config.state_dir)  # people and their roles (segnode users)
         service.listeners.append(self.on_event)
 
     # -- life cycle -------------------------------------------------------------------
@@ -111,7 +113,7 @@ class Ops:
         if self.service.remote is not None or self.service.dicomweb is not None:
             self.metrics.registry.register(ScaleoutCollector(self.service))
         if self.config.http.enabled:
-            self.http = start_http(self.config.http, self.app())
+            self.http = start_http(self.config.http, self.app(), accounts=self.accounts)
 
     def stop(self) -> None:
         if self.http is not None:

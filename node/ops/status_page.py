@@ -10,10 +10,12 @@ escaped; the page shows UIDs, AE titles and hosts, never patient data
 from __future__ import annotations
 
 import html
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
+from segnode.node.ops.roles import Principal
 from segnode.node.ops.views import (
     FAILURE_STATES,
     STAGES,
@@ -38,7 +40,9 @@ th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .s-done{background:#cdeccd}.s-failed,.s-dead_letter{background:#f6c9c9}.s-not_routed{background:#f3e1b5}
 .s-segmenting,.s-sending{background:#cfe0f7}.s-held{background:#f7e08a}.s-rejected{background:#e0c0e8}
 .o-pass{color:#176417}.o-warn{color:#8a5a00;font-weight:bold}.o-fail{color:#a11;font-weight:bold}
-figure{display:inline-block;margin:.3em}figure img{max-height:300px;border:1px solid #ccc}.ready{color:#176417}.notready{color:#a11}
+figure{display:inline-block;margin:.3em}figure img{width:384px;height:384px;border:1px solid #ccc;image-rendering:auto}
+.warning{background:#fff3c4;border:1px solid #d9a400;padding:.4em .7em;margin:.6em 0;display:inline-block}
+#user{float:right}#user form{display:inline}.ready{color:#176417}.notready{color:#a11}
 td.t{white-space:nowrap}
 .grid{display:flex;gap:2em;flex-wrap:wrap}
 """
@@ -69,6 +73,33 @@ def _uid(uid: str | None) -> str:
     text = _e(uid)
     short = text if len(text) <= 28 else f"…{text[-26:]}"
     return f'<span class="uid" title="{text}">{short}</span>'
+
+
+def _job_link(job_id: int) -> str:
+    return f'<a href="/jobs/{int(job_id)}/review">{int(job_id)}</a>'
+
+
+_QC_WARNING = re.compile(r"QC (?:warn|fail)\b.*")
+
+
+def qc_warning(events: list[Any]) -> str | None:
+    """The QC warning a job was sent (or held) with, from its history; ``None`` when it passed."""
+    for event in reversed(events):
+        found = _QC_WARNING.search(event.reason or "")
+        if found:
+            return found.group(0)
+    return None
+
+
+def user_bar(user: Principal | None, csrf: str | None) -> str:
+    """Who is logged in, and a logout button (a form carrying the CSRF token)."""
+    if user is None:
+        return ""
+    out = f'<div id=user>{_e(user.name)} <span class=muted>({_e(", ".join(sorted(user.roles)))})</span>'
+    if csrf is not None:
+        out += (' <form method=post action="/logout"><input type=hidden name=csrf value="'
+                f'{_e(csrf)}"><button id=logout>log out</button></form>')
+    return out + "</div>"
 
 
 def render_status(db: OpsDB, *, node: str, readiness: Callable[[], dict[str, tuple[bool, str]]] | None = None,
@@ -132,7 +163,7 @@ def _failures(jobs: list[dict[str, Any]]) -> str:
     if not jobs:
         return "<h2>Failures</h2><p id=failures class=muted>none</p>"
     rows = "".join(
-        f"<tr><td class=n>{j['job_id']}</td><td>{_state(j['state'])}</td><td class=t>{_when(j['updated_at'])}</td>"
+        f"<tr><td class=n>{_job_link(j['job_id'])}</td><td>{_state(j['state'])}</td><td class=t>{_when(j['updated_at'])}</td>"
         f"<td>{_uid(j['series_uid'])}</td><td>{_e(j['rule'] or '-')}</td><td>{_e(j['reason'])}</td></tr>"
         for j in jobs)
     return ("<h2>Failures</h2><table id=failures><tr><th>job</th><th>state</th><th>when (UTC)</th>"
@@ -146,7 +177,9 @@ def _recent(jobs: list[dict[str, Any]], events: dict[int, list], now: float) -> 
     for j in jobs:
         t = stage_totals(events.get(j["job_id"], []), now)
         cells = "".join(f"<td class=n>{_secs(t.get(s))}</td>" for s in STAGES)
-        rows.append(f"<tr><td class=n>{j['job_id']}</td><td>{_state(j['state'])}</td>"
+        warning = qc_warning(events.get(j["job_id"], []))
+        badge = f' <span class=o-warn title="{_e(warning)}">QC warning</span>' if warning else ""
+        rows.append(f"<tr><td class=n>{_job_link(j['job_id'])}</td><td>{_state(j['state'])}{badge}</td>"
                     f"<td class=t>{_when(j['created_at'])}</td><td>{_uid(j['study_uid'])}</td><td>{_uid(j['series_uid'])}</td>"
                     f"<td>{_e(j['rule'] or '-')}</td><td>{_e(j['profile'] or '-')}</td>"
                     f"<td>{_e(j['backend'] or '-')}</td>{cells}</tr>")
@@ -167,21 +200,28 @@ def _held(jobs: list[dict[str, Any]]) -> str:
             f"<th>profile</th><th>QC</th></tr>{rows}</table>")
 
 
-def render_review(job: dict[str, Any], summary: dict[str, Any], *, node: str, events: list | None = None) -> str:
-    """The job page of one result: QC figures, the pictures, and approve / reject for a held job."""
+def render_review(job: dict[str, Any], summary: dict[str, Any], *, node: str, events: list | None = None,
+                  user: Principal | None = None, csrf: str | None = None) -> str:
+    """The job page of one result: QC figures, the pictures, and approve / reject for a held job.
+
+    The decision form carries the session's CSRF token; the reviewer is the logged-in user.
+    """
     job_id = int(job["job_id"])
+    warning = qc_warning(events or [])
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<title>segnode {_e(node)} job {job_id}</title><style>{_CSS}</style></head><body>",
+        user_bar(user, csrf),
         f'<h1>Job {job_id} {_state(job["state"])}</h1>',
         f'<div class=muted><a href="/status">status</a> · profile {_e(job["profile"])} · '
         f'series {_uid(job["series_uid"])} · {_e(job["reason"])}</div>',
         f'<div class=muted id=completion>completed: {_e(job.get("completion") or "-")}</div>',
+        f'<div class=warning id=qc-warning>{_e(warning)}</div>' if warning else "",
         _qc_table(summary.get("qc") or []),
         _pictures(job_id, summary.get("pictures") or []),
     ]
     if job["state"] == JobState.HELD.value:
-        parts.append(_decision_form(job_id))
+        parts.append(_decision_form(job_id, user, csrf))
     if events:
         rows = "".join(f"<tr><td class=t>{_when(e.at)}</td><td>{_state(e.state)}</td><td>{_e(e.reason)}</td></tr>"
                        for e in events)
@@ -212,8 +252,11 @@ def _pictures(job_id: int, pictures: list[dict[str, str]]) -> str:
     return f"<h2>Pictures</h2><div id=pictures>{figures}</div>"
 
 
-def _decision_form(job_id: int) -> str:
-    fields = ('<label>reviewer <input name=reviewer id=reviewer required maxlength=64></label> '
+def _decision_form(job_id: int, user: Principal | None, csrf: str | None) -> str:
+    if user is None or csrf is None:
+        return '<h2>Review</h2><p id=review-login class=muted><a href="/login">Log in</a> to approve or reject.</p>'
+    fields = (f'<input type=hidden name=csrf value="{_e(csrf)}">'
+              f'<span class=muted>as {_e(user.name)}</span> '
               '<label>comment <input name=comment id=comment maxlength=500 size=40></label> ')
     return (f'<h2>Review</h2><form id=review method=post action="/jobs/{job_id}/decision">{fields}'
             '<button name=decision value=approve id=approve>Approve and send</button> '
