@@ -37,6 +37,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from segnode.errors import ConfigError, SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.config.datasets import dataset_store_root
+from segnode.node.corrections import Corrections
 from segnode.node.dicom_in.processes import ReceiverPool
 from segnode.node.dicom_in.server import RunningSCP, start_scp
 from segnode.node.dispatch import encoded_kinds
@@ -107,6 +108,7 @@ class Service:
         self._running = 0
         self._lock = threading.Lock()
         self.senders = Senders(config, self.index, self.emit)  # a queue and thread(s) per destination
+        self.corrections = Corrections(config, self.index, self.spool, self.emit)  # a SEG stored back (docs/review.md)
         self._scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
 
     # -- life cycle -------------------------------------------------------------------
@@ -118,6 +120,7 @@ class Service:
             logger.info("job %d was interrupted while segmenting; it will run again", job_id)
         extra = self.config.limits.receiver_processes - 1
         self.scp = start_scp(self.config, self.spool, self.index, self.emit, reuse_port=extra > 0)
+        self.scp.handler.corrections = self.corrections
         if extra:
             self.receivers = ReceiverPool(self.config, self.scp, extra)
             self.receivers.start()

@@ -61,4 +61,8 @@ def supersede_options(index: Index, job: Job) -> dict[str, object]:
     version = result_version(index, job)
     if version == 1:
         return {}
-    return {"result_version": version, "rejects": rejected_objects(index, job)}
+    rejects = rejected_objects(index, job)
+    correction = job.options.get("correction")
+    if isinstance(correction, dict):  # a correction (node/corrections.py) rejects only what a destination stored
+        rejects = [o for o in rejects if o["sop_instance_uid"] in set(correction.get("sent") or ())]
+    return {"result_version": version, "rejects": rejects}

@@ -245,7 +245,8 @@ class DatasetStore:
             cases = self.cases(case.dataset)
             _check_profile(case, cases)
             existing = cases.get(case.case_id)
-            if existing is not None and existing.label_status is not LabelStatus.AUTO:
+            corrects = case.label_status is LabelStatus.CORRECTED  # a correction replaces any earlier label
+            if existing is not None and existing.label_status is not LabelStatus.AUTO and not corrects:
                 logger.info("a case in %s has curated labels; kept as it is", case.dataset)
                 return existing
             table = self.label_table(case.dataset)
@@ -272,6 +273,7 @@ class DatasetStore:
                 instances=case.instances,
                 dicom=tuple(self.put_object(_dicom_bytes(ds)) for ds in case.dicom) if self.keep_dicom else (),
                 seg=self.put_object(_dicom_bytes(case.seg)) if self.keep_dicom and case.seg is not None else "",
+                previous_labels=(*existing.previous_labels, existing.label) if corrects and existing else (),
             )
             cases[record.case_id] = record
             self._save(case.dataset, cases, table)
@@ -548,17 +550,22 @@ def harvest(
     weights_hash: str,
     rule: str,
     calling_ae: str,
+    corrected: bool = False,
 ) -> CaseRecord:
     """Store a de-identified copy of a finished job's series and SEG in ``dataset``.
 
     Called by the node worker after a job whose route says ``harvest: DATASET``.
+    ``corrected``: the SEG is a person's correction of the model's result
+    (node/corrections.py): the case gets label status ``corrected``, replacing
+    the model's label (kept in ``previous_labels``) or an earlier correction.
     Raises :class:`QuarantinedError` for a series that may carry burned-in text
     (recorded in the store, nothing else written), :class:`InputError` for
     unreadable input, :class:`StorageError` when the store cannot be written.
     """
     datasets = [read_dicom(Path(p)) for p in series_files]
     case = deidentified_case(
-        store, dataset=dataset, datasets=datasets, seg=read_dicom(Path(seg_path)), label_status=LabelStatus.AUTO
+        store, dataset=dataset, datasets=datasets, seg=read_dicom(Path(seg_path)),
+        label_status=LabelStatus.CORRECTED if corrected else LabelStatus.AUTO,
     )
     case.profile, case.backend, case.model_version = profile, backend, model_version
     case.weights_hash, case.rule = weights_hash, rule

@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = jsub.add_parser("retry", help="re-run a failed job, resend a dead-lettered one, re-route a not-routed one")
     p.add_argument("job_id", type=int)
     p.set_defaults(func=cmd_jobs_retry)
+    from segnode.node.cli.jobs import register_correct
+
+    register_correct(jsub)  # jobs correct N FILE (docs/review.md, "Corrections")
     for flag, text in CONFIG_OPTIONS.items():  # before or after the verb
         group_option(jobs, jsub, flag, type=Path, help=text)
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from segnode.errors import BackendError, EncodeError, WeightsNotInstalledError
+import numpy as np
+from segnode.errors import BackendError, EncodeError, InputError, WeightsNotInstalledError
 from segnode.models.base import LoadedModel, RunSettings
 from segnode.models.measurements import segment_statistics
 from segnode.models.qc import Finding, Outcome, run_qc
@@ -63,6 +64,8 @@ class PipelineRequest:
     # of the result it replaces, for the IOCM Rejection Note
     version: int = 1
     rejects: tuple[RejectedObject, ...] = ()
+    # a correction (node/corrections.py): its labels (``labels`` array of a .npz on the series' grid), no model run
+    corrected_labels: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,18 @@ def segment_with_fallback(
 
 
 
+def corrected_labels(path: Path, volume: Volume, profile: Profile) -> LabelMap:
+    """A correction's labels (node/corrections.py): on ``volume``'s grid, with the profile's label values."""
+    try:
+        with np.load(path) as data:
+            array = np.asarray(data["labels"], dtype=np.uint8)
+    except (OSError, KeyError, ValueError) as exc:
+        raise InputError(f"cannot read the corrected labels: {exc}", where=str(path)) from exc
+    if array.shape != volume.shape:
+        raise InputError(f"corrected labels of shape {array.shape} on a {volume.shape} series", where=str(path))
+    return LabelMap(array, profile.label_values(), backend="correction", model_version="corrected")
+
+
 def quality_checks(volume: Volume, labels: LabelMap, profile: Profile, settings: RunSettings,
                    models: ModelSource | None = None, say: Reporter | None = None) -> list[Finding]:
     """The profile's quality checks (docs/review.md), with its ``cross_check`` backend's agreement.
@@ -189,7 +204,11 @@ def run_pipeline(
         say(f"note: {note}")
 
     start = time.perf_counter()
-    labels, attempts = _segment(volume, profile, members, union, request, cache, say)
+    if request.corrected_labels is not None:
+        say(f"encoding the correction in {request.corrected_labels.name}")
+        labels, attempts = corrected_labels(request.corrected_labels, volume, profile), []
+    else:
+        labels, attempts = _segment(volume, profile, members, union, request, cache, say)
     timings["segment_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -232,7 +251,8 @@ def run_pipeline(
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "notes": list(labels.notes),
     }
-    findings = quality_checks(volume, labels, profile, request.settings, cache, say)
+    findings = (run_qc(volume, labels, profile, None) if request.corrected_labels is not None  # no cross-check
+                else quality_checks(volume, labels, profile, request.settings, cache, say))
     summary["qc"] = [f.as_dict() for f in findings]
     summary["pictures"] = write_pictures(volume, labels, profile, request.out_dir)
     stem = info["series_instance_uid"] or Path(request.input_path).name.split(".")[0]

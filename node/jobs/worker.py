@@ -269,9 +269,16 @@ def execute(spec: JobSpec, cache: ModelSource | None = None) -> JobResult:
                               backend=spec.backend, series_uid=spec.series_uid, seg_type=spec.seg_type,
                               output_format="seg", settings=settings,
                               rtstruct_holes=spec.options.get("rtstruct_holes") or "keyhole",
-                              outputs=_job_kinds(spec), **_shared_run(spec), **_superseding(spec))
+                              outputs=_job_kinds(spec), **_shared_run(spec), **_superseding(spec),
+                              corrected_labels=_corrected_labels(spec))
     result = JobResult.from_pipeline(run_pipeline(request, cache=cache), Path(spec.out_dir))
     return result.with_harvest(harvest(spec, result)) if spec.harvest else result
+
+
+def _corrected_labels(spec: JobSpec) -> Path | None:
+    """A correction job's labels (node/corrections.py): encoded instead of a model's."""
+    correction = spec.options.get("correction")
+    return Path(correction["labels"]) if isinstance(correction, dict) and correction.get("labels") else None
 
 
 def _shared_run(spec: JobSpec) -> dict[str, Any]:
@@ -323,7 +330,8 @@ def harvest(spec: JobSpec, result: JobResult) -> Harvest:
         case = harvest_case(store, dataset=dataset, series_files=sorted(Path(spec.input_dir).iterdir()),
                             seg_path=Path(spec.out_dir) / result.seg.path, profile=spec.profile,
                             backend=result.backend_used, model_version=result.model_version,
-                            weights_hash=result.weights_hash, rule=spec.rule or "", calling_ae=spec.calling_ae)
+                            weights_hash=result.weights_hash, rule=spec.rule or "", calling_ae=spec.calling_ae,
+                            corrected=_corrected_labels(spec) is not None)
     except SegnodeError as exc:  # quarantined, no secret, store unwritable
         logger.warning("job %d: not harvested into %s: %s", spec.job_id, dataset, exc)
         return Harvest(dataset, "not harvested", str(exc))
