@@ -48,7 +48,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -152,7 +152,18 @@ class StoreRequest:
     abstract_syntax: str  # of the presentation context the instance came on
     session: int = 0  # which association (its object's id): completion on evidence needs its release
     study_uid: str | None = None  # STOW-RS to /studies/{study}: the study every instance must belong to
+    author: str | None = None  # who stored it (logged-in user or DICOMweb client): a correction's author
 
+
+
+#: Segmentation Storage and Label Map Segmentation Storage: a SEG may be a correction (node/corrections.py)
+SEG_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7"})
+
+
+class CorrectionHook(Protocol):
+    """Checks a SEG as a correction before it is stored (:class:`segnode.node.corrections.Corrections`)."""
+
+    def stored_seg(self, part10: bytes, author: str) -> Refusal | None: ...
 
 
 class StoreStatus(NamedTuple):
@@ -188,6 +199,7 @@ class StoreHandler:
         self.storage_classes = frozenset(map(str, (*CT_FAMILY, *config.storage_classes)))
         self._sessions: dict[int, set[str]] = {}  # association → series it stored (or re-sent) instances of
         self._sessions_lock = threading.Lock()
+        self.corrections: CorrectionHook | None = None  # set by the service: a stored SEG may correct a job
 
     def association_ended(self, session: int, *, released: bool) -> None:
         """An association ended: with an A-RELEASE, its series are marked released (completion evidence).
@@ -268,10 +280,18 @@ class StoreHandler:
             return Refusal(Status.CANNOT_DECODE, fault)
         if uids is None:
             return CANNOT_DECODE
-        refusal = self._check_dataset(request, uids)
+        refusal = self._check_dataset(request, uids) or self._correction(request, dataset, uids)
         if refusal is None:
             self._persist(request, dataset, uids)
         return refusal
+
+    def _correction(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> Refusal | None:
+        """A SEG new to the node is checked as a correction (taken, or refused with the reason) before it is stored."""
+        if (self.corrections is None or request.sop_class_uid not in SEG_CLASSES
+                or self.index.has_instance(uids["SOPInstanceUID"])):
+            return None
+        part10 = _part10_prefix(request, None) + bytes(dataset)
+        return self.corrections.stored_seg(part10, request.author or request.calling_ae.strip())
 
     def _check_request(self, request: StoreRequest) -> Refusal | None:
         """The command's UIDs, and its SOP class against its context and the classes this node stores."""
