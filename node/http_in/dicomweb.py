@@ -8,6 +8,9 @@ faces modalities, other nodes and remote workers.  Endpoints:
 POST     ``/dicomweb/studies``, ``/dicomweb/studies/{study}``  STOW-RS (client token, ``store``)
 GET      ``/dicomweb/studies/{study}/series/{series}``         WADO-RS (client token with
                                                                ``retrieve``, or that job's token)
+GET      ``/dicomweb/studies``, ``.../series``, ``.../metadata``,  QIDO-RS and WADO-RS for viewers
+         ``.../frames/{n}``, ``.../bulkdata/{tag}`` ...         (client token with ``retrieve``;
+                                                               :mod:`segnode.node.http_in.dicomweb_read`)
 POST     ``/remote/v1/jobs/{job_id}/result``                   a remote worker's result (job token)
 GET      ``/healthz``                                          liveness, no token
 =======  ===================================================  =====================================
@@ -37,12 +40,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from segnode.errors import ConfigError, InputError, SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.config.dicomweb import DicomWebClient, DicomWebConfig, read_secret
 from segnode.node.http_in.base import HttpError, RunningHTTP, bearer
+from segnode.node.http_in.catalogue import IndexCatalogue
+from segnode.node.http_in.dicomweb_read import DicomWebReader, mount_url
 from segnode.node.http_in.multipart import (
     BodyTooLarge,
     ChunkedBody,
@@ -54,6 +59,7 @@ from segnode.node.http_in.multipart import (
     new_boundary,
 )
 from segnode.node.http_in.stow import StowIngest, store_response
+from segnode.node.http_in.wado import WebAnswer
 from segnode.node.ingest.guards import PendingGate, PendingSlot
 from segnode.node.ingest.store import StoreHandler
 from segnode.storage.index import Index
@@ -93,7 +99,8 @@ class DicomWebApp:
     """Requests to actions; the socket side is :class:`_Handler`."""
 
     def __init__(self, config: DicomWebConfig, *, ae_title: str, handler: StoreHandler, index: Index,
-                 spool: Spool, max_instance_bytes: int, remote: RemoteJobsPort | None = None) -> None:
+                 spool: Spool, max_instance_bytes: int, remote: RemoteJobsPort | None = None,
+                 reader: DicomWebReader | None = None) -> None:
         self.config = config
         self.ae_title = ae_title
         self.store_handler = handler
@@ -101,11 +108,12 @@ class DicomWebApp:
         self.spool = spool
         self.max_part = config.max_part_bytes or max_instance_bytes
         self.remote = remote
+        self.reader = reader or DicomWebReader(IndexCatalogue(index.path, spool.root))
         self.tokens = [(client, read_secret(client.token_file, f"token of DICOMweb client {client.name}")
                         .encode("utf-8")) for client in config.clients]
         self._sessions = itertools.count(-1, -1)  # negative: never an association's id()
         self.stats_lock = threading.Lock()
-        self.stats = {"stow_requests": 0, "stow_instances": 0, "stow_failed": 0, "wado_series": 0,
+        self.stats = {"stow_requests": 0, "stow_instances": 0, "stow_failed": 0, "wado_series": 0, "reads": 0,
                       "results_accepted": 0, "results_ignored": 0, "unauthorized": 0}
 
     def count(self, **deltas: int) -> None:
@@ -249,23 +257,43 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         if path == "/healthz":
             return self._json(HTTPStatus.OK, {"status": "ok"})
-        found = _WADO_SERIES.fullmatch(path)
-        if not found:
+        if not path.startswith("/dicomweb/"):
             raise HttpError(HTTPStatus.NOT_FOUND, "no such endpoint")
+        found = _WADO_SERIES.fullmatch(path)
         auth = self.headers.get("Authorization")
         grant = app.job_grant(auth)
-        if grant is not None:
+        if grant is None or not found:
+            return self._read(path)
+        else:
             if (grant.study_uid, grant.series_uid) != (found["study"], found["series"]):
                 raise HttpError(HTTPStatus.FORBIDDEN, "this job's token is for another series")
             if not grant.current:
                 raise HttpError(HTTPStatus.GONE, "the node no longer waits for this attempt of the job")
             assert app.remote is not None
             app.remote.fetched(grant, self.headers.get("X-Segnode-Worker"))
-        else:
-            client = self._client()
-            if not client.retrieve:
-                raise HttpError(HTTPStatus.FORBIDDEN, f"client {client.name} may not retrieve")
         self._send_files(app.series_files(found["study"], found["series"]))
+
+    def _read(self, path: str) -> None:
+        """QIDO-RS / WADO-RS for a client with ``retrieve`` (:mod:`segnode.node.http_in.dicomweb_read`)."""
+        app = self.server.app
+        client = self._client()
+        if not client.retrieve:
+            raise HttpError(HTTPStatus.FORBIDDEN, f"client {client.name} may not retrieve")
+        base = mount_url(self.headers.get("Host"), f"{self.server.server_address[0]}:{self.server.server_address[1]}")
+        answer = app.reader.get(path[len("/dicomweb"):], parse_qs(urlsplit(self.path).query, keep_blank_values=True),
+                                accept=self.headers.get("Accept"), base=base)
+        app.count(reads=1, wado_series=int(bool(_WADO_SERIES.fullmatch(path))))
+        self._send_answer(answer)
+
+    def _send_answer(self, answer: WebAnswer) -> None:
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(answer.length))
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        for chunk in answer.chunks:
+            self.wfile.write(chunk)
 
     def _send_files(self, paths: list[Path]) -> None:
         boundary = new_boundary()
