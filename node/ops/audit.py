@@ -78,6 +78,7 @@ FIELDS = frozenset({
     "seg_series_uid", "seg_sop_uid", "deliveries", "destination", "destination_ae", "destination_host",
     "destination_port", "ok", "message", "attempts", "client", "previous", "path", "resumes_after",
     "sop_uid", "status", "decision", "reviewer", "comment",
+    "user", "via", "wait_s",  # who acted and how they authenticated (ops/auth.py), a login throttle's wait
 })
 
 #: keys allowed inside the ``deliveries`` list of a record.

@@ -24,7 +24,9 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
-_UNAUTHORIZED = {"401": _error("Missing or wrong token (only when the node has a token)")}
+_UNAUTHORIZED = {"401": _error("Not logged in, or a missing or wrong token (when the node has a token or accounts)"),
+                 "403": _error("The user's roles do not allow this; a cross-origin request; a session request "
+                               "without its CSRF token")}
 _JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
 _STUDY_UID = {"name": "study_uid", "in": "path", "required": True,
               "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)*$", "maxLength": 64}}
@@ -126,15 +128,16 @@ PATHS: dict[str, dict[str, Any]] = {
             "404": _error("No such job"), "409": _error("The job is not in a state that can be retried")},
         parameters=[_JOB_ID])},
     **{f"/api/v1/jobs/{{job_id}}/{verb}": {"post": _op(
-        f"Review: {what} (the reviewer and comment go to the audit log)", {
+        f"Review: {what} (the acting user is the reviewer; user and comment go to the audit log)", {
             "200": _json({"type": "object", "properties": {"job_id": {"type": "integer"},
                                                            "state": {"type": "string", "enum": _STATES}}}),
-            "400": _error("No reviewer, or a bad body"), "404": _error("No such job"),
+            "400": _error("A bad body"), "404": _error("No such job"),
             "409": _error("The job is not held for review")},
         parameters=[_JOB_ID],
         requestBody={"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "required": ["reviewer"],
-            "properties": {"reviewer": {"type": "string", "maxLength": 64},
+            "type": "object",
+            "properties": {"reviewer": {"type": "string", "maxLength": 64,
+                                        "description": "optional; if given, must be the acting user (else 403)"},
                            "comment": {"type": "string", "maxLength": 500}}}}}})}
        for verb, what in (("approve", "send a held job's result"), ("reject", "never send a held job's result"))},
     "/jobs/{job_id}/review": {"get": _op("The job page (HTML): QC figures, pictures, approve/reject form", {
@@ -144,9 +147,9 @@ PATHS: dict[str, dict[str, Any]] = {
         "200": {"description": "PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
         "404": _error("No such picture")},
         parameters=[_JOB_ID, {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}])},
-    "/jobs/{job_id}/decision": {"post": _op("The job page's form: approve or reject (reviewer, comment)", {
+    "/jobs/{job_id}/decision": {"post": _op("The job page's form: approve or reject (csrf, decision, comment)", {
         "200": {"description": "the job page again", "content": {"text/html": {"schema": {"type": "string"}}}},
-        "400": _error("No reviewer or decision"), "409": _error("The job is not held for review")},
+        "400": _error("No decision"), "409": _error("The job is not held for review")},
         parameters=[_JOB_ID], requestBody={"required": True, "content": {
             "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
     "/api/v1/routes": {"get": _op("The routing rules in force", {
@@ -167,14 +170,16 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "segnode ops API", "version": VERSION,
                  "description": "Health, studies, jobs, routes and datasets of one segnode node. "
-                                "Bound to loopback by default; when a token is configured every "
-                                "operation except /healthz and /readyz needs it."},
+                                "Bound to loopback by default; when a token or accounts are configured "
+                                "every operation except /healthz, /readyz and /login needs a login "
+                                "(session cookie + CSRF token) or a bearer token."},
         "servers": [{"url": "http://127.0.0.1:8080"}],
-        "security": [{"bearer": []}, {"basic": []}],
+        "security": [{"bearer": []}, {"session": []}],
         "paths": PATHS,
         "components": {"schemas": SCHEMAS, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"},
-            "basic": {"type": "http", "scheme": "basic", "description": "any user name, the token as password"}}},
+            "session": {"type": "apiKey", "in": "cookie", "name": "segnode_session",
+                        "description": "from POST /login; state-changing requests also need X-CSRF-Token"}}},
     }
 
 

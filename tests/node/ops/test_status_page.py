@@ -77,7 +77,8 @@ def test_status_page_in_headless_chromium(node, tmp_path):
     assert re.search(r"<td>segment</td><td class=\"n\">3</td><td class=\"n\">12.0 s</td>"
                      r"<td class=\"n\">30.0 s</td><td class=\"n\">30.0 s</td>", latency), latency
     recent = page.split('id="recent"', 1)[1]
-    assert all(f'<td class="n">{job_id}</td>' in recent for job_id in s.jobs.values())
+    assert all(f'<td class="n"><a href="/jobs/{job_id}/review">{job_id}</a></td>' in recent
+               for job_id in s.jobs.values())  # each row links to the job's page
     assert "NOT READY" in page  # this node runs no DICOM listener
 
     ARTIFACTS.mkdir(exist_ok=True)
