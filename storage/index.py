@@ -55,7 +55,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -397,37 +397,48 @@ class Index:
 
         Also opens a ``received`` job for the series when none is open.
         """
+        return self.record_instances([rec])[0]
+
+    def record_instances(self, records: Sequence[InstanceRecord]) -> list[bool]:
+        """Commit durable instances in one transaction (group commit); per record, whether it was new.
+
+        A record whose SOP Instance UID is already known, or repeated earlier
+        in ``records``, is ``False``.
+        """
         now = self.clock()
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (rec.sop_uid,)).fetchone():
-                return False
-            db.execute(
-                "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT(study_uid) "
-                "DO UPDATE SET last_received_at = excluded.last_received_at",
-                (rec.study_uid, now, now),
+            return [self._insert_instance(db, rec, now) for rec in records]
+
+    def _insert_instance(self, db: sqlite3.Connection, rec: InstanceRecord, now: float) -> bool:
+        if db.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (rec.sop_uid,)).fetchone():
+            return False
+        db.execute(
+            "INSERT INTO studies VALUES (?, ?, ?) ON CONFLICT(study_uid) "
+            "DO UPDATE SET last_received_at = excluded.last_received_at",
+            (rec.study_uid, now, now),
+        )
+        db.execute(
+            "INSERT INTO series (series_uid, study_uid, modality, calling_ae, called_ae, sender_host, "
+            "instance_count, first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
+            "ON CONFLICT(series_uid) DO UPDATE SET instance_count = instance_count + 1, "
+            "last_received_at = excluded.last_received_at, purged_at = NULL",
+            (rec.series_uid, rec.study_uid, rec.modality, rec.calling_ae, rec.called_ae,
+             rec.sender_host, now, now),
+        )
+        db.execute(
+            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rec.sop_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax_uid,
+             rec.path, rec.size_bytes, now),
+        )
+        open_job = db.execute(
+            "SELECT 1 FROM jobs WHERE series_uid = ? AND state = ?", (rec.series_uid, JobState.RECEIVED.value)
+        ).fetchone()
+        if open_job is None:
+            cur = db.execute(
+                "INSERT INTO jobs (series_uid, study_uid, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (rec.series_uid, rec.study_uid, JobState.RECEIVED.value, now, now),
             )
-            db.execute(
-                "INSERT INTO series (series_uid, study_uid, modality, calling_ae, called_ae, sender_host, "
-                "instance_count, first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?) "
-                "ON CONFLICT(series_uid) DO UPDATE SET instance_count = instance_count + 1, "
-                "last_received_at = excluded.last_received_at, purged_at = NULL",
-                (rec.series_uid, rec.study_uid, rec.modality, rec.calling_ae, rec.called_ae,
-                 rec.sender_host, now, now),
-            )
-            db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (rec.sop_uid, rec.series_uid, rec.sop_class_uid, rec.transfer_syntax_uid,
-                 rec.path, rec.size_bytes, now),
-            )
-            open_job = db.execute(
-                "SELECT 1 FROM jobs WHERE series_uid = ? AND state = ?", (rec.series_uid, JobState.RECEIVED.value)
-            ).fetchone()
-            if open_job is None:
-                cur = db.execute(
-                    "INSERT INTO jobs (series_uid, study_uid, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                    (rec.series_uid, rec.study_uid, JobState.RECEIVED.value, now, now),
-                )
-                self._event(db, cur.lastrowid, JobState.RECEIVED, "first instance received", now)
+            self._event(db, cur.lastrowid, JobState.RECEIVED, "first instance received", now)
         return True
 
     # -- state machine ------------------------------------------------------------

@@ -4,11 +4,12 @@ C-STORE (:mod:`segnode.node.dicom_in`) and STOW-RS (:mod:`segnode.node.http_in.s
 hand the dataset exactly as received to :meth:`StoreHandler.store`, which writes
 it as a Part 10 file without decoding and re-encoding it (preamble, file meta
 from the presentation context with the dataset's self-check, then the received
-dataset), through :meth:`segnode.storage.spool.Spool.write` (unnamed temporary
-file, atomic link, data and directory sync), commits the index row, and only
-then answers Success (docs/node.md, "Durability").  Only the five identifying
-attributes are read, by :mod:`segnode.node.ingest.header` (of a deflated
-dataset: by :mod:`segnode.node.ingest.inflate`, from a bounded inflated prefix,
+dataset), through :meth:`segnode.storage.spool.Spool.place` (unnamed temporary
+file, atomic link) and :class:`segnode.storage.group_commit.GroupCommit` (data
+and directory syncs and the index row, shared with the instances that arrive
+at the same time: group commit), and only then answers Success (docs/node.md,
+"Durability").  Only the five identifying attributes are read, by
+:mod:`segnode.node.ingest.header` (of a deflated dataset: by :mod:`segnode.node.ingest.inflate`, from a bounded inflated prefix,
 the rest inflated only to be counted against ``limits.max_instance_bytes``,
 never held).  It never raises; it answers a named status of
 :class:`segnode.node.status.Status` (as a :class:`segnode.node.status.Refusal`,
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import NamedTuple, Protocol
@@ -70,6 +72,7 @@ from segnode.node.ingest.header import read_header
 from segnode.node.ingest.inflate import DEFLATED, InflatesTooLarge, inflated_header
 from segnode.node.ingest.walk import walk_dataset
 from segnode.node.status import Refusal, Status
+from segnode.storage.group_commit import GroupCommit
 from segnode.storage.index import Index, InstanceRecord
 from segnode.storage.part10 import dataset_check, file_prefix
 from segnode.storage.spool import Spool
@@ -197,9 +200,15 @@ class StoreHandler:
         self.stats = IngestStats()
         self.min_free = config.limits.min_free_disk_mb * 1024 * 1024
         self.storage_classes = frozenset(map(str, (*CT_FAMILY, *config.storage_classes)))
+        self.committer = GroupCommit(spool, index)  # instances arriving together share syncs and a transaction
+        weakref.finalize(self, self.committer.stop)
         self._sessions: dict[int, set[str]] = {}  # association → series it stored (or re-sent) instances of
         self._sessions_lock = threading.Lock()
         self.corrections: CorrectionHook | None = None  # set by the service: a stored SEG may correct a job
+
+    def close(self) -> None:
+        """Commit what is pending and stop the committer (a later store is refused 0xA700)."""
+        self.committer.close()
 
     def association_ended(self, session: int, *, released: bool) -> None:
         """An association ended: with an A-RELEASE, its series are marked released (completion evidence).
@@ -330,16 +339,21 @@ class StoreHandler:
             self.stats.add(duplicates=1)
             return None
         prefix = _part10_prefix(request, dataset_check(dataset))
-        path = self.spool.write(study_uid, series_uid, sop_uid, (prefix, dataset), self_checking=True)
+        self.committer.begin()
+        try:
+            placed = self.spool.place(study_uid, series_uid, sop_uid, (prefix, dataset))
+        except BaseException:
+            self.committer.abandon()
+            raise
         size = len(prefix) + dataset.nbytes
         record = InstanceRecord(
             sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
             sop_class_uid=request.sop_class_uid, transfer_syntax_uid=request.transfer_syntax,
             modality=uids.get("Modality") or None,
-            path=str(path.relative_to(self.spool.root)), size_bytes=size,
+            path=str(placed.path.relative_to(self.spool.root)), size_bytes=size,
             calling_ae=request.calling_ae, called_ae=request.called_ae, sender_host=request.host,
         )
-        if self.index.record_instance(record):
+        if self.committer.commit(placed, record):  # durable and indexed (group commit) before the answer
             self.stats.add(stored=1, bytes_stored=size)
             self.emit(InstanceStored(sop_uid, series_uid, size))
         else:
