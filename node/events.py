@@ -91,6 +91,16 @@ class Delivered:
 
 
 @dataclass(frozen=True)
+class CommitmentSettled:
+    """A Storage Commitment of a job's objects at ``destination``: ``outcome`` is a ``CommitmentState`` value."""
+
+    job_id: int
+    destination: str
+    outcome: str  # committed, failed, expired, refused
+    message: str
+
+
+@dataclass(frozen=True)
 class Harvested:
     """A job's de-identified copy went into (or was kept out of) a dataset."""
 
@@ -101,7 +111,7 @@ class Harvested:
 
 
 Event = (AssociationAccepted | AssociationRejected | AssociationReleased | InstanceStored | InstanceRefused
-         | JobMoved | Delivered | Harvested)
+         | JobMoved | Delivered | CommitmentSettled | Harvested)
 
 
 class EventSink(Protocol):

@@ -22,7 +22,13 @@ read it.  Times are POSIX seconds (UTC, ``REAL``).  Tables:
 ``delivery_objects`` one row per (job, destination, object): each SEG, RTSTRUCT,
                 overlay image or SR the destination takes, with its own state,
                 so that a retry re-sends only what was not stored.  The job's
-                ``outputs`` column lists every object encoded.
+                ``outputs`` column lists every object encoded; ``committed_at``
+                is when the destination committed to keep it (Storage Commitment).
+``commitments`` one row per Storage Commitment request (Transaction UID) to a
+                destination with ``commit: true``: the objects asked for, the
+                deadline for the N-EVENT-REPORT and what came of it
+                (:class:`CommitmentState`).  While one waits, its delivery is
+                ``stored`` (not ``done``): kept here, a restart does not forget it.
 
 Job states::
 
@@ -153,6 +159,18 @@ CREATE TABLE IF NOT EXISTS delivery_objects (
     delivered_at      REAL,
     PRIMARY KEY (job_id, destination, sop_instance_uid)
 );
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid   TEXT PRIMARY KEY,
+    job_id            INTEGER NOT NULL REFERENCES jobs(job_id),
+    destination       TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    objects           TEXT NOT NULL,
+    requested_at      REAL NOT NULL,
+    deadline_at       REAL NOT NULL,
+    answered_at       REAL,
+    detail            TEXT
+);
+CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state, deadline_at);
 """
 
 
@@ -176,6 +194,17 @@ class DeliveryState(str, Enum):
     PENDING = "pending"
     DONE = "done"
     DEAD = "dead"
+    STORED = "stored"  # a delivery: every object stored, the destination's Storage Commitment awaited
+
+
+class CommitmentState(str, Enum):
+    """What came of one Storage Commitment request (``commitments.state``)."""
+
+    WAITING = "waiting"  # N-ACTION sent (or about to be); no N-EVENT-REPORT yet
+    COMMITTED = "committed"  # Event Type 1: every object committed
+    FAILED = "failed"  # Event Type 2: some objects not committed (they are sent again)
+    EXPIRED = "expired"  # no report before the deadline: asked again
+    REFUSED = "refused"  # the N-ACTION itself failed (no association, a failure status)
 
 
 #: allowed transitions: target state → states it may be entered from.
@@ -277,6 +306,7 @@ class DeliveryObject:
     state: DeliveryState
     last_error: str | None
     delivered_at: float | None
+    committed_at: float | None = None  # the destination committed to keep it (Storage Commitment)
 
 
 @dataclass(frozen=True)
@@ -334,6 +364,8 @@ class Index:
             self._db().execute("ALTER TABLE jobs ADD COLUMN result_dir TEXT")
         if "released_at" not in {row["name"] for row in self._db().execute("PRAGMA table_info(series)")}:
             self._db().execute("ALTER TABLE series ADD COLUMN released_at REAL")
+        if "committed_at" not in {row["name"] for row in self._db().execute("PRAGMA table_info(delivery_objects)")}:
+            self._db().execute("ALTER TABLE delivery_objects ADD COLUMN committed_at REAL")  # before commitment
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
@@ -648,15 +680,20 @@ class Index:
                 "next_attempt_at = ?, delivered_at = ? WHERE job_id = ? AND destination = ?",
                 (state.value, error, retry_at or now, now if ok else None, job_id, destination),
             )
-            states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))}
-            if DeliveryState.PENDING.value in states:
-                if not ok:
-                    db.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE job_id = ?",
-                               (f"{destination}: {error} (will retry)", now, job_id))
-            elif DeliveryState.DEAD.value in states:
-                self._move(db, job_id, JobState.DEAD_LETTER, f"{destination}: {error}")
-            else:
-                self._move(db, job_id, JobState.DONE, "delivered")
+            self._settle_job(db, job_id, destination, ok, error, now)
+
+    def _settle_job(self, db: sqlite3.Connection, job_id: int, destination: str, ok: bool, error: str | None,
+                    now: float) -> None:
+        """After a delivery changed: the job is done once every delivery is, dead-lettered once one is dead."""
+        states = {r[0] for r in db.execute("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))}
+        if states & {DeliveryState.PENDING.value, DeliveryState.STORED.value}:
+            if not ok:
+                db.execute("UPDATE jobs SET reason = ?, updated_at = ? WHERE job_id = ?",
+                           (f"{destination}: {error} (will retry)", now, job_id))
+        elif DeliveryState.DEAD.value in states:
+            self._move(db, job_id, JobState.DEAD_LETTER, f"{destination}: {error}")
+        else:
+            self._move(db, job_id, JobState.DONE, "delivered")
 
     def deliveries(self, job_id: int) -> list[Delivery]:
         rows = self._db().execute("SELECT * FROM deliveries WHERE job_id = ? ORDER BY destination", (job_id,))
@@ -669,6 +706,74 @@ class Index:
         rows = self._db().execute(f"SELECT * FROM delivery_objects WHERE {where} "
                                   "ORDER BY destination, kind, path", args)
         return [DeliveryObject(**{**dict(r), "state": DeliveryState(r["state"])}) for r in rows]
+
+    # -- storage commitment ---------------------------------------------------------
+    def request_commitment(self, job_id: int, destination: str, transaction_uid: str,
+                           objects: Collection[tuple[str, str]], deadline_at: float,
+                           outcomes: Collection[ObjectOutcome] = ()) -> None:
+        """Record a try that stored every object and asks for their commitment: the delivery is ``stored``.
+
+        ``objects``: (SOP Class UID, SOP Instance UID) of each object asked for; ``outcomes``: the objects
+        sent in this try (as :meth:`delivery_result`).  Recorded before the N-ACTION is sent, so a report
+        arriving at once on another association finds its transaction.
+        """
+        now = self.clock()
+        with self._tx() as db:
+            _record_outcomes(db, job_id, destination, outcomes, now)
+            db.execute("INSERT INTO commitments (transaction_uid, job_id, destination, state, objects, requested_at, "
+                       "deadline_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (transaction_uid, job_id, destination, CommitmentState.WAITING.value,
+                        json.dumps([list(o) for o in objects]), now, deadline_at))
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = NULL, "
+                       "next_attempt_at = ? WHERE job_id = ? AND destination = ?",
+                       (DeliveryState.STORED.value, deadline_at, job_id, destination))
+
+    def commitment(self, transaction_uid: str) -> "Commitment | None":
+        row = self._db().execute("SELECT * FROM commitments WHERE transaction_uid = ?", (transaction_uid,)).fetchone()
+        return None if row is None else Commitment.from_row(row)
+
+    def commitments(self, job_id: int) -> list["Commitment"]:
+        rows = self._db().execute("SELECT * FROM commitments WHERE job_id = ? ORDER BY requested_at", (job_id,))
+        return [Commitment.from_row(r) for r in rows]
+
+    def overdue_commitments(self) -> list["Commitment"]:
+        """Commitments still waiting whose deadline has passed."""
+        rows = self._db().execute("SELECT * FROM commitments WHERE state = ? AND deadline_at <= ? "
+                                  "ORDER BY deadline_at", (CommitmentState.WAITING.value, self.clock()))
+        return [Commitment.from_row(r) for r in rows]
+
+    def settle_commitment(self, transaction_uid: str, state: CommitmentState, *,
+                          failed: Mapping[str, str] | None = None, retry_at: float | None = None,
+                          detail: str | None = None) -> bool:
+        """What came of a waiting commitment; False (nothing changed) if it is unknown or no longer waiting.
+
+        ``committed``: the delivery is done.  Otherwise it is pending again at ``retry_at`` (dead when
+        None): ``failed`` objects (SOP Instance UID → reason) are sent again, the others only asked again.
+        """
+        now, failed = self.clock(), dict(failed or {})
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM commitments WHERE transaction_uid = ? AND state = ?",
+                             (transaction_uid, CommitmentState.WAITING.value)).fetchone()
+            if row is None:
+                return False
+            found = Commitment.from_row(row)
+            db.execute("UPDATE commitments SET state = ?, answered_at = ?, detail = ? WHERE transaction_uid = ?",
+                       (state.value, now, detail, transaction_uid))
+            if state in (CommitmentState.COMMITTED, CommitmentState.FAILED):
+                db.executemany("UPDATE delivery_objects SET committed_at = ? WHERE job_id = ? AND destination = ? "
+                               "AND sop_instance_uid = ?", [(now, found.job_id, found.destination, uid)
+                                                            for _, uid in found.objects if uid not in failed])
+            again = DeliveryState.PENDING if retry_at is not None else DeliveryState.DEAD
+            db.executemany("UPDATE delivery_objects SET state = ?, last_error = ?, delivered_at = NULL "
+                           "WHERE job_id = ? AND destination = ? AND sop_instance_uid = ?",
+                           [(again.value, why, found.job_id, found.destination, uid) for uid, why in failed.items()])
+            ok = state is CommitmentState.COMMITTED
+            db.execute("UPDATE deliveries SET state = ?, last_error = ?, next_attempt_at = ?, delivered_at = ? "
+                       "WHERE job_id = ? AND destination = ?",
+                       (DeliveryState.DONE.value if ok else again.value, None if ok else detail, retry_at or now,
+                        now if ok else None, found.job_id, found.destination))
+            self._settle_job(db, found.job_id, found.destination, ok, detail, now)
+        return True
 
     # -- operator actions and recovery --------------------------------------------
     def retry(self, job_id: int) -> JobState:
@@ -756,6 +861,37 @@ class Index:
 
 class _Increment:
     """Marker for :meth:`Index._move`: add one to the column instead of setting it."""
+
+
+@dataclass(frozen=True)
+class Commitment:
+    """One Storage Commitment request (a row of ``commitments``)."""
+
+    transaction_uid: str
+    job_id: int
+    destination: str
+    state: CommitmentState
+    objects: tuple[tuple[str, str], ...]  # (SOP Class UID, SOP Instance UID) asked for
+    requested_at: float
+    deadline_at: float
+    answered_at: float | None
+    detail: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "Commitment":
+        data = dict(row)
+        data["state"] = CommitmentState(data["state"])
+        data["objects"] = tuple((str(c), str(i)) for c, i in json.loads(data["objects"]))
+        return cls(**data)
+
+
+def _record_outcomes(db: sqlite3.Connection, job_id: int, destination: str, objects: Collection[ObjectOutcome],
+                     now: float) -> None:
+    db.executemany(
+        "UPDATE delivery_objects SET state = ?, last_error = ?, delivered_at = ? "
+        "WHERE job_id = ? AND destination = ? AND sop_instance_uid = ?",
+        [(o.state.value, o.error, now if o.state is DeliveryState.DONE else None, job_id, destination,
+          o.sop_instance_uid) for o in objects])
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:

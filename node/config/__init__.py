@@ -26,6 +26,7 @@ from segnode.errors import ConfigError
 from segnode.node.config.dicomweb import BrokerConfig, DicomWebConfig, StowTarget
 from segnode.node.config.http import AuditConfig, HttpConfig
 from segnode.node.config.sources import SourceConfig
+from segnode.node.config.viewer import ViewerConfig
 from segnode.output_kinds import REJECTION_NOTE, kinds_field
 from segnode.yamlconf import Frozen, load_model
 
@@ -148,10 +149,15 @@ class Destination(Frozen):
     workers: int = Field(1, ge=1, le=16)  # deliveries to this destination at a time (node/sending/queues.py)
     # IHE IOCM: send a Rejection Note (KOS) for a superseded result, after the newer one is stored (docs/node.md)
     rejection_notes: bool = False
+    # Storage Commitment (N-ACTION, then an N-EVENT-REPORT by commit_timeout_s): done only once committed
+    commit: bool = False
+    commit_timeout_s: float = Field(300.0, gt=0, le=86400)
 
     @model_validator(mode="after")
     def _dimse_or_dicomweb(self) -> "Destination":
         dimse = (self.ae_title, self.host, self.port)
+        if self.commit and self.dicomweb is not None:
+            raise ValueError("commit: Storage Commitment needs a DIMSE destination (ae_title, host, port)")
         if self.dicomweb is None and None in dimse:
             raise ValueError("a destination needs ae_title, host and port (C-STORE) or dicomweb (STOW-RS)")
         if self.dicomweb is not None and any(v is not None for v in dimse):
@@ -214,6 +220,7 @@ class NodeConfig(Frozen):
     dataset_store: Path | None = None  # harvest target (storage/dataset.py); default <state_dir>/datasets
     deid_secret_file: Path | None = None  # HMAC secret for pseudonyms; must live outside the store
     sources: tuple[SourceConfig, ...] = ()  # PACS to query and retrieve from (node/sources/, docs/sources.md)
+    viewer: ViewerConfig = ViewerConfig()  # the OHIF Viewer served under /viewer/ (node/ops/viewer.py)
 
     @field_validator("storage_classes")
     @classmethod

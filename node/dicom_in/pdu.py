@@ -23,6 +23,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA, RELEASE_RQ, RELEASE_RP, ABORT = range(1, 8)
 PDU_TYPES = frozenset(range(1, 8))
 C_STORE_RQ, C_ECHO_RQ = 0x0001, 0x0030
+N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP = 0x0100, 0x8100
 NO_DATASET = 0x0101
 IMPLICIT_LE = "1.2.840.10008.1.2"
 
@@ -220,11 +221,37 @@ def negotiate(contexts: tuple[Context, ...], supported: dict[str, tuple[str, ...
     return results
 
 
-def encode_associate_ac(request: AssociateRequest, results: list[ContextResult], max_pdu: int) -> bytes:
+def role_selections(user_items: tuple[tuple[int, bytes], ...]) -> dict[str, tuple[int, int]]:
+    """The SCP/SCU Role Selection sub-items (PS3.7 D.3.3.4): SOP Class UID → (SCU role, SCP role).
+
+    A sub-item too short for its UID length or with a UID that breaks the grammar is left out.
+    """
+    roles: dict[str, tuple[int, int]] = {}
+    for kind, value in user_items:
+        if kind != 0x54 or len(value) < 4:
+            continue
+        length = int.from_bytes(value[:2], "big")
+        if len(value) != length + 4:
+            continue
+        sop_class = uid(value[2:2 + length])
+        if sop_class is not None:
+            roles[sop_class] = (value[2 + length], value[3 + length])
+    return roles
+
+
+def role_item(sop_class: str, scu_role: int, scp_role: int) -> bytes:
+    """An SCP/SCU Role Selection sub-item, as the acceptor answers it."""
+    raw = sop_class.encode("ascii")
+    return _item(0x54, struct.pack(">H", len(raw)) + raw + bytes([scu_role, scp_role]))
+
+
+def encode_associate_ac(request: AssociateRequest, results: list[ContextResult], max_pdu: int,
+                        roles: tuple[bytes, ...] = ()) -> bytes:
     """A-ASSOCIATE-AC (PS3.8 §9.3.3): the request's AE fields, context results, our user information.
 
     The user information names segnode (:mod:`segnode.identity`): its
-    Implementation Class UID and Version Name (PS3.7 D.3.3.2).
+    Implementation Class UID and Version Name (PS3.7 D.3.3.2); ``roles``: the
+    answers to role selections (:func:`role_item`).
     """
     body = [struct.pack(">HH", 1, 0), request.raw_called, request.raw_calling, bytes(32),
             _item(0x10, APPLICATION_CONTEXT.encode())]
@@ -232,7 +259,7 @@ def encode_associate_ac(request: AssociateRequest, results: list[ContextResult],
         body.append(_item(0x21, bytes([r.context_id, 0, r.result, 0]) + _item(0x40, r.transfer_syntax.encode())))
     user = (_item(0x51, struct.pack(">L", max_pdu)),
             _item(0x52, IMPLEMENTATION_CLASS_UID.encode("ascii")),
-            _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii")))
+            _item(0x55, IMPLEMENTATION_VERSION_NAME.encode("ascii")), *roles)
     body.append(_item(0x50, b"".join(user)))
     payload = b"".join(body)
     return PDU_HEADER.pack(ASSOCIATE_AC, len(payload)) + payload
@@ -323,8 +350,9 @@ def _pad(value: bytes) -> bytes:
 
 
 def encode_response(command_field: int, message_id: int, sop_class: bytes, status: int,
-                    comment: str | None = None, sop_instance: bytes | None = None) -> bytes:
-    """A C-STORE-RSP / C-ECHO-RSP command set, elements in tag order, with its group length."""
+                    comment: str | None = None, sop_instance: bytes | None = None,
+                    event_type: int | None = None) -> bytes:
+    """A C-STORE-RSP / C-ECHO-RSP / N-EVENT-REPORT-RSP command set, elements in tag order, with its group length."""
     elements = [_element(0x0002, _pad(sop_class)), _element(0x0100, struct.pack("<H", command_field)),
                 _element(0x0120, struct.pack("<H", message_id)), _element(0x0800, struct.pack("<H", NO_DATASET)),
                 _element(0x0900, struct.pack("<H", status))]
@@ -333,6 +361,8 @@ def encode_response(command_field: int, message_id: int, sop_class: bytes, statu
         elements.append(_element(0x0902, raw + b" " if len(raw) % 2 else raw))
     if sop_instance is not None:
         elements.append(_element(0x1000, _pad(sop_instance)))
+    if event_type is not None:
+        elements.append(_element(0x1002, struct.pack("<H", event_type)))
     body = b"".join(elements)
     return _element(0x0000, struct.pack("<L", len(body))) + body
 

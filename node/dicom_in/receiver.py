@@ -27,6 +27,13 @@ line:
   receiver shares (UID and SOP class checks, size, inflated-size and free-disk
   limits, self-checked Part 10 file, overlapped syncs, index row, duplicate
   policy, events);
+* from a destination the node asks for Storage Commitment (``commit: true``;
+  by calling AE title, after the allow-list), the Storage Commitment Push
+  Model context too, with the SCP role it proposes by role selection
+  answered; its N-EVENT-REPORT-RQ (the report of a commitment the node asked
+  for) goes to the hub's :class:`~segnode.node.commitment.CommitmentBook` and
+  is answered with the N-EVENT-REPORT-RSP status it returns (an unknown
+  Transaction UID or a broken report: a named failure status, never an abort);
 * C-STORE-RSP / C-ECHO-RSP with the status it returns; A-RELEASE-RQ →
   A-RELEASE-RP; an A-ABORT, a malformed or oversized PDU, or a missed
   deadline (handshake and the whole A-ASSOCIATE-RQ within ``acse_timeout_s`` of
@@ -59,6 +66,8 @@ import time
 from typing import BinaryIO
 
 from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
+from segnode.node.commitment import STORAGE_COMMITMENT, CommitmentBook
+from segnode.node.commitment import TRANSFER_SYNTAXES as COMMITMENT_SYNTAXES
 from segnode.node.config import NodeConfig
 from segnode.node.dicom_in.pdu import (
     ABORT,
@@ -70,6 +79,8 @@ from segnode.node.dicom_in.pdu import (
     C_ECHO_RQ,
     C_STORE_RQ,
     MAX_CONTROL_PDU,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
     NO_DATASET,
     P_DATA,
     PDU_HEADER,
@@ -83,6 +94,8 @@ from segnode.node.dicom_in.pdu import (
     REJECT_SENDER,
     RELEASE_RP_PDU,
     RELEASE_RQ,
+    AssociateRequest,
+    ContextResult,
     ProtocolError,
     Reason,
     Rejection,
@@ -96,6 +109,8 @@ from segnode.node.dicom_in.pdu import (
     p_data,
     parse_associate_rq,
     parse_command,
+    role_item,
+    role_selections,
     us,
 )
 from segnode.node.events import AssociationAccepted, AssociationRejected, RejectionReason
@@ -341,10 +356,10 @@ class _Connection:
         if not server.enter():
             return self._reject(REJECT_BUSY, "max_associations reached")
         self.entered = True
-        results = negotiate(request.contexts, server.supported)
+        results = negotiate(request.contexts, server.supported_for(request.calling_ae))
         self.contexts = {r.context_id: (r.abstract_syntax, r.transfer_syntax) for r in results
                          if r.result == ACCEPTANCE}
-        self._send(encode_associate_ac(request, results, self.limits.max_pdu_bytes))
+        self._send(encode_associate_ac(request, results, self.limits.max_pdu_bytes, _roles(request, results)))
         server.emit(AssociationAccepted(request.calling_ae, self.host))
         return True
 
@@ -428,12 +443,21 @@ class _Connection:
             rsp = encode_response(0x8030, message_id, command.get(0x0002, VERIFICATION.encode()),
                                   Status.SUCCESS)
             self._send(p_data(context_id, rsp))
-        elif field_ == C_STORE_RQ and us(command.get(0x0800)) != NO_DATASET:
+        elif field_ in (C_STORE_RQ, N_EVENT_REPORT_RQ) and us(command.get(0x0800)) != NO_DATASET:
             self.pending, self.pending_context, self.filled = command, context_id, 0
+        elif field_ == N_EVENT_REPORT_RQ:
+            self._report(context_id, command, None)
         else:
             raise ProtocolError(f"unsupported DIMSE command 0x{field_ or 0:04x}")
 
     def _store(self, context_id: int, command: dict[int, bytes]) -> None:
+        if us(command.get(0x0100)) == N_EVENT_REPORT_RQ:
+            with self.data.view() as buffer:
+                dataset = bytes(buffer[:self.filled])
+            self.filled = 0
+            self.data.release()
+            self._report(context_id, command, dataset)
+            return
         abstract, transfer_syntax = self.contexts[context_id]
         sop_class = command.get(0x0002, b"")
         sop_instance = command.get(0x1000, b"")
@@ -445,6 +469,29 @@ class _Connection:
         self.data.release()
         rsp = encode_response(0x8001, us(command.get(0x0110)) or 0, sop_class, status, comment, sop_instance)
         self._send(p_data(context_id, rsp))
+
+
+    def _report(self, context_id: int, command: dict[int, bytes], dataset: bytes | None) -> None:
+        """A Storage Commitment report (N-EVENT-REPORT-RQ), answered with what the commitment book says."""
+        abstract, transfer_syntax = self.contexts[context_id]
+        sop_class, sop_instance = command.get(0x0002, b""), command.get(0x1000, b"")
+        event_type = us(command.get(0x1002))
+        answer = self.server.commitments.receive(abstract, network_uid(sop_class), network_uid(sop_instance),
+                                                 event_type, dataset, transfer_syntax, self.calling_ae)
+        if answer.event is not None:
+            self.server.handler.emit(answer.event)
+        rsp = encode_response(N_EVENT_REPORT_RSP, us(command.get(0x0110)) or 0, sop_class, answer.status,
+                              answer.comment, sop_instance, event_type)
+        self._send(p_data(context_id, rsp))
+
+
+def _roles(request: AssociateRequest, results: list[ContextResult]) -> tuple[bytes, ...]:
+    """Answers to the role selections of accepted Storage Commitment contexts: the peer may act as its SCP."""
+    proposed = role_selections(request.user_items).get(STORAGE_COMMITMENT)
+    accepted = any(r.result == ACCEPTANCE and r.abstract_syntax == STORAGE_COMMITMENT for r in results)
+    if proposed is None or not accepted:
+        return ()
+    return (role_item(STORAGE_COMMITMENT, 0, 1 if proposed[1] else 0),)
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -462,6 +509,8 @@ class NativeServer:
         self.supported: dict[str, tuple[str, ...]] = {
             str(uid): TRANSFER_SYNTAXES for uid in dict.fromkeys((*CT_FAMILY, *config.storage_classes))}
         self.supported[VERIFICATION] = tuple(DEFAULT_TRANSFER_SYNTAXES)
+        self.commitments = CommitmentBook(handler.index, config)  # reports of commitments the node asked for
+        self._with_commitment = {**self.supported, STORAGE_COMMITMENT: COMMITMENT_SYNTAXES}
         self._active = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -478,6 +527,10 @@ class NativeServer:
         self.socket.listen(128)
         self.socket.settimeout(_LISTEN_POLL_S)
         self.server_address = self.socket.getsockname()
+
+    def supported_for(self, calling_ae: str) -> dict[str, tuple[str, ...]]:
+        """The contexts offered to ``calling_ae``: Storage Commitment only to a destination asked for it."""
+        return self._with_commitment if self.commitments.is_peer(calling_ae) else self.supported
 
     def emit(self, event: AssociationAccepted | AssociationRejected) -> None:
         """An association event, into the store handler's sink (a failing sink never ends an association)."""

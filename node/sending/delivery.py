@@ -8,6 +8,11 @@ one association or request, marks each stored one ``done``, each refused for
 good ``dead``, and leaves the others ``pending`` for the next try at the time
 the retry policy gives (:func:`segnode.node.dispatch.next_try_at`); after
 ``dispatch.max_attempts`` tries the delivery is dead-lettered.
+
+To a destination with ``commit: true`` (a :class:`~segnode.node.sending.commitment.Committer`),
+a try that leaves every object stored then asks for their Storage Commitment: the
+delivery is ``stored`` until the destination's report makes it ``done``
+(:mod:`segnode.node.commitment`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from segnode.errors import SegnodeError
 from segnode.node.config import Dispatch
 from segnode.node.dispatch import Summary, next_try_at, summarise
 from segnode.node.events import Delivered, EventSink
+from segnode.node.sending.commitment import Committer, new_transaction_uid
 from segnode.node.sending.sender import Sender, SendResult
 from segnode.node.status import Category
 from segnode.output_kinds import REJECTION_NOTE
@@ -42,12 +48,13 @@ class Courier:
     """Makes the tries of one destination's deliveries (one courier per destination queue)."""
 
     def __init__(self, destination: str, sender: Sender, index: Index, policy: Dispatch,
-                 report: EventSink) -> None:
+                 report: EventSink, committer: Committer | None = None) -> None:
         self.destination = destination
         self.sender = sender
         self.index = index
         self.policy = policy
         self.report = report
+        self.committer = committer
 
     def attempt(self, task: DeliveryTask) -> None:
         """Try ``task`` once, unless it is no longer due as it was found (done, tried since, superseded)."""
@@ -61,7 +68,10 @@ class Courier:
             sent, result = self._send(job, objects, pending)
         except SegnodeError as exc:  # an unreadable file: retrying will not help
             sent, result = [], Summary(Category.PERMANENT, str(exc))
-        self._record(job.job_id, delivery.attempts + 1, pending, sent, result)
+        if self.committer is not None and result.ok and job.outputs:
+            self._commit(self.committer, job.job_id, objects, pending, result)
+        else:
+            self._record(job.job_id, delivery.attempts + 1, pending, sent, result)
 
     def _still_due(self, task: DeliveryTask) -> tuple[Job, Delivery] | None:
         job = self.index.job(task.job_id)
@@ -104,6 +114,20 @@ class Courier:
                    and not any(o.state is DeliveryState.DEAD for o in others) else SendResult.refused)
         return sent + [waiting("rejection note not sent: the newer result is not stored there yet")
                        for _ in notes]
+
+    def _commit(self, committer: Committer, job_id: int, objects: list[DeliveryObject],
+                pending: list[DeliveryObject], result: Summary) -> None:
+        """Every object is stored: record the commitment asked for, then send the N-ACTION."""
+        sent = {o.sop_instance_uid for o in pending}
+        stored = [(o.sop_class_uid, o.sop_instance_uid) for o in objects
+                  if o.state is DeliveryState.DONE or o.sop_instance_uid in sent]
+        transaction = new_transaction_uid()
+        self.index.request_commitment(job_id, self.destination, transaction, stored,
+                                      self.index.clock() + committer.timeout_s,
+                                      [ObjectOutcome(uid, DeliveryState.DONE) for uid in sent])
+        self.report(Delivered(job_id, self.destination, True, f"{result.message}; storage commitment requested"))
+        for event in committer.request(transaction, stored):
+            self.report(event)
 
     def _record(self, job_id: int, tries: int, pending: list[DeliveryObject], sent: list[SendResult],
                 result: Summary) -> None:

@@ -119,12 +119,20 @@ class DimseSender:
     def _response_s(self) -> float:
         return min(self.deadlines.response_s, self.deadlines.attempt_s)
 
-    def _associate(self, ae: AE) -> Association | SendResult:
+    def associate(self, contexts: Sequence[str], handlers: Sequence[evt.EventHandlerType] = ()
+                  ) -> Association | SendResult:
+        """An association proposing ``contexts`` (default transfer syntaxes), with ``handlers`` bound; or why not."""
+        ae = self._ae()
+        for abstract in contexts:
+            ae.add_requested_context(abstract)
+        return self._associate(ae, handlers)
+
+    def _associate(self, ae: AE, handlers: Sequence[evt.EventHandlerType] = ()) -> Association | SendResult:
         """The established association, or why there is none."""
         started = time.monotonic()
         connected = threading.Event()
         assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=_client_ssl(self.tls, self.host),
-                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())])
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set()), *handlers])
         if assoc.is_established:
             return assoc
         if assoc.is_rejected:

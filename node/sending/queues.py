@@ -21,8 +21,10 @@ import queue
 import threading
 import time
 
-from segnode.node.config import NodeConfig
+from segnode.node.commitment import CommitmentBook
+from segnode.node.config import Destination, NodeConfig
 from segnode.node.events import EventSink
+from segnode.node.sending.commitment import committer_for
 from segnode.node.sending.delivery import Courier, DeliveryTask, record_unknown
 from segnode.node.sending.sender import sender_for
 from segnode.storage.index import Index
@@ -93,9 +95,14 @@ class Senders:
     def __init__(self, config: NodeConfig, index: Index, report: EventSink) -> None:
         self.index = index
         self.report = report
-        self.queues = {dest.name: DestinationQueue(
-            Courier(dest.name, sender_for(dest, calling_ae=config.ae_title, dispatch=config.dispatch), index,
-                    config.dispatch, report), workers=dest.workers) for dest in config.destinations}
+        self.commitments = CommitmentBook(index, config)
+        self.queues = {dest.name: DestinationQueue(self._courier(config, dest), workers=dest.workers)
+                       for dest in config.destinations}
+
+    def _courier(self, config: NodeConfig, dest: Destination) -> Courier:
+        sender = sender_for(dest, calling_ae=config.ae_title, dispatch=config.dispatch)
+        committer = committer_for(dest, calling_ae=config.ae_title, dispatch=config.dispatch, book=self.commitments)
+        return Courier(dest.name, sender, self.index, config.dispatch, self.report, committer)
 
     def start(self) -> None:
         for q in self.queues.values():
@@ -106,7 +113,12 @@ class Senders:
             q.stop()
 
     def dispatch_due(self) -> int:
-        """Hand every delivery due to its destination's queue; the number newly queued.  Never sends."""
+        """Hand every delivery due to its destination's queue; the number newly queued.  Never sends.
+
+        Storage commitments with no report by their deadline are first made due again.
+        """
+        for event in self.commitments.expire_overdue():
+            self.report(event)
         queued = 0
         for job, delivery in self.index.due_deliveries():
             task = DeliveryTask(job.job_id, delivery.destination, delivery.attempts)
