@@ -22,8 +22,8 @@ class HttpConfig(Frozen):
     (``segnode users add``) are mandatory when ``host`` is not a loopback address.
     Login sessions end after ``session_idle_s`` without a request or
     ``session_max_s`` after login; after ``login_free_failures`` failed logins
-    for a name or from an address each further attempt waits twice as long
-    (at most ``login_max_delay_s``).  ``secure_cookie`` marks the session cookie
+    for a name or from an address the next attempt waits ``login_delay_s`` and
+    each further one twice as long (at most ``login_max_delay_s``).  ``secure_cookie`` marks the session cookie
     ``Secure`` (set it when a TLS proxy fronts the node).
     """
 
@@ -35,6 +35,7 @@ class HttpConfig(Frozen):
     session_idle_s: float = Field(1800.0, gt=0)
     session_max_s: float = Field(12 * 3600.0, gt=0)
     login_free_failures: int = Field(5, ge=1, le=100)
+    login_delay_s: float = Field(1.0, gt=0)
     login_max_delay_s: float = Field(900.0, ge=1)
     secure_cookie: bool = False
 

@@ -137,6 +137,9 @@ class AccountStore:
                                 "ORDER BY u.name").fetchall()
         return [Account(r[0], _roles_of(r[1]), bool(r[2]), int(r[3]), float(r[4])) for r in rows]
 
+    def exists(self, name: str) -> bool:
+        return self._row(name) is not None
+
     def any(self) -> bool:
         return bool(self.list())
 

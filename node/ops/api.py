@@ -47,7 +47,6 @@ import threading
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -56,10 +55,13 @@ from segnode.errors import ConfigError, SegnodeError, StorageError
 from segnode.node.config.http import HttpConfig
 from segnode.node.http_in.base import (
     MAX_LIMIT,
+    DeadlineHandler,
+    DeadlineHTTPServer,
     HttpError,
     Request,
     Response,
     RunningHTTP,
+    content_length,
     json_response,
 )
 from segnode.node.ops.accounts import AccountStore
@@ -271,7 +273,7 @@ class OpsApp:
 
     def _job_id(self, req: Request) -> int:
         raw = req.params["job_id"]
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 12):  # int() refuses '²'; SQLite, 20 digits
             raise HttpError(HTTPStatus.BAD_REQUEST, f"job id must be a number, not {raw!r}")
         return int(raw)
 
@@ -332,7 +334,7 @@ class OpsApp:
     def _review_api(self, req: OpsRequest, *, approve: bool) -> Response:
         try:
             body = json.loads(req.body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {comment}") from None
         if not isinstance(body, dict):
             raise HttpError(HTTPStatus.BAD_REQUEST, "body must be JSON {comment}")
@@ -454,7 +456,7 @@ def _job_view(job: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
 # -- HTTP ----------------------------------------------------------------------------------------
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
+class _RequestHandler(DeadlineHandler):  # deadlines: a slow-loris peer cannot hold a thread
     server: "OpsHTTPServer"
     server_version = "segnode"
     sys_version = ""
@@ -495,19 +497,21 @@ class _RequestHandler(BaseHTTPRequestHandler):
         return refused if refused is not None else handler(req)
 
     def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
+        length = content_length(self.headers.get("Content-Length"))
         if length is None:
             return b""
-        if not length.isdigit():
-            raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-        if int(length) > self.server.max_body:
+        if length > self.server.max_body:
             self.close_connection = True
-            if int(length) <= 4 * self.server.max_body:  # drain a modest excess, so the client reads the 413
-                remaining = int(length)
+            if length <= 4 * self.server.max_body:  # drain a modest excess, so the client reads the 413
+                remaining = length
                 while remaining > 0 and (chunk := self.rfile.read(min(remaining, 65536))):
                     remaining -= len(chunk)
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {self.server.max_body} bytes")
-        return self.rfile.read(int(length))
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.BAD_REQUEST, "the request body ended before its Content-Length")
+        return body
 
     def _send(self, response: Response) -> None:
         self.send_response(response.status)
@@ -530,7 +534,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         logger.debug("%s %s", self.client_address[0], format % args)
 
 
-class OpsHTTPServer(ThreadingHTTPServer):
+class OpsHTTPServer(DeadlineHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
@@ -550,7 +554,8 @@ def start_http(config: HttpConfig, app: OpsApp, accounts: AccountStore | None = 
                           "(a file holding the API token), add accounts (segnode users add) or bind to 127.0.0.1")
     guard = Guard(token=token, accounts=accounts, secure_cookie=config.secure_cookie,
                   sessions=SessionStore(idle_s=config.session_idle_s, max_s=config.session_max_s, clock=clock))
-    throttle = LoginThrottle(free=config.login_free_failures, max_delay_s=config.login_max_delay_s, clock=clock)
+    throttle = LoginThrottle(free=config.login_free_failures, delay_s=config.login_delay_s,
+                             max_delay_s=config.login_max_delay_s, clock=clock)
     app.add_routes(Login(guard, throttle, node=app.node, audit=app.audit).routes())
     try:
         server = OpsHTTPServer((config.host, config.port), app, guard, config.max_body_bytes)

@@ -101,8 +101,12 @@ class Guard:
         if header:
             req.user = self._bearer_user(header)
             return
-        req.session = self.sessions.get(session_id(req))
-        req.user = None if req.session is None else req.session.user
+        session = self.sessions.get(session_id(req))
+        if session is not None and self.accounts is not None and not self.accounts.exists(session.user.name):
+            self.sessions.end(session.sid)  # removed with `segnode users remove` while logged in
+            session = None
+        req.session = session
+        req.user = None if session is None else session.user
 
     def _bearer_user(self, header: str) -> Principal:
         scheme, _, value = header.strip().partition(" ")

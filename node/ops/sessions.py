@@ -6,7 +6,7 @@ or ``max_s`` after login, whichever comes first; a restart of the node ends
 every session (people log in again).
 
 The throttle counts failed logins per user name and per client address:
-after ``free`` failures each further attempt waits ``2 ** (n - free)``
+after ``free`` failures each further attempt waits ``delay_s * 2 ** (n - free)``
 seconds (at most ``max_delay_s``); a success clears the user's and the
 address's count.
 """
@@ -91,6 +91,7 @@ class LoginThrottle:
     """Failed logins per key (``user:NAME``, ``addr:IP``) and the wait they impose."""
 
     free: int = 5
+    delay_s: float = 1.0
     max_delay_s: float = 900.0
     clock: Callable[[], float] = time.time
     _failures: dict[str, _Failures] = field(default_factory=dict)
@@ -117,5 +118,5 @@ class LoginThrottle:
     def _wait(self, entry: _Failures | None, now: float) -> float:
         if entry is None or entry.count < self.free:
             return 0.0
-        delay = min(self.max_delay_s, 2.0 ** (entry.count - self.free))
+        delay = min(self.max_delay_s, self.delay_s * 2.0 ** (entry.count - self.free))
         return max(0.0, entry.last_at + delay - now)
