@@ -81,8 +81,9 @@ class StowIngest:
     """Stores the parts of one STOW-RS request through the node's :class:`StoreHandler`."""
 
     def __init__(self, handler: StoreHandler, *, calling_ae: str, called_ae: str, host: str,
-                 study_uid: str | None, session: int) -> None:
+                 study_uid: str | None, session: int, author: str | None = None) -> None:
         self.handler = handler
+        self.author = author  # the client (or user) storing: a correction's author (node/corrections.py)
         self.calling_ae, self.called_ae, self.host = calling_ae, called_ae, host
         self.study_uid = study_uid
         self.session = session
@@ -101,7 +102,7 @@ class StowIngest:
         dataset = memoryview(part.body)[meta.dataset_offset:]
         request = StoreRequest(meta.sop_class_uid, meta.sop_instance_uid, meta.transfer_syntax, self.calling_ae,
                                self.called_ae, self.host, abstract_syntax=meta.sop_class_uid, session=self.session,
-                               study_uid=self.study_uid)  # the store path reads the header once and checks it
+                               study_uid=self.study_uid, author=self.author)  # the store path reads the header once and checks it
         code, comment = self.handler.store(request, dataset)
         return StowOutcome(*claimed, code, comment)
 
