@@ -153,7 +153,7 @@ class DicomWebApp:
                             'send multipart/related; type="application/dicom"')
         session = next(self._sessions)
         ingest = StowIngest(self.store_handler, calling_ae=client.ae_title, called_ae=self.ae_title, host=host,
-                            study_uid=study_uid, session=session)
+                            study_uid=study_uid, session=session, author=client.name)
         outcomes = []
         try:
             for part in iter_parts(body, media.params.get("boundary", ""),
