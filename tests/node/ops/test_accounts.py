@@ -160,7 +160,7 @@ class Client:
                                              {"Origin": self.origin})
         if status == 303:
             self.cookie = headers["Set-Cookie"].split(";", 1)[0]
-            page = self.request("GET", "/jobs/1/review", headers={"Accept": "text/html"})[2].decode()
+            page = self.request("GET", "/status", headers={"Accept": "text/html"})[2].decode()
             self.csrf = re.search(r'name=csrf value="([^"]+)"', page).group(1)
         return status, headers, body
 
