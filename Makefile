@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb rabbitmq-server chromium nodejs npm plastimatch
 
-.PHONY: run test install install-test peers bench wheel clean
+.PHONY: run test install install-test peers bench wheel clean viewer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(BIN)/python
 install-test: $(BIN)/python peers
 	$(BIN)/pip install -e '.[dl,test]'
 	cd tests/js && npm ci --no-audit --no-fund --ignore-scripts  # OHIF's SEG reader, pinned by package-lock.json
+	$(MAKE) viewer
+
+# the OHIF Viewer the node serves under /viewer/ (@ohif/app's built dist/; version and integrity in viewer/package-lock.json)
+viewer:
+	cd viewer && npm ci --no-audit --no-fund --ignore-scripts
 
 # Debian peers the tests use as scanners, PACS and validators; installed only when missing.
 peers:

@@ -22,6 +22,8 @@ from segnode.node.config import NodeConfig
 from segnode.node.config.datasets import dataset_store_root
 from segnode.node.events import Delivered, Event, EventSink, JobMoved
 from segnode.node.ingest.guards import ListenerHealth
+from segnode.node.http_in.catalogue import IndexCatalogue
+from segnode.node.http_in.dicomweb_read import DicomWebReader
 from segnode.node.ingest.store import StoreHandler
 from segnode.node.ops.accounts import AccountStore
 from segnode.node.ops.api import OpsApp, RunningHTTP, start_http
@@ -29,6 +31,7 @@ from segnode.node.ops.audit import AuditFollower, AuditLog, record_of
 from segnode.node.ops.metrics import NodeMetrics
 from segnode.node.ops.status_page import render_status
 from segnode.node.ops.views import OpsDB
+from segnode.node.ops.viewer import Viewer, viewer_routes
 from segnode.node.remote.status import ScaleoutCollector, ScaleoutSource, render_remote
 from segnode.routing import RulesHolder
 from segnode.storage.index import Index
@@ -123,11 +126,14 @@ class Ops:
 
     # -- the HTTP application -----------------------------------------------------------
     def app(self) -> OpsApp:
-        return OpsApp(db=self.db, retry=self.service.index.retry, metrics=self.metrics.render,
-                      rules=self.service.rules, readiness=self.readiness_checks(),
-                      validate_rules=self.validate_rules, datasets=self.datasets,
-                      status_page=self.status_page, audit=self.write_audit,
-                      review=self.service.review, node=self.config.ae_title)
+        app = OpsApp(db=self.db, retry=self.service.index.retry, metrics=self.metrics.render,
+                     rules=self.service.rules, readiness=self.readiness_checks(),
+                     validate_rules=self.validate_rules, datasets=self.datasets,
+                     status_page=self.status_page, audit=self.write_audit,
+                     review=self.service.review, node=self.config.ae_title)
+        reader = DicomWebReader(IndexCatalogue(self.config.index_path, self.config.spool_dir))
+        app.add_routes(viewer_routes(Viewer(self.config.viewer, node=self.config.ae_title), reader))
+        return app
 
     def status_page(self) -> str:
         checks = self.readiness_checks()

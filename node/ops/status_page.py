@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from segnode.node.ops.roles import Principal
+from segnode.node.ops.viewer import viewer_url
 from segnode.node.ops.views import (
     FAILURE_STATES,
     STAGES,
@@ -216,6 +217,7 @@ def render_review(job: dict[str, Any], summary: dict[str, Any], *, node: str, ev
         f'<div class=muted><a href="/status">status</a> · profile {_e(job["profile"])} · '
         f'series {_uid(job["series_uid"])} · {_e(job["reason"])}</div>',
         f'<div class=muted id=completion>completed: {_e(job.get("completion") or "-")}</div>',
+        f'<div id=viewer><a href="{_e(viewer_url(job["study_uid"], job.get("seg_series_uid")))}">Open in viewer</a></div>',
         f'<div class=warning id=qc-warning>{_e(warning)}</div>' if warning else "",
         _qc_table(summary.get("qc") or []),
         _pictures(job_id, summary.get("pictures") or []),
