@@ -27,7 +27,6 @@ from segnode.node.config.dicomweb import BrokerConfig, DicomWebConfig, StowTarge
 from segnode.node.config.http import AuditConfig, HttpConfig
 from segnode.node.config.sources import SourceConfig
 from segnode.node.config.viewer import ViewerConfig
-from segnode.node.config.viewer import ViewerConfig
 from segnode.output_kinds import REJECTION_NOTE, kinds_field
 from segnode.yamlconf import Frozen, load_model
 
@@ -221,7 +220,6 @@ class NodeConfig(Frozen):
     dataset_store: Path | None = None  # harvest target (storage/dataset.py); default <state_dir>/datasets
     deid_secret_file: Path | None = None  # HMAC secret for pseudonyms; must live outside the store
     sources: tuple[SourceConfig, ...] = ()  # PACS to query and retrieve from (node/sources/, docs/sources.md)
-    viewer: ViewerConfig = ViewerConfig()  # the OHIF Viewer served under /viewer/ (node/ops/viewer.py)
     viewer: ViewerConfig = ViewerConfig()  # the OHIF Viewer served under /viewer/ (node/ops/viewer.py)
 
     @field_validator("storage_classes")
