@@ -44,6 +44,7 @@ GEOMETRY = "correction_geometry"
 SEGMENTS = "correction_segments"
 NO_JOB = "correction_no_job"
 UNREADABLE = "correction_unreadable"
+PENDING = "correction_pending"
 
 
 class CorrectionRefused(InputError):

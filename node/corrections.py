@@ -47,7 +47,7 @@ from segnode.models.metrics import dice
 from segnode.models.series import load_series
 from segnode.models.volume import Volume
 from segnode.node.config import NodeConfig
-from segnode.node.correction_seg import NO_JOB, UNREADABLE, CorrectionRefused, labels_on_grid, segment_values
+from segnode.node.correction_seg import NO_JOB, PENDING, UNREADABLE, CorrectionRefused, labels_on_grid, segment_values
 from segnode.node.events import EventSink, JobMoved
 from segnode.node.status import Refusal, Status
 from segnode.profiles import Profile, load_profile
@@ -172,10 +172,19 @@ class Corrections:
             except CorrectionRefused as exc:
                 last = exc
                 continue
+            self._none_pending(job)
             return job, profile
         if last is not None:
             raise last
         raise CorrectionRefused("the SEG references no job's source series", reason=NO_JOB)
+
+    def _none_pending(self, job: Job) -> None:
+        """One correction of a job at a time: the next one corrects the correction once it is encoded."""
+        for state in (JobState.COMPLETE, JobState.SEGMENTING):
+            for other in self.index.jobs(state, limit=1000):
+                if (other.options.get("correction") or {}).get("of_job") == job.job_id:
+                    raise CorrectionRefused(f"job {other.job_id} is still encoding a correction of job {job.job_id}",
+                                            reason=PENDING)
 
     def _source(self, job: Job) -> Volume:
         info = self.index.series(job.series_uid)
