@@ -20,6 +20,7 @@ PS3.7 §10.1.1.1.8), never an exception.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -121,7 +122,9 @@ def decode_event_information(data: bytes, transfer_syntax: str) -> Dataset:
         ds.ensure_file_meta()  # nothing lazy is left: every element below is read here
         for elem in ds.iterall():
             _ = elem.value
-    except (InvalidDicomError, ValueError, TypeError, KeyError, IndexError, EOFError, OverflowError) as exc:
+    except (InvalidDicomError, ValueError, TypeError, KeyError, IndexError, EOFError, OverflowError, struct.error,
+            NotImplementedError, UserWarning) as exc:  # what pydicom raises on broken bytes (an unknown VR: NIE);
+        # UserWarning: its warnings, where a strict warnings filter makes them errors
         raise ReportRefused(f"event information cannot be decoded: {exc}", ReportStatus.PROCESSING_FAILURE) from exc
     return ds
 

@@ -305,7 +305,8 @@ class OpsApp:
                          "last_error": d["last_error"],
                          "objects": [{"kind": o["kind"], "sop_class_uid": o["sop_class_uid"],
                                       "sop_instance_uid": o["sop_instance_uid"], "state": o["state"],
-                                      "delivered_at": _iso(o["delivered_at"]), "last_error": o["last_error"]}
+                                      "delivered_at": _iso(o["delivered_at"]), "last_error": o["last_error"],
+                                      "committed_at": _iso(o.get("committed_at"))}  # Storage Commitment
                                      for o in objects if o["destination"] == d["destination"]]}
                         for d in deliveries],
         )

@@ -49,12 +49,13 @@ from prometheus_client.registry import Collector
 from segnode.node.events import (
     AssociationAccepted,
     AssociationRejected,
+    CommitmentSettled,
     Delivered,
     Event,
     InstanceRefused,
 )
 from segnode.node.ops.views import STAGES, OpsDB, StageSpan
-from segnode.storage.index import JobState
+from segnode.storage.index import DeliveryState, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class NodeMetrics:
                                          ["destination"], registry=self.registry)
         self.dispatch_failures = Counter("segnode_dispatch_failures", "Failed C-STORE attempts of results",
                                          ["destination"], registry=self.registry)
+        self.commitments = Counter("segnode_storage_commitments", "Storage Commitment outcomes (committed, failed, "
+                                   "expired, refused)", ["destination", "outcome"], registry=self.registry)
         self.audit_errors = Counter("segnode_audit_errors", "Audit records that could not be written",
                                     registry=self.registry)
         for result in ("accepted", "rejected"):
@@ -120,6 +123,8 @@ class NodeMetrics:
                 self.dispatch_attempts.labels(destination).inc()
                 if not ok:
                     self.dispatch_failures.labels(destination).inc()
+            case CommitmentSettled(destination=destination, outcome=outcome):
+                self.commitments.labels(destination, outcome).inc()
 
 
 class _StateCollector(Collector):
@@ -150,9 +155,20 @@ class _StateCollector(Collector):
             for state in JobState:
                 jobs.add_metric([state.value], counts.get(state.value, 0))
             yield jobs
+            yield _delivery_gauge(self.db)
         if self.disk_path is not None:
             yield GaugeMetricFamily("segnode_free_disk_bytes", "Free bytes on the state directory's disk",
                                     value=shutil.disk_usage(self.disk_path).free)
+
+
+def _delivery_gauge(db: OpsDB) -> Metric:
+    """Deliveries per state: ``stored`` awaits the destination's Storage Commitment, ``done`` is committed there."""
+    gauge = GaugeMetricFamily("segnode_deliveries", "Deliveries per state (stored: awaiting Storage Commitment)",
+                              labels=["state"])
+    counts = {r[0]: r[1] for r in db.query("SELECT state, COUNT(*) FROM deliveries GROUP BY state")}
+    for state in DeliveryState:
+        gauge.add_metric([state.value], counts.get(state.value, 0))
+    return gauge
 
 
 def _listener_metrics(stats: dict[str, int]) -> Iterator[Metric]:

@@ -66,14 +66,16 @@ SCHEMAS: dict[str, Any] = {
         "events": {"type": "array", "items": {"type": "object", "properties": {
             "at": _TIME, "state": {"type": "string"}, "reason": {"type": ["string", "null"]}}}},
         "deliveries": {"type": "array", "items": {"type": "object", "properties": {
-            "destination": {"type": "string"}, "state": {"type": "string"}, "attempts": {"type": "integer"},
+            "destination": {"type": "string"}, "attempts": {"type": "integer"},
+            "state": {"type": "string", "description": "pending, stored (awaiting Storage Commitment), done, dead"},
             "next_attempt_at": _TIME, "delivered_at": _TIME, "last_error": {"type": ["string", "null"]},
             "objects": {"type": "array", "description": "each object this destination takes, with its own state",
                         "items": {"type": "object", "properties": {
                             "kind": {"type": "string", "enum": ["seg", "rtstruct", "overlay", "sr"]},
                             "sop_class_uid": {"type": "string"}, "sop_instance_uid": {"type": "string"},
                             "state": {"type": "string", "enum": ["pending", "done", "dead"]},
-                            "delivered_at": _TIME, "last_error": {"type": ["string", "null"]}}}}}}},
+                            "delivered_at": _TIME, "last_error": {"type": ["string", "null"]},
+                            "committed_at": _TIME}}}}}},
     }}]},
     "Series": {"type": "object", "properties": {
         "series_uid": {"type": "string"}, "modality": {"type": ["string", "null"]},

@@ -25,7 +25,7 @@ from segnode.node.ops.views import (
     stage_spans,
     stage_totals,
 )
-from segnode.storage.index import JobState
+from segnode.storage.index import DeliveryState, JobState
 
 #: how many of the latest jobs the latency table is computed over.
 LATENCY_WINDOW = 500
@@ -119,6 +119,7 @@ def render_status(db: OpsDB, *, node: str, readiness: Callable[[], dict[str, tup
         parts.append(_readiness(readiness()))
     parts.append('<div class=grid><div>')
     parts.append(_queue(db.counts()))
+    parts.append(_deliveries(db))
     parts.append("</div><div>")
     parts.append(_latency(db))
     parts.append("</div></div>")
@@ -143,6 +144,13 @@ def _queue(counts: dict[str, int]) -> str:
     rows = "".join(f"<tr><td>{_state(s.value)}</td><td class=n>{counts.get(s.value, 0)}</td></tr>"
                    for s in JobState)
     return f"<h2>Queue</h2><table id=queue><tr><th>state</th><th>jobs</th></tr>{rows}</table>"
+
+
+def _deliveries(db: OpsDB) -> str:
+    """Deliveries per state: ``stored`` awaits the destination's Storage Commitment; ``done`` is committed there."""
+    counts = {r[0]: r[1] for r in db.query("SELECT state, COUNT(*) FROM deliveries GROUP BY state")}
+    rows = "".join(f"<tr><td>{s.value}</td><td class=n>{counts.get(s.value, 0)}</td></tr>" for s in DeliveryState)
+    return f"<h2>Deliveries</h2><table id=deliveries><tr><th>state</th><th>deliveries</th></tr>{rows}</table>"
 
 
 def _latency(db: OpsDB) -> str:
