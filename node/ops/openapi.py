@@ -101,6 +101,17 @@ PATHS: dict[str, dict[str, Any]] = {
     "/readyz": {"get": _op("Readiness: index, DICOM listener, free disk, rules, audit log",
                            {"200": _json(_ref("Readiness")), "503": _json(_ref("Readiness"), "Not ready")},
                            secured=False)},
+    "/login": {
+        "get": _op("The login form (HTML)", {"200": {"description": "HTML", "content": {
+            "text/html": {"schema": {"type": "string"}}}}}, secured=False),
+        "post": _op("Log in (form: name, password, next): a session cookie, 303 to next", {
+            "303": {"description": "logged in: Set-Cookie segnode_session"},
+            "401": {"description": "wrong name or password (the form again)"},
+            "429": {"description": "too many failed logins (Retry-After)"}}, secured=False,
+            requestBody={"required": True, "content": {
+                "application/x-www-form-urlencoded": {"schema": {"type": "object"}}}})},
+    "/logout": {"post": _op("End the session (form field csrf or X-CSRF-Token)", {
+        "303": {"description": "logged out: to /login"}})},
     "/": {"get": _op("The status page", {"200": {"description": "HTML",
                                                  "content": {"text/html": {"schema": {"type": "string"}}}}})},
     "/status": {"get": _op("The status page (same as /)", {"200": {
