@@ -279,9 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
         client = self._client()
         if not client.retrieve:
             raise HttpError(HTTPStatus.FORBIDDEN, f"client {client.name} may not retrieve")
-        base = mount_url(self.headers.get("Host"), f"{self.server.server_address[0]}:{self.server.server_address[1]}")
         answer = app.reader.get(path[len("/dicomweb"):], parse_qs(urlsplit(self.path).query, keep_blank_values=True),
-                                accept=self.headers.get("Accept"), base=base)
+                                accept=self.headers.get("Accept"), base="/dicomweb")
         app.count(reads=1, wado_series=int(bool(_WADO_SERIES.fullmatch(path))))
         self._send_answer(answer)
 

@@ -4,7 +4,9 @@
 DICOMweb server (:mod:`segnode.node.http_in.dicomweb`, bearer clients with
 ``retrieve``) and the ops server (the viewer's session, :mod:`segnode.node.ops.viewer`)
 check who asks, then hand it the path below the mount, the query, the
-``Accept`` header and the URL the mount is reached at (for ``BulkDataURI``).
+``Accept`` header and the mount's path, ``/dicomweb``: a ``BulkDataURI`` is that
+path and the resource's (``/dicomweb/studies/.../bulkdata/7FE00010``), resolved
+against the URL the client reached the server at, whatever host and port it used.
 
 =====================================================  ======================================
 ``/studies``, ``/series``, ``/instances``               QIDO-RS across studies
@@ -64,14 +66,6 @@ def route(path: str) -> tuple[str, dict[str, str]]:
                     raise HttpError(HTTPStatus.BAD_REQUEST, f"the {key} in the path is not a valid DICOM UID")
             return name, params
     raise HttpError(HTTPStatus.NOT_FOUND, "no such DICOMweb resource")
-
-
-def mount_url(host: str | None, fallback: str, mount: str = "/dicomweb") -> str:
-    """The URL of the mount as the client reached it (its ``Host``, when that is a plain host[:port])."""
-    if host is None or not re.fullmatch(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?",
-                                        host):
-        host = fallback
-    return f"http://{host}{mount}"
 
 
 def json_answer(data: object) -> WebAnswer:
