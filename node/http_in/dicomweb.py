@@ -47,7 +47,7 @@ from segnode.node.config import NodeConfig
 from segnode.node.config.dicomweb import DicomWebClient, DicomWebConfig, read_secret
 from segnode.node.http_in.base import HttpError, RunningHTTP, bearer
 from segnode.node.http_in.catalogue import IndexCatalogue
-from segnode.node.http_in.dicomweb_read import DicomWebReader, mount_url
+from segnode.node.http_in.dicomweb_read import DicomWebReader
 from segnode.node.http_in.multipart import (
     BodyTooLarge,
     ChunkedBody,
