@@ -1,0 +1,77 @@
+"""``segnode fetch``: retrieve a study (by accession, study UID or patient) from a configured source.
+
+It runs against the node's configuration, beside the running node: C-MOVE
+asks the source to send the series to the node's own AE title (the running
+node's receiver stores them); C-GET and DICOMweb store each instance through
+the node's store path into the same spool and index.  Either way the running
+node's completion sweep completes and routes the series (docs/sources.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+from datetime import date
+from pathlib import Path
+
+from segnode.errors import InputError
+from segnode.node.config import NodeConfig, load_config
+from segnode.node.ingest.store import StoreHandler
+from segnode.node.sources.fetch import Fetcher, FetchReport
+from segnode.node.sources.open import open_source, source_config
+from segnode.node.sources.record import RetrievalLog
+from segnode.node.sources.source import SourceError, StudyQuery
+from segnode.storage.index import Index
+from segnode.storage.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("fetch", help="retrieve a study from a configured source (PACS) and segment it")
+    parser.add_argument("--config", type=Path, help="node configuration (its 'sources')")
+    parser.add_argument("--from", dest="source", required=True, metavar="NAME", help="the source's name")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--accession", help="the study's accession number")
+    which.add_argument("--study", help="the Study Instance UID")
+    which.add_argument("--patient", help="the patient's ID (all studies, or since --since)")
+    parser.add_argument("--since", type=_day, help="only studies from this day on (YYYY-MM-DD)")
+    parser.add_argument("--modality", help="only series of this modality (default: every image series)")
+    parser.add_argument("--by", help="who asks (recorded in the retrieval log; default cli:<login>)")
+    parser.set_defaults(func=run)
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    query = StudyQuery(accession=args.accession, study_uid=args.study, patient_id=args.patient, since=args.since)
+    report = fetch_with_config(config, args.source, query, by=args.by or f"cli:{getpass.getuser()}",
+                               modality=args.modality)
+    for line in report.lines():
+        print(line)
+    if not report.series:
+        raise InputError(f"source {args.source}: the matching studies have no image series to retrieve")
+    return 0 if report.ok else SourceError.exit_code
+
+
+def fetch_with_config(config: NodeConfig, name: str, query: StudyQuery, *, by: str,
+                      modality: str | None = None) -> FetchReport:
+    """One fetch from the command line: the node's spool, index and store path opened here."""
+    settings = source_config(config, name)
+    index = Index(config.index_path)
+    try:
+        store = StoreHandler(config, Spool(config.spool_dir), index)
+        source = open_source(config, name, store=store)
+        method = settings.retrieve.value if settings.kind.value == "dimse" else "wado"
+        fetcher = Fetcher(source, method=method, log=RetrievalLog(config.state_dir / "retrievals.sqlite"),
+                          index=index, by=by, modality=modality)
+        return fetcher.fetch(query)
+    finally:
+        index.close()
