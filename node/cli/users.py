@@ -76,7 +76,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    accounts = _store(args).list()
+    accounts = _store(args).users()
     if not accounts:
         print("no users")
     for a in accounts:

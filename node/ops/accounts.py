@@ -16,9 +16,11 @@ import re
 import secrets
 import sqlite3
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from segnode.errors import ConfigError, InputError, StorageError
 from segnode.node.ops.roles import Principal, Role, parse_role
@@ -88,11 +90,21 @@ class AccountStore:
         try:
             conn = sqlite3.connect(self.path, timeout=10)
             conn.execute("PRAGMA foreign_keys = ON")
-            conn.executescript(_SCHEMA)
+            if create:  # the administration commands: the schema, and the file private
+                conn.executescript(_SCHEMA)
+                os.chmod(self.path, 0o600)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the accounts file: {exc}", where=str(self.path)) from exc
-        os.chmod(self.path, 0o600)
         return conn
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One transaction of the administration commands; SQLite errors as :class:`StorageError`."""
+        try:
+            with closing(self._connect(create=True)) as conn, conn:
+                yield conn
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot write the accounts file: {exc}", where=str(self.path)) from exc
 
     # -- administration (the CLI) ----------------------------------------------------------
     def add(self, name: str, roles: frozenset[Role], password: str | None = None) -> Account:
@@ -101,7 +113,7 @@ class AccountStore:
             raise InputError("give the user at least one role")
         salt = secrets.token_bytes(16) if password is not None else None
         digest = hash_password(check_password(password), salt) if password is not None and salt else None
-        with closing(self._connect(create=True)) as conn, conn:
+        with self._writing() as conn:
             try:
                 conn.execute("INSERT INTO users VALUES (?, ?, ?, ?, ?)",
                              (name, _roles_text(roles), salt, digest, time.time()))
@@ -110,7 +122,7 @@ class AccountStore:
         return self.get(name)
 
     def remove(self, name: str) -> None:
-        with closing(self._connect(create=True)) as conn, conn:
+        with self._writing() as conn:
             if conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
                 raise InputError(f"no user {name!r}")
 
@@ -118,30 +130,27 @@ class AccountStore:
         """A new personal API token for ``name`` (returned once; only its digest is kept)."""
         self.get(name)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        with closing(self._connect()) as conn, conn:
+        with self._writing() as conn:
             conn.execute("INSERT INTO tokens VALUES (?, ?, ?)", (token_digest(token), name, time.time()))
         return token
 
     def get(self, name: str) -> Account:
-        found = [a for a in self.list() if a.name == name]
+        found = [a for a in self.users() if a.name == name]
         if not found:
             raise InputError(f"no user {name!r}")
         return found[0]
 
-    def list(self) -> list[Account]:
-        if not self.path.exists():
-            return []
-        with closing(self._connect()) as conn:
-            rows = conn.execute("SELECT u.name, u.roles, u.hash IS NOT NULL, COUNT(t.digest), u.created_at "
-                                "FROM users u LEFT JOIN tokens t ON t.name = u.name GROUP BY u.name "
-                                "ORDER BY u.name").fetchall()
+    def users(self) -> list[Account]:
+        rows = self._read("SELECT u.name, u.roles, u.hash IS NOT NULL, COUNT(t.digest), u.created_at "
+                          "FROM users u LEFT JOIN tokens t ON t.name = u.name GROUP BY u.name ORDER BY u.name")
         return [Account(r[0], _roles_of(r[1]), bool(r[2]), int(r[3]), float(r[4])) for r in rows]
 
     def exists(self, name: str) -> bool:
         return self._row(name) is not None
 
     def any(self) -> bool:
-        return bool(self.list())
+        """Are there accounts (then the HTTP server needs a login)?  Asked on every request."""
+        return bool(self._read("SELECT 1 FROM users LIMIT 1"))
 
     # -- authentication (the HTTP server) ---------------------------------------------------
     def check_password(self, name: str, password: str) -> Principal | None:
@@ -156,19 +165,25 @@ class AccountStore:
         return Principal(name, _roles_of(row[0]), "session")
 
     def principal_for_token(self, token: str) -> Principal | None:
-        if not token.startswith(TOKEN_PREFIX) or not self.path.exists():
+        if not token.startswith(TOKEN_PREFIX):
             return None
-        with closing(self._connect()) as conn:
-            row = conn.execute("SELECT u.name, u.roles FROM tokens t JOIN users u ON u.name = t.name "
-                               "WHERE t.digest = ?", (token_digest(token),)).fetchone()
-        return None if row is None else Principal(row[0], _roles_of(row[1]), "token")
+        rows = self._read("SELECT u.name, u.roles FROM tokens t JOIN users u ON u.name = t.name "
+                          "WHERE t.digest = ?", (token_digest(token),))
+        return Principal(rows[0][0], _roles_of(rows[0][1]), "token") if rows else None
 
     def _row(self, name: str) -> tuple[str, bytes | None, bytes | None] | None:
+        rows = self._read("SELECT roles, salt, hash FROM users WHERE name = ?", (name,))
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    def _read(self, sql: str, params: tuple[str, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query; none before the file exists; SQLite errors as :class:`StorageError`."""
         if not self.path.exists():
-            return None
-        with closing(self._connect()) as conn:
-            row = conn.execute("SELECT roles, salt, hash FROM users WHERE name = ?", (name,)).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+            return []
+        try:
+            with closing(self._connect()) as conn:
+                return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the accounts file: {exc}", where=str(self.path)) from exc
 
 
 def _roles_text(roles: frozenset[Role]) -> str:

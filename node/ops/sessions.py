@@ -93,6 +93,7 @@ class LoginThrottle:
     free: int = 5
     delay_s: float = 1.0
     max_delay_s: float = 900.0
+    max_keys: int = 10_000
     clock: Callable[[], float] = time.time
     _failures: dict[str, _Failures] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -106,6 +107,9 @@ class LoginThrottle:
     def failed(self, *keys: str) -> None:
         now = self.clock()
         with self._lock:
+            if len(self._failures) > self.max_keys:  # many names tried: forget those long quiet
+                for old in [k for k, f in self._failures.items() if now - f.last_at > self.max_delay_s]:
+                    del self._failures[old]
             for key in keys:
                 entry = self._failures.setdefault(key, _Failures())
                 entry.count, entry.last_at = entry.count + 1, now

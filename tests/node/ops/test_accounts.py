@@ -56,7 +56,7 @@ def test_passwords_are_scrypt_hashes_with_a_salt_each_tokens_only_digests(tmp_pa
     assert store.principal_for_token(token) == Principal("bob", frozenset({Role.OPS}), "token")
     assert store.principal_for_token(token + "x") is None
     store.remove("bob")
-    assert store.principal_for_token(token) is None and [a.name for a in store.list()] == ["alice"]
+    assert store.principal_for_token(token) is None and [a.name for a in store.users()] == ["alice"]
 
 
 def test_users_cli_add_list_token_remove(tmp_path, monkeypatch, capsys):
@@ -223,6 +223,9 @@ def test_login_sets_a_strict_http_only_cookie_and_pages_redirect_to_login(served
     assert browser.request("GET", "/api/v1/jobs")[0] == 401
     status, headers, body = browser.login("alice", "wrong-password")
     assert status == 401 and b"wrong name or password" in body and "Set-Cookie" not in headers
+    status, headers, _ = browser.request("POST", "/login", {"name": "alice", "password": PASSWORD["alice"]},
+                                         {"Origin": "http://evil.example"})  # login CSRF
+    assert status == 403 and "Set-Cookie" not in headers
     status, headers, _ = browser.login("alice", PASSWORD["alice"])
     assert (status, headers["Location"]) == (303, "/jobs/1/review")
     cookie = headers["Set-Cookie"]
