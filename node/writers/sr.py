@@ -15,6 +15,9 @@
   the Device UID of the algorithm's contributing-equipment item (IHE AIR; one
   per backend, model version and weights hash), which replaces highdicom's;
 * a newer result version has its version in the series number and description;
+* with ``priors`` (the node's results on the patient's earlier studies), a
+  group per segment on each prior and the change since it
+  (:mod:`segnode.node.writers.sr_priors`);
 * UIDs are deterministic (:func:`~segnode.node.writers.common.output_seed`: source
   series and its instances, organ, backend, model version, "sr", and the SEG
   type of the SEG it reports on, read from that SEG).
@@ -23,7 +26,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -41,6 +46,16 @@ from segnode.node.writers.common import (
     stamp_algorithm,
     versioned_seed,
     versioned_series,
+)
+from segnode.node.writers.sr_priors import (
+    LoadedPrior,
+    PriorResult,
+    change_measurements,
+    declare_scheme,
+    load_prior,
+    prior_evidence,
+    prior_group,
+    study_date,
 )
 from segnode.profiles.schema import Code, Profile
 
@@ -71,8 +86,33 @@ def _observation_context(algorithm: Algorithm) -> hd.sr.ObservationContext:
     )
 
 
+def _groups(seg: hd.seg.Segmentation, stat: SegmentStatistics, profile: Profile, labels: LabelMap,
+            priors: Sequence[LoadedPrior], current: Dataset) -> list[
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """The segment's group (with its change since each prior), then its group on each prior that has it."""
+    tissue = profile.tissue(stat["tissue"])
+    assert tissue.type is not None and tissue.category is not None  # the profile validator ensures it
+    algorithm = _algorithm(labels)
+    extra = [m for prior in priors for m in change_measurements(
+        float(stat["volume_ml"]), study_date(current), prior, tissue.name, algorithm)]
+    out = [_group(seg, stat, profile, labels, extra)]
+    for prior in priors:
+        if tissue.name in prior.volumes:
+            number = prior.volumes[tissue.name][0]
+            uid = deterministic_uid(str(prior.seg.SOPInstanceUID), tissue.name, "prior")
+            out.append(prior_group(prior, tissue.name, _code(tissue.type), _code(tissue.category), uid, algorithm,
+                                   referenced_segment(prior.seg, number)))
+    return out
+
+
+def _algorithm(labels: LabelMap) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=f"segnode {labels.backend}"[:64],
+                                         version=labels.model_version or __version__)
+
+
 def _group(
-    seg: hd.seg.Segmentation, stat: SegmentStatistics, profile: Profile, labels: LabelMap
+    seg: hd.seg.Segmentation, stat: SegmentStatistics, profile: Profile, labels: LabelMap,
+    extra: Sequence[hd.sr.Measurement] = (),
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     number = int(stat["segment_number"])
     tissue = profile.tissue(stat["tissue"])
@@ -80,12 +120,13 @@ def _group(
     mean_hu = stat["mean_hu"]
     if mean_hu is None:
         raise EncodeError(f"segment {number} ({tissue.name}) is empty: no measurement group")
-    algorithm = hd.sr.AlgorithmIdentification(name=f"segnode {labels.backend}"[:64], version=labels.model_version or __version__)
+    algorithm = _algorithm(labels)
     measurements = [
         hd.sr.Measurement(name=codes.SCT.Volume, value=float(stat["volume_ml"]), unit=ML, algorithm_id=algorithm),
         hd.sr.Measurement(
             name=ATTENUATION, value=float(mean_hu), unit=HU, derivation=codes.SCT.Mean, algorithm_id=algorithm
         ),
+        *extra,
     ]
     segment = next((s for s in seg.SegmentSequence if s.SegmentNumber == number), None)
     if segment is None:
@@ -161,10 +202,12 @@ def write_sr(
     seg_path: Path,
     statistics: list[SegmentStatistics],
     version: int = 1,
+    priors: Sequence[PriorResult] = (),
 ) -> EncodedResult:
     """Write ``statistics`` (``segment_statistics``) as a TID 1500 report on the SEG at ``seg_path``.
 
-    ``version``: the result's version, in the series number and description and the UID seed.
+    ``version``: the result's version, in the series number and description and the UID seed;
+    ``priors``: the node's results on earlier studies of the patient, newest first (volume change).
     """
     source = volume.source
     if source is None:
@@ -174,8 +217,12 @@ def write_sr(
     except (OSError, ValueError, AttributeError) as exc:
         raise EncodeError(f"cannot read the SEG the SR refers to: {exc}", where=str(seg_path)) from exc
     _segment_per_frame(seg)
+    loaded = [load_prior(p) for p in priors]
+    for prior in loaded:
+        _segment_per_frame(prior.seg)
     present = [s for s in statistics if not s.get("empty") and s.get("voxels")]
     seed = versioned_seed(output_seed(source, profile, labels, "sr", seg_type_of(seg)), version)
+    seed = (*seed, *(f"prior:{p.seg.SOPInstanceUID}" for p in loaded))  # no priors: the seed it always had
     algorithm = Algorithm.of(labels)
     series_number, series_description = versioned_series(
         "sr", f"SR measurements {profile.organ} ({labels.backend})", version)
@@ -185,10 +232,11 @@ def write_sr(
             observation_context=_observation_context(algorithm),
             procedure_reported=CT_PROCEDURE,
             # nothing segmented: a report with no measurement group (highdicom refuses an empty list)
-            imaging_measurements=[_group(seg, s, profile, labels) for s in present] or None,
+            imaging_measurements=[g for s in present
+                                  for g in _groups(seg, s, profile, labels, loaded, source.datasets[0])] or None,
         )
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[seg, *source.datasets],
+            evidence=[seg, *source.datasets, *(d for p in loaded for d in prior_evidence(p))],
             content=report,
             series_instance_uid=series_uid,
             series_number=series_number,
@@ -204,6 +252,7 @@ def write_sr(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"SR_{profile.organ}_{sop_uid}.dcm"
     sr.ManufacturerModelName = identity.MODEL_NAME
+    declare_scheme(sr, loaded)
     stamp_algorithm(sr, algorithm)  # IHE AIR: the algorithm as contributing equipment, not highdicom
     identity.stamp_file_meta(sr.file_meta)
     sr.save_as(path)
