@@ -175,6 +175,18 @@ PATHS: dict[str, dict[str, Any]] = {
         requestBody={"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}})},
     "/api/v1/datasets": {"get": _op("Datasets of the dataset store: cases, label status, versions", {
         "200": _json({"type": "object"})})},
+    "/viewer/": {"get": _op("The OHIF Viewer (HTML; docs/review.md, The viewer)", {
+        "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+        "503": {"description": "the viewer is not installed (make viewer)"}})},
+    "/viewer/{file}": {"get": _op("A file of the OHIF Viewer, its app-config.js, or its page for OHIF's routes", {
+        "200": {"description": "the file"}, "400": _error("Not a file name of the viewer"),
+        "404": _error("No such file"), "503": {"description": "the viewer is not installed (make viewer)"}},
+        parameters=[{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}])},
+    "/dicomweb/{resource}": {"get": _op("QIDO-RS and WADO-RS (PS3.18) of the spool and the jobs' results", {
+        "200": {"description": "application/dicom+json, or multipart/related parts"},
+        "400": _error("A bad UID, attribute, frame list or parameter"), "404": _error("Not on this node"),
+        "406": _error("A media type or transfer syntax the node cannot send")},
+        parameters=[{"name": "resource", "in": "path", "required": True, "schema": {"type": "string"}}])},
 }
 
 

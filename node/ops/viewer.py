@@ -207,7 +207,7 @@ Route = tuple[str, str, Callable[[OpsRequest], Response], Access]
 def viewer_routes(viewer: Viewer, reader: DicomWebReader) -> list[Route]:
     """The routes to add to the ops app (``app.add_routes(...)``); each needs an authenticated user."""
     return [
-        ("GET", f"{MOUNT}/?", viewer.page, True),
+        ("GET", f"{MOUNT}/", viewer.page, True),
         ("GET", f"{MOUNT}/(?P<file>.+)", viewer.page, True),
-        ("GET", f"{DICOMWEB}/.+", dicomweb_handler(reader), True),
+        ("GET", f"{DICOMWEB}/(?P<resource>.+)", dicomweb_handler(reader), True),
     ]
