@@ -32,6 +32,7 @@ class RunSettings:
     threads: int | None = None
     weights_dir: Path | None = None  # None: the default weights directory
     memory_budget_mb: int | None = None
+    engine: str = "auto"  # auto | fp32 | bf16 (models/engines.py); only engines that passed the parity gate run
     extra: dict[str, str] = field(default_factory=dict)
 
 

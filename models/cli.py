@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 from segnode.cliargs import group_option
 from segnode.errors import WeightsError
 from segnode.models.cli_compare import register_compare
+from segnode.models.engines import Engine
 from segnode.models.weights import Kind, import_weights, list_models, remove, verify, weights_root
 from segnode.profiles.schema import Backend
+
+
+#: the committed tiny models of a source checkout (the gate's default)
+TINY_MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "tiny_models"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a model already imported under that name")
     p.set_defaults(func=_import)
 
-    p = sub.add_parser("verify", help="re-hash every file of the imported models (all, or those named)")
+    p = sub.add_parser("verify", help="re-hash every file of the imported models (all, or those named); "
+                                      "with --engine, run that engine's parity gate")
     p.add_argument("names", nargs="*")
+    p.add_argument("--engine", choices=[e.value for e in Engine if e not in (Engine.AUTO, Engine.FP32)], default=None,
+                   help="run the parity gate for this engine on this device and record the result")
+    p.add_argument("--device", default="auto", help="device the gate runs on (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--tiny", type=Path, default=TINY_MODELS,
+                   help=f"the committed tiny models (default: {TINY_MODELS})")
+    p.add_argument("--no-real-size", dest="real_size", action="store_false",
+                   help="skip the real-size network check (about a minute on two CPU cores)")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("remove", help="delete an imported model")
@@ -73,7 +87,31 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate(args: argparse.Namespace) -> int:
+    from segnode.models.device import resolve_device
+    from segnode.models.engine_gate import record_result
+    from segnode.models.parity import run_gate
+
+    root = weights_root(args.weights_dir)
+    if not (args.tiny / "nnunet_model").is_dir():
+        raise WeightsError("the tiny models are not there (give --tiny DIR: the repository's tests/data/tiny_models)",
+                           where=str(args.tiny))
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory(prefix="segnode-gate-") as work:
+        result = run_gate(Engine(args.engine), device, args.tiny, Path(work), real_size=args.real_size)
+    for check in result.checks:
+        print(f"{'ok' if check.passed else 'FAILED':<6} {check.name}: {check.value:.6f} "
+              f"(needs >= {check.threshold}; {check.detail})")
+    path = record_result(root, result)
+    verdict = "passed" if result.passed else "FAILED"
+    print(f"engine {result.engine.value} {verdict} the parity gate on {result.device_kind} "
+          f"(torch {result.torch_version}); recorded in {path}")
+    return 0 if result.passed else 4
+
+
 def _verify(args: argparse.Namespace) -> int:
+    if args.engine:
+        return _gate(args)
     root = weights_root(args.weights_dir)
     records = list_models(root)
     if args.names:

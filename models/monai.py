@@ -28,9 +28,12 @@ import numpy as np
 from segnode.errors import BackendError, DependencyMissingError, WeightsError
 from segnode.models.base import RunSettings
 from segnode.models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
+from segnode.models.engine_gate import choose_engine
+from segnode.models.engines import Engine
 from segnode.models.io_nifti import from_closest_ras, to_closest_ras
+from segnode.models.labels import map_labels
 from segnode.models.volume import LabelMap, Volume
-from segnode.models.weights import TORCHSCRIPT_SUFFIXES, ModelFolderBackend, ModelRecord, verify_or_raise
+from segnode.models.weights import TORCHSCRIPT_SUFFIXES, ModelFolderBackend, ModelRecord, verify_or_raise, weights_root
 from segnode.profiles.schema import Backend, MonaiOptions, Profile
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,11 +79,13 @@ class MonaiModel:
     settings: RunSettings
     device: str
     n_out: int
+    engine: Engine = Engine.FP32
     backend: Backend = Backend.MONAI
 
     @property
     def model_version(self) -> str:
-        return f"{self.record.name} (monai {_version()})"
+        engine = "" if self.engine is Engine.FP32 else f" {self.engine.value}"
+        return f"{self.record.name} (monai {_version()}{engine})"
 
     @property
     def weights_hash(self) -> str:
@@ -119,9 +124,8 @@ class MonaiModel:
                 raw = from_network_array(self._predict(data, spacing), volume)
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise BackendError(f"MONAI inference failed: {exc}", where=self.record.name) from exc
-        out = np.zeros(volume.shape, dtype=np.uint8)
-        for value, tissue in enumerate(self.profile.tissues, start=1):
-            out[raw == tissue.label] = value
+        out = map_labels(raw, {value: [tissue.label] for value, tissue in enumerate(self.profile.tissues, start=1)
+                               if tissue.label is not None})
         return LabelMap(array=out, labels=self.profile.label_values(), backend=self.backend.value,
                         model_version=self.model_version, weights_hash=self.weights_hash)
 
@@ -173,18 +177,26 @@ class MonaiBackend(ModelFolderBackend):
     name = Backend.MONAI
     libraries = ("torch", "monai")
 
+    def cache_key(self, profile: Profile, settings: RunSettings) -> str:
+        return f"{super().cache_key(profile, settings)}|engine={settings.engine}"
+
     def load(self, profile: Profile, settings: RunSettings) -> MonaiModel:
         if not self.is_available():
             raise DependencyMissingError("the monai backend needs torch and monai (pip install 'segnode[dl]')")
         record = self.record(profile, settings)
         verify_or_raise(record)
         device = resolve_device(settings.device)
+        engine = choose_engine(settings.engine, weights_root(settings.weights_dir), device)
         with torch_threads(settings.threads):
             network = load_network(record, device)
         n_out = int(getattr(network, "out_channels", 0) or 0) or max(t.label or 0 for t in profile.tissues) + 1
-        logger.info("monai model %s loaded on %s", record.name, device)
+        if engine is not Engine.FP32:
+            from segnode.models.engine_net import wrap
+
+            network = wrap(network, engine)
+        logger.info("monai model %s loaded on %s (engine %s)", record.name, device, engine.value)
         return MonaiModel(network=network, record=record, profile=profile, settings=settings, device=device,
-                          n_out=n_out)
+                          n_out=n_out, engine=engine)
 
 
 BACKEND = MonaiBackend()

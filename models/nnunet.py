@@ -33,9 +33,12 @@ import numpy as np
 from segnode.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
 from segnode.models.base import RunSettings
 from segnode.models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
+from segnode.models.engine_gate import choose_engine
+from segnode.models.engines import Engine
 from segnode.models.io_nifti import from_closest_ras, to_closest_ras
+from segnode.models.labels import map_labels
 from segnode.models.volume import LabelMap, Volume
-from segnode.models.weights import ModelFolderBackend, ModelRecord, verify_or_raise
+from segnode.models.weights import ModelFolderBackend, ModelRecord, verify_or_raise, weights_root
 from segnode.profiles.schema import Backend, Profile
 
 logger = logging.getLogger(__name__)
@@ -69,11 +72,13 @@ class NnunetModel:
     settings: RunSettings
     device: str
     memory: MemoryModel
+    engine: Engine = Engine.FP32
     backend: Backend = Backend.NNUNET
 
     @property
     def model_version(self) -> str:
-        return f"{self.record.name} (nnunetv2 {_version()})"
+        engine = "" if self.engine is Engine.FP32 else f" {self.engine.value}"
+        return f"{self.record.name} (nnunetv2 {_version()}{engine})"
 
     @property
     def weights_hash(self) -> str:
@@ -103,9 +108,8 @@ class NnunetModel:
             raw = from_closest_ras(raw.transpose(2, 1, 0), volume)
         if raw.shape != volume.shape:
             raise BackendError(f"nnU-Net returned shape {raw.shape} for a volume of {volume.shape}")
-        out = np.zeros(volume.shape, dtype=np.uint8)
-        for value, tissue in enumerate(self.profile.tissues, start=1):
-            out[raw == tissue.label] = value
+        out = map_labels(raw, {value: [tissue.label] for value, tissue in enumerate(self.profile.tissues, start=1)
+                               if tissue.label is not None})
         return LabelMap(array=out, labels=self.profile.label_values(), backend=self.backend.value,
                         model_version=self.model_version, weights_hash=self.weights_hash)
 
@@ -147,6 +151,9 @@ class NnunetBackend(ModelFolderBackend):
     name = Backend.NNUNET
     libraries = ("torch", "nnunetv2")
 
+    def cache_key(self, profile: Profile, settings: RunSettings) -> str:
+        return f"{super().cache_key(profile, settings)}|engine={settings.engine}"
+
     def load(self, profile: Profile, settings: RunSettings) -> NnunetModel:
         if not self.is_available():
             raise DependencyMissingError("the nnunet backend needs torch and nnunetv2 (pip install 'segnode[dl]')")
@@ -155,26 +162,56 @@ class NnunetBackend(ModelFolderBackend):
         dataset, plans = check_model_folder(record.path, profile)
         device = resolve_device(settings.device)
         options = profile.options.nnunet
-        import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice for every CPU predictor
-            predictor = nnUNetPredictor(
-                tile_step_size=options.tile_step_size, use_gaussian=True, use_mirroring=options.use_mirroring,
-                perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
-                verbose_preprocessing=False, allow_tqdm=False,
-            )
-        try:
-            with torch_threads(settings.threads):
-                predictor.initialize_from_trained_model_folder(
-                    str(record.path), use_folds=tuple(options.folds), checkpoint_name=options.checkpoint)
-        except (RuntimeError, KeyError, ValueError, OSError, EOFError) as exc:
-            raise WeightsError(f"nnU-Net could not load the model ({type(exc).__name__}: {exc})",
-                               where=str(record.path)) from exc
+        engine = choose_engine(settings.engine, weights_root(settings.weights_dir), device)
+        predictor = build_predictor(record.path, PredictorOptions(
+            folds=tuple(options.folds), checkpoint=options.checkpoint, tile_step_size=options.tile_step_size,
+            use_mirroring=options.use_mirroring), device, engine, settings.threads)
         n_labels = len(dataset.get("labels", {}))
-        logger.info("nnunet model %s loaded on %s (folds %s)", record.name, device, list(options.folds))
+        logger.info("nnunet model %s loaded on %s (folds %s, engine %s)", record.name, device, list(options.folds),
+                    engine.value)
         return NnunetModel(predictor=predictor, record=record, profile=profile, settings=settings,
-                           device=device, memory=_memory(plans, n_labels))
+                           device=device, memory=_memory(plans, n_labels), engine=engine)
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    folds: tuple[int | str, ...]
+    checkpoint: str = "checkpoint_final.pth"
+    tile_step_size: float = 0.5
+    use_mirroring: bool = False
+
+
+def build_predictor(folder: Path, options: PredictorOptions, device: str, engine: Engine,
+                    threads: int | None) -> Predictor:
+    """nnU-Net's predictor for the trained model ``folder``, its network run by ``engine``.
+
+    The engine's network goes in through the predictor's public
+    ``manual_initialization`` with everything else the predictor loaded itself.
+    """
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice for every CPU predictor
+        predictor = nnUNetPredictor(
+            tile_step_size=options.tile_step_size, use_gaussian=True, use_mirroring=options.use_mirroring,
+            perform_everything_on_device=device != "cpu", device=torch.device(device), verbose=False,
+            verbose_preprocessing=False, allow_tqdm=False,
+        )
+    try:
+        with torch_threads(threads):
+            predictor.initialize_from_trained_model_folder(
+                str(folder), use_folds=options.folds, checkpoint_name=options.checkpoint)
+    except (RuntimeError, KeyError, ValueError, OSError, EOFError) as exc:
+        raise WeightsError(f"nnU-Net could not load the model ({type(exc).__name__}: {exc})",
+                           where=str(folder)) from exc
+    if engine is not Engine.FP32:
+        from segnode.models.engine_net import wrap
+
+        predictor.manual_initialization(
+            wrap(predictor.network, engine), predictor.plans_manager, predictor.configuration_manager,
+            predictor.list_of_parameters, predictor.dataset_json, predictor.trainer_name,
+            predictor.allowed_mirroring_axes)
+    return predictor
 
 
 BACKEND = NnunetBackend()

@@ -41,12 +41,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
 
 from segnode.errors import BackendError, ConfigError, DependencyMissingError, WeightsError, WeightsNotInstalledError
 from segnode.models.base import RunSettings
-from segnode.models.device import MemoryModel, resolve_device, run_within_budget
+from segnode.models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
+from segnode.models.engine_gate import choose_engine
+from segnode.models.engines import Engine
 from segnode.models.io_nifti import labels_from_nifti, volume_to_nifti
+from segnode.models.labels import map_labels
+from segnode.models.ts_inprocess import NpyPredictor
 from segnode.models.volume import LabelMap, Volume
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -217,8 +220,13 @@ def _ts_device(device: str) -> str:
     return "cpu" if device == "cpu" else device.replace("cuda", "gpu")
 
 
+#: ``RunSettings.extra[RUNNER_KEY] = "api"`` makes every call go through TotalSegmentator's own API
+RUNNER_KEY = "totalsegmentator_runner"
+RESOLUTION_MM = {"normal": 1.5, "fast": 3.0, "fastest": 6.0}
+
+
 def _memory(options: TotalSegmentatorOptions) -> MemoryModel:
-    mm = {"normal": 1.5, "fast": 3.0, "fastest": 6.0}[options.resolution]
+    mm = RESOLUTION_MM[options.resolution]
     # 118 classes; logits, gaussian and counts at the network's spacing, input copies on the input grid
     return MemoryModel(target_spacing_mm=(mm, mm, mm), bytes_per_model_voxel=4.0 * 118 * 3,
                        bytes_per_input_voxel=36.0, fixed_mb=1500.0)
@@ -235,6 +243,8 @@ class TotalSegmentatorModel:
     needed: list[RequiredFolder]
     records: list[ModelRecord]
     mapping: dict[int, list[int]]
+    engine: Engine = Engine.FP32
+    predictor: NpyPredictor | None = None  # set: segnode runs TotalSegmentator's steps in process (ts_inprocess.py)
     backend: Backend = Backend.TOTALSEGMENTATOR
 
     @property
@@ -244,7 +254,8 @@ class TotalSegmentatorModel:
     @property
     def model_version(self) -> str:
         o = self.profile.options.totalsegmentator
-        return f"TotalSegmentator {_version()} {o.task} {o.resolution}"
+        engine = "" if self.engine is Engine.FP32 else f" {self.engine.value}"
+        return f"TotalSegmentator {_version()} {o.task} {o.resolution}{engine}"
 
     def segment(self, volume: Volume) -> LabelMap:
         memory = _memory(self.profile.options.totalsegmentator)
@@ -275,15 +286,30 @@ class TotalSegmentatorModel:
                 if printed.getvalue().strip():
                     logger.debug("TotalSegmentator printed: %s", printed.getvalue().strip())
 
+    def run_in_process(self, volume: Volume) -> Nifti1Image:
+        """TotalSegmentator's steps run here with the engine's predictor (models/ts_inprocess.py)."""
+        import nibabel as nib
+
+        from segnode.models.ts_inprocess import predict_image
+
+        if self.predictor is None:
+            raise BackendError("no in-process predictor loaded")
+        options = self.profile.options.totalsegmentator
+        image = volume_to_nifti(volume)
+        try:
+            with _CALL_LOCK, torch_threads(self.settings.threads):
+                array = predict_image(image, self.predictor, RESOLUTION_MM[options.resolution], options.task)
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise BackendError(f"TotalSegmentator (in process, engine {self.engine.value}) failed: {exc}") from exc
+        return nib.Nifti1Image(array, image.affine)
+
     def _segment(self, volume: Volume) -> LabelMap:
-        image = self.run_totalsegmentator(volume)
+        image = self.run_totalsegmentator(volume) if self.predictor is None else self.run_in_process(volume)
         try:
             ts = labels_from_nifti(image, volume)
         except ValueError as exc:
             raise BackendError(f"TotalSegmentator output is off the input grid: {exc}") from exc
-        out = np.zeros(volume.shape, dtype=np.uint8)
-        for value, ids in self.mapping.items():
-            out[np.isin(ts, ids)] = value
+        out = map_labels(ts, self.mapping)
         return LabelMap(array=out, labels=self.profile.label_values(), backend=self.backend.value,
                         model_version=self.model_version, weights_hash=self.weights_hash)
 
@@ -306,6 +332,7 @@ class TotalSegmentatorBackend:
         records = check_folders(root, required_folders(options), options, verify=False)
         hashes = combined_hash({r.name: r.weights_hash for r in records})
         return (f"totalsegmentator|{hashes}|{resolve_device(settings.device)}|{settings.memory_budget_mb}|"
+                f"engine={settings.engine}|threads={settings.threads}|runner={settings.extra.get(RUNNER_KEY)}|"
                 f"{options.model_dump_json()}|{[(t.name, t.totalsegmentator) for t in profile.tissues]}")
 
     def load(self, profile: Profile, settings: RunSettings) -> TotalSegmentatorModel:
@@ -317,10 +344,38 @@ class TotalSegmentatorBackend:
         records = check_folders(root, needed, options, verify=True)
         device = resolve_device(settings.device)
         write_config(root / HOME_DIRNAME)
-        logger.info("TotalSegmentator %s %s ready on %s (%s)", options.task, options.resolution, device,
-                    ", ".join(r.folder for r in needed))
+        engine = choose_engine(settings.engine, root, device)
+        predictor = None
+        if in_process_supported(options, needed) and settings.extra.get(RUNNER_KEY, "segnode") != "api":
+            predictor = _in_process_predictor(records[0], needed[0], device, engine, settings.threads)
+        elif engine is not Engine.FP32:
+            logger.info("TotalSegmentator %s %s%s: engines run only in segnode's in-process run (one model, no "
+                        "roi_subset); TotalSegmentator's own API runs fp32", options.task, options.resolution,
+                        " with roi_subset" if options.roi_subset else "")
+            engine = Engine.FP32
+        logger.info("TotalSegmentator %s %s ready on %s (%s, %s, engine %s)", options.task, options.resolution, device,
+                    ", ".join(r.folder for r in needed), "in process" if predictor else "its own API", engine.value)
         return TotalSegmentatorModel(root=root, profile=profile, settings=settings, device=device,
-                                     needed=needed, records=records, mapping=mapping)
+                                     needed=needed, records=records, mapping=mapping, engine=engine,
+                                     predictor=predictor)
+
+
+def in_process_supported(options: TotalSegmentatorOptions, needed: list[RequiredFolder]) -> bool:
+    """Whether segnode can run this call's steps itself: ``total`` fast or fastest, one model, no roi_subset."""
+    return (options.task == "total" and options.resolution in ("fast", "fastest") and options.roi_subset is None
+            and len(needed) == 1)
+
+
+def _in_process_predictor(record: ModelRecord, needed: RequiredFolder, device: str, engine: Engine,
+                          threads: int | None) -> NpyPredictor:
+    import totalsegmentator.nnunet  # noqa: F401  TotalSegmentator's trainer classes, as its own calls see them
+
+    from segnode.models.nnunet import PredictorOptions, build_predictor
+    from segnode.models.ts_inprocess import TOTAL_STEP_SIZE
+
+    return build_predictor(record.path / needed.run, PredictorOptions(folds=needed.folds,
+                                                                      tile_step_size=TOTAL_STEP_SIZE),
+                           device, engine, threads)
 
 
 BACKEND = TotalSegmentatorBackend()
