@@ -11,7 +11,8 @@ the right lung, a new series and instance) and stores it by STOW-RS:
 * the held job: Orthanc receives the corrected SEG and RTSTRUCT, never the
   model's, and no rejection note (nothing was sent); the correction is the
   review's approval, audited with who and the Dice and volume change;
-* the dataset store holds the case with the corrected label, status ``corrected``;
+* the dataset store holds the case with the corrected label, status ``corrected``, and a
+  frozen version of it trains the committed tiny nnU-Net (transfer learning, CPU);
 * already sent: ``segnode jobs correct`` on the correction job (as a 3D Slicer
   user would) supersedes it: Orthanc gets a rejection note naming exactly the
   sent SEG and RTSTRUCT, and the newer SEG.
@@ -192,6 +193,7 @@ def test_a_stored_correction_is_sent_audited_and_harvested(tmp_path: Path) -> No
             assert index.job(fixed.job_id).state is JobState.SUPERSEDED  # type: ignore[union-attr]
         _check_rejection_note(pacs, tmp_path / "second", fixed)
     _check_dataset(tmp_path / "store", labels_on_grid(again, volume, LUNGS), volume)
+    _trains(tmp_path)
 
 
 def _check_sent_correction(pacs, tmp: Path, held: Job, corrected: np.ndarray,  # type: ignore[no-untyped-def]
@@ -244,3 +246,24 @@ def _check_dataset(store_root: Path, corrected: np.ndarray, volume: Volume) -> N
     names = {name: value for value, name in case.labels.items()}
     for value, name in LUNGS.label_values().items():
         assert int((label == names[name]).sum()) == int((corrected == value).sum()), name
+
+
+def _trains(tmp: Path) -> None:
+    """A frozen version with the corrected case trains the committed tiny nnU-Net (as tests/models do)."""
+    import tests.dl_fixtures as fixtures
+    from segnode.models.weights import find_model, import_weights
+    from segnode.node.cli.main import main
+    from segnode.profiles.schema import Backend
+
+    store = ["dataset", "--store", str(tmp / "store"), "--secret-file", str(tmp / "secret.key")]
+    assert main([*store, "freeze", "corrected_lungs"]) == 0
+    base = fixtures.place_in_totalsegmentator_layout(fixtures.committed_models()["nnunet"], tmp / "ts")
+    weights = tmp / "weights"
+    import_weights(base / fixtures.TS_FOLDERS["fast"], weights, backend=Backend.TOTALSEGMENTATOR)
+    assert main(["train", "--dataset", "corrected_lungs@1", "--store", str(tmp / "store"), "--base",
+                 "totalsegmentator", "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--device", "cpu",
+                 "--weights-dir", str(weights), "--augmentation-workers", "0", "--processes", "1", "--threads", "2",
+                 "--fold", "all", "--test-fraction", "0", "--no-eval"]) == 0
+    card = json.loads((find_model(weights, Backend.NNUNET, "corrected_lungs/1").path / "model_card.json").read_text())
+    assert card["dataset"]["ref"] == "corrected_lungs@1" and len(card["dataset"]["train_cases"]) == 1
+    assert {"lung_left", "lung_right"} <= set(card["labels"].values())
