@@ -243,6 +243,7 @@ def _refused_in_the_browser(page: Page, base: str, job_id: int, index: Index, pa
         wait_until(lambda: page.js("document.readyState") == "complete", 30, "the answer")
         answer = str(page.js("document.body.innerText"))
         assert "cross-origin request refused" in answer, answer
+        assert page.js("performance.getEntriesByType('navigation')[0].responseStatus") == 403
         page.navigate(attacker.url + "/frame.html")
         [frame] = wait_until(lambda: _child_frames(page) or None, 30, "the iframe")
         # Chromium honours frame-ancestors 'none': the frame holds its error page, not the job page
