@@ -66,6 +66,8 @@ class PipelineRequest:
     rejects: tuple[RejectedObject, ...] = ()
     # a correction (node/corrections.py): its labels (``labels`` array of a .npz on the series' grid), no model run
     corrected_labels: Path | None = None
+    # a route with priors (node/sources/priors.py): the node's results on earlier studies, for the SR's change
+    priors: tuple[PriorResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -204,9 +206,10 @@ def run_pipeline(
         say(f"note: {note}")
 
     start = time.perf_counter()
+    attempts: list[dict[str, str]] = []  # a correction runs no backend
     if request.corrected_labels is not None:
         say(f"encoding the correction in {request.corrected_labels.name}")
-        labels, attempts = corrected_labels(request.corrected_labels, volume, profile), []
+        labels = corrected_labels(request.corrected_labels, volume, profile)
     else:
         labels, attempts = _segment(volume, profile, members, union, request, cache, say)
     timings["segment_s"] = time.perf_counter() - start
@@ -219,7 +222,7 @@ def run_pipeline(
         say(f"encoding {', '.join(kinds)}")
         outputs = encode_outputs(volume, labels, profile, request.out_dir, kinds, seg_type=request.seg_type,
                                  rtstruct_holes=request.rtstruct_holes, version=request.version,
-                                 rejects=request.rejects)
+                                 rejects=request.rejects, priors=request.priors)
         first = next((o for o in outputs if o.kind == "seg"), outputs[0])
         encoded = EncodedResult(path=request.out_dir / first.path, series_instance_uid=first.series_instance_uid,
                                 sop_instance_uid=first.sop_instance_uid, kind=first.kind)
