@@ -279,3 +279,16 @@ def test_unknown_study_series_instance_are_404(reader, liver) -> None:
                  f"/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/instances/1.2.3/metadata",
                  f"/studies/1.2.3/series/{ct.SeriesInstanceUID}/metadata"):
         assert refused(reader, path)[0] == 404, path
+
+
+def test_seg_frames_not_a_multiple_of_eight_pixels_are_repacked() -> None:
+    path = DATA / "seg_objects" / "23x38x3" / "seg" / "label.seg"  # 38 x 23 = 874 pixels a frame
+    seg = pydicom.dcmread(path)
+    reader = DicomWebReader(FileCatalogue([path]))
+    resource = f"/studies/{seg.StudyInstanceUID}/series/{seg.SeriesInstanceUID}/instances/{seg.SOPInstanceUID}"
+    got = parts(get(reader, f"{resource}/frames/1,2,3"))
+    truth = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    assert [len(body) for _, body in got] == [110] * 3  # ceil(874 / 8): each frame from a byte boundary
+    for (_, body), frame in zip(got, truth, strict=True):
+        bits = np.unpackbits(np.frombuffer(body, np.uint8), bitorder="little")[:seg.Rows * seg.Columns]
+        np.testing.assert_array_equal(bits.reshape(seg.Rows, seg.Columns), frame)
