@@ -1,26 +1,32 @@
-"""Group commit: instances that arrive together share one sync wave and one index transaction.
+"""Group commit: instances that arrive together share their syncs and one index transaction.
 
-Each writer places its file (:meth:`segnode.storage.spool.Spool.place`: written and
-linked, not yet synced) and hands it to :meth:`GroupCommit.commit`, which blocks
-until the file is durable and its index row committed.  One committer thread
-takes every pending file at once: one sync wave for all of them
-(:meth:`segnode.storage.spool.Spool.make_durable`: the data syncs and each folder's
-directory sync issued together, sharing the file system's journal commit), then
-one index transaction (:meth:`segnode.storage.index.Index.record_instances`), then
-wakes each writer with its own outcome.
+:meth:`GroupCommit.commit` writes one instance durably and indexes it, and
+returns only once both are done; what writers arriving at the same time share:
 
-Batching is natural: files that arrive while a batch is syncing form the next
-one, so a lone writer waits for one sync and nothing else.  A writer that has
-announced itself (:meth:`GroupCommit.begin`) and is still writing its file
-holds the batch back for at most ``window_s`` (from the first pending file), so
-concurrent associations join the same wave; nobody waits for a writer that is
-not already writing.
+- **the data syncs**: each writer syncs its own file in its own thread
+  (:meth:`segnode.storage.spool.Spool.write`), so the syncs of concurrent writers
+  are in flight together and the file system commits them in one journal
+  commit (one device flush) instead of one each;
+- **the directory sync**: one ``fsync`` of a series folder serves every writer
+  that linked into it before it started (:class:`segnode.storage.spool._DirSync`);
+- **the index transaction**: a writer whose file is durable queues its row;
+  the first one to find no commit running leads: it takes every queued row,
+  commits them in one transaction (:meth:`segnode.storage.index.Index.record_instances`)
+  and wakes the others with their own outcome; rows queued meanwhile go in the
+  next transaction.  The leader waits up to ``window_s`` for writers still
+  syncing (announced and not yet queued) so that the writers of one journal
+  commit share one transaction; a lone writer waits for nobody.
 
-Errors fail only the writers they concern: a failed sync fails its file (or,
-for a directory, that folder's files), which are removed; a failed index
-transaction is retried one record at a time, so only the records that fail
-again are reported.  The order durable file → index row → answer is kept:
-an acknowledged instance is durable and indexed.
+There is no committer thread: a lone writer commits its own row in its own
+thread, as without group commit, and concurrent writers in one process no
+longer queue on SQLite's write lock (each would sleep in its busy handler).
+Receiver processes (:mod:`segnode.node.dicom_in.processes`) each have their own.
+
+Errors fail only the writers they concern: a failed write or sync raises in
+its own writer (nothing of it is queued); a failed transaction is retried one
+row at a time, so only the rows that fail again are reported.  The order
+durable file → index row → answer is kept: an acknowledged instance is
+durable and indexed.
 """
 
 from __future__ import annotations
@@ -29,32 +35,38 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from segnode.errors import StorageError
 from segnode.storage.index import Index, InstanceRecord
-from segnode.storage.spool import Placed, Spool
+from segnode.storage.spool import Spool
 
 logger = logging.getLogger(__name__)
 
-#: how long a writer still writing its file may hold a batch back (seconds)
-WINDOW_S = 0.002
-#: the most files in one wave
+#: how long a leader waits for writers still syncing (seconds)
+WINDOW_S = 0.001
+#: the most rows in one transaction
 MAX_BATCH = 64
 
 
 @dataclass(eq=False)
 class _Pending:
-    placed: Placed
     record: InstanceRecord
     arrived: float
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     new: bool = False
     error: StorageError | None = None
 
 
+@dataclass
+class _Counters:
+    transactions: int = 0  # index transactions committed (tests and benchmarks read them)
+    rows: int = 0
+
+
 class GroupCommit:
-    """The committer of one process's writers into ``spool`` and ``index``."""
+    """Durable writes into ``spool`` and their rows in ``index``, shared by the writers of one process."""
 
     def __init__(self, spool: Spool, index: Index, *, window_s: float = WINDOW_S, max_batch: int = MAX_BATCH) -> None:
         if window_s < 0 or max_batch < 1:
@@ -63,102 +75,92 @@ class GroupCommit:
         self.index = index
         self.window_s = window_s
         self.max_batch = max_batch
-        self.batches = 0  # waves committed (tests and benchmarks read it)
+        self.counters = _Counters()
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()
-        self._writing = 0  # writers announced, file not yet handed over
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="spool-commit", daemon=True)
-        self._thread.start()
+        self._syncing = 0  # writers writing or syncing their file, row not yet queued
+        self._leading = False
 
-    def begin(self) -> None:
-        """A writer starts writing a file it will :meth:`commit` (or :meth:`abandon`)."""
-        with self._cond:
-            self._writing += 1
+    def commit(self, parts: Iterable[bytes | memoryview], record: InstanceRecord) -> bool:
+        """Write ``parts`` (self-checking Part 10) durably at ``record.path`` and index ``record``.
 
-    def abandon(self) -> None:
-        """An announced writer will not commit (its write failed, or it was a duplicate)."""
-        with self._cond:
-            self._writing -= 1
-            self._cond.notify_all()
-
-    def commit(self, placed: Placed, record: InstanceRecord) -> bool:
-        """Make ``placed`` durable and index ``record``; whether the instance was new.
-
-        Must follow :meth:`begin`.  Raises ``StorageError`` when this file's sync
-        or its index row failed (the file is then removed, or, if only the row
-        failed, left for the start-up re-index).
+        Returns whether the instance was new (``False``: its SOP Instance UID
+        was already indexed; the first copy's row is kept).  Raises
+        ``InputError`` (a UID breaks the grammar) or ``StorageError`` (the
+        write, a sync or the index row failed).
         """
-        pending = _Pending(placed, record, time.monotonic())
         with self._cond:
-            if self._closed:
-                self._writing -= 1
-                raise StorageError("the spool's committer is closed", where=record.sop_uid)
-            self._writing -= 1
+            self._syncing += 1
+        try:
+            self.spool.write(record.study_uid, record.series_uid, record.sop_uid, parts, self_checking=True)
+        except BaseException:
+            with self._cond:
+                self._syncing -= 1
+                self._cond.notify_all()
+            raise
+        pending = _Pending(record, time.monotonic())
+        with self._cond:
+            self._syncing -= 1
             self._queue.append(pending)
             self._cond.notify_all()
-        pending.done.wait()
+        self._until_done(pending)
         if pending.error is not None:
             raise pending.error
         return pending.new
 
-    def stop(self) -> None:
-        """Refuse further commits; the committer thread commits what is pending, then ends."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+    def _until_done(self, pending: _Pending) -> None:
+        """Wait for a leader to commit ``pending``, or lead while it is not done."""
+        while True:
+            with self._cond:
+                while not pending.done and self._leading:
+                    self._cond.wait()
+                if pending.done:
+                    return
+                self._leading = True
+                batch = self._take()
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
 
-    def close(self) -> None:
-        """:meth:`stop`, and wait for the pending commits."""
-        self.stop()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._commit(batch)
-            self.batches += 1
-
-    def _next_batch(self) -> list[_Pending] | None:
-        with self._cond:
-            while not self._queue:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            deadline = self._queue[0].arrived + self.window_s
-            while self._writing and len(self._queue) < self.max_batch and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
+    def _take(self) -> list[_Pending]:
+        """The next transaction's rows (the lock held): after waiting up to the window for writers syncing."""
+        deadline = self._queue[0].arrived + self.window_s
+        while self._syncing and len(self._queue) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+        return [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
 
     def _commit(self, batch: list[_Pending]) -> None:
+        """One transaction for every row; if it fails, one per row, so only the failing rows fail."""
         try:
-            errors = self.spool.make_durable([p.placed for p in batch])
-            for pending, error in zip(batch, errors):
-                pending.error = error
-            self._index([p for p in batch if p.error is None])
-        except Exception as exc:  # boundary: every waiter must be answered, whatever went wrong
+            try:
+                outcomes = self.index.record_instances([p.record for p in batch])
+                self.counters.transactions += 1
+                for pending, new in zip(batch, outcomes):
+                    pending.new, pending.done = new, True
+            except StorageError as exc:
+                logger.warning("index transaction of %d instance(s) failed (%s); committing them one by one",
+                               len(batch), exc)
+                for pending in batch:
+                    self._commit_one(pending)
+            self.counters.rows += len(batch)
+        except Exception:  # boundary: every writer of the batch is answered; none as stored unless committed
             logger.exception("group commit of %d instance(s) failed", len(batch))
-            for pending in batch:
-                pending.error = pending.error or StorageError(f"commit failed: {exc}", where=pending.record.sop_uid)
         finally:
             for pending in batch:
-                pending.done.set()
+                if not pending.done:
+                    pending.error = pending.error or StorageError("index commit failed", where=pending.record.sop_uid)
+                    pending.done = True
 
-    def _index(self, durable: list[_Pending]) -> None:
-        """One transaction for every row; if it fails, one per row, so only the failing rows fail."""
-        if not durable:
-            return
+    def _commit_one(self, pending: _Pending) -> None:
         try:
-            for pending, new in zip(durable, self.index.record_instances([p.record for p in durable])):
-                pending.new = new
-            return
+            pending.new = self.index.record_instance(pending.record)
+            pending.done = True
+            self.counters.transactions += 1
         except StorageError as exc:
-            logger.warning("index transaction of %d instance(s) failed (%s); committing them one by one",
-                           len(durable), exc)
-        for pending in durable:
-            try:
-                pending.new = self.index.record_instance(pending.record)
-            except StorageError as exc:
-                pending.error = exc
+            pending.error = exc

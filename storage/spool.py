@@ -28,11 +28,8 @@ it is created.  Creating an inode is the costliest step after the syncs
 (ext4 looks for recently deleted ones), so a few unnamed files are opened
 ahead, while a write waits for its syncs.
 
-The store path splits a write in two (group commit,
-:mod:`segnode.storage.group_commit`): :meth:`Spool.place` writes and links a
-self-checking file without syncing it, and :meth:`Spool.make_durable` syncs a
-batch of them in one wave (every data sync and each folder's directory sync
-issued together, so that they share the file system's journal commit).
+The store path writes through :class:`segnode.storage.group_commit.GroupCommit`,
+which lets the writers of one moment share their index transaction too.
 """
 
 from __future__ import annotations
@@ -44,9 +41,8 @@ import threading
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from segnode.errors import StorageError
@@ -117,14 +113,6 @@ class _DirSync:
                 state[1] = target
             if state[0] == state[1] and not state[2] and self._dirs.get(folder) is state:
                 del self._dirs[folder]  # nobody waits on it: a later writer starts afresh
-
-
-@dataclass(frozen=True)
-class Placed:
-    """A file written and linked under its final name (:meth:`Spool.place`), open, not yet synced."""
-
-    fd: int
-    path: Path
 
 
 class Spool:
@@ -266,65 +254,6 @@ class Spool:
                 final.unlink(missing_ok=True)
             raise StorageError(f"cannot write instance: {exc.strerror or exc}", where=sop_uid) from exc
         return final
-
-    def place(self, study_uid: str, series_uid: str, sop_uid: str,
-              parts: Iterable[bytes | memoryview]) -> Placed:
-        """Write a self-checking instance and link it under its final name, *not yet durable*.
-
-        The first half of :meth:`write` for content that carries its own check
-        (:mod:`segnode.storage.part10`): :meth:`make_durable` syncs a whole batch
-        of placed files at once (group commit, :mod:`segnode.storage.group_commit`).
-        Until then the file must not be acknowledged; after a crash it is either
-        complete (and indexed again at start-up) or fails its check and is removed.
-
-        Raises ``InputError`` (a UID breaks the grammar) or ``StorageError``
-        (the write failed; nothing is left behind).
-        """
-        final = self.instance_path(study_uid, series_uid, sop_uid)
-        tmp: Path | None = None
-        fd = -1
-        try:
-            fd, tmp = self._open_temporary()
-            _write_all(fd, parts)
-            self._ensure_dir(final.parent)
-            self._place(fd, tmp, final)
-        except OSError as exc:
-            if fd >= 0:
-                os.close(fd)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot write instance: {exc.strerror or exc}", where=sop_uid) from exc
-        if self._unnamed:  # while this write waits for its syncs
-            self._syncer.submit(self._open_ahead)
-        return Placed(fd, final)
-
-    def make_durable(self, placed: Sequence[Placed]) -> list[StorageError | None]:
-        """One sync wave for placed files: every data sync and each folder's directory sync at once.
-
-        Returns, per file, ``None`` (durable) or the error that made it fail
-        (its file is then removed: it must not stay as if it were durable).
-        Every descriptor is closed.  The data syncs are issued first (see
-        :meth:`_sync_overlapped`); concurrent syncs share the file system's
-        journal commit.
-        """
-        try:
-            if not self.fsync:
-                return [None] * len(placed)
-            data = [self._syncer.submit(os.fdatasync, p.fd) for p in placed]
-            folders = {p.path.parent for p in placed}
-            dirs = {folder: self._syncer.submit(self._dir_sync.sync, folder) for folder in folders}
-            return [self._outcome(p, data[k], dirs[p.path.parent]) for k, p in enumerate(placed)]
-        finally:
-            for p in placed:
-                os.close(p.fd)
-
-    @staticmethod
-    def _outcome(placed: Placed, *syncs: Future[None]) -> StorageError | None:
-        errors = [exc for sync in syncs if isinstance(exc := sync.exception(), OSError)]
-        if not errors:
-            return None
-        placed.path.unlink(missing_ok=True)
-        return StorageError(f"cannot sync instance: {errors[0].strerror or errors[0]}", where=placed.path.stem)
 
     def _sync_overlapped(self, fd: int, folder: Path) -> None:
         """The file's data sync in this thread while the pool syncs its directory.

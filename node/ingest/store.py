@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import NamedTuple, Protocol
@@ -201,14 +200,9 @@ class StoreHandler:
         self.min_free = config.limits.min_free_disk_mb * 1024 * 1024
         self.storage_classes = frozenset(map(str, (*CT_FAMILY, *config.storage_classes)))
         self.committer = GroupCommit(spool, index)  # instances arriving together share syncs and a transaction
-        weakref.finalize(self, self.committer.stop)
         self._sessions: dict[int, set[str]] = {}  # association → series it stored (or re-sent) instances of
         self._sessions_lock = threading.Lock()
         self.corrections: CorrectionHook | None = None  # set by the service: a stored SEG may correct a job
-
-    def close(self) -> None:
-        """Commit what is pending and stop the committer (a later store is refused 0xA700)."""
-        self.committer.close()
 
     def association_ended(self, session: int, *, released: bool) -> None:
         """An association ended: with an A-RELEASE, its series are marked released (completion evidence).
@@ -339,21 +333,16 @@ class StoreHandler:
             self.stats.add(duplicates=1)
             return None
         prefix = _part10_prefix(request, dataset_check(dataset))
-        self.committer.begin()
-        try:
-            placed = self.spool.place(study_uid, series_uid, sop_uid, (prefix, dataset))
-        except BaseException:
-            self.committer.abandon()
-            raise
         size = len(prefix) + dataset.nbytes
+        path = self.spool.instance_path(study_uid, series_uid, sop_uid)
         record = InstanceRecord(
             sop_uid=sop_uid, series_uid=series_uid, study_uid=study_uid,
             sop_class_uid=request.sop_class_uid, transfer_syntax_uid=request.transfer_syntax,
             modality=uids.get("Modality") or None,
-            path=str(placed.path.relative_to(self.spool.root)), size_bytes=size,
+            path=str(path.relative_to(self.spool.root)), size_bytes=size,
             calling_ae=request.calling_ae, called_ae=request.called_ae, sender_host=request.host,
         )
-        if self.committer.commit(placed, record):  # durable and indexed (group commit) before the answer
+        if self.committer.commit((prefix, dataset), record):  # durable and indexed (group commit) before the answer
             self.stats.add(stored=1, bytes_stored=size)
             self.emit(InstanceStored(sop_uid, series_uid, size))
         else:

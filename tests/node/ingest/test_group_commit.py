@@ -3,11 +3,10 @@ acknowledged is lost when the node is killed during it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,26 +22,32 @@ from tests.phantoms import thorax_phantom, write_ct_series
 STUDY, SERIES = "1.2.3", "1.2.3.4"
 
 
-def _record(sop: str, path: Path, root: Path) -> InstanceRecord:
+def _record(sop: str, spool: Spool) -> InstanceRecord:
+    path = spool.instance_path(STUDY, SERIES, sop)
     return InstanceRecord(sop, SERIES, STUDY, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "CT",
-                          str(path.relative_to(root)), path.stat().st_size, "SCANNER", "SEGNODE", "127.0.0.1")
+                          str(path.relative_to(spool.root)), 100, "SCANNER", "SEGNODE", "127.0.0.1")
 
 
-def _commit_together(committer: GroupCommit, spool: Spool, sops: list[str],
-                     unsyncable: frozenset[str] = frozenset()) -> list[bool | StorageError]:
-    """Every writer announces itself first, then places and commits its file: one wave for all."""
+class _TogetherSpool(Spool):
+    """A spool whose writes start together: each waits in :meth:`write` until every writer is writing."""
+
+    together: threading.Barrier | None = None
+
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, parts: Iterable[bytes | memoryview], *,
+              self_checking: bool = False) -> Path:
+        if self.together is not None:
+            self.together.wait(timeout=30)
+        return super().write(study_uid, series_uid, sop_uid, parts, self_checking=self_checking)
+
+
+def _commit_together(committer: GroupCommit, spool: _TogetherSpool, sops: list[str]) -> list[bool | StorageError]:
+    """Writers syncing at the same moment (each on its own thread); what each was answered."""
     outcomes: list[bool | StorageError] = [False] * len(sops)
-    for _ in sops:
-        committer.begin()
+    spool.together = threading.Barrier(len(sops))
 
     def write(k: int, sop: str) -> None:
-        placed = spool.place(STUDY, SERIES, sop, (sop.encode() * 100,))
-        if sop in unsyncable:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, placed.fd)  # its descriptor now names a device that cannot be synced
-            os.close(devnull)
         try:
-            outcomes[k] = committer.commit(placed, _record(sop, placed.path, spool.root))
+            outcomes[k] = committer.commit((sop.encode() * 10,), _record(sop, spool))
         except StorageError as exc:
             outcomes[k] = exc
 
@@ -54,46 +59,35 @@ def _commit_together(committer: GroupCommit, spool: Spool, sops: list[str],
     return outcomes
 
 
-def test_writers_arriving_together_share_one_wave_and_one_transaction(tmp_path: Path) -> None:
-    spool, index = Spool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
-    committer = GroupCommit(spool, index, window_s=30.0)  # a writer still writing holds the wave back
+def test_writers_arriving_together_share_one_transaction(tmp_path: Path) -> None:
+    spool, index = _TogetherSpool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
+    committer = GroupCommit(spool, index, window_s=30.0)  # the leader waits for every writer still syncing
     sops = [f"1.2.3.4.{k}" for k in range(8)]
-    try:
-        outcomes = _commit_together(committer, spool, sops + ["1.2.3.4.0"])  # the last one repeats the first
-        assert committer.batches == 1
-        assert outcomes.count(True) == 8 and outcomes.count(False) == 1  # one copy new, the other a duplicate
-        assert index.instance_count() == 8 and index.series(SERIES).instance_count == 8
-        assert sorted(p.stem for p in spool.root.glob("*/*/*.dcm")) == sorted(sops)
-    finally:
-        committer.close()
+    outcomes = _commit_together(committer, spool, sops + ["1.2.3.4.0"])  # the last one repeats the first
+    assert outcomes.count(True) == 8 and outcomes.count(False) == 1  # one copy new, the other a duplicate
+    assert (committer.counters.transactions, committer.counters.rows) == (1, 9)
+    assert index.instance_count() == 8 and index.series(SERIES).instance_count == 8
+    assert sorted(p.stem for p in spool.root.glob("*/*/*.dcm")) == sorted(sops)
 
 
 def test_a_lone_writer_waits_for_nobody(tmp_path: Path) -> None:
     spool, index = Spool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
-    committer = GroupCommit(spool, index, window_s=3600.0)  # only writers already writing are waited for
-    try:
-        for k in range(3):
-            committer.begin()
-            placed = spool.place(STUDY, SERIES, f"1.2.3.4.{k}", (b"x" * 1000,))
-            assert committer.commit(placed, _record(f"1.2.3.4.{k}", placed.path, spool.root))
-        assert committer.batches == 3 and index.instance_count() == 3
-    finally:
-        committer.close()
+    committer = GroupCommit(spool, index, window_s=3600.0)  # only writers already syncing are waited for
+    for k in range(3):
+        assert committer.commit((b"x" * 1000,), _record(f"1.2.3.4.{k}", spool))
+    assert committer.counters.transactions == 3 and index.instance_count() == 3
 
 
-def test_a_failed_sync_fails_only_its_writer_and_removes_its_file(tmp_path: Path) -> None:
-    spool, index = Spool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
+def test_a_failed_write_fails_only_its_writer(tmp_path: Path) -> None:
+    spool, index = _TogetherSpool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
     committer = GroupCommit(spool, index, window_s=30.0)
+    spool.series_dir(STUDY, SERIES).parent.mkdir(parents=True)
+    (spool.series_dir(STUDY, SERIES) / "1.2.3.4.2.dcm").mkdir(parents=True)  # its name is taken by a folder
     sops = [f"1.2.3.4.{k}" for k in range(4)]
-    try:
-        outcomes = _commit_together(committer, spool, sops, unsyncable=frozenset({"1.2.3.4.2"}))
-    finally:
-        committer.close()
-    assert committer.batches == 1
+    outcomes = _commit_together(committer, spool, sops)
     assert isinstance(outcomes[2], StorageError)
     assert outcomes[:2] + outcomes[3:] == [True] * 3
     assert not index.has_instance("1.2.3.4.2") and index.instance_count() == 3
-    assert sorted(p.stem for p in spool.root.glob("*/*/*.dcm")) == ["1.2.3.4.0", "1.2.3.4.1", "1.2.3.4.3"]
 
 
 class _RefusingIndex(Index):
@@ -108,28 +102,13 @@ class _RefusingIndex(Index):
 
 
 def test_a_failed_index_row_fails_only_its_writer(tmp_path: Path) -> None:
-    spool, index = Spool(tmp_path / "spool"), _RefusingIndex(tmp_path / "index.sqlite")
+    spool, index = _TogetherSpool(tmp_path / "spool"), _RefusingIndex(tmp_path / "index.sqlite")
     index.refused = frozenset({"1.2.3.4.1"})
     committer = GroupCommit(spool, index, window_s=30.0)
-    sops = [f"1.2.3.4.{k}" for k in range(4)]
-    try:
-        outcomes = _commit_together(committer, spool, sops)
-    finally:
-        committer.close()
+    outcomes = _commit_together(committer, spool, [f"1.2.3.4.{k}" for k in range(4)])
     assert isinstance(outcomes[1], StorageError)
     assert outcomes[:1] + outcomes[2:] == [True] * 3
     assert index.instance_count() == 3
-
-
-def test_a_closed_committer_refuses(tmp_path: Path) -> None:
-    spool, index = Spool(tmp_path / "spool"), Index(tmp_path / "index.sqlite")
-    committer = GroupCommit(spool, index)
-    committer.close()
-    committer.begin()
-    placed = spool.place(STUDY, SERIES, "1.2.3.4.9", (b"x",))
-    with pytest.raises(StorageError, match="closed"):
-        committer.commit(placed, _record("1.2.3.4.9", placed.path, spool.root))
-    os.close(placed.fd)
 
 
 # -- a real node, concurrent senders, kill -9 ----------------------------------------------------
