@@ -88,7 +88,8 @@ class RetrieveResult:
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and self.completed + self.warning > 0
+        """Something stored, and no failure but the node's own refusals (a C-GET peer counts those as failed)."""
+        return self.failed <= self.refused and self.completed + self.warning > 0
 
 
 class Source(Protocol):
