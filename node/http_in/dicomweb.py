@@ -108,13 +108,20 @@ class DicomWebApp:
         self.spool = spool
         self.max_part = config.max_part_bytes or max_instance_bytes
         self.remote = remote
-        self.reader = reader or DicomWebReader(IndexCatalogue(index.path, spool.root))
+        self._reader = reader
         self.tokens = [(client, read_secret(client.token_file, f"token of DICOMweb client {client.name}")
                         .encode("utf-8")) for client in config.clients]
         self._sessions = itertools.count(-1, -1)  # negative: never an association's id()
         self.stats_lock = threading.Lock()
         self.stats = {"stow_requests": 0, "stow_instances": 0, "stow_failed": 0, "wado_series": 0, "reads": 0,
                       "results_accepted": 0, "results_ignored": 0, "unauthorized": 0}
+
+    @property
+    def reader(self) -> DicomWebReader:
+        """The QIDO-RS / WADO-RS side, over this node's index and spool (made on the first read)."""
+        if self._reader is None:
+            self._reader = DicomWebReader(IndexCatalogue(self.index.path, self.spool.root))
+        return self._reader
 
     def count(self, **deltas: int) -> None:
         with self.stats_lock:
