@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from http import HTTPStatus
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 from segnode.node.http_in.base import HttpError
 from segnode.node.http_in.catalogue import Catalogue, StoredInstance
@@ -68,7 +69,6 @@ class Query:
     include_all: bool = False
     limit: int = DEFAULT_LIMIT
     offset: int = 0
-    extra: tuple[BaseTag, ...] = field(default=())
 
     @classmethod
     def parse(cls, query: Mapping[str, Sequence[str]]) -> Query:
@@ -143,7 +143,7 @@ def _values(row: Dataset, tag: BaseTag) -> list[str]:
     value = row[tag].value
     if value is None or value == "":
         return []
-    items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
     return [str(v) for v in items]
 
 
