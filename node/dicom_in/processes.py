@@ -84,6 +84,9 @@ def _child_main(config: NodeConfig, conn: Connection, log_level: int) -> None:
     root.setLevel(log_level)
     scp = start_scp(config, Spool(config.spool_dir), Index(config.index_path), pipe.event, reuse_port=True)
     scp.handler.stats = _ForwardingStats(pipe)
+    from segnode.node.corrections import Corrections  # a stored SEG may correct a job, here as in the main process
+
+    scp.handler.corrections = Corrections(config, scp.handler.index, scp.handler.spool, pipe.event)
     pipe.send("ready")
     try:
         conn.recv()  # "stop", or EOFError once the parent has died
