@@ -21,6 +21,7 @@ from segnode.node.correction_seg import CorrectionRefused
 from segnode.node.corrections import Corrections
 from segnode.node.events import Event, JobMoved
 from segnode.node.status import Status
+from segnode.node.supersede import supersede_options
 from segnode.node.writers.seg import write_seg
 from segnode.profiles import load_profile
 from segnode.storage.index import DeliveryState, Index, InstanceRecord, Job, JobState, ObjectOutcome
@@ -102,6 +103,7 @@ def test_a_held_jobs_correction_opens_a_correction_job_and_supersedes_it_at_once
     assert left["corrected_ml"] == pytest.approx(left["model_ml"] * 2 / 3, rel=1e-3)
     assert new.reason.startswith(f"correction of job {node.job.job_id} by alice (counts as the review's approval): ")
     assert node.index.existing_job(node.job.job_id).state is JobState.SUPERSEDED
+    assert supersede_options(node.index, new) == {"result_version": 2, "rejects": []}  # nothing was sent
     assert JobMoved(node.job.job_id, JobState.SUPERSEDED,
                     f"corrected by alice: job {new.job_id} sends the correction; this result is never sent") \
         in node.events
@@ -120,6 +122,7 @@ def test_a_sent_jobs_correction_rejects_what_was_sent(tmp_path: Path) -> None:
     assert node.corrections.correct(node.edited(), "alice").of_job == node.job.job_id
     [new] = [j for j in node.index.jobs() if j.job_id != node.job.job_id]
     assert new.options["correction"]["sent"] == [node.job.seg_sop_uid]
+    assert [o["sop_instance_uid"] for o in supersede_options(node.index, new)["rejects"]] == [node.job.seg_sop_uid]
     assert "review's approval" not in (new.reason or "")
     assert node.index.existing_job(node.job.job_id).state is JobState.DONE  # superseded once the correction is encoded
     # one correction of a job at a time
