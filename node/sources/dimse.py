@@ -22,16 +22,13 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import (
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
 from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from segnode.node.config.sources import SourceConfig, SourceTLS
 from segnode.node.ingest.header import read_header
@@ -49,6 +46,10 @@ from segnode.node.status import Status
 
 logger = logging.getLogger(__name__)
 
+#: the Study Root query/retrieve models (PS3.4 C.6.2)
+StudyRootQueryRetrieveInformationModelFind = "1.2.840.10008.5.1.4.1.2.2.1"
+StudyRootQueryRetrieveInformationModelMove = "1.2.840.10008.5.1.4.1.2.2.2"
+StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
 PENDING = (0xFF00, 0xFF01)
 CANCELLED = 0xFE00
 MOVE_DESTINATION_UNKNOWN = 0xA801
@@ -167,8 +168,9 @@ class DimseSource:
     def _association(self, models: list[str], timeout_s: float, *, storage: frozenset[str] = frozenset(),
                      on_store: Callable[[Event], Dataset] | None = None) -> Iterator[Association]:
         ae = self._ae(models, timeout_s, storage)
-        handlers = [(evt.EVT_C_STORE, on_store)] if on_store is not None else []
-        roles = [build_role(uid, scp_role=True) for uid in sorted(storage)]
+        # pynetdicom's parameter types are invariant lists of unions: annotated as such here
+        handlers: list[Any] = [(evt.EVT_C_STORE, on_store)] if on_store is not None else []
+        roles: list[Any] = [build_role(uid, scp_role=True) for uid in sorted(storage)]
         s = self.settings
         assert s.host is not None and s.port is not None and s.ae_title is not None
         assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, ext_neg=roles or None, evt_handlers=handlers,
@@ -209,14 +211,16 @@ class _RequestedOnly:
     def handle(self, event: Event) -> Dataset:
         data = memoryview(event.encoded_dataset(include_meta=False))
         ts = str(event.context.transfer_syntax)
+        primitive = event.request
+        assert isinstance(primitive, C_STORE)
         header = _header(data, ts)
         if header.get("SeriesInstanceUID") != self.series_uid or header.get("StudyInstanceUID") != self.study_uid:
             self.refused += 1
             logger.warning("source %s sent instance %s of series %s, not asked for: refused", self.settings.name,
-                           event.request.AffectedSOPInstanceUID, header.get("SeriesInstanceUID"))
+                           primitive.AffectedSOPInstanceUID, header.get("SeriesInstanceUID"))
             return _status(NOT_REQUESTED, "instance not of the requested series")
-        request = StoreRequest(sop_class_uid=str(event.request.AffectedSOPClassUID),
-                               sop_instance_uid=str(event.request.AffectedSOPInstanceUID), transfer_syntax=ts,
+        request = StoreRequest(sop_class_uid=str(primitive.AffectedSOPClassUID),
+                               sop_instance_uid=str(primitive.AffectedSOPInstanceUID), transfer_syntax=ts,
                                calling_ae=self.settings.ae_title or "", called_ae=self.node_ae,
                                host=self.settings.host or "", abstract_syntax=str(event.context.abstract_syntax),
                                session=self.session)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import requests
@@ -77,9 +78,8 @@ class WebSource:
             study_uid, limit=limit, fields=["SeriesDescription", "NumberOfSeriesRelatedInstances"]))
         return [series_match(study_uid, a) for a in answers if a.get("SeriesInstanceUID")]
 
-    def _search(self, what: str, search: object) -> list[Dataset]:
+    def _search(self, what: str, search: Callable[[DICOMwebClient, int], list[dict[str, dict]]]) -> list[Dataset]:
         cap = self.settings.max_results
-        assert callable(search)
         try:
             found = search(self._client(self.settings.query_timeout_s), cap + 1)
         except requests.RequestException as exc:
