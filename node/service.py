@@ -46,6 +46,7 @@ from segnode.node.jobs.result import job_folder
 from segnode.node.jobs.worker import JobOutcome, JobSpec, WorkerPool, run_job
 from segnode.node.review import decide
 from segnode.node.sending.queues import Senders
+from segnode.node.sources.priors import prior_options
 from segnode.node.supersede import supersede_options
 from segnode.node.sweep import CompletionSweep
 from segnode.output_kinds import REJECTION_NOTE, encoded_with
@@ -221,7 +222,9 @@ class Service:
                        dataset_store=str(dataset_store_root(self.config)),
                        deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None,
                        options={**job.options, "outputs": list(self.encoded_kinds(job)),
-                                **supersede_options(self.index, job)})  # a newer version: its number, what it rejects
+                                **supersede_options(self.index, job),  # a newer version: its number, what it rejects
+                                **prior_options(self.config, self.index, self.spool, job,  # route priors (SR change)
+                                                store=self.scp.handler if self.scp is not None else None)})
 
     def encoded_kinds(self, job: Job) -> tuple[str, ...]:
         """The kinds the job encodes: the route's ``outputs``, else what its destinations take."""
@@ -338,6 +341,9 @@ class Service:
             self.spool.remove_series(series.study_uid, series.series_uid)
             self.index.mark_purged(series.series_uid)
             logger.info("removed spooled series %s (done)", series.series_uid)
+        if (keep := self.config.housekeeping.history_retention_s) is not None:
+            self.index.prune_history(time.time() - keep)  # the index at a year's size (docs/reliability.md)
+        self.index.optimize()
 
 
 def serve_forever(service: Service, stop: threading.Event) -> None:

@@ -270,6 +270,21 @@ class Select(Frozen):
         return None if value is None else value.pattern
 
 
+class Priors(Frozen):
+    """Measure against the patient's earlier studies (``action.priors``; docs/routing.md, "Priors").
+
+    The node asks ``source`` (a ``sources:`` entry of the node config) for the
+    patient's studies of the same modality from ``max_age_days`` before this
+    study's date until the day before it, takes the newest ``count``, picks
+    each one's series by the route's ``select`` rules, and reports each
+    segment's volume on it and the change in the SR.
+    """
+
+    source: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the sources: entry to ask")
+    count: int = Field(1, ge=1, le=5, description="how many earlier studies, newest first")
+    max_age_days: int = Field(1095, ge=1, le=36500, description="how far back a prior may be")
+
+
 class Action(Frozen):
     """What to do with a study that a rule matches."""
 
@@ -290,6 +305,7 @@ class Action(Frozen):
                               description="broker queue for remote workers (gpu, cpu; docs/scaling.md)")
     priority: Literal["urgent", "routine", "research"] | None = Field(
         default=None, description="priority on the broker queue; absent: broker.default_priority")
+    priors: Priors | None = Field(default=None, description="report the volume change since earlier studies")
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from segnode.profiles import Backend, Profile, load_profile
 
 if TYPE_CHECKING:  # highdicom is loaded only where a rejection note is written
     from segnode.node.writers.rejection import RejectedObject
+    from segnode.node.writers.sr_priors import PriorResult
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,9 @@ from segnode.errors import InputError, SegnodeError
 from segnode.node.jobs.result import RESULT_FILE, Harvest, JobResult
 
 if TYPE_CHECKING:  # the pipeline (models, writers) is imported by the worker process only
+    from segnode.models.base import RunSettings
     from segnode.node.jobs.pipeline import ModelSource
+    from segnode.node.writers.sr_priors import PriorResult
 
 logger = logging.getLogger(__name__)
 
@@ -270,9 +272,33 @@ def execute(spec: JobSpec, cache: ModelSource | None = None) -> JobResult:
                               output_format="seg", settings=settings,
                               rtstruct_holes=spec.options.get("rtstruct_holes") or "keyhole",
                               outputs=_job_kinds(spec), **_shared_run(spec), **_superseding(spec),
-                              corrected_labels=_corrected_labels(spec))
+                              corrected_labels=_corrected_labels(spec), priors=_priors(spec, settings, cache))
     result = JobResult.from_pipeline(run_pipeline(request, cache=cache), Path(spec.out_dir))
     return result.with_harvest(harvest(spec, result)) if spec.harvest else result
+
+
+def _priors(spec: JobSpec, settings: RunSettings, cache: ModelSource | None) -> tuple[PriorResult, ...]:
+    """A route with priors: the node's results on earlier studies (node/sources/priors.py).
+
+    A prior the node had no result for was retrieved for this job: it is segmented here first, into
+    ``prior-N/`` of the job folder, with the job's profile and backend.
+    """
+    from segnode.node.jobs.pipeline import PipelineRequest, run_pipeline
+    from segnode.node.writers.sr_priors import PriorResult
+
+    out = []
+    for n, prior in enumerate(spec.options.get("priors_found") or (), start=1):
+        if prior.get("seg_path"):
+            out.append(PriorResult.from_summary(Path(prior["seg_path"]), Path(prior["summary_path"]),
+                                                prior.get("model_version")))
+            continue
+        request = PipelineRequest(input_path=Path(prior["input_dir"]), profile=spec.profile,
+                                  out_dir=Path(spec.out_dir) / f"prior-{n}", backend=spec.backend,
+                                  series_uid=prior["series_uid"], seg_type=spec.seg_type, settings=settings)
+        result = run_pipeline(request, cache=cache)
+        if result.seg_path is not None:
+            out.append(PriorResult.from_summary(result.seg_path, result.summary_path, result.model_version))
+    return tuple(out)
 
 
 def _corrected_labels(spec: JobSpec) -> Path | None:

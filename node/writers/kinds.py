@@ -35,6 +35,7 @@ from segnode.node.writers.common import Algorithm, EncodedResult, RtstructHoles,
 from segnode.node.writers.record import EncodedObject
 from segnode.node.writers.rejection import RejectedObject
 from segnode.node.writers.seg import write_seg
+from segnode.node.writers.sr_priors import PriorResult
 from segnode.output_kinds import ALL_KINDS, OutputKind, encoded_with, parse_kinds
 from segnode.profiles.schema import Profile
 
@@ -63,6 +64,7 @@ def encode_outputs(
     rtstruct_holes: RtstructHoles | str = RtstructHoles.KEYHOLE,
     version: int = 1,
     rejects: Sequence[RejectedObject] = (),
+    priors: Sequence[PriorResult] = (),
 ) -> list[EncodedObject]:
     """Write every kind in ``kinds`` (SEG first) into ``out_dir``; return each object written (paths relative to it).
 
@@ -96,8 +98,9 @@ def encode_outputs(
                 # TID 1500 needs at least one measurement group (highdicom refuses none): no report to make
                 logger.warning("nothing segmented: no SR written (the SEG and the other kinds are)")
                 continue
+            same_model = [p for p in priors if p.model_version in (None, labels.model_version)]  # else not comparable
             results.append(_as_kind(write_sr(volume, labels, profile, out_dir, seg_path=seg.path, statistics=stats,
-                                             version=version), kind))
+                                             version=version, priors=same_model), kind))
     results += _rejection_note(volume, labels, profile, out_dir, version, rejects)
     if volume.source is not None:
         check_objects([r.path for r in results], volume.source, Algorithm.of(labels))

@@ -21,6 +21,7 @@ report's Coding Scheme Identification Sequence.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -46,10 +47,24 @@ DAYS = hd.sr.CodedConcept(value="d", scheme_designator="UCUM", meaning="day")
 
 @dataclass(frozen=True)
 class PriorResult:
-    """The node's result on a prior study's series: its SEG and the segment statistics measured on it."""
+    """The node's result on a prior study's series: its SEG and the segment statistics measured on it.
+
+    ``model_version``: of the result; a report keeps a prior only when it is the version it measures with.
+    """
 
     seg_path: Path
     statistics: list[SegmentStatistics]
+    model_version: str | None = None
+
+    @classmethod
+    def from_summary(cls, seg_path: Path, summary_path: Path, model_version: str | None) -> PriorResult:
+        """A result as a job folder holds it: its SEG and its summary file (``segments``)."""
+        try:
+            data = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise EncodeError(f"cannot read the prior's summary: {exc}", where=str(summary_path)) from exc
+        segments = data.get("segments") if isinstance(data, dict) else None
+        return cls(seg_path, list(segments) if isinstance(segments, list) else [], model_version)
 
 
 @dataclass(frozen=True)
