@@ -24,7 +24,9 @@ the latest such job whose organ profile knows its segments.  It is checked
   corrected it, and per segment the Dice against the model's result and the
   volume change in mL and %.
 
-A SEG that references no job, lies off the source grid or names a segment
+A SEG the node wrote itself (its SOP Instance UID is an output of a job of its series, as when
+a PACS forwards the whole study back) is no correction: it is stored as any instance.  A SEG
+that references no job, lies off the source grid or names a segment
 the profile does not know is refused (:data:`REFUSED`: 0x0110 with a short
 comment, counted under its own reason); the file as received is kept in
 ``results/corrections/refused/``, and nothing else changes.
@@ -114,6 +116,9 @@ class Corrections:
         """A SEG arriving at the store path: ``None`` (taken, store it) or the refusal to answer."""
         try:
             seg = dcmread(BytesIO(part10))
+            if self.is_ours(seg):  # our own result coming back (a PACS forwarding the study): stored as it is
+                logger.info("SEG %s is one of the node's own results: stored, not a correction", seg.SOPInstanceUID)
+                return None
             self.correct(seg, author, original=part10)
         except CorrectionRefused as exc:
             self._keep_refused(part10, seg_uid(part10))
@@ -124,6 +129,14 @@ class Corrections:
             return Refusal(Status.PROCESSING_FAILURE, f"correction unreadable ({type(exc).__name__})"[:64],
                            UNREADABLE)
         return None
+
+    def is_ours(self, seg: Dataset) -> bool:
+        """Whether ``seg`` is an object a job of its series wrote (same SOP Instance UID), current or superseded."""
+        series = set(referenced_series(seg))
+        jobs = [j for uid in series for j in self.index.earlier_results(uid, NEWEST)]
+        jobs += [j for j in self.index.jobs(JobState.SUPERSEDED, limit=10_000) if j.series_uid in series]
+        uid = str(seg.get("SOPInstanceUID", ""))
+        return any(o.get("sop_instance_uid") == uid for j in jobs for o in j.outputs)
 
     def _keep_refused(self, part10: bytes, name: str) -> None:
         folder = self.root / "refused"

@@ -155,3 +155,12 @@ def test_a_refused_correction_changes_nothing_and_keeps_the_file(tmp_path: Path,
     assert node.index.existing_job(node.job.job_id).state is JobState.HELD
     kept = node.config.results_dir / "corrections" / "refused" / f"{seg.SOPInstanceUID}.dcm"
     assert kept.read_bytes() == _part10(seg)
+
+
+def test_the_nodes_own_seg_coming_back_is_no_correction(tmp_path: Path) -> None:
+    """A PACS that forwards the whole study sends the node's SEG back: stored as it is, nothing opened."""
+    node = Node(tmp_path, hold=False)
+    own = node.job.file(node.job.seg_path or "").read_bytes()
+    assert node.corrections.stored_seg(own, "PACS") is None
+    assert [j.job_id for j in node.index.jobs()] == [node.job.job_id] and node.events == []
+    assert node.index.existing_job(node.job.job_id).state is JobState.DONE
