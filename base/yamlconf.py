@@ -54,6 +54,8 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", where=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", where=str(path)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -61,6 +63,8 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from exc
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError("invalid YAML: nested too deeply", where=str(path)) from None
     return data, node
 
 

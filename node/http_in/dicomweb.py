@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, urlsplit
 from segnode.errors import ConfigError, InputError, SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.config.dicomweb import DicomWebClient, DicomWebConfig, read_secret
-from segnode.node.http_in.base import HttpError, RunningHTTP, bearer
+from segnode.node.http_in.base import HttpError, RunningHTTP, bearer, refuse_http09
 from segnode.node.http_in.catalogue import IndexCatalogue
 from segnode.node.http_in.dicomweb_read import DicomWebReader
 from segnode.node.http_in.multipart import (
@@ -203,6 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "segnode-dicomweb"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # errors in a request line before its version: with a status line
 
     _header_timer: threading.Timer | None = None
 
@@ -222,11 +223,15 @@ class _Handler(BaseHTTPRequestHandler):
         timer.start()
         try:
             super().handle_one_request()
+        except (TimeoutError, ConnectionError) as exc:  # a body that stalls, a client gone: no traceback
+            logger.info("closing DICOMweb connection from %s: %s", self.client_address[0],
+                        str(exc) or type(exc).__name__)
+            self.close_connection = True
         finally:
             timer.cancel()
 
     def parse_request(self) -> bool:
-        parsed = super().parse_request()
+        parsed = not refuse_http09(self) and super().parse_request()
         if self._header_timer is not None:
             self._header_timer.cancel()  # the headers are in: the body has its own limits
         return parsed
@@ -250,7 +255,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         length = self.headers.get("Content-Length", "")
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        self._unread = DRAIN_LIMIT if chunked else int(length) if length.isdigit() and len(length) < 16 else 0
+        declared = int(length) if length.isascii() and length.isdigit() and len(length) < 16 else 0
+        self._unread = DRAIN_LIMIT if chunked else declared
         try:
             action(path)
         except HttpError as exc:
@@ -364,7 +370,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.headers.get("Content-Length")
         if raw is None:
             raise HttpError(HTTPStatus.LENGTH_REQUIRED, "Content-Length or chunked transfer coding required")
-        if not raw.isdigit() or len(raw) > 15:
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 15:  # isdigit() alone takes '²'; int() does not
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad Content-Length")
         if int(raw) > limit:
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {limit} bytes")

@@ -126,7 +126,7 @@ class RemoteJobs:
     def grant(self, token: str) -> JobGrant | None:
         """The job a token is for, if its MAC is right (``current``: the node still waits for that attempt)."""
         parts = token.split(".")
-        if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit() or len(token) > 200:
+        if len(parts) != 4 or len(token) > 200 or not all(p.isascii() and p.isdigit() for p in parts[1:3]):
             return None
         job_id, attempt = int(parts[1]), int(parts[2])
         if not hmac.compare_digest(token.encode("ascii", "replace"), self.token(job_id, attempt).encode()):
@@ -223,7 +223,7 @@ class RemoteJobs:
             raise InputError("the result's first part must be application/json")
         try:
             record = json.loads(bytes(head.body))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise InputError("the result's first part is not JSON") from None
         if not isinstance(record, dict):
             raise InputError("the result's first part must be a JSON object")
