@@ -18,9 +18,8 @@ from pathlib import Path
 from segnode.errors import InputError
 from segnode.node.config import NodeConfig, load_config
 from segnode.node.ingest.store import StoreHandler
-from segnode.node.sources.fetch import Fetcher, FetchReport
-from segnode.node.sources.open import open_source, source_config
-from segnode.node.sources.record import RetrievalLog
+from segnode.node.sources.fetch import FetchReport, fetcher_for
+from segnode.node.sources.open import source_config
 from segnode.node.sources.source import SourceError, StudyQuery
 from segnode.storage.index import Index
 from segnode.storage.spool import Spool
@@ -64,14 +63,10 @@ def run(args: argparse.Namespace) -> int:
 def fetch_with_config(config: NodeConfig, name: str, query: StudyQuery, *, by: str,
                       modality: str | None = None) -> FetchReport:
     """One fetch from the command line: the node's spool, index and store path opened here."""
-    settings = source_config(config, name)
+    source_config(config, name)  # an unknown source is an error before anything is opened
     index = Index(config.index_path)
     try:
         store = StoreHandler(config, Spool(config.spool_dir), index)
-        source = open_source(config, name, store=store)
-        method = settings.retrieve.value if settings.kind.value == "dimse" else "wado"
-        fetcher = Fetcher(source, method=method, log=RetrievalLog(config.state_dir / "retrievals.sqlite"),
-                          index=index, by=by, modality=modality)
-        return fetcher.fetch(query)
+        return fetcher_for(config, name, store=store, index=index, by=by, modality=modality).fetch(query)
     finally:
         index.close()

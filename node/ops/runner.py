@@ -28,6 +28,7 @@ from segnode.node.ingest.store import StoreHandler
 from segnode.node.ops.accounts import AccountStore
 from segnode.node.ops.api import OpsApp, RunningHTTP, start_http
 from segnode.node.ops.audit import AuditFollower, AuditLog, record_of
+from segnode.node.ops.fetch import FetchAPI
 from segnode.node.ops.metrics import NodeMetrics
 from segnode.node.ops.status_page import render_status
 from segnode.node.ops.views import OpsDB
@@ -133,6 +134,8 @@ class Ops:
                      review=self.service.review, node=self.config.ae_title)
         reader = DicomWebReader(IndexCatalogue(self.config.index_path, self.config.spool_dir))
         app.add_routes(viewer_routes(Viewer(self.config.viewer, node=self.config.ae_title), reader))
+        scp = lambda: self.service.scp.handler if self.service.scp is not None else None  # noqa: E731
+        app.add_routes(FetchAPI(self.config, self.service.index, scp).routes())  # POST /api/v1/fetch
         return app
 
     def status_page(self) -> str:

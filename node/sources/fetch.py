@@ -15,6 +15,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from segnode.node.config import NodeConfig
+from segnode.node.config.sources import SourceKind
+from segnode.node.ingest.store import StoreHandler
+from segnode.node.sources.open import open_source, source_config
 from segnode.node.sources.record import Retrieval, RetrievalLog
 from segnode.node.sources.source import RetrieveResult, SeriesMatch, Source, SourceError, StudyQuery
 from segnode.storage.index import Index, JobState
@@ -48,6 +52,15 @@ class FetchReport:
     @property
     def ok(self) -> bool:
         return all(s.ok for s in self.series)
+
+    def as_dict(self) -> dict[str, object]:
+        """For the ops API: UIDs, counts and errors (never a patient ID)."""
+        return {"source": self.source, "query": self.query, "studies": self.studies, "ok": self.ok,
+                "series": [{"study_uid": s.study_uid, "series_uid": s.series_uid, "modality": s.modality,
+                            "method": s.result.method if s.result else None,
+                            "completed": s.result.completed if s.result else 0,
+                            "refused": s.result.refused if s.result else 0, "error": s.error}
+                           for s in self.series]}
 
     def lines(self) -> list[str]:
         out = [f"{self.source}: {self.studies} stud{'y' if self.studies == 1 else 'ies'} match {self.query}"]
@@ -109,3 +122,12 @@ class Fetcher:
             if job.series_uid == series_uid:
                 self.index.transition(job.job_id, JobState.NOT_ROUTED,
                                       f"retrieve failed, partial series not segmented: {error}"[:500])
+
+
+def fetcher_for(config: NodeConfig, name: str, *, store: StoreHandler | None, index: Index, by: str,
+                modality: str | None = None) -> Fetcher:
+    """A fetcher for the source ``name`` of ``config``, logging to ``<state_dir>/retrievals.sqlite``."""
+    settings = source_config(config, name)
+    method = settings.retrieve.value if settings.kind is SourceKind.DIMSE else "wado"
+    return Fetcher(open_source(config, name, store=store), method=method,
+                   log=RetrievalLog(config.state_dir / "retrievals.sqlite"), index=index, by=by, modality=modality)

@@ -7,6 +7,9 @@ spool and index); either way the running node's sweep routes the series.
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,23 +19,41 @@ from segnode.node.sources.record import RetrievalLog
 from segnode.storage.index import Index, JobState
 
 from tests.node.sources.helpers import upload, write_study
-from tests.peers import free_port, node, orthanc, wait_until, write_node_config
+from tests.peers import free_port, node, orthanc, port_open, wait_until, write_node_config
 
 pytestmark = [pytest.mark.peer, pytest.mark.slow]
 
 
-def fetch_config(tmp_path: Path, port: int, dicom_port: int, method: str) -> Path:
+TOKEN = "a-shared-token-for-the-fetch-test"
+
+
+def fetch_config(tmp_path: Path, port: int, dicom_port: int, method: str, http_port: int = 0) -> Path:
     routes = tmp_path / "routes.yaml"
     routes.write_text(yaml.safe_dump({"rules": [
         {"name": "everything", "fallback": True, "action": {"profile": "lungs", "destinations": ["pacs"]}}]}))
     pacs = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": dicom_port}
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
     return write_node_config(tmp_path / "node.yaml", port=port, routes=str(routes),
+                             http={"port": http_port, "token_file": str(token)},
                              destinations=[{"name": "pacs", **pacs}],
                              sources=[{"name": "pacs", "retrieve": method, "idle_timeout_s": 30, **pacs}])
 
 
-@pytest.mark.parametrize("method", ["move", "get"])
-def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: str,
+def api_fetch(http_port: int, body: dict[str, str], token: str = TOKEN) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/api/v1/fetch", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Authorization": f"Bearer {token}",
+                                                             "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize(("method", "via"), [("move", "cli"), ("get", "api")])
+def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: str, via: str,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     study = write_study(tmp_path / "study", "ACC-E2E", slices=60)
     other = write_study(tmp_path / "other", "ACC-OTHER", slices=10, seed=3)
@@ -40,12 +61,23 @@ def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: s
     with orthanc(tmp_path / "orthanc", node_port=port) as pacs:
         upload(pacs, study)
         upload(pacs, other)
-        config = fetch_config(tmp_path, port, pacs.dicom_port, method)
+        http_port = free_port()
+        config = fetch_config(tmp_path, port, pacs.dicom_port, method, http_port)
         with node(config) as n:
-            assert main(["fetch", "--config", str(config), "--from", "pacs", "--accession", "ACC-E2E",
-                         "--by", "tester"]) == 0
-            out = capsys.readouterr().out
-            assert f"series {study.series_uid} (CT): retrieved, {study.count} instance(s)" in out
+            wait_until(lambda: port_open(http_port), 30, "the ops API")
+            if via == "cli":
+                assert main(["fetch", "--config", str(config), "--from", "pacs", "--accession", "ACC-E2E",
+                             "--by", "tester"]) == 0
+                out = capsys.readouterr().out
+                assert f"series {study.series_uid} (CT): retrieved, {study.count} instance(s)" in out
+            else:
+                status, report = api_fetch(http_port, {"source": "pacs", "accession": "ACC-E2E"})
+                assert status == 200, report
+                assert [(s["series_uid"], s["completed"], s["error"]) for s in report["series"]] == [
+                    (study.series_uid, study.count, None)]
+                assert api_fetch(http_port, {"source": "pacs", "accession": "NOPE"})[0] == 404
+                assert api_fetch(http_port, {"source": "nope", "accession": "ACC-E2E"})[0] == 404
+                assert api_fetch(http_port, {"source": "pacs", "accession": "x", "bogus": "1"})[0] == 400
             index = Index(n.state_dir / "index.sqlite")
             job = wait_until(lambda: next((j for j in index.jobs() if j.state in {
                 JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER, JobState.NOT_ROUTED}), None), 180, "a job")
@@ -56,7 +88,7 @@ def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: s
             index.close()
         [entry] = RetrievalLog(n.state_dir / "retrievals.sqlite").of_series(study.series_uid)
         assert (entry.source, entry.method, entry.by, entry.completed, entry.error) == (
-            "pacs", method, "tester", study.count, None)
+            "pacs", method, "tester" if via == "cli" else "shared-token", study.count, None)
         [seg] = pacs.series_by_modality("SEG")
         assert pacs.get(f"/studies/{seg['ParentStudy']}")["MainDicomTags"]["StudyInstanceUID"] == study.study_uid
 
