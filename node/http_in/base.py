@@ -116,11 +116,12 @@ def refuse_http09(handler: BaseHTTPRequestHandler) -> bool:
     would be answered the 0.9 way too); answered 400 as HTTP/1.0 and closed.
     ``True`` when refused.
     """
-    words = handler.raw_requestline.split()
+    raw: bytes = getattr(handler, "raw_requestline", b"")  # set by handle_one_request; not in typeshed
+    words = raw.split()
     if not (len(words) == 2 or (len(words) == 3 and words[2] == b"HTTP/0.9")):
         return False
-    handler.requestline = str(handler.raw_requestline, "iso-8859-1").rstrip("\r\n")
-    handler.request_version, handler.command = "HTTP/1.0", None
+    handler.requestline = str(raw, "iso-8859-1").rstrip("\r\n")
+    handler.request_version, handler.command = "HTTP/1.0", ""
     handler.close_connection = True
     handler.send_error(HTTPStatus.BAD_REQUEST, "HTTP/1.0 or later required")
     return True
