@@ -16,6 +16,7 @@ import io
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -318,8 +319,19 @@ def test_held_job_opens_in_ohif_served_by_the_node_with_its_seg(tmp_path: Path) 
             responses = dicomweb_responses(browser)
             (ARTIFACTS / "viewer_requests.json").write_text(json.dumps(responses, indent=1))
             failures = failed_requests(browser)
+            page_headers = next(e["params"]["response"]["headers"] for e in browser.events
+                                if e["method"] == "Network.responseReceived" and e["params"]["type"] == "Document"
+                                and "/viewer/viewer?" in e["params"]["response"]["url"])
         finally:
             browser.close()
+        for path in ("/dicomweb/studies", f"/dicomweb/studies/{held.study_uid}/metadata", "/viewer/app-config.js"):
+            with pytest.raises(urllib.error.HTTPError) as anonymous:
+                urllib.request.urlopen(base + path, timeout=30)
+            anonymous.value.close()
+            assert anonymous.value.code == 401, path  # no session, no token: nothing of the study
+    policy = {k.lower(): v for k, v in page_headers.items()}["content-security-policy"]
+    assert "'wasm-unsafe-eval'" in policy and "frame-ancestors 'none'" in policy and "'unsafe-inline'" not in \
+        policy.split("style-src")[0]
     assert colour > ENOUGH_COLOUR and grey > ENOUGH_GREY, (
         f"viewport {box}: {colour} pixels in the segments' colours, {grey} grey (see {ARTIFACTS / 'viewer_seg.png'})")
     assert responses and all(200 <= r["status"] < 300 for r in responses), [r for r in responses
