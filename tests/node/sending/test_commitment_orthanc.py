@@ -167,3 +167,35 @@ def _answers(pacs: OrthancPeer) -> bool:
         return bool(pacs.get("/system"))
     except OSError:
         return False
+
+
+def test_a_report_that_cannot_reach_the_node_times_out_and_the_commitment_is_asked_again(tmp_path: Path) -> None:
+    """The node's receiver is down when Orthanc reports: no report by the deadline → asked again → committed."""
+    config = node_config(tmp_path, None, 1)
+    index = Index(config.index_path)
+    scp = start_scp(config, Spool(config.spool_dir), index)
+    port = scp.port
+    scp.stop()  # Orthanc's report association will find no one
+    with orthanc(tmp_path / "orthanc", node_port=port) as pacs:
+        config = node_config(tmp_path, pacs, port).model_copy(update={"port": port})
+        dest = config.destinations[0].model_copy(update={"commit_timeout_s": 1.0})
+        config = config.model_copy(update={"destinations": [dest]})
+        job_id = sending_job(index, tmp_path / "job", "pacs")
+        events: list[Event] = []
+        c = courier(config, index, events)
+        attempt(c, index, job_id)
+        [first] = index.commitments(job_id)
+        book = CommitmentBook(index, config)
+        wait_until(lambda: book.expire_overdue(), 10, "the commitment's deadline")
+        assert index.commitment(first.transaction_uid).state is CommitmentState.EXPIRED  # type: ignore[union-attr]
+        assert delivery_state(index, job_id) is DeliveryState.PENDING
+        assert all(o.committed_at is None for o in index.delivery_objects(job_id))
+        scp = start_scp(config, Spool(config.spool_dir), index)  # the receiver is back, on the same port
+        try:
+            wait_until(lambda: index.deliveries(job_id)[0].next_attempt_at <= index.clock(), 5, "the backoff")
+            attempt(c, index, job_id)
+            wait_until(lambda: delivery_state(index, job_id) is DeliveryState.DONE, 30, "Orthanc's second report")
+        finally:
+            scp.stop()
+    assert [x.state for x in index.commitments(job_id)] == [CommitmentState.EXPIRED, CommitmentState.COMMITTED]
+    assert index.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
