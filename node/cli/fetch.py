@@ -20,6 +20,7 @@ from segnode.node.config import NodeConfig, load_config
 from segnode.node.ingest.store import StoreHandler
 from segnode.node.sources.fetch import FetchReport, fetcher_for
 from segnode.node.sources.open import source_config
+from segnode.node.sources.pin import Pin, pin_for
 from segnode.node.sources.source import SourceError, StudyQuery
 from segnode.storage.index import Index
 from segnode.storage.spool import Spool
@@ -37,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--patient", help="the patient's ID (all studies, or since --since)")
     parser.add_argument("--since", type=_day, help="only studies from this day on (YYYY-MM-DD)")
     parser.add_argument("--modality", help="only series of this modality (default: every image series)")
+    force = parser.add_mutually_exclusive_group()
+    force.add_argument("--route", metavar="RULE", help="route the series by this rule's action, whatever it matches")
+    force.add_argument("--profile", help="segment with this profile; the result is kept, sent nowhere")
     parser.add_argument("--by", help="who asks (recorded in the retrieval log; default cli:<login>)")
     parser.set_defaults(func=run)
 
@@ -51,8 +55,9 @@ def _day(text: str) -> date:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     query = StudyQuery(accession=args.accession, study_uid=args.study, patient_id=args.patient, since=args.since)
+    pin = pin_for(config, route=args.route, profile=args.profile)
     report = fetch_with_config(config, args.source, query, by=args.by or f"cli:{getpass.getuser()}",
-                               modality=args.modality)
+                               modality=args.modality, pin=pin)
     for line in report.lines():
         print(line)
     if not report.series:
@@ -61,12 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fetch_with_config(config: NodeConfig, name: str, query: StudyQuery, *, by: str,
-                      modality: str | None = None) -> FetchReport:
+                      modality: str | None = None, pin: Pin | None = None) -> FetchReport:
     """One fetch from the command line: the node's spool, index and store path opened here."""
     source_config(config, name)  # an unknown source is an error before anything is opened
     index = Index(config.index_path)
     try:
         store = StoreHandler(config, Spool(config.spool_dir), index)
-        return fetcher_for(config, name, store=store, index=index, by=by, modality=modality).fetch(query)
+        return fetcher_for(config, name, store=store, index=index, by=by, modality=modality, pin=pin).fetch(query)
     finally:
         index.close()

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "segnode.node.cli.serve",
     "segnode.node.cli.worker",
     "segnode.node.cli.fetch",
+    "segnode.node.cli.reprocess",
     "segnode.node.cli.users",
     "segnode.storage.cli",
     "segnode.models.cli_evaluate",

@@ -1,7 +1,8 @@
 """``POST /api/v1/fetch`` (role ``ops``): retrieve a study from a configured source, as ``segnode fetch`` does.
 
 The body is JSON: ``source`` and one of ``accession``, ``study_uid``,
-``patient_id``; optionally ``since`` (YYYY-MM-DD) and ``modality``.  The
+``patient_id``; optionally ``since`` (YYYY-MM-DD), ``modality``, and ``route``
+(a rule's name) or ``profile`` to force the series onto.  The
 request runs the fetch inside the node (its own store path for C-GET and
 WADO-RS; its receiver for C-MOVE) and answers when every series is retrieved:
 ``200`` with the report, ``502`` with it when a series failed, ``404`` for an
@@ -25,12 +26,13 @@ from segnode.node.ops.auth import OpsRequest
 from segnode.node.ops.roles import Role
 from segnode.node.ops.viewer import Route
 from segnode.node.sources.fetch import fetcher_for
+from segnode.node.sources.pin import pin_for
 from segnode.node.sources.source import NoMatchError, SourceError, StudyQuery
 from segnode.storage.index import Index
 
 logger = logging.getLogger(__name__)
 
-_KEYS = frozenset({"source", "accession", "study_uid", "patient_id", "since", "modality"})
+_KEYS = frozenset({"source", "accession", "study_uid", "patient_id", "since", "modality", "route", "profile"})
 
 
 class FetchAPI:
@@ -48,7 +50,9 @@ class FetchAPI:
         who = req.user.name if req.user is not None else req.client
         name, modality = str(body["source"]), _text(body, "modality")
         try:
-            fetcher = fetcher_for(self.config, name, store=self.store(), index=self.index, by=who, modality=modality)
+            pin = pin_for(self.config, route=_text(body, "route"), profile=_text(body, "profile"))
+            fetcher = fetcher_for(self.config, name, store=self.store(), index=self.index, by=who, modality=modality,
+                                  pin=pin)
             report = fetcher.fetch(query)
         except (ConfigError, NoMatchError) as exc:
             raise HttpError(HTTPStatus.NOT_FOUND, exc.message) from exc

@@ -19,6 +19,7 @@ from segnode.node.config import NodeConfig
 from segnode.node.config.sources import SourceKind
 from segnode.node.ingest.store import StoreHandler
 from segnode.node.sources.open import open_source, source_config
+from segnode.node.sources.pin import Pin, apply_pin
 from segnode.node.sources.record import Retrieval, RetrievalLog
 from segnode.node.sources.source import RetrieveResult, SeriesMatch, Source, SourceError, StudyQuery
 from segnode.storage.index import Index, JobState
@@ -36,6 +37,7 @@ class SeriesOutcome:
     modality: str | None
     result: RetrieveResult | None = None
     error: str | None = None
+    pinned: int | None = None  # the job completed on a forced route (--route/--profile)
 
     @property
     def ok(self) -> bool:
@@ -59,7 +61,8 @@ class FetchReport:
                 "series": [{"study_uid": s.study_uid, "series_uid": s.series_uid, "modality": s.modality,
                             "method": s.result.method if s.result else None,
                             "completed": s.result.completed if s.result else 0,
-                            "refused": s.result.refused if s.result else 0, "error": s.error}
+                            "refused": s.result.refused if s.result else 0, "error": s.error,
+                            "pinned_job": s.pinned}
                            for s in self.series]}
 
     def lines(self) -> list[str]:
@@ -67,8 +70,9 @@ class FetchReport:
         for s in self.series:
             counts = f"{s.result.completed} instance(s)" if s.result is not None else ""
             refused = f", {s.result.refused} not asked for refused" if s.result and s.result.refused else ""
+            pinned = f"; job {s.pinned} routed as asked" if s.pinned is not None else ""
             out.append(f"  series {s.series_uid} ({s.modality or '?'}): "
-                       + (f"retrieved, {counts}{refused}" if s.ok else f"FAILED: {s.error}"))
+                       + (f"retrieved, {counts}{refused}{pinned}" if s.ok else f"FAILED: {s.error}"))
         return out
 
 
@@ -76,9 +80,9 @@ class Fetcher:
     """Runs fetches against one source, for one requester (``by``: a user, ``cli:<login>``, ...)."""
 
     def __init__(self, source: Source, *, method: str, log: RetrievalLog, index: Index, by: str,
-                 modality: str | None = None) -> None:
+                 modality: str | None = None, pin: Pin | None = None) -> None:
         self.source, self.method, self.log, self.index = source, method, log, index
-        self.by, self.modality = by, modality
+        self.by, self.modality, self.pin = by, modality, pin
 
     def fetch(self, query: StudyQuery) -> FetchReport:
         """Find the studies, retrieve their series; raises :class:`SourceError` / ``NoMatchError`` for the query."""
@@ -114,7 +118,11 @@ class Fetcher:
         if error is not None:
             logger.warning("retrieve of series %s failed: %s", series.series_uid, error)
             self.settle(series.series_uid, error)
-        return SeriesOutcome(series.study_uid, series.series_uid, series.modality, result, error)
+        pinned = None
+        if error is None and self.pin is not None:
+            pinned = apply_pin(self.index, series.series_uid, self.pin,
+                               note=f"forced by a fetch from {self.source.name} by {self.by}")
+        return SeriesOutcome(series.study_uid, series.series_uid, series.modality, result, error, pinned)
 
     def settle(self, series_uid: str, error: str) -> None:
         """The series' ``received`` job (a partial series) → ``not_routed``, with why."""
@@ -125,9 +133,10 @@ class Fetcher:
 
 
 def fetcher_for(config: NodeConfig, name: str, *, store: StoreHandler | None, index: Index, by: str,
-                modality: str | None = None) -> Fetcher:
+                modality: str | None = None, pin: Pin | None = None) -> Fetcher:
     """A fetcher for the source ``name`` of ``config``, logging to ``<state_dir>/retrievals.sqlite``."""
     settings = source_config(config, name)
     method = settings.retrieve.value if settings.kind is SourceKind.DIMSE else "wado"
     return Fetcher(open_source(config, name, store=store), method=method,
-                   log=RetrievalLog(config.state_dir / "retrievals.sqlite"), index=index, by=by, modality=modality)
+                   log=RetrievalLog(config.state_dir / "retrievals.sqlite"), index=index, by=by, modality=modality,
+                   pin=pin)

@@ -8,6 +8,7 @@ spool and index); either way the running node's sweep routes the series.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -71,10 +72,12 @@ def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: s
                 out = capsys.readouterr().out
                 assert f"series {study.series_uid} (CT): retrieved, {study.count} instance(s)" in out
             else:
-                status, report = api_fetch(http_port, {"source": "pacs", "accession": "ACC-E2E"})
+                status, report = api_fetch(http_port, {"source": "pacs", "accession": "ACC-E2E", "route": "everything"})
                 assert status == 200, report
-                assert [(s["series_uid"], s["completed"], s["error"]) for s in report["series"]] == [
-                    (study.series_uid, study.count, None)]
+                [series] = report["series"]
+                assert (series["series_uid"], series["completed"], series["error"]) == (study.series_uid, study.count,
+                                                                                        None)
+                assert series["pinned_job"] is not None  # forced onto the route at once, before the sweep
                 assert api_fetch(http_port, {"source": "pacs", "accession": "NOPE"})[0] == 404
                 assert api_fetch(http_port, {"source": "nope", "accession": "ACC-E2E"})[0] == 404
                 assert api_fetch(http_port, {"source": "pacs", "accession": "x", "bogus": "1"})[0] == 400
@@ -82,15 +85,28 @@ def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: s
             job = wait_until(lambda: next((j for j in index.jobs() if j.state in {
                 JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER, JobState.NOT_ROUTED}), None), 180, "a job")
             assert job.state is JobState.DONE, job.reason
+            if via == "api":
+                routed = next(reason for _, state, reason in index.events(job.job_id) if state is JobState.COMPLETE)
+                assert "forced by a fetch from pacs by shared-token" in (routed or "")
             assert [j.series_uid for j in index.jobs()] == [study.series_uid]  # the other study stays on the PACS
             info = index.series(study.series_uid)
             assert info is not None and info.instance_count == study.count and info.calling_ae == "ORTHANC"
+            if via == "cli":  # re-processed with another model run: the new result supersedes
+                today = datetime.now(timezone.utc).date().isoformat()
+                assert main(["reprocess", "--config", str(config), "--model", "hu_based", "--since", today]) == 0
+                new = wait_until(lambda: next((j for j in index.jobs() if j.job_id != job.job_id and j.state in {
+                    JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER}), None), 180, "the re-processed job")
+                assert (new.state, new.backend, new.options.get("supersedes")) == (JobState.DONE, "hu_based",
+                                                                                   [job.job_id]), new.reason
+                wait_until(lambda: index.job(job.job_id).state is JobState.SUPERSEDED, 30, "the old job superseded")
             index.close()
         [entry] = RetrievalLog(n.state_dir / "retrievals.sqlite").of_series(study.series_uid)
         assert (entry.source, entry.method, entry.by, entry.completed, entry.error) == (
             "pacs", method, "tester" if via == "cli" else "shared-token", study.count, None)
-        [seg] = pacs.series_by_modality("SEG")
-        assert pacs.get(f"/studies/{seg['ParentStudy']}")["MainDicomTags"]["StudyInstanceUID"] == study.study_uid
+        segs = pacs.series_by_modality("SEG")
+        assert len(segs) == (2 if via == "cli" else 1)  # re-processed: the new version beside the old
+        for seg in segs:
+            assert pacs.get(f"/studies/{seg['ParentStudy']}")["MainDicomTags"]["StudyInstanceUID"] == study.study_uid
 
 
 def test_fetch_of_an_unknown_accession_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
