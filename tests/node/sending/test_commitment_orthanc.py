@@ -26,7 +26,7 @@ from segnode.storage.index import CommitmentState, DeliveryState, Index, Instanc
 from segnode.storage.spool import Spool
 
 from tests.paths import DATA
-from tests.peers import DCMTK_ENV, OrthancPeer, orthanc, stop_process, wait_until
+from tests.peers import DCMTK_ENV, OrthancPeer, free_port, orthanc, stop_process, wait_until
 
 pytestmark = pytest.mark.peer
 OBJECTS = sorted((DATA / "thorax_cta").glob("CT000[1-3].dcm"))
@@ -199,3 +199,28 @@ def test_a_report_that_cannot_reach_the_node_times_out_and_the_commitment_is_ask
             scp.stop()
     assert [x.state for x in index.commitments(job_id)] == [CommitmentState.EXPIRED, CommitmentState.COMMITTED]
     assert index.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_segnode_serve_counts_a_job_done_only_once_orthanc_commits_its_objects(tmp_path: Path) -> None:
+    """The whole node: a routed series' SEG to Orthanc with ``commit: true``; the job API and metrics show it."""
+    from tests.node.test_outputs_e2e import config as e2e_config
+    from tests.node.test_outputs_e2e import wait_job
+    from tests.peers import node, store_statuses, storescu
+
+    node_port = free_port()
+    with orthanc(tmp_path / "orthanc", node_port=node_port) as pacs:
+        rule = {"profile": "lungs", "backend": "hu_based", "destinations": ["pacs"], "outputs": ["seg"]}
+        cfg = e2e_config(tmp_path, rule, [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                           "port": pacs.dicom_port, "commit": True}], port=node_port)
+        with node(cfg) as running:
+            sent = storescu(running.port, [DATA / "thorax_cta"])
+            assert store_statuses(sent.stdout + sent.stderr) == ["Success"] * 164
+            index = Index(running.state_dir / "index.sqlite")
+            job = wait_job(index, {JobState.DONE, JobState.DEAD_LETTER, JobState.FAILED})
+            assert job.state is JobState.DONE, job.reason
+            [commitment] = index.commitments(job.job_id)
+            assert commitment.state is CommitmentState.COMMITTED
+            assert all(o.committed_at is not None for o in index.delivery_objects(job.job_id))
+            api = running.cli("jobs", "show", str(job.job_id))
+            assert api.returncode == 0, api.stderr
