@@ -49,6 +49,14 @@ before the index row is written), and :func:`segnode.storage.recovery.reindex_sp
 re-creates the missing rows at start-up.  Job and delivery changes lost that
 way are redone (SEG UIDs are deterministic, so a resend is idempotent).
 
+Size: every query the node runs on a tick or a request is answered through an
+index (tests/storage/test_index_scale.py checks the plans), so its cost follows
+what it returns, not the size of a year's index (bench/index_scale.py; figures
+in docs/reliability.md).  Housekeeping deletes the history (events, deliveries,
+delivered objects) of jobs finished longer ago than
+``housekeeping.history_retention_s`` (:meth:`Index.prune_history`), keeping
+the jobs, series and instances rows, and runs ``PRAGMA optimize``.
+
 A job is created (``received``) by the first instance of a series; a new
 instance arriving after the job left ``received`` opens a new job.  On
 restart :meth:`Index.recover` returns ``segmenting`` jobs to ``complete``;
@@ -61,7 +69,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -103,6 +111,9 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at          REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE INDEX IF NOT EXISTS series_unpurged ON series(series_uid) WHERE purged_at IS NULL;
+CREATE INDEX IF NOT EXISTS studies_last ON studies(last_received_at);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id            INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid        TEXT NOT NULL REFERENCES series(series_uid),
@@ -129,6 +140,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, updated_at);
 CREATE TABLE IF NOT EXISTS job_events (
     event_id  INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id    INTEGER NOT NULL REFERENCES jobs(job_id),
@@ -147,6 +160,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     delivered_at     REAL,
     PRIMARY KEY (job_id, destination)
 );
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state);
 CREATE TABLE IF NOT EXISTS delivery_objects (
     job_id            INTEGER NOT NULL REFERENCES jobs(job_id),
     destination       TEXT NOT NULL,
@@ -412,8 +426,17 @@ class Index:
         return row is not None
 
     def instance_uids(self) -> set[str]:
-        """Every SOP Instance UID in the index (the start-up spool check compares against it)."""
+        """Every SOP Instance UID in the index."""
         return {r[0] for r in self._db().execute("SELECT sop_uid FROM instances")}
+
+    def known_instances(self, sop_uids: Iterable[str]) -> set[str]:
+        """Those of ``sop_uids`` the index has (the start-up spool check: its cost follows the spool's size)."""
+        uids, known = list(sop_uids), set()
+        for start in range(0, len(uids), _CHUNK):
+            chunk = uids[start:start + _CHUNK]
+            known.update(r[0] for r in self._db().execute(
+                f"SELECT sop_uid FROM instances WHERE sop_uid IN ({','.join('?' * len(chunk))})", chunk))
+        return known
 
     def touch_duplicate(self, series_uid: str) -> None:
         """Count a duplicate for ``series_uid`` (it also restarts the quiet period)."""
@@ -505,15 +528,14 @@ class Index:
         """``received`` jobs whose series (or study) had no new instance for ``quiet_s``."""
         cutoff = self.clock() - quiet_s
         table, key = ("studies", "study_uid") if by_study else ("series", "series_uid")
+        # by study: quiet only if every one of its series is (a duplicate restarts only its series' quiet period)
+        every_series = (" AND NOT EXISTS (SELECT 1 FROM series s WHERE s.study_uid = jobs.study_uid "
+                        "AND s.last_received_at > ?)") if by_study else ""
         rows = self._db().execute(
             f"SELECT jobs.* FROM jobs JOIN {table} ON {table}.{key} = jobs.{key} "
-            f"WHERE jobs.state = ? AND {table}.last_received_at <= ? ORDER BY jobs.job_id",
-            (JobState.RECEIVED.value, cutoff),
+            f"WHERE jobs.state = ? AND {table}.last_received_at <= ?{every_series} ORDER BY jobs.job_id",
+            (JobState.RECEIVED.value, cutoff, *((cutoff,) if by_study else ())),
         ).fetchall()
-        if by_study:  # a study is quiet only if every one of its series is
-            quiet_series = {r["series_uid"] for r in self._db().execute(
-                "SELECT series_uid FROM series WHERE last_received_at <= ?", (cutoff,))}
-            rows = [r for r in rows if r["series_uid"] in quiet_series]
         return [Job.from_row(r) for r in rows]
 
     def mark_complete(self, job_id: int, *, rule: str, profile: str, backend: str | None,
@@ -846,10 +868,9 @@ class Index:
 
     def purgeable_series(self, done_before: float) -> list[SeriesInfo]:
         """Series not yet purged whose latest job is ``done`` since before ``done_before``."""
-        rows = self._db().execute(
-            "SELECT s.* FROM series s JOIN jobs j ON j.job_id = "
-            "(SELECT MAX(job_id) FROM jobs WHERE series_uid = s.series_uid) "
-            "WHERE s.purged_at IS NULL AND j.state = ? AND j.updated_at <= ?",
+        rows = self._db().execute(  # driven by the few series not yet purged (series_unpurged), never by jobs
+            "SELECT s.* FROM series s WHERE s.purged_at IS NULL AND (SELECT state = ? AND updated_at <= ? "
+            "FROM jobs WHERE series_uid = s.series_uid ORDER BY job_id DESC LIMIT 1)",
             (JobState.DONE.value, done_before),
         ).fetchall()
         return [SeriesInfo(**dict(r)) for r in rows]
@@ -857,6 +878,57 @@ class Index:
     def mark_purged(self, series_uid: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE series SET purged_at = ? WHERE series_uid = ?", (self.clock(), series_uid))
+
+    # -- housekeeping of the index itself -----------------------------------------
+    def prune_history(self, before: float) -> int:
+        """Delete the history of jobs finished before ``before``; return how many jobs' history went.
+
+        A finished job (:data:`FINISHED`) whose last change is older than
+        ``before`` loses its ``job_events``, ``deliveries`` and
+        ``delivery_objects``; its ``jobs`` row stays (final state, reason, the
+        result's UIDs and outputs: what supersession and the API need), and so
+        do studies, series and instances.  Jobs waiting for an operator
+        (failed, dead-lettered, held) keep everything.  Deleted in transactions
+        of :data:`_CHUNK` jobs, so writers wait for one chunk at most.  Only
+        jobs finished since the previous prune are looked at (the ``meta`` row
+        ``history_pruned_before``).
+        """
+        row = self._db().execute("SELECT value FROM meta WHERE key = 'history_pruned_before'").fetchone()
+        since = float(row[0]) if row else 0.0
+        if before <= since:
+            return 0
+        states = [s.value for s in FINISHED]
+        ids = [r[0] for r in self._db().execute(
+            f"SELECT job_id FROM jobs WHERE state IN ({','.join('?' * len(states))}) "
+            "AND updated_at >= ? AND updated_at < ?", (*states, since, before))]
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            with self._tx() as db:
+                for table in ("job_events", "delivery_objects", "deliveries"):
+                    db.execute(f"DELETE FROM {table} WHERE job_id IN ({marks})", chunk)
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('history_pruned_before', ?)", (repr(before),))
+        return len(ids)
+
+    def optimize(self) -> None:
+        """``PRAGMA optimize`` (bounded by ``analysis_limit``): keeps the planner's statistics current.
+
+        Run after each housekeeping pass.  The node never runs ``VACUUM`` itself
+        (it rewrites the whole file under an exclusive lock); pages freed by
+        retention are reused (docs/reliability.md, "Index at a year's size").
+        """
+        db = self._db()
+        db.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+        db.execute("PRAGMA optimize")
+
+
+#: job states whose history retention deletes (:meth:`Index.prune_history`): nothing will happen to them
+FINISHED = (JobState.DONE, JobState.REJECTED, JobState.SUPERSEDED, JobState.SKIPPED, JobState.NOT_ROUTED)
+#: rows per ``IN (...)`` list and jobs per retention transaction
+_CHUNK = 500
+#: rows ``PRAGMA optimize`` samples per index
+ANALYSIS_LIMIT = 1000
 
 
 class _Increment:

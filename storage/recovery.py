@@ -40,9 +40,10 @@ UNKNOWN_HOST = "unknown"
 
 def reindex_spool(spool: Spool, index: Index, *, called_ae: str) -> int:
     """Index every spooled file that has no row; return how many were added."""
-    known = index.instance_uids()
+    files = list(spool.instances())
+    known = index.known_instances(sop for _, _, sop, _ in files)  # the spool's files only, not a year's index
     added = 0
-    for study, series, sop, path in spool.instances():
+    for study, series, sop, path in files:
         if sop in known:
             continue
         try:
