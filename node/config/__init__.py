@@ -25,7 +25,7 @@ from pydantic import (
 from segnode.errors import ConfigError
 from segnode.node.config.dicomweb import BrokerConfig, DicomWebConfig, StowTarget
 from segnode.node.config.http import AuditConfig, HttpConfig
-from segnode.node.config.sources import SourceConfig
+from segnode.node.config.sources import SourceConfig, unique_sources
 from segnode.node.config.viewer import ViewerConfig
 from segnode.output_kinds import REJECTION_NOTE, kinds_field
 from segnode.yamlconf import Frozen, load_model
@@ -195,7 +195,6 @@ class Worker(Frozen):
 class Housekeeping(Frozen):
     spool_retention_s: float = Field(24 * 3600.0, ge=0)  # after a job is done
     interval_s: float = Field(600.0, gt=0)
-    history_retention_s: float | None = Field(180 * 86400.0, gt=0)  # finished jobs' history; None: kept
 
 
 class NodeConfig(Frozen):
@@ -220,7 +219,7 @@ class NodeConfig(Frozen):
     broker: BrokerConfig | None = None  # set: jobs go to remote workers (node/remote/jobs.py, docs/scaling.md)
     dataset_store: Path | None = None  # harvest target (storage/dataset.py); default <state_dir>/datasets
     deid_secret_file: Path | None = None  # HMAC secret for pseudonyms; must live outside the store
-    sources: tuple[SourceConfig, ...] = ()  # PACS to query and retrieve from (node/sources/, docs/sources.md)
+    sources: Annotated[tuple[SourceConfig, ...], AfterValidator(unique_sources)] = ()  # PACS to query and retrieve from (docs/sources.md)
     viewer: ViewerConfig = ViewerConfig()  # the OHIF Viewer served under /viewer/ (node/ops/viewer.py)
 
     @field_validator("storage_classes")
@@ -303,6 +302,7 @@ def _resolve_paths(config: NodeConfig, base: Path) -> NodeConfig:
     update["destinations"] = tuple(d if d.dicomweb is None else d.model_copy(update={"dicomweb": d.dicomweb.model_copy(
         update={k: fix(getattr(d.dicomweb, k)) for k in ("password_file", "token_file", "ca_bundle")})})
         for d in config.destinations)
+    update["sources"] = tuple(s.with_paths(fix) for s in config.sources)
     if config.tls is not None:
         update["tls"] = config.tls.model_copy(update={
             "cert": fix(config.tls.cert), "key": fix(config.tls.key), "client_ca": fix(config.tls.client_ca)})

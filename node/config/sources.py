@@ -9,6 +9,7 @@ or a DICOMweb service (QIDO-RS, WADO-RS).  Secrets live in files named here
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -72,3 +73,19 @@ class SourceConfig(Frozen):
         if self.kind is SourceKind.DICOMWEB and (self.url is None or any(v is not None for v in dimse)):
             raise ValueError(f"source {self.name}: kind dicomweb needs url (and no ae_title/host/port)")
         return self
+
+    def with_paths(self, fix: Callable[[Path | None], Path | None]) -> SourceConfig:
+        """This source with its files (``token_file``, ``ca_bundle``, TLS) passed through ``fix``."""
+        update: dict[str, object] = {"token_file": fix(self.token_file), "ca_bundle": fix(self.ca_bundle)}
+        if self.tls is not None:
+            update["tls"] = self.tls.model_copy(update={k: fix(getattr(self.tls, k)) for k in ("ca", "cert", "key")})
+        return self.model_copy(update=update)
+
+
+def unique_sources(sources: tuple[SourceConfig, ...]) -> tuple[SourceConfig, ...]:
+    """``sources`` if their names are unique, else a ``ValueError`` naming the repeated ones."""
+    names = [s.name for s in sources]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"source names must be unique: {', '.join(dupes)}")
+    return sources
