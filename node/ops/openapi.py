@@ -175,6 +175,11 @@ PATHS: dict[str, dict[str, Any]] = {
         requestBody={"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}})},
     "/api/v1/datasets": {"get": _op("Datasets of the dataset store: cases, label status, versions", {
         "200": _json({"type": "object"})})},
+    "/api/v1/fetch": {"post": _op("Retrieve a study from a configured source (PACS) and segment it (docs/sources.md)", {
+        "200": _json({"type": "object"}), "400": _error("A bad body"),
+        "404": _error("Unknown source or rule, or no study matches"),
+        "502": _error("The source failed or refused (the report says which series)")},
+        requestBody={"required": True, "content": {"application/json": {"schema": {"type": "object"}}}})},
     "/viewer/": {"get": _op("The OHIF Viewer (HTML; docs/review.md, The viewer)", {
         "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
         "503": {"description": "the viewer is not installed (make viewer)"}})},
