@@ -387,3 +387,12 @@ def test_a_client_that_resets_mid_request_leaves_no_traceback(node: Node, findin
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
     _served(node)
     assert findings.tracebacks == []
+
+
+def test_an_ops_body_shorter_than_its_content_length_is_a_400(node: Node, findings: Findings) -> None:
+    """The ops server handed a truncated body to the handler (a rules file cut short could validate)."""
+    rules = b"rules:\n  - name: x\n"
+    data = _exchange(node.ops_port, f"POST /api/v1/routes/validate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     f"{node.ops_token}\r\nContent-Length: {len(rules) + 100}\r\n\r\n".encode() + rules)
+    assert data.startswith(b"HTTP/1.1 400 ") and b"ended before its Content-Length" in data, data[:300]
+    assert findings.tracebacks == []
