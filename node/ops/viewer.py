@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 MOUNT = "/viewer"
 DICOMWEB = "/dicomweb"
+MAX_ANSWER_BYTES = 512 * 1024 * 1024  # one /dicomweb answer of the ops server (a viewer asks for frames, not studies)
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,254}")
 _TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".html": "text/html; charset=utf-8", ".json": "application/json",
@@ -196,6 +197,10 @@ def dicomweb_handler(reader: DicomWebReader) -> Callable[[OpsRequest], Response]
 
     def handle(req: OpsRequest) -> Response:
         answer = reader.get(req.path[len(DICOMWEB):], req.query, accept=req.header("accept"), base=DICOMWEB)
+        if answer.length > MAX_ANSWER_BYTES:  # the ops server sends a body whole, from memory
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"the answer would be {answer.length} bytes, over the "
+                            f"{MAX_ANSWER_BYTES} the ops server sends: retrieve its series or instances, or use "
+                            "the DICOMweb listener (dicomweb.enabled)")
         return OpsResponse(answer.status, answer.body(), answer.content_type, list(answer.headers.items()))
 
     return handle

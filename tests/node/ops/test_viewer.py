@@ -16,6 +16,7 @@ import io
 import json
 import subprocess
 import time
+from http import HTTPStatus
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,7 +32,16 @@ from segnode.node.config.viewer import DEFAULT_DIST, ViewerConfig
 from segnode.node.http_in.base import HttpError
 from segnode.node.ops.accounts import AccountStore
 from segnode.node.ops.roles import Role
-from segnode.node.ops.viewer import Viewer, app_config, csp, rewrite, viewer_url
+from segnode.node.http_in.wado import WebAnswer
+from segnode.node.ops.viewer import (
+    MAX_ANSWER_BYTES,
+    Viewer,
+    app_config,
+    csp,
+    dicomweb_handler,
+    rewrite,
+    viewer_url,
+)
 from segnode.storage.index import Index, JobState
 
 from tests.node.ops.test_status_page import chromium
@@ -131,6 +141,18 @@ def test_csp_hashes_the_inline_scripts_and_forbids_framing(fake_dist: Path) -> N
     assert "frame-ancestors 'none'" in policy and "'unsafe-inline'" not in policy.split("style-src")[0]
     assert policy.count("'sha256-") == 1 and "worker-src 'self' blob:" in policy
     assert "'wasm-unsafe-eval'" in policy
+
+
+def test_ops_dicomweb_refuses_an_answer_too_large_to_send_whole() -> None:
+    class Huge:
+        def get(self, path: str, query: object, *, accept: str | None, base: str) -> WebAnswer:
+            return WebAnswer(HTTPStatus.OK, "multipart/related", iter(()), MAX_ANSWER_BYTES + 1)
+
+    handle = dicomweb_handler(Huge())  # type: ignore[arg-type]
+    req = SimpleNamespace(path="/dicomweb/studies/1.2.3", query={}, header=lambda name: None)
+    with pytest.raises(HttpError) as refused:
+        handle(req)  # type: ignore[arg-type]
+    assert refused.value.status == 400 and "DICOMweb listener" in refused.value.message
 
 
 def test_viewer_url_opens_the_study_with_the_seg() -> None:
