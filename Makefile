@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 APT_PACKAGES = dcmtk dicom3tools orthanc orthanc-dicomweb rabbitmq-server chromium nodejs npm plastimatch
 
-.PHONY: run test install install-test peers bench wheel clean viewer
+.PHONY: run test install install-test peers bench soak wheel clean viewer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ wheel: $(BIN)/python
 
 bench: install
 	$(BIN)/python bench/bench_run.py
+
+# soak and chaos run (docs/reliability.md): MINUTES of mixed traffic with every fault, then the books balanced
+MINUTES ?= 20
+soak: install
+	$(BIN)/python bench/soak.py --minutes $(MINUTES) --out out/soak
 
 clean:
 	rm -rf $(VENV) out build dist *.egg-info
