@@ -1,10 +1,10 @@
-"""Benchmark the deep-learning backends on a 512×512×300 CT: load time, time per study
-(cold and warm), peak memory.
+"""Benchmark the deep-learning backends on a 512×512×300 CT against the models' own tools, paired.
 
 Usage::
 
-    .venv/bin/python bench/bench_backends.py [--device cpu|cuda|auto] [--backends totalsegmentator,nnunet,monai]
-                                             [--slices 300] [--size 512] [--warm 1] [--work bench/out/backends]
+    .venv/bin/python bench/bench_backends.py [--device cpu|cuda|auto] [--pairs totalsegmentator,nnunet,monai]
+                                             [--engines auto] [--slices 300] [--size 512] [--warm 2]
+                                             [--work bench/out/backends]
 
 Models are networks of real size with random weights (the compute does not depend on the
 weights), imported with segnode's own importer into a weights folder under ``--work``:
@@ -16,12 +16,21 @@ weights), imported with segnode's own importer into a weights folder under ``--w
 * ``monai``: a bundle like MONAI's spleen model (UNet 16–256, residual units, roi 96³,
   1.5 mm), 6 outputs.
 
-Each backend runs in a fresh process (as a job does in the node): import, then a
-:class:`segnode.models.cache.ModelCache` ``get`` (cold: verify every weights file, build, load),
-one segmentation, then a second ``get`` (warm: a hit) and ``--warm`` more segmentations.
-Peak memory is the child's maximum resident set (and of its own helper processes, e.g.
-TotalSegmentator's spawned pre-processing and export workers), and on CUDA the peak
-allocated by torch.  Figures are printed as a table and written to ``WORK/results.json``.
+Each pair runs in a fresh process (as a job does in the node) and holds its rows loaded side by
+side; the warm studies then alternate between the rows (A B A B ...), so that a machine shared
+with other work slows every row alike:
+
+* ``totalsegmentator``: TotalSegmentator's own Python API (``totalsegmentator()``, fast) against
+  segnode's backend with each ``--engines`` engine (in process, ``models/ts_inprocess.py``);
+* ``nnunet``: nnU-Net's own predictor as its CLI uses it (``predict_from_files`` on a NIfTI file
+  written by SimpleITK, its worker processes) against segnode's backend per engine;
+* ``monai``: segnode's backend per engine (fp32 first: the reference).
+
+Per row: load (cold ``ModelCache.get``: verify + build), first study, best warm study, the peak
+memory during its studies (PSS of the process and its helper processes, sampled from /proc; it
+includes the other rows' loaded models),
+and parity with the pair's reference row: the smallest Dice over the labels and the fraction of
+voxels with the same label.  Figures are printed as a table and written to ``WORK/results_<device>.json``.
 """
 
 from __future__ import annotations
@@ -29,11 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,6 +53,8 @@ sys.path.insert(0, str(ROOT))
 TS_FOLDER = "Dataset297_TotalSegmentator_total_3mm_1559subj"
 TS_RUN = "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"
 ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5}
+#: the profile's tissues' model labels, in order (segment numbers 1..4)
+TISSUE_LABELS = (5, 1, 2, 3)
 
 PROFILE = """\
 organ: benchabdomen
@@ -169,109 +183,242 @@ def prepare(work: Path, slices: int, size: int) -> None:
     (weights / ".complete").touch()
 
 
-# --------------------------------------------------------------------------- one backend (child)
+# --------------------------------------------------------------------------- memory sampling
 
 
-def _peak_mb() -> tuple[float, float]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    helpers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return own, helpers
+def _pss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
-def run_child(backend: str, work: Path, device: str, threads: int | None, warm: int, slices: int,
-              size: int) -> dict:
-    t0 = time.perf_counter()
-    import numpy as np
-    import torch
+def _tree_rss_mb(pid: int) -> float:
+    """Proportional set size (PSS: shared pages split between their users) of ``pid`` and its descendants."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(_pss_mb(p) for p in tree)
+
+
+class PeakSampler:
+    """Peak resident memory of this process tree while the ``with`` block runs."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+
+
+# --------------------------------------------------------------------------- rows (child)
+
+
+class Row:
+    """One way of segmenting the CT: a name and a function volume -> label array on its grid."""
+
+    def __init__(self, name: str, segment, load_s: float, note: str = "") -> None:
+        self.name, self.segment, self.load_s, self.note = name, segment, load_s, note
+        self.times: list[float] = []
+        self.peak_mb = 0.0
+        self.labels = None
+
+    def run(self, volume) -> None:
+        with PeakSampler() as sampler:
+            t0 = time.perf_counter()
+            labels = self.segment(volume)
+            self.times.append(time.perf_counter() - t0)
+        self.peak_mb = max(self.peak_mb, sampler.peak_mb)
+        if self.labels is None:
+            self.labels = labels
+
+
+def _segnode_row(backend: str, engine: str, profile, device: str, threads, work: Path, extra=None) -> Row:
     from segnode.models.base import RunSettings
     from segnode.models.cache import ModelCache
+
+    settings = RunSettings(device=device, threads=threads, weights_dir=work / "weights", engine=engine,
+                           extra=dict(extra or {}))
+    t0 = time.perf_counter()
+    model = ModelCache(max_models=1).get(backend, profile, settings)
+    load_s = time.perf_counter() - t0
+    used = getattr(model, "engine", None)
+    name = f"segnode {backend} {engine}" + (f" (ran {used.value})" if used is not None and used.value != engine else "")
+    return Row(name, lambda v: model.segment(v).array, load_s)
+
+
+def _nnunet_own_row(work: Path, device: str, threads) -> Row:
+    """nnU-Net's own predictor as ``nnUNetv2_predict`` runs it: files in, files out, worker processes."""
+    import SimpleITK as sitk
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from segnode.models.weights import find_model, weights_root
+    from segnode.profiles.schema import Backend
+
+    record = find_model(weights_root(work / "weights"), Backend.NNUNET, "bench_nnunet")
+    t0 = time.perf_counter()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(record.path), use_folds=(0,))
+    load_s = time.perf_counter() - t0
+    lut = np.zeros(256, dtype=np.uint8)
+    for value, label in enumerate(TISSUE_LABELS, start=1):
+        lut[label] = value
+
+    def segment(volume) -> np.ndarray:
+        with tempfile.TemporaryDirectory(prefix="nnunet-own-") as tmp:
+            image = sitk.GetImageFromArray(np.asarray(volume.hu))
+            image.SetSpacing(tuple(float(s) for s in volume.spacing))
+            Path(tmp, "in").mkdir()
+            sitk.WriteImage(image, f"{tmp}/in/case_0000.nii.gz")
+            predictor.predict_from_files(f"{tmp}/in", f"{tmp}/out", save_probabilities=False, overwrite=True,
+                                         num_processes_preprocessing=2, num_processes_segmentation_export=2)
+            out = sitk.GetArrayFromImage(sitk.ReadImage(f"{tmp}/out/case.nii.gz"))
+        return lut[out]
+
+    return Row("nnU-Net's own predictor (predict_from_files)", segment, load_s)
+
+
+def _ts_own_row(profile, device: str, threads, work: Path) -> Row:
+    from segnode.models.totalsegmentator import RUNNER_KEY
+
+    row = _segnode_row("totalsegmentator", "fp32", profile, device, threads, work, {RUNNER_KEY: "api"})
+    row.name = "TotalSegmentator's own API (fast)"
+    return row
+
+
+def parity(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """(smallest Dice over the labels present, fraction of voxels with the same label)."""
+    from segnode.models.parity import dice_per_label
+
+    dice = dice_per_label(reference, candidate)
+    return (min(dice.values()) if dice else 1.0), float(np.mean(reference == candidate))
+
+
+def run_pair(pair: str, work: Path, device: str, threads: int | None, warm: int, slices: int, size: int,
+             engines: list[str]) -> list[dict]:
+    import torch
     from segnode.models.volume import Volume
     from segnode.profiles import load_profile
 
-    import_s = time.perf_counter() - t0
     meta = json.loads((work / "ct.json").read_text())
     volume = Volume(hu=np.load(work / f"ct_{size}x{size}x{slices}.npy"), spacing=tuple(meta["spacing"]),
                     origin=tuple(meta["origin"]), direction=np.eye(3))
     profile = load_profile(work / "benchabdomen.yaml")
-    settings = RunSettings(device=device, threads=threads, weights_dir=work / "weights")
-    cache = ModelCache(max_models=1)
-    t0 = time.perf_counter()
-    model = cache.get(backend, profile, settings)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    labels = model.segment(volume)
-    cold_s = time.perf_counter() - t0
-    warm_get, warm_times = [], []
-    for _ in range(warm):
-        t0 = time.perf_counter()
-        again = cache.get(backend, profile, settings)
-        warm_get.append(time.perf_counter() - t0)
-        assert again is model
-        t0 = time.perf_counter()
-        again.segment(volume)
-        warm_times.append(time.perf_counter() - t0)
-    own, helpers = _peak_mb()
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {
-        "backend": backend, "device": getattr(model, "device", device), "model_version": model.model_version,
-        "import_s": round(import_s, 2), "load_s": round(load_s, 2), "first_study_s": round(cold_s, 2),
-        "warm_get_s": round(max(warm_get, default=0.0), 4),
-        "warm_study_s": round(min(warm_times), 2) if warm_times else None,
-        "cold_process_total_s": round(import_s + load_s + cold_s, 2),
-        "peak_rss_mb": round(own), "peak_helper_rss_mb": round(helpers),
-        "peak_gpu_mb": round(gpu) if gpu is not None else None,
-        "labelled_voxels": int((labels.array > 0).sum()), "threads": torch.get_num_threads(),
-    }
+    rows: list[Row] = []
+    if pair == "totalsegmentator":
+        rows.append(_ts_own_row(profile, device, threads, work))
+    elif pair == "nnunet":
+        rows.append(_nnunet_own_row(work, device, threads))
+    rows += [_segnode_row(pair, e, profile, device, threads, work) for e in engines]
+    for row in rows:  # first studies
+        row.run(volume)
+    for _ in range(warm):  # warm studies, alternating
+        for row in rows:
+            row.run(volume)
+    out = []
+    for row in rows:
+        dice, agreement = parity(rows[0].labels, row.labels)
+        out.append({
+            "pair": pair, "row": row.name, "device": device, "load_s": round(row.load_s, 2),
+            "first_study_s": round(row.times[0], 2),
+            "warm_study_s": round(min(row.times[1:]), 2) if len(row.times) > 1 else None,
+            "warm_runs": len(row.times) - 1, "peak_rss_mb": round(row.peak_mb),
+            "min_dice_vs_ref": round(dice, 6), "agreement_vs_ref": round(agreement, 6),
+            "reference": rows[0].name, "threads": torch.get_num_threads(),
+            "labelled_voxels": int((row.labels > 0).sum()),
+        })
+    return out
 
 
 # --------------------------------------------------------------------------- parent
 
 
+def _print_table(results: list[dict], args: argparse.Namespace) -> None:
+    print(f"\n{args.size}x{args.size}x{args.slices} CT, {os.cpu_count()} CPU cores, device {args.device}, "
+          f"warm studies alternate between the rows of a pair")
+    print(f"{'row':<52}{'load s':>8}{'1st s':>8}{'warm s':>8}{'x ref':>7}{'peak MB':>9}{'min Dice':>10}"
+          f"{'agree':>10}")
+    ref_time: dict[str, float] = {}
+    for r in results:
+        if "error" in r:
+            print(f"{r['pair']:<52}FAILED")
+            continue
+        ref_time.setdefault(r["pair"], r["warm_study_s"] or r["first_study_s"])
+        ratio = (r["warm_study_s"] or r["first_study_s"]) / ref_time[r["pair"]]
+        print(f"{r['row']:<52}{r['load_s']:>8}{r['first_study_s']:>8}{str(r['warm_study_s']):>8}{ratio:>7.2f}"
+              f"{r['peak_rss_mb']:>9}{r['min_dice_vs_ref']:>10}{r['agreement_vs_ref']:>10}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backends", default="totalsegmentator,nnunet,monai")
+    parser.add_argument("--pairs", default="totalsegmentator,nnunet,monai")
+    parser.add_argument("--engines", default="auto", help="segnode engines per pair (comma separated)")
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--warm", type=int, default=1, help="warm segmentations after the first")
+    parser.add_argument("--warm", type=int, default=2, help="warm rounds (each row once per round) after the first")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "backends")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    engines = args.engines.split(",")
     if args.child:
-        result = run_child(args.child, args.work, args.device, args.threads, args.warm, args.slices, args.size)
-        print("RESULT " + json.dumps(result), flush=True)
+        rows = run_pair(args.child, args.work, args.device, args.threads, args.warm, args.slices, args.size, engines)
+        print("RESULT " + json.dumps(rows), flush=True)
         return 0
 
     print(f"preparing {args.size}x{args.size}x{args.slices} CT and real-size random-weight models in {args.work}",
           flush=True)
     prepare(args.work, args.slices, args.size)
-    results = []
-    for backend in args.backends.split(","):
-        print(f"running {backend} on {args.device} ...", flush=True)
-        cmd = [sys.executable, __file__, "--child", backend, "--device", args.device, "--work", str(args.work),
-               "--warm", str(args.warm), "--slices", str(args.slices), "--size", str(args.size)]
+    results: list[dict] = []
+    for pair in args.pairs.split(","):
+        print(f"running {pair} on {args.device} ...", flush=True)
+        cmd = [sys.executable, __file__, "--child", pair, "--device", args.device, "--work", str(args.work),
+               "--warm", str(args.warm), "--slices", str(args.slices), "--size", str(args.size),
+               "--engines", args.engines]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            print(f"  {backend} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-            results.append({"backend": backend, "error": proc.stderr[-500:]})
+            print(f"  {pair} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            results.append({"pair": pair, "error": proc.stderr[-500:]})
             continue
-        results.append(json.loads(lines[-1][len("RESULT "):]))
-        print(f"  {results[-1]}", flush=True)
-
-    header = (f"{'backend':<17}{'device':<8}{'import s':>9}{'load s':>8}{'1st study s':>12}{'warm get s':>11}"
-              f"{'warm study s':>13}{'cold proc s':>12}{'peak RSS MB':>12}{'helpers MB':>11}{'GPU MB':>8}")
-    print(f"\n{args.size}x{args.size}x{args.slices} CT, {os.cpu_count()} CPU cores\n" + header)
-    for r in results:
-        if "error" in r:
-            print(f"{r['backend']:<17}FAILED")
-            continue
-        print(f"{r['backend']:<17}{r['device']:<8}{r['import_s']:>9}{r['load_s']:>8}{r['first_study_s']:>12}"
-              f"{r['warm_get_s']:>11}{str(r['warm_study_s']):>13}{r['cold_process_total_s']:>12}"
-              f"{r['peak_rss_mb']:>12}{r['peak_helper_rss_mb']:>11}{str(r['peak_gpu_mb']):>8}")
+        for row in json.loads(lines[-1][len("RESULT "):]):
+            results.append(row)
+            print(f"  {row}", flush=True)
+    _print_table(results, args)
     (args.work / f"results_{args.device}.json").write_text(json.dumps(results, indent=2))
     return 0 if all("error" not in r for r in results) else 1
 

@@ -141,10 +141,13 @@ def tiny_checks(engine: Engine, device: str, tiny_dir: Path, work: Path,
     record_result(root, GateResult(engine, kind, _torch_version(), (Check("sandbox: admitted for the gate", 1, 1),)))
     volumes: list[Volume] = [synthetic_case(seed)[0] for seed in GATE_SEEDS]
     checks = []
+    from segnode.models.totalsegmentator import RUNNER_KEY
+
     for backend in backends:
         profile = _profile(work, backend)
         load = loader(backend)
-        reference = load(profile, RunSettings(device=device, weights_dir=root, engine=Engine.FP32.value))
+        extra = {RUNNER_KEY: "api"} if backend is Backend.TOTALSEGMENTATOR else {}
+        reference = load(profile, RunSettings(device=device, weights_dir=root, engine=Engine.FP32.value, extra=extra))
         candidate = load(profile, RunSettings(device=device, weights_dir=root, engine=engine.value))
         pairs = [(reference.segment(v).array, candidate.segment(v).array) for v in volumes]
         checks.append(labels_check(f"{backend.value} tiny model: min Dice per label vs fp32", pairs))
