@@ -431,7 +431,7 @@ class Index:
 
     def known_instances(self, sop_uids: Iterable[str]) -> set[str]:
         """Those of ``sop_uids`` the index has (the start-up spool check: its cost follows the spool's size)."""
-        uids, known = list(sop_uids), set()
+        uids, known = list(sop_uids), set[str]()
         for start in range(0, len(uids), _CHUNK):
             chunk = uids[start:start + _CHUNK]
             known.update(r[0] for r in self._db().execute(
