@@ -38,6 +38,7 @@ class SeriesOutcome:
     result: RetrieveResult | None = None
     error: str | None = None
     pinned: int | None = None  # the job completed on a forced route (--route/--profile)
+    note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,7 +63,7 @@ class FetchReport:
                             "method": s.result.method if s.result else None,
                             "completed": s.result.completed if s.result else 0,
                             "refused": s.result.refused if s.result else 0, "error": s.error,
-                            "pinned_job": s.pinned}
+                            "pinned_job": s.pinned, "note": s.note}
                            for s in self.series]}
 
     def lines(self) -> list[str]:
@@ -71,6 +72,7 @@ class FetchReport:
             counts = f"{s.result.completed} instance(s)" if s.result is not None else ""
             refused = f", {s.result.refused} not asked for refused" if s.result and s.result.refused else ""
             pinned = f"; job {s.pinned} routed as asked" if s.pinned is not None else ""
+            pinned += f"; {s.note}" if s.note else ""
             out.append(f"  series {s.series_uid} ({s.modality or '?'}): "
                        + (f"retrieved, {counts}{refused}{pinned}" if s.ok else f"FAILED: {s.error}"))
         return out
@@ -105,6 +107,7 @@ class Fetcher:
         """One series: retrieved and logged; on failure its waiting job settled."""
         result: RetrieveResult | None = None
         error: str | None = None
+        held = self.index.series(series.series_uid) is not None
         try:
             result = self.source.retrieve_series(series.study_uid, series.series_uid)
         except SourceError as exc:
@@ -122,7 +125,13 @@ class Fetcher:
         if error is None and self.pin is not None:
             pinned = apply_pin(self.index, series.series_uid, self.pin,
                                note=f"forced by a fetch from {self.source.name} by {self.by}")
-        return SeriesOutcome(series.study_uid, series.series_uid, series.modality, result, error, pinned)
+        note = None
+        if error is None and held and pinned is None and not self._waiting(series.series_uid):
+            note = "already held by the node: nothing new to route (segnode reprocess runs it again)"
+        return SeriesOutcome(series.study_uid, series.series_uid, series.modality, result, error, pinned, note)
+
+    def _waiting(self, series_uid: str) -> bool:
+        return any(j.series_uid == series_uid for j in self.index.jobs(JobState.RECEIVED, limit=100000))
 
     def settle(self, series_uid: str, error: str) -> None:
         """The series' ``received`` job (a partial series) → ``not_routed``, with why."""

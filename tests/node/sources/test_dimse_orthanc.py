@@ -7,6 +7,7 @@ ACC-1..ACC-3) and knowing the AE title SEGNODE at a port kept for the node.
 from __future__ import annotations
 
 import re
+from datetime import date, timedelta
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 from segnode.node.config import NodeConfig
 from segnode.node.config.sources import SourceConfig
 from segnode.node.sources.dimse import DimseSource
-from segnode.node.sources.source import NoMatchError, SourceError, StudyQuery
+from segnode.node.sources.fetch import Fetcher
+from segnode.node.sources.record import RetrievalLog
+from segnode.node.sources.source import NoMatchError, SeriesMatch, SourceError, StudyQuery
 from segnode.storage.index import JobState
 
 from tests.node.sources.helpers import Study, store_path, upload, write_study
@@ -65,6 +68,18 @@ def test_find_by_accession_answers_what_findscu_gets(pacs: OrthancPeer, studies:
     assert match.study_uid == studies[1].study_uid
     assert match.accession == "ACC-2"
     assert findscu_studies(pacs, AccessionNumber="ACC-2") == [match.study_uid]
+
+
+def test_since_bounds_the_study_date(pacs: OrthancPeer, studies: list[Study]) -> None:
+    """The phantoms are dated today: from today on they match, from tomorrow on none does."""
+    today = date.today()
+    source = DimseSource(settings(pacs), node_ae="SEGNODE")
+    assert len(source.find_studies(StudyQuery(patient_id="SRC-PAT-1", since=today))) == 3
+    with pytest.raises(NoMatchError):
+        source.find_studies(StudyQuery(patient_id="SRC-PAT-1", since=today + timedelta(days=1)))
+    with pytest.raises(NoMatchError):  # priors: before today
+        source.find_studies(StudyQuery(patient_id="SRC-PAT-1", before=today))
+    assert len(findscu_studies(pacs, PatientID="SRC-PAT-1", StudyDate=f"{today:%Y%m%d}-")) == 3
 
 
 def test_find_series_of_a_study(pacs: OrthancPeer, studies: list[Study]) -> None:
@@ -123,5 +138,11 @@ def test_c_get_stores_the_series_through_the_store_path(pacs: OrthancPeer, studi
         assert info.released_at is not None  # completion on evidence, as after a push
         [job] = index.jobs(JobState.RECEIVED)
         assert job.series_uid == study.series_uid
+        # fetched again once the node has judged it: duplicates kept, no new job, the report says so
+        assert index.transition(job.job_id, JobState.SKIPPED, "judged")
+        fetcher = Fetcher(source, method="get", log=RetrievalLog(tmp_path / "log.sqlite"), index=index, by="t")
+        again = fetcher.retrieve(SeriesMatch(study.study_uid, study.series_uid, "CT"))
+        assert again.ok and (again.note or "").startswith("already held by the node: nothing new to route")
+        assert [j.job_id for j in index.jobs()] == [job.job_id]
     finally:
         index.close()
