@@ -47,11 +47,10 @@ class StudyQuery:
 
     def describe(self) -> str:
         """For messages and logs: never the patient ID itself."""
-        if self.accession:
-            return f"accession {self.accession}"
-        if self.study_uid:
-            return f"study {self.study_uid}"
-        return "the patient's studies"
+        what = (f"accession {self.accession}" if self.accession else f"study {self.study_uid}" if self.study_uid
+                else "the patient ID given")
+        dates = (f" from {self.since}" if self.since else "") + (f" before {self.before}" if self.before else "")
+        return what + (f" ({self.modality})" if self.modality else "") + dates
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,9 @@ def test_an_unknown_source_names_the_known_ones(tmp_path: Path, capsys: pytest.C
 def test_a_query_needs_something_to_look_for() -> None:
     with pytest.raises(InputError, match="needs an accession number, a study UID or a patient ID"):
         StudyQuery()
-    assert StudyQuery(patient_id="SECRET-ID").describe() == "the patient's studies"  # never the ID itself
+    assert StudyQuery(patient_id="SECRET-ID").describe() == "the patient ID given"  # never the ID itself
+    assert StudyQuery(patient_id="SECRET-ID", modality="CT", since=date(2026, 1, 2)).describe() == (
+        "the patient ID given (CT) from 2026-01-02")
 
 
 def test_forced_routes(tmp_path: Path) -> None:
