@@ -161,7 +161,7 @@ def tiny_checks(engine: Engine, device: str, tiny_dir: Path, work: Path,
 def real_size_network(outputs: int = 118, seed: int = 0) -> object:
     """nnU-Net's default 3d_fullres network of TotalSegmentator's size, seeded random weights."""
     import torch
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet  # type: ignore[import-untyped]
 
     torch.manual_seed(seed)
     return PlainConvUNet(1, 6, [32, 64, 128, 256, 320, 320], torch.nn.Conv3d, 3, [1, 2, 2, 2, 2, 2], 2, outputs,
