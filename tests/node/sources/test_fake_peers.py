@@ -7,6 +7,7 @@ series nobody asked for.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from segnode.storage.index import JobState
 
 from tests.node.sources.helpers import Study, store_path, write_study
 from tests.peers import free_port
+from tests.tls_pki import make_pki
 
 
 @dataclass
@@ -166,3 +168,24 @@ def test_a_get_refuses_an_instance_of_a_series_not_asked_for(fake_pacs: tuple[in
         assert info is not None and info.instance_count == 3
     finally:
         index.close()
+
+
+def test_a_tls_source_is_queried_over_tls_with_our_certificate(tmp_path: Path) -> None:
+    """``tls:`` as a destination's: the PACS's CA trusted, host name checked, our client certificate shown."""
+    pki = make_pki(tmp_path / "pki")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server.verify_mode = ssl.CERT_REQUIRED
+    server.load_cert_chain(str(pki.cert("server")), str(pki.key("server")))
+    script = Script(matches=2)
+    ae = AE(ae_title="FAKEPACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False, ssl_context=server,
+                          evt_handlers=[(evt.EVT_C_FIND, script.find)])
+    try:
+        tls = {"ca": str(pki.ca), "cert": str(pki.cert("client")), "key": str(pki.key("client"))}
+        assert len(source(port, tls=tls).find_studies(StudyQuery(patient_id="P"))) == 2
+        with pytest.raises(SourceError, match=r"source fake \(FAKEPACS@127.0.0.1:\d+\) could not be reached"):
+            source(port, tls={"ca": str(pki.ca)}).find_studies(StudyQuery(patient_id="P"))  # no client certificate
+    finally:
+        scp.shutdown()
