@@ -306,15 +306,17 @@ def measure(path: Path, work: Path, repeat: int, retention_days: float) -> list[
 
 
 def _measure_node(index: Index, path: Path, work: Path, repeat: int) -> list[Timing]:
-    config = NodeConfig(port=0, state_dir=work / "state", completion={"quiet_period_s": 3600})
+    # the last day's received series are all within the quiet period: a tick judges each and routes none
+    config = NodeConfig(port=0, state_dir=work / "state", completion={"quiet_period_s": 2 * DAY})
     spool = Spool(work / "spool")
     sweep = CompletionSweep(config, index, spool, RulesHolder(None), lambda _e: None, lambda d, _s, _p: d)
     study_cfg = config.model_copy(update={"completion": config.completion.model_copy(update={"group_by": "study"})})
     by_study = CompletionSweep(study_cfg, index, spool, RulesHolder(None), lambda _e: None, lambda d, _s, _p: d)
     job = index.jobs(state=JobState.DONE, limit=1)[0]
+    received = len(index.received_jobs())
     out = [timed(what, budget, run, repeat) for what, budget, run in (
-        ("sweep tick (group_by: series)", 100, sweep.sweep),
-        ("sweep tick (group_by: study)", 100, by_study.sweep),
+        (f"sweep tick (group_by: series; {received} received jobs)", 100, sweep.sweep),
+        (f"sweep tick (group_by: study; {received} received jobs)", 100, by_study.sweep),
         ("routing: a study's series and routed jobs", 20, lambda: (index.study_series(job.study_uid),
                                                                    index.routed_in_study(job.study_uid))),
         ("routing: a series' earlier results, instance paths", 20, lambda: (
@@ -326,7 +328,8 @@ def _measure_node(index: Index, path: Path, work: Path, repeat: int) -> list[Tim
     counter = iter(range(10**9))
     out.append(timed("ingest: 4 instances stored together (group commit)", 100,
                      lambda: _commit_four(commit, spool, counter), repeat))
-    out.append(timed("start-up spool check (spool of 4×repeat files)", 500,
+    spooled = sum(1 for _ in spool.instances())
+    out.append(timed(f"start-up spool check ({spooled} spooled files)", 500,
                      lambda: reindex_spool(spool, index, called_ae="SEGNODE"), repeat))
     return out
 
