@@ -18,8 +18,8 @@ from pathlib import Path
 from segnode.errors import InputError
 from segnode.node.config import NodeConfig, load_config
 from segnode.node.ingest.store import StoreHandler
-from segnode.node.sources.fetch import FetchReport, fetcher_for
-from segnode.node.sources.open import source_config
+from segnode.node.sources.fetch import NOT_FETCHED, FetchReport, fetcher_for
+from segnode.node.sources.open import open_source, source_config
 from segnode.node.sources.pin import Pin, pin_for
 from segnode.node.sources.source import SourceError, StudyQuery
 from segnode.storage.index import Index
@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     force.add_argument("--route", metavar="RULE", help="route the series by this rule's action, whatever it matches")
     force.add_argument("--profile", help="segment with this profile; the result is kept, sent nowhere")
     parser.add_argument("--by", help="who asks (recorded in the retrieval log; default cli:<login>)")
+    parser.add_argument("--list", action="store_true", help="only list the matching studies and series (no retrieve)")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +56,8 @@ def _day(text: str) -> date:
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     query = StudyQuery(accession=args.accession, study_uid=args.study, patient_id=args.patient, since=args.since)
+    if args.list:
+        return list_matches(config, args.source, query)
     pin = pin_for(config, route=args.route, profile=args.profile)
     report = fetch_with_config(config, args.source, query, by=args.by or f"cli:{getpass.getuser()}",
                                modality=args.modality, pin=pin)
@@ -63,6 +66,19 @@ def run(args: argparse.Namespace) -> int:
     if not report.series:
         raise InputError(f"source {args.source}: the matching studies have no image series to retrieve")
     return 0 if report.ok else SourceError.exit_code
+
+
+def list_matches(config: NodeConfig, name: str, query: StudyQuery) -> int:
+    """``--list``: the studies and their series as the source answers (UIDs, dates, counts; no patient ID)."""
+    source = open_source(config, name)
+    for study in source.find_studies(query):
+        print(f"study {study.study_uid} {study.study_date or '?'} accession {study.accession or '-'} "
+              f"{'/'.join(study.modalities) or '?'}")
+        for series in source.find_series(study.study_uid):
+            wanted = "" if series.modality not in NOT_FETCHED else " (not fetched)"
+            print(f"  series {series.series_uid} {series.modality or '?'} #{series.series_number or '?'} "
+                  f"{series.instance_count if series.instance_count is not None else '?'} instance(s){wanted}")
+    return 0
 
 
 def fetch_with_config(config: NodeConfig, name: str, query: StudyQuery, *, by: str,

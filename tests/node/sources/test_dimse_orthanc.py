@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+from segnode.node.cli.main import main
 from segnode.node.config import NodeConfig
 from segnode.node.config.sources import SourceConfig
 from segnode.node.sources.dimse import DimseSource
@@ -80,6 +82,18 @@ def test_since_bounds_the_study_date(pacs: OrthancPeer, studies: list[Study]) ->
     with pytest.raises(NoMatchError):  # priors: before today
         source.find_studies(StudyQuery(patient_id="SRC-PAT-1", before=today))
     assert len(findscu_studies(pacs, PatientID="SRC-PAT-1", StudyDate=f"{today:%Y%m%d}-")) == 3
+
+
+def test_fetch_list_shows_the_matches_without_retrieving(pacs: OrthancPeer, studies: list[Study], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "sources": [
+        {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.dicom_port}]}))
+    assert main(["fetch", "--config", str(config), "--from", "pacs", "--accession", "ACC-3", "--list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"study {studies[2].study_uid} ") and "accession ACC-3" in out[0]
+    assert out[1] == f"  series {studies[2].series_uid} CT #1 40 instance(s)"
+    assert not (tmp_path / "state" / "index.sqlite").exists()  # nothing retrieved, nothing opened
 
 
 def test_find_series_of_a_study(pacs: OrthancPeer, studies: list[Study]) -> None:
