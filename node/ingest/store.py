@@ -4,13 +4,14 @@ C-STORE (:mod:`segnode.node.dicom_in`) and STOW-RS (:mod:`segnode.node.http_in.s
 hand the dataset exactly as received to :meth:`StoreHandler.store`, which writes
 it as a Part 10 file without decoding and re-encoding it (preamble, file meta
 from the presentation context with the dataset's self-check, then the received
-dataset), through :meth:`segnode.storage.spool.Spool.place` (unnamed temporary
-file, atomic link) and :class:`segnode.storage.group_commit.GroupCommit` (data
-and directory syncs and the index row, shared with the instances that arrive
-at the same time: group commit), and only then answers Success (docs/node.md,
+dataset), through :class:`segnode.storage.group_commit.GroupCommit` (the spool's
+unnamed temporary file, atomic link, data and directory syncs, then the index
+row, in one transaction with the rows of the instances that arrive at the same
+time: group commit), and only then answers Success (docs/node.md,
 "Durability").  Only the five identifying attributes are read, by
-:mod:`segnode.node.ingest.header` (of a deflated dataset: by :mod:`segnode.node.ingest.inflate`, from a bounded inflated prefix,
-the rest inflated only to be counted against ``limits.max_instance_bytes``,
+:mod:`segnode.node.ingest.header` (of a deflated dataset: by
+:mod:`segnode.node.ingest.inflate`, from a bounded inflated prefix, the rest
+inflated only to be counted against ``limits.max_instance_bytes``,
 never held).  It never raises; it answers a named status of
 :class:`segnode.node.status.Status` (as a :class:`segnode.node.status.Refusal`,
 with the metric reason it is counted under):
