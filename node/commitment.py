@@ -13,7 +13,7 @@ commitment with no report by its deadline is asked again, both under the
 dispatch policy (:func:`segnode.node.dispatch.next_try_at`).
 
 A report is checked before it changes anything; what cannot be accepted is
-answered with a named N-EVENT-REPORT-RSP status (:class:`ReportStatus`,
+answered with a named N-EVENT-REPORT-RSP status (:class:`segnode.node.status.Status`,
 PS3.7 §10.1.1.1.8), never an exception.
 """
 
@@ -23,7 +23,6 @@ import logging
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from io import BytesIO
 
 from pydicom import Dataset
@@ -34,7 +33,7 @@ from segnode.errors import SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.dispatch import next_try_at
 from segnode.node.events import CommitmentSettled
-from segnode.node.status import Category
+from segnode.node.status import Category, Status
 from segnode.storage.index import Commitment, CommitmentState, Index
 from segnode.uids import is_valid_uid
 
@@ -53,21 +52,10 @@ TRANSFER_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 Reference = tuple[str, str]  # (SOP Class UID, SOP Instance UID)
 
 
-class ReportStatus(IntEnum):
-    """The N-EVENT-REPORT-RSP statuses the node answers (PS3.7 §10.1.1.1.8, Annex C)."""
-
-    SUCCESS = 0x0000
-    PROCESSING_FAILURE = 0x0110
-    NO_SUCH_SOP_INSTANCE = 0x0112
-    NO_SUCH_EVENT_TYPE = 0x0113
-    INVALID_ARGUMENT_VALUE = 0x0115
-    NO_SUCH_SOP_CLASS = 0x0118
-
-
 class ReportRefused(Exception):
     """A report that cannot be accepted: answered with ``status`` and the message as its Error Comment."""
 
-    def __init__(self, message: str, status: ReportStatus) -> None:
+    def __init__(self, message: str, status: Status) -> None:
         super().__init__(message)
         self.status = status
 
@@ -86,7 +74,7 @@ class CommitmentReport:
 class ReportAnswer:
     """What to answer a report with, and the event to emit when it changed a delivery."""
 
-    status: ReportStatus
+    status: Status
     comment: str | None = None
     event: CommitmentSettled | None = None
 
@@ -116,7 +104,7 @@ def decode_event_information(data: bytes, transfer_syntax: str) -> Dataset:
     """The Event Information dataset as received (implicit or explicit VR little endian)."""
     if transfer_syntax not in TRANSFER_SYNTAXES:
         raise ReportRefused(f"transfer syntax {transfer_syntax} not accepted for reports",
-                            ReportStatus.PROCESSING_FAILURE)
+                            Status.PROCESSING_FAILURE)
     try:
         ds = read_dataset(BytesIO(data), transfer_syntax == TRANSFER_SYNTAXES[0], True)
         ds.ensure_file_meta()  # nothing lazy is left: every element below is read here
@@ -125,28 +113,28 @@ def decode_event_information(data: bytes, transfer_syntax: str) -> Dataset:
     except (InvalidDicomError, ValueError, TypeError, KeyError, IndexError, EOFError, OverflowError, struct.error,
             NotImplementedError, UserWarning) as exc:  # what pydicom raises on broken bytes (an unknown VR: NIE);
         # UserWarning: its warnings, where a strict warnings filter makes them errors
-        raise ReportRefused(f"event information cannot be decoded: {exc}", ReportStatus.PROCESSING_FAILURE) from exc
+        raise ReportRefused(f"event information cannot be decoded: {exc}", Status.PROCESSING_FAILURE) from exc
     return ds
 
 
 def parse_report(sop_class: str, sop_instance: str, event_type: int | None, info: Dataset) -> CommitmentReport:
     """A report's parts, checked; :class:`ReportRefused` with the status to answer otherwise."""
     if sop_class != STORAGE_COMMITMENT:
-        raise ReportRefused(f"not the Storage Commitment SOP Class: {sop_class!r}", ReportStatus.NO_SUCH_SOP_CLASS)
+        raise ReportRefused(f"not the Storage Commitment SOP Class: {sop_class!r}", Status.NO_SUCH_SOP_CLASS)
     if sop_instance != STORAGE_COMMITMENT_INSTANCE:
         raise ReportRefused(f"not the Storage Commitment SOP Instance: {sop_instance!r}",
-                            ReportStatus.NO_SUCH_SOP_INSTANCE)
+                            Status.NO_SUCH_SOP_INSTANCE)
     if event_type not in (ALL_COMMITTED, SOME_FAILED):
-        raise ReportRefused(f"event type {event_type} is not 1 or 2", ReportStatus.NO_SUCH_EVENT_TYPE)
+        raise ReportRefused(f"event type {event_type} is not 1 or 2", Status.NO_SUCH_EVENT_TYPE)
     transaction = _text(info, "TransactionUID")
     if transaction is None or not is_valid_uid(transaction):
-        raise ReportRefused("no valid Transaction UID", ReportStatus.INVALID_ARGUMENT_VALUE)
+        raise ReportRefused("no valid Transaction UID", Status.INVALID_ARGUMENT_VALUE)
     committed = tuple(ref for ref, _ in _references(info, "ReferencedSOPSequence"))
     failed = _references(info, "FailedSOPSequence")
     if event_type == SOME_FAILED and not failed:
-        raise ReportRefused("event type 2 without a Failed SOP Sequence", ReportStatus.INVALID_ARGUMENT_VALUE)
+        raise ReportRefused("event type 2 without a Failed SOP Sequence", Status.INVALID_ARGUMENT_VALUE)
     if event_type == ALL_COMMITTED and failed:
-        raise ReportRefused("event type 1 with a Failed SOP Sequence", ReportStatus.INVALID_ARGUMENT_VALUE)
+        raise ReportRefused("event type 1 with a Failed SOP Sequence", Status.INVALID_ARGUMENT_VALUE)
     return CommitmentReport(transaction, event_type, committed, failed)
 
 
@@ -160,13 +148,13 @@ def _references(info: Dataset, keyword: str) -> tuple[tuple[Reference, int | Non
     if items is None:
         return ()
     if not isinstance(items, DicomSequence):
-        raise ReportRefused(f"{keyword} is not a sequence", ReportStatus.INVALID_ARGUMENT_VALUE)
+        raise ReportRefused(f"{keyword} is not a sequence", Status.INVALID_ARGUMENT_VALUE)
     out = []
     for item in items:
         sop_class, sop_instance = _text(item, "ReferencedSOPClassUID"), _text(item, "ReferencedSOPInstanceUID")
         if sop_class is None or sop_instance is None or not is_valid_uid(sop_instance):
             raise ReportRefused(f"an item of {keyword} lacks a valid SOP Class or Instance UID",
-                                ReportStatus.INVALID_ARGUMENT_VALUE)
+                                Status.INVALID_ARGUMENT_VALUE)
         reason = item.get("FailureReason")
         out.append(((sop_class, sop_instance), int(reason) if isinstance(reason, int) else None))
     return tuple(out)
@@ -192,9 +180,9 @@ class CommitmentBook:
         """An N-EVENT-REPORT-RQ as the receiver read it (``data``: its dataset, None if it had none), answered."""
         try:
             if context_class != STORAGE_COMMITMENT:
-                raise ReportRefused(f"N-EVENT-REPORT on a {context_class} context", ReportStatus.NO_SUCH_SOP_CLASS)
+                raise ReportRefused(f"N-EVENT-REPORT on a {context_class} context", Status.NO_SUCH_SOP_CLASS)
             if data is None:
-                raise ReportRefused("N-EVENT-REPORT without event information", ReportStatus.INVALID_ARGUMENT_VALUE)
+                raise ReportRefused("N-EVENT-REPORT without event information", Status.INVALID_ARGUMENT_VALUE)
             info = decode_event_information(data, transfer_syntax)
             return self.accept(parse_report(sop_class, sop_instance, event_type, info), calling_ae)
         except ReportRefused as exc:
@@ -202,18 +190,18 @@ class CommitmentBook:
             return ReportAnswer(exc.status, str(exc))
         except SegnodeError as exc:  # the index could not record it: the peer may report again
             logger.error("storage commitment report from %s not recorded: %s", calling_ae, exc)
-            return ReportAnswer(ReportStatus.PROCESSING_FAILURE, "report could not be recorded")
+            return ReportAnswer(Status.PROCESSING_FAILURE, "report could not be recorded")
 
     def accept(self, report: CommitmentReport, calling_ae: str | None = None) -> ReportAnswer:
         """Record ``report`` (from ``calling_ae``, checked against the transaction's destination when given)."""
         found = self.index.commitment(report.transaction_uid)
         if found is None:
-            return ReportAnswer(ReportStatus.INVALID_ARGUMENT_VALUE, "unknown Transaction UID")
+            return ReportAnswer(Status.INVALID_ARGUMENT_VALUE, "unknown Transaction UID")
         if calling_ae is not None and self.peers.get(found.destination) != calling_ae:
-            return ReportAnswer(ReportStatus.INVALID_ARGUMENT_VALUE, "transaction of another destination")
+            return ReportAnswer(Status.INVALID_ARGUMENT_VALUE, "transaction of another destination")
         if found.state is not CommitmentState.WAITING:
             logger.info("commitment %s already %s; report ignored", found.transaction_uid, found.state.value)
-            return ReportAnswer(ReportStatus.SUCCESS)
+            return ReportAnswer(Status.SUCCESS)
         return self._settle(found, report)
 
     def _settle(self, found: Commitment, report: CommitmentReport) -> ReportAnswer:
@@ -232,11 +220,11 @@ class CommitmentBook:
         retry_at = None if state is CommitmentState.COMMITTED else self._retry_at(found)
         if not self.index.settle_commitment(found.transaction_uid, state, failed=failed, retry_at=retry_at,
                                             detail=detail):
-            return ReportAnswer(ReportStatus.SUCCESS)  # settled meanwhile (a second report, the deadline)
+            return ReportAnswer(Status.SUCCESS)  # settled meanwhile (a second report, the deadline)
         log = logger.info if state is CommitmentState.COMMITTED else logger.warning
         log("job %d: storage commitment %s by %s: %s", found.job_id, found.transaction_uid, found.destination,
             detail)
-        return ReportAnswer(ReportStatus.SUCCESS, None,
+        return ReportAnswer(Status.SUCCESS, None,
                             CommitmentSettled(found.job_id, found.destination, state.value, detail))
 
     def _retry_at(self, found: Commitment) -> float | None:

@@ -17,6 +17,10 @@ code     name (PS3.4 B.2-1, PS3.7 C, PS3.18)  category    metric reason
 0xB007   DATA_SET_DOES_NOT_MATCH_SOP_CLASS_   stored      —
          WARNING
 0x0110   PROCESSING_FAILURE                   permanent   ``processing_failure``
+0x0112   NO_SUCH_SOP_INSTANCE                 permanent   ``no_such_sop_instance``
+0x0113   NO_SUCH_EVENT_TYPE                   permanent   ``no_such_event_type``
+0x0115   INVALID_ARGUMENT_VALUE               permanent   ``invalid_argument_value``
+0x0118   NO_SUCH_SOP_CLASS                    permanent   ``no_such_sop_class``
 0x0122   SOP_CLASS_NOT_SUPPORTED              permanent   ``sop_class_not_supported``
 0xA700   OUT_OF_RESOURCES                     retryable   ``out_of_resources``
 0xA900   DATA_SET_DOES_NOT_MATCH_SOP_CLASS    permanent   ``sop_class_mismatch``
@@ -47,7 +51,7 @@ class Category(Enum):
 
 
 class Status(IntEnum):
-    """Every DICOM status code the node answers (C-STORE, STOW-RS) or reads from a peer."""
+    """Every DICOM status code the node answers (C-STORE, STOW-RS, N-EVENT-REPORT) or reads from a peer."""
 
     SUCCESS = 0x0000
     #: PS3.7 C.4 warning: requested optional attributes are not supported
@@ -58,6 +62,12 @@ class Status(IntEnum):
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
     #: PS3.7 C.4.2 / PS3.18 10.5.3: processing failure
     PROCESSING_FAILURE = 0x0110
+    #: PS3.7 C.4 (N-EVENT-REPORT-RSP, Storage Commitment reports): no such SOP instance, event type, argument
+    NO_SUCH_SOP_INSTANCE = 0x0112
+    NO_SUCH_EVENT_TYPE = 0x0113
+    INVALID_ARGUMENT_VALUE = 0x0115
+    #: PS3.7 C.4: no such SOP class (a report on a context that is not Storage Commitment)
+    NO_SUCH_SOP_CLASS = 0x0118
     #: PS3.7 C.5.x: refused, SOP class not supported
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     #: PS3.4 B.2-1 A7xx: refused, out of resources (the sender may retry)
@@ -87,6 +97,10 @@ _TABLE: dict[Status, _Entry] = {
     Status.ELEMENTS_DISCARDED: _Entry(Category.STORED, None),
     Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS_WARNING: _Entry(Category.STORED, None),
     Status.PROCESSING_FAILURE: _Entry(Category.PERMANENT, "processing_failure"),
+    Status.NO_SUCH_SOP_INSTANCE: _Entry(Category.PERMANENT, "no_such_sop_instance"),
+    Status.NO_SUCH_EVENT_TYPE: _Entry(Category.PERMANENT, "no_such_event_type"),
+    Status.INVALID_ARGUMENT_VALUE: _Entry(Category.PERMANENT, "invalid_argument_value"),
+    Status.NO_SUCH_SOP_CLASS: _Entry(Category.PERMANENT, "no_such_sop_class"),
     Status.SOP_CLASS_NOT_SUPPORTED: _Entry(Category.PERMANENT, "sop_class_not_supported"),
     Status.OUT_OF_RESOURCES: _Entry(Category.RETRYABLE, "out_of_resources"),
     Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS: _Entry(Category.PERMANENT, "sop_class_mismatch"),

@@ -35,7 +35,6 @@ from segnode.node.commitment import (
     Reference,
     ReportAnswer,
     ReportRefused,
-    ReportStatus,
     parse_report,
     request_dataset,
 )
@@ -43,7 +42,7 @@ from segnode.node.config import Destination, Dispatch
 from segnode.node.events import CommitmentSettled
 from segnode.node.sending.dimse import DimseSender
 from segnode.node.sending.sender import Deadlines, SendResult
-from segnode.node.status import Category, category
+from segnode.node.status import Category, Status, category
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +130,7 @@ class _SameAssociation:
     def _answer(self, event: Event) -> ReportAnswer:
         request = event.request
         if not isinstance(request, N_EVENT_REPORT):
-            return ReportAnswer(ReportStatus.PROCESSING_FAILURE, "not an N-EVENT-REPORT")
+            return ReportAnswer(Status.PROCESSING_FAILURE, "not an N-EVENT-REPORT")
         try:
             info = event.event_information
             report = parse_report(str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
@@ -141,7 +140,7 @@ class _SameAssociation:
             return ReportAnswer(exc.status, str(exc))
         except (ValueError, TypeError, AttributeError, KeyError) as exc:  # pynetdicom's decoding of the dataset
             logger.warning("storage commitment report cannot be decoded: %s", exc)
-            return ReportAnswer(ReportStatus.PROCESSING_FAILURE, "event information cannot be decoded")
+            return ReportAnswer(Status.PROCESSING_FAILURE, "event information cannot be decoded")
         return self.book.accept(report, self.peer_ae)
 
 

@@ -16,7 +16,8 @@ import pytest
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pynetdicom import AE, build_role
-from segnode.node.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, ReportStatus
+from segnode.node.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+from segnode.node.status import Status
 from segnode.node.config import NodeConfig
 from segnode.node.dicom_in.server import RunningSCP, start_scp
 from segnode.storage.index import CommitmentState, DeliveryState, Index, JobState
@@ -125,10 +126,10 @@ def test_bad_reports_get_a_named_status_and_change_nothing(
         (report(committed=("5.1",)), 2, STORAGE_COMMITMENT_INSTANCE),  # event 2 without failures
         (bad_failed, 2, STORAGE_COMMITMENT_INSTANCE),  # a failed item without its instance
     )
-    assert statuses == [ReportStatus.INVALID_ARGUMENT_VALUE, ReportStatus.NO_SUCH_EVENT_TYPE,
-                        ReportStatus.INVALID_ARGUMENT_VALUE, ReportStatus.INVALID_ARGUMENT_VALUE,
-                        ReportStatus.NO_SUCH_SOP_INSTANCE, ReportStatus.INVALID_ARGUMENT_VALUE,
-                        ReportStatus.INVALID_ARGUMENT_VALUE, ReportStatus.INVALID_ARGUMENT_VALUE]
+    assert statuses == [Status.INVALID_ARGUMENT_VALUE, Status.NO_SUCH_EVENT_TYPE,
+                        Status.INVALID_ARGUMENT_VALUE, Status.INVALID_ARGUMENT_VALUE,
+                        Status.NO_SUCH_SOP_INSTANCE, Status.INVALID_ARGUMENT_VALUE,
+                        Status.INVALID_ARGUMENT_VALUE, Status.INVALID_ARGUMENT_VALUE]
     assert index.deliveries(job_id)[0].state is DeliveryState.STORED  # still waiting
     assert index.commitment(TRANSACTION).state is CommitmentState.WAITING  # type: ignore[union-attr]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
@@ -147,12 +148,12 @@ def test_a_report_without_event_information_or_undecodable_is_refused(node: tupl
     book = scp.server.commitments
     ts = "1.2.840.10008.1.2"
     no_data = book.receive(STORAGE_COMMITMENT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1, None, ts, "ORTHANC")
-    assert no_data.status is ReportStatus.INVALID_ARGUMENT_VALUE
+    assert no_data.status is Status.INVALID_ARGUMENT_VALUE
     garbage = book.receive(STORAGE_COMMITMENT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1,
                            b"\x08\x00\x95\x11ZZ\x04\x001234", "1.2.840.10008.1.2.1", "ORTHANC")  # VR "ZZ"
-    assert garbage.status is ReportStatus.PROCESSING_FAILURE
+    assert garbage.status is Status.PROCESSING_FAILURE
     on_ct = book.receive(CT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1, b"", ts, "ORTHANC")
-    assert on_ct.status is ReportStatus.NO_SUCH_SOP_CLASS
+    assert on_ct.status is Status.NO_SUCH_SOP_CLASS
 
 
 def test_broken_reports_on_the_wire_are_answered_and_the_association_goes_on(
@@ -164,13 +165,13 @@ def test_broken_reports_on_the_wire_are_answered_and_the_association_goes_on(
         assert accepted is not None and accepted.context_results() == {1: 0}
         peer.send(p_data(1, 0x03, command_set(0x0100, 7, STORAGE_COMMITMENT)))  # Command Data Set Type: none
         answer = peer.read()
-        assert answer is not None and answer.status == ReportStatus.INVALID_ARGUMENT_VALUE
+        assert answer is not None and answer.status == Status.INVALID_ARGUMENT_VALUE
         assert int.from_bytes(answer.command[0x0100], "little") == 0x8100
         assert int.from_bytes(answer.command[0x0120], "little") == 7
         peer.send(p_data(1, 0x03, command_set(0x0100, 8, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)))
         peer.send(p_data(1, 0x02, b"\x08\x00\x95\x11\xff\xff\xff\x7f" + b"\xfe" * 30))
         answer = peer.read()
-        assert answer is not None and answer.status == ReportStatus.NO_SUCH_EVENT_TYPE  # no Event Type ID
+        assert answer is not None and answer.status == Status.NO_SUCH_EVENT_TYPE  # no Event Type ID
         peer.send(RELEASE_RQ)
         released = peer.read()
         assert released is not None and released.kind == 0x06

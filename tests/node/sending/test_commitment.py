@@ -24,8 +24,8 @@ from segnode.node.commitment import (
     STORAGE_COMMITMENT_INSTANCE,
     CommitmentBook,
     CommitmentReport,
-    ReportStatus,
 )
+from segnode.node.status import Status
 from segnode.node.config import NodeConfig
 from segnode.node.events import CommitmentSettled, Event
 from segnode.node.ops.metrics import NodeMetrics
@@ -185,7 +185,7 @@ def test_no_report_by_the_deadline_is_asked_again_and_dead_after_the_last_try(tm
     assert index.commitment("2.25.1").state is CommitmentState.EXPIRED  # type: ignore[union-attr]
     # a report arriving late for the expired transaction is taken (success) but changes nothing
     late = CommitmentReport("2.25.1", 1, ((CT, "5.1"),), ())
-    assert book.accept(late, "PACS").status is ReportStatus.SUCCESS
+    assert book.accept(late, "PACS").status is Status.SUCCESS
     assert index.deliveries(job_id)[0].state is DeliveryState.PENDING
 
     waiting(index, job_id, "2.25.2", clock.now + 60)  # the second (last) try
@@ -207,12 +207,12 @@ def test_a_restart_keeps_a_waiting_commitment_and_takes_its_report(tmp_path: Pat
     assert found.state is CommitmentState.WAITING and found.objects == ((CT, "5.1"),)
     book = CommitmentBook(reopened, config)
     assert book.accept(CommitmentReport("2.25.7", 1, ((CT, "5.1"),), ()), "OTHER").status \
-        is ReportStatus.INVALID_ARGUMENT_VALUE  # another AE cannot settle the PACS's transaction
+        is Status.INVALID_ARGUMENT_VALUE  # another AE cannot settle the PACS's transaction
     answer = book.accept(CommitmentReport("2.25.7", 1, ((CT, "5.1"),), ()), "PACS")
-    assert answer.status is ReportStatus.SUCCESS and answer.event is not None
+    assert answer.status is Status.SUCCESS and answer.event is not None
     assert reopened.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
     assert book.accept(CommitmentReport("2.25.7", 1, ((CT, "5.1"),), ()), "PACS") == answer.__class__(
-        ReportStatus.SUCCESS)  # the same report twice: taken once
+        Status.SUCCESS)  # the same report twice: taken once
 
 
 def test_an_index_from_before_storage_commitment_is_migrated(tmp_path: Path) -> None:
