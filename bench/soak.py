@@ -82,6 +82,7 @@ class Settings:
     min_free_disk_mb: int = 16
     drain_s: float = 240.0
     hostile_every_s: float = 10.0
+    local: bool = False  # local worker processes of the node instead of remote workers on a broker
 
 
 # -- the peers ------------------------------------------------------------------------------------
@@ -420,6 +421,57 @@ class Sender:
             return sum(len(files) for _, _, files in self.pending)
 
 
+class Traffic:
+    """The senders' schedule: new series, re-sends, duplicates, late instances, hostile connections."""
+
+    def __init__(self, soak: Soak, node: Node, sender: Sender, pool: list[list[Path]]) -> None:
+        self.soak, self.node, self.sender, self.pool = soak, node, sender, pool
+        self.rng, self.books, self.s = soak.rng, soak.books, soak.s
+        self.next_series, self.next_hostile = 0.0, self.s.hostile_every_s
+        self.sent: list[Series] = []
+        self.late: list[tuple[float, Series]] = []
+        self.study, self.left_in_study, self.number = new_uid(self.rng), 0, 0
+
+    def step(self) -> None:
+        now = self.soak.t()
+        if now >= self.next_series:
+            self._new_series(now)
+        for due, series in [x for x in self.late if x[0] <= now]:
+            self.late.remove((due, series))
+            self._send_late(series)
+        if now >= self.next_hostile:
+            self.soak.hostile(self.node, self.rng)
+            self.next_hostile = now + self.s.hostile_every_s * self.rng.uniform(0.5, 1.5)
+        self.sender.retry_due()
+
+    def _new_series(self, now: float) -> None:
+        rng = self.rng
+        if self.left_in_study == 0:
+            self.study, self.left_in_study, self.number = new_uid(rng), rng.randint(1, 3), 0
+        self.number += 1
+        self.left_in_study -= 1
+        series = make_series(rng.choice(self.pool), self.soak.work / "send" / self.study, self.study, self.number, rng)
+        self.sender.send(series, series.files)
+        self.books.sent_series.add(series.uid)
+        self.sent.append(series)
+        if series.late:
+            self.late.append((now + 40.0, series))
+        if rng.random() < 0.1:  # a modality sends a series again
+            again = rng.choice(self.sent)
+            self.sender.send(again, again.files)
+            self.books.duplicates_sent += len(again.files)
+        self.next_series = now + self.s.series_every_s * rng.uniform(0.5, 1.5)
+
+    def _send_late(self, series: Series) -> None:
+        self.sender.send(series, series.late)
+        self.books.late_sent += len(series.late)
+
+    def flush_late(self) -> None:
+        for _, series in self.late:
+            self._send_late(series)
+        self.late.clear()
+
+
 # -- the index and the PACS, read --------------------------------------------------------------------
 
 
@@ -457,6 +509,20 @@ def pacs_results(pacs: Orthanc) -> tuple[dict[str, set[str]], set[str]]:
     return segs, rejected
 
 
+def local_workers(node: Node) -> list[int]:
+    """Process ids of the node's local worker processes."""
+    if node.proc is None:
+        return []
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError):
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[1]) == node.proc.pid and b"segnode.node.jobs.worker" in (entry / "cmdline").read_bytes():
+                    out.append(int(entry.name))
+    return out
+
+
 def slope(points: list[tuple[float, float]]) -> float:
     """Least-squares slope (per hour) of (seconds, value) points."""
     if len(points) < 3:
@@ -492,7 +558,8 @@ class Soak:
     def t(self) -> float:
         return time.monotonic() - self.started
 
-    def configure(self, state: Path, broker: RabbitMQ, relay: Relay) -> Node:
+    def configure(self, state: Path, broker: RabbitMQ | None, relay: Relay) -> Node:
+        s = self.s
         token = self.work / "ris.token"
         token.write_text("soak-stow-token-0123456789\n")
         token.chmod(0o600)
@@ -504,14 +571,15 @@ class Soak:
         config.write_text(yaml.safe_dump({
             "port": port, "state_dir": str(state), "routes": str(routes),
             "completion": {"quiet_period_s": 3.0, "sweep_interval_s": 0.5},
-            "limits": {"min_free_disk_mb": self.s.min_free_disk_mb, "network_timeout_s": 30, "acse_timeout_s": 10},
+            "limits": {"min_free_disk_mb": s.min_free_disk_mb, "network_timeout_s": 30, "acse_timeout_s": 10},
             "dispatch": {"backoff_initial_s": 1.0, "backoff_max_s": 10.0, "poll_interval_s": 0.5, "timeout_s": 10,
                          "connect_timeout_s": 3, "max_attempts": 1000},
             "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": relay.port,
                               "rejection_notes": True}],
             "housekeeping": {"spool_retention_s": 86400},
             "http": {"port": 0},
-            "broker": {"url": broker.url, "queues": ["gpu", "cpu"], "result_timeout_s": 120, "publish_timeout_s": 5},
+            **({"broker": {"url": broker.url, "queues": ["gpu", "cpu"], "result_timeout_s": 120,
+                           "publish_timeout_s": 5}} if broker is not None else {"worker": {"concurrency": s.workers}}),
             "dicomweb": {"enabled": True, "port": dicomweb, "header_timeout_s": 5,
                          "clients": [{"name": "ris", "token_file": str(token), "ae_title": "RIS"}]}}))
         return Node(config, state, port, dicomweb, self.work / "node")
@@ -520,8 +588,9 @@ class Soak:
         s = self.s
         state = self.work / "state"
         with capped_folder(state, s.state_mb) as mounted:
-            broker = RabbitMQ(self.work / "rabbitmq")
-            broker.start()
+            broker = None if s.local else RabbitMQ(self.work / "rabbitmq")
+            if broker is not None:
+                broker.start()
             pacs = Orthanc(self.work / "pacs")
             pacs.start()
             relay = Relay(lambda: pacs.dicom_port)
@@ -529,7 +598,7 @@ class Soak:
             workers: Workers | None = None
             try:
                 node.start()
-                workers = Workers(self.work, broker, s.workers)
+                workers = None if broker is None else Workers(self.work, broker, s.workers)
                 report = self._traffic(node, workers, broker, pacs, relay, mounted)
                 report.update(self._balance(node, pacs))
             finally:
@@ -538,7 +607,8 @@ class Soak:
                 if workers is not None:
                     workers.stop()
                 pacs.stop()
-                broker.close()
+                if broker is not None:
+                    broker.close()
                 relay.listener.close()
                 report_logs = tracebacks([self.work / "workers", self.work])
                 if mounted:  # the node's logs are on the tmpfs: keep a copy before it goes
@@ -547,71 +617,43 @@ class Soak:
         return report
 
     # -- traffic and faults --------------------------------------------------------------------------
-    def _traffic(self, node: Node, workers: Workers, broker: RabbitMQ, pacs: Orthanc, relay: Relay,
+    def _traffic(self, node: Node, workers: Workers | None, broker: RabbitMQ | None, pacs: Orthanc, relay: Relay,
                  mounted: bool) -> dict[str, object]:
-        s, rng, books = self.s, self.rng, self.books
-        pool = templates(self.work / "templates", 4, s.slices, s.seed)
-        sender = Sender(node, "soak-stow-token-0123456789", books)
+        s, books = self.s, self.books
+        traffic = Traffic(self, node, Sender(node, "soak-stow-token-0123456789", books),
+                          templates(self.work / "templates", 4, s.slices, s.seed))
         threading.Thread(target=self._sample, args=(node,), daemon=True).start()
         end = s.minutes * 60
-        next_series, next_fault, next_hostile = 0.0, s.fault_every_s / 2, s.hostile_every_s
-        fault_kinds = [k for k in FAULTS if mounted or k != "disk_fill"]
+        next_fault = s.fault_every_s / 2
+        fault_kinds = [k for k in FAULTS if (mounted or k != "disk_fill") and (broker or k != "broker_kill")]
         fault_n = 0
-        sent: list[Series] = []
-        late: list[tuple[float, Series]] = []
-        study, left_in_study, number = new_uid(rng), 0, 0
         while self.t() < end or fault_n < len(fault_kinds):  # every kind of fault at least once
-            now = self.t()
-            if now >= next_series:
-                if left_in_study == 0:
-                    study, left_in_study, number = new_uid(rng), rng.randint(1, 3), 0
-                number += 1
-                left_in_study -= 1
-                series = make_series(rng.choice(pool), self.work / "send" / study, study, number, rng)
-                sender.send(series, series.files)
-                books.sent_series.add(series.uid)
-                sent.append(series)
-                if series.late:
-                    late.append((now + 40.0, series))
-                if sent and rng.random() < 0.1:  # a modality sends a series again
-                    again = rng.choice(sent)
-                    sender.send(again, again.files)
-                    books.duplicates_sent += len(again.files)
-                next_series = now + s.series_every_s * rng.uniform(0.5, 1.5)
-            for due, series in [x for x in late if x[0] <= now]:
-                late.remove((due, series))
-                sender.send(series, series.late)
-                books.late_sent += len(series.late)
-            if now >= next_hostile:
-                self._hostile(node, rng)
-                next_hostile = now + s.hostile_every_s * rng.uniform(0.5, 1.5)
-            if now >= next_fault and (now < end - s.fault_hold_s - 5 or fault_n < len(fault_kinds)):
+            traffic.step()
+            if self.t() >= next_fault:
                 kind = fault_kinds[fault_n % len(fault_kinds)]
                 fault_n += 1
-                self._fault(kind, node, workers, broker, pacs, relay, sender)
+                self._fault(kind, node, workers, broker, pacs, relay, traffic)
                 next_fault = self.t() + s.fault_every_s
-            sender.retry_due()
             time.sleep(0.2)
-        for due, series in late:  # traffic over: what was held back goes now
-            sender.send(series, series.late)
-            books.late_sent += len(series.late)
+        traffic.flush_late()  # traffic over: what was held back goes now
         traffic_end = self.t()
         drain_until = self.t() + s.drain_s
         while self.t() < drain_until:
-            sender.retry_due()
+            traffic.sender.retry_due()
             states = job_states(node.state)
-            if sender.backlog == 0 and states and all(k in RESTING for k in states) and self._routed_sent(node):
+            if traffic.sender.backlog == 0 and states and all(k in RESTING for k in states) \
+                    and self._routed_sent(node):
                 break
             time.sleep(1.0)
         return {"traffic_s": round(traffic_end), "drain_s": round(self.t() - traffic_end),
-                "unacknowledged_left": sender.backlog}
+                "unacknowledged_left": traffic.sender.backlog}
 
     def _routed_sent(self, node: Node) -> bool:
         received = query(node.state, "SELECT count(*) FROM series s WHERE NOT EXISTS "
                                      "(SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid)")
         return bool(received) and received[0][0] == 0
 
-    def _hostile(self, node: Node, rng: random.Random) -> None:
+    def hostile(self, node: Node, rng: random.Random) -> None:
         self.books.hostile += 1
         if rng.random() < 0.5:
             with suppress(OSError), socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
@@ -628,47 +670,63 @@ class Soak:
             if answer.status is not None and answer.status >= 500 and answer.status not in (501, 503, 505):
                 self.books.hostile_problems.append(f"{case.what}: {answer.status}")
 
-    def _fault(self, kind: str, node: Node, workers: Workers, broker: RabbitMQ, pacs: Orthanc, relay: Relay,
-               sender: Sender) -> None:
+    def _fault(self, kind: str, node: Node, workers: Workers | None, broker: RabbitMQ | None, pacs: Orthanc,
+               relay: Relay, traffic: Traffic) -> None:
         books, hold = self.books, self.s.fault_hold_s
         books.timeline.append((self.t(), len(books.acknowledged), kind))
         print(f"[{self.t():7.1f} s] fault: {kind}", flush=True)
         if kind == "node_kill":
             node.kill()
+            self._hold(3.0, traffic)  # senders meet a closed port meanwhile
             node.start()
+        elif kind == "worker_kill" and workers is None:  # a local worker process of the node, when one runs
+            if not self._kill_local_worker(node, hold, traffic):
+                return
         elif kind == "worker_kill":
+            assert workers is not None
             name = self.rng.choice(sorted(workers.procs))
             workers.kill(name)
-            self._hold(hold, sender)
+            self._hold(hold, traffic)
             workers.restart(name)
         elif kind == "broker_kill":
-            assert broker.proc is not None
+            assert broker is not None and broker.proc is not None
             with suppress(ProcessLookupError):
                 os.killpg(broker.proc.pid, signal.SIGKILL)
             broker.proc.wait()
             broker.proc = None
-            self._hold(hold, sender)
+            self._hold(hold, traffic)
             broker.start()
         elif kind == "pacs_stop":
             pacs.stop()
-            self._hold(hold, sender)
+            self._hold(hold, traffic)
             pacs.start()
         elif kind == "disk_fill":
             filler = fill(node.state, self.s.fill_left_mb)
-            self._hold(hold, sender)
+            self._hold(hold, traffic)
             filler.unlink()
         elif kind == "blackhole":
             relay.black_hole.set()
-            self._hold(hold, sender)
+            self._hold(hold, traffic)
             relay.open_again()
         books.faults[kind] = books.faults.get(kind, 0) + 1
 
-    def _hold(self, seconds: float, sender: Sender) -> None:
-        """Traffic goes on while a fault holds (re-sends only: new series wait for the fault's end)."""
+    def _kill_local_worker(self, node: Node, within: float, traffic: Traffic) -> bool:
+        """``kill -9`` of a local worker process (``segnode.node.jobs.worker``) of the node, within ``within`` s."""
+        until = self.t() + within
+        while self.t() < until:
+            for pid in local_workers(node):
+                with suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # its own process group (node/jobs/worker.py)
+                    return True
+            self._hold(0.5, traffic)
+        return False
+
+    def _hold(self, seconds: float, traffic: Traffic) -> None:
+        """Traffic goes on while a fault holds."""
         until = self.t() + seconds
         while self.t() < until:
-            sender.retry_due()
-            time.sleep(0.5)
+            traffic.step()
+            time.sleep(0.2)
 
     def _sample(self, node: Node) -> None:
         while not self.stop_sampling.wait(2.0):
@@ -775,13 +833,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault-hold-s", type=float, default=Settings.fault_hold_s)
     p.add_argument("--drain-s", type=float, default=Settings.drain_s)
     p.add_argument("--workers", type=int, default=Settings.workers)
+    p.add_argument("--local", action="store_true", help="local worker processes (no broker) instead of remote ones")
     p.add_argument("--replot", type=Path, help="only draw the plot of a soak.json (next to it)")
     args = p.parse_args(argv)
     if args.replot:
         return 0 if plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")) else 1
     settings = Settings(seed=args.seed, minutes=args.minutes, out=args.out, series_every_s=args.series_every_s,
                         fault_every_s=args.fault_every_s, fault_hold_s=args.fault_hold_s, drain_s=args.drain_s,
-                        workers=args.workers)
+                        workers=args.workers, local=args.local)
     args.out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # stopped: the peers are stopped too
     with tempfile.TemporaryDirectory(prefix="segnode-soak-") as tmp:
