@@ -45,7 +45,6 @@ from segnode.storage.spool import Spool
 logger = logging.getLogger(__name__)
 
 #: job states whose result stands (a superseded or rejected one does not)
-RESULT_STATES = frozenset({JobState.ENCODED, JobState.SENDING, JobState.DONE, JobState.HELD, JobState.DEAD_LETTER})
 
 
 @dataclass(frozen=True)
@@ -104,9 +103,8 @@ def pick_series(series: list[SeriesMatch], modality: str, select: Select | None)
 
 def earlier_result(index: Index, series_uid: str, profile: str) -> dict[str, Any] | None:
     """The node's newest result on ``series_uid`` with ``profile``: its SEG, summary and model version."""
-    jobs = [j for j in index.jobs(limit=100000) if j.series_uid == series_uid and j.profile == profile
-            and j.state in RESULT_STATES and j.result_dir]
-    for job in sorted(jobs, key=lambda j: j.job_id, reverse=True):
+    jobs = [j for j in index.earlier_results(series_uid, before_job=2**62) if j.profile == profile and j.result_dir]
+    for job in reversed(jobs):
         seg = next((o["path"] for o in job.outputs if o.get("kind") == "seg"), job.seg_path)
         summaries = sorted(Path(job.result_dir or "").glob("summary_*.json"))
         if seg and summaries and job.file(seg).is_file():
@@ -154,5 +152,17 @@ def _prior(source: Source, index: Index, spool: Spool, job: Job, current: Curren
         logger.warning("job %d: prior series %s not retrieved (%d failed)", job.job_id, series.series_uid,
                        result.failed)
         return None
+    _settle_as_prior(index, series.series_uid, job.job_id)
     return {**facts, "input_dir": str(spool.series_dir(study.study_uid, series.series_uid))}
+
+
+def _settle_as_prior(index: Index, series_uid: str, job_id: int) -> None:
+    """The retrieved prior's own waiting job skipped: it is measured inside job ``job_id``, never sent on its own.
+
+    Without this the completion sweep would route the prior like any push and
+    send the PACS a result for a study nobody asked about.
+    """
+    for waiting in index.received_jobs():
+        if waiting.series_uid == series_uid:
+            index.transition(waiting.job_id, JobState.SKIPPED, f"retrieved as a prior of job {job_id}")
 

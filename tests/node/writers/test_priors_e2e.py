@@ -102,6 +102,8 @@ def test_a_prior_study_in_orthanc_gives_an_sr_with_the_prior_volume_and_the_chan
         sr_file.write_bytes(pacs.get(f"/instances/{srs[0]}/file"))
     assert [f["study_uid"] for f in found] == [prior_study] and "input_dir" in found[0]  # retrieved, segmented
     assert retrieved and retrieved[0].series_uid == found[0]["series_uid"]
+    # measured inside the current job only: the prior's own job is skipped, never routed nor sent on its own
+    assert [(j.state, j.reason) for j in retrieved] == [(JobState.SKIPPED, f"retrieved as a prior of job {job.job_id}")]
     assert dciodvfy(sr_file) == []
     out = tmp_path / "sr.json"
     subprocess.run([dcmqi_tool("tid1500reader"), "--inputDICOM", str(sr_file), "--outputMetadata", str(out)],
