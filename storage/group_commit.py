@@ -82,7 +82,7 @@ class GroupCommit:
         self._leading = False
 
     def commit(self, parts: Iterable[bytes | memoryview], record: InstanceRecord) -> bool:
-        """Write ``parts`` (self-checking Part 10) durably at ``record.path`` and index ``record``.
+        """Write ``parts`` (self-checking Part 10) durably into the spool (at ``record.path``), then index ``record``.
 
         Returns whether the instance was new (``False``: its SOP Instance UID
         was already indexed; the first copy's row is kept).  Raises
