@@ -295,6 +295,7 @@ class TotalSegmentatorModel:
         if self.predictor is None:
             raise BackendError("no in-process predictor loaded")
         options = self.profile.options.totalsegmentator
+        check_folders(self.root, self.needed, options, verify=False)  # as before every API call: removed is an error
         image = volume_to_nifti(volume)
         try:
             with _CALL_LOCK, torch_threads(self.settings.threads):
