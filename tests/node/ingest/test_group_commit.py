@@ -140,8 +140,11 @@ def _acknowledged(log: list[str]) -> list[str]:
 
 
 @pytest.mark.peer
-def test_kill_9_during_group_commit_loses_nothing_acknowledged(tmp_path: Path, four_series: list[Path]) -> None:
-    config = write_node_config(tmp_path / "node.yaml", completion={"quiet_period_s": 3600})
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-receiver", "two-receiver-processes"])
+def test_kill_9_during_group_commit_loses_nothing_acknowledged(tmp_path: Path, four_series: list[Path],
+                                                               processes: int) -> None:
+    config = write_node_config(tmp_path / "node.yaml", completion={"quiet_period_s": 3600},
+                               limits={"min_free_disk_mb": 1, "receiver_processes": processes})
     logs: list[list[str]] = [[] for _ in four_series]
     successes = [0]
     lock = threading.Lock()
