@@ -115,7 +115,6 @@ def test_a_broken_engine_fails_the_gate_and_is_refused(gate_work: Path, tmp_path
     checks = tiny_checks(Engine.BF16, "cpu", COMMITTED, gate_work, backends=(Backend.NNUNET,), loader=_broken_loader)
     assert len(checks) == 1 and not checks[0].passed and checks[0].value < 0.9
     result = GateResult(Engine.BF16, device_kind("cpu"), _torch_version(), tuple(checks))
-    record_result(tmp_path, result)
     weights = tmp_path / "weights"
     shutil.copytree(gate_work / "weights", weights)
     record_result(weights, result)
