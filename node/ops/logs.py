@@ -26,6 +26,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+#: where pynetdicom logs a peer's reset with ``LOGGER.exception`` (its DUL reading a PDU, its transport)
+PYNETDICOM_LOGGERS = ("pynetdicom.dul", "pynetdicom.transport", "pynetdicom.assoc", "pynetdicom.acse")
+
+
+class PeerGoneFilter(logging.Filter):
+    """A peer that resets or drops a connection is logged by pynetdicom with a traceback; keep the line, drop it.
+
+    A PACS restarting, or a black-holed destination closing, resets the
+    node's association; the delivery's own warning says what happened to
+    which job.  The soak (``bench/soak.py``) found these tracebacks in the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (ConnectionError, TimeoutError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure(verbosity: int = 0, as_json: bool = False) -> None:
     """Log to stderr, or to stdout when ``$SEGNODE_LOG_STREAM`` is ``stdout`` (containers)."""
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
@@ -38,6 +56,10 @@ def configure(verbosity: int = 0, as_json: bool = False) -> None:
     root.setLevel(level)
     for noisy in ("pynetdicom", "highdicom", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    for name in PYNETDICOM_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, PeerGoneFilter) for f in logger.filters):
+            logger.addFilter(PeerGoneFilter())
     warnings.showwarning = _log_warning
 
 
