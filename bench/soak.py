@@ -523,6 +523,31 @@ def local_workers(node: Node) -> list[int]:
     return out
 
 
+def steady_slopes(lives: list[list[tuple[float, float, int]]]) -> tuple[list[tuple[float, float, int]], float, float]:
+    """The node's longest life after its warm-up, and the slopes (per hour) of its RSS and descriptors.
+
+    A life ended by ``kill -9`` loses its last sample (taken while the process was
+    going); the first quarter of a life is warm-up (imports, caches, the first jobs).
+    """
+    trimmed = [life[:-1] for life in lives[:-1]] + lives[-1:]
+    life = max(trimmed, key=len) if trimmed else []
+    steady = life[len(life) // 4:]
+    return steady, slope([(t, r) for t, r, _ in steady]), slope([(t, float(f)) for t, _, f in steady])
+
+
+def per_life(lives: list[list[tuple[float, float, int]]]) -> list[dict[str, object]]:
+    """Each life of the node after its warm-up: from, to, RSS first/max/last, descriptors min/max/last."""
+    out: list[dict[str, object]] = []
+    for k, life in enumerate([life[:-1] for life in lives[:-1]] + lives[-1:]):
+        steady = life[len(life) // 4:]
+        if steady:
+            out.append({"life": k, "from_s": round(steady[0][0]), "to_s": round(steady[-1][0]),
+                        "rss_mb": [round(steady[0][1], 1), round(max(x[1] for x in steady), 1),
+                                   round(steady[-1][1], 1)],
+                        "fds": [min(x[2] for x in steady), max(x[2] for x in steady), steady[-1][2]]})
+    return out
+
+
 def slope(points: list[tuple[float, float]]) -> float:
     """Least-squares slope (per hour) of (seconds, value) points."""
     if len(points) < 3:
@@ -748,10 +773,7 @@ class Soak:
         segs, rejected = pacs_results(pacs)
         current = {series: segs.get(series, set()) - rejected for series in routed}
         not_one = sorted(series for series, uids in current.items() if len(uids) != 1)
-        life = max(node.lives, key=len) if node.lives else []
-        longest = life[len(life) // 4:]  # its first quarter is warm-up (imports, caches, the first jobs)
-        rss = slope([(t, r) for t, r, _ in longest])
-        fds = slope([(t, float(f)) for t, _, f in longest])
+        longest, rss, fds = steady_slopes(node.lives)
         states: dict[str, int] = {}
         for j in jobs:
             states[str(j[2])] = states.get(str(j[2]), 0) + 1
@@ -762,7 +784,7 @@ class Soak:
                 "hostile_problems": books.hostile_problems, "faults": books.faults, "lost": lost,
                 "jobs": states, "stuck": stuck, "routed_series": len(routed),
                 "series_without_one_current_result": not_one,
-                "node_lives": len(node.lives),
+                "node_lives": len(node.lives), "lives": per_life(node.lives),
                 "rss_mb": {"first": longest[0][1] if longest else None, "last": longest[-1][1] if longest else None,
                            "slope_mb_per_h": round(rss, 2), "over_s": round(longest[-1][0] - longest[0][0])
                            if longest else 0},
@@ -837,7 +859,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replot", type=Path, help="only draw the plot of a soak.json (next to it)")
     args = p.parse_args(argv)
     if args.replot:
-        return 0 if plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png")) else 1
+        report = json.loads(args.replot.read_text())
+        lives: dict[int, list[tuple[float, float, int]]] = {}
+        for x in report["samples"]:
+            lives.setdefault(x["life"], []).append((x["t"], x["rss_mb"], x["fds"]))
+        steady, rss, fds = steady_slopes([lives[k] for k in sorted(lives)])
+        print(json.dumps({"over_s": round(steady[-1][0] - steady[0][0]) if steady else 0, "rss_mb_first_last":
+                          [steady[0][1], steady[-1][1]] if steady else [], "rss_slope_mb_per_h": round(rss, 2),
+                          "fds_first_last": [steady[0][2], steady[-1][2]] if steady else [],
+                          "fds_slope_per_h": round(fds, 2)}))
+        print(json.dumps(per_life([lives[k] for k in sorted(lives)])))
+        return 0 if plot(report, args.replot.with_suffix(".png")) else 1
     settings = Settings(seed=args.seed, minutes=args.minutes, out=args.out, series_every_s=args.series_every_s,
                         fault_every_s=args.fault_every_s, fault_hold_s=args.fault_hold_s, drain_s=args.drain_s,
                         workers=args.workers, local=args.local)
