@@ -64,7 +64,7 @@ bench: install
 # soak and chaos run (docs/reliability.md): MINUTES of mixed traffic with every fault, then the books balanced
 MINUTES ?= 20
 soak: install
-	$(BIN)/python bench/soak.py --minutes $(MINUTES) --out out/soak
+	$(BIN)/python bench/soak.py --minutes $(MINUTES) --out bench/out/soak
 
 clean:
 	rm -rf $(VENV) out build dist *.egg-info

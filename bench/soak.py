@@ -24,7 +24,7 @@ no job outside a resting state; the node's memory (RSS) and descriptors flat (le
 slope over its longest life); no traceback in any log.  It prints and writes ``soak.json``
 and ``soak.png`` (throughput and memory over time) under ``--out``.
 
-    python bench/soak.py --minutes 20 --out out/soak          # make soak
+    python bench/soak.py --minutes 20 --out bench/out/soak    # make soak
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498."
 class Settings:
     seed: int = 20261207
     minutes: float = 20.0
-    out: Path = ROOT / "out" / "soak"
+    out: Path = ROOT / "bench" / "out" / "soak"
     series_every_s: float = 6.0  # a new series (of a 1–3 series study) this often
     slices: int = 10
     workers: int = 2
