@@ -185,6 +185,12 @@ CREATE TABLE IF NOT EXISTS commitments (
     detail            TEXT
 );
 CREATE INDEX IF NOT EXISTS commitments_state ON commitments(state, deadline_at);
+CREATE TABLE IF NOT EXISTS expected_moves (
+    message_id        INTEGER PRIMARY KEY,
+    study_uid         TEXT NOT NULL,
+    series_uid        TEXT NOT NULL,
+    expires_at        REAL NOT NULL
+);
 """
 
 
@@ -749,6 +755,33 @@ class Index:
             db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, last_error = NULL, "
                        "next_attempt_at = ? WHERE job_id = ? AND destination = ?",
                        (DeliveryState.STORED.value, deadline_at, job_id, destination))
+
+    # -- C-MOVEs the node asked for (the sources wing): what their sub-operations may store ---------------
+    def expect_move(self, study_uid: str, series_uid: str, expires_at: float) -> int:
+        """A Message ID for a C-MOVE of one series, free in the whole node (every process shares the index).
+
+        The node's receiver refuses a C-STORE whose Move Originator is the node
+        itself unless its Move Originator Message ID is expected here and the
+        instance is of that study and series (:meth:`expected_move`).
+        """
+        with self._tx() as db:
+            db.execute("DELETE FROM expected_moves WHERE expires_at < ?", (self.clock(),))
+            taken = {row[0] for row in db.execute("SELECT message_id FROM expected_moves")}
+            free = next((m for m in range(1, 0x10000) if m not in taken), None)
+            if free is None:
+                raise StorageError("every C-MOVE Message ID is in use", where=str(self.path))
+            db.execute("INSERT INTO expected_moves VALUES (?, ?, ?, ?)", (free, study_uid, series_uid, expires_at))
+        return free
+
+    def expected_move(self, message_id: int) -> tuple[str, str] | None:
+        """(study, series) the node's C-MOVE ``message_id`` asked for, while it runs; ``None`` otherwise."""
+        row = self._db().execute("SELECT study_uid, series_uid FROM expected_moves WHERE message_id = ? "
+                                 "AND expires_at >= ?", (message_id, self.clock())).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def end_move(self, message_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM expected_moves WHERE message_id = ?", (message_id,))
 
     def commitment(self, transaction_uid: str) -> "Commitment | None":
         row = self._db().execute("SELECT * FROM commitments WHERE transaction_uid = ?", (transaction_uid,)).fetchone()

@@ -377,6 +377,14 @@ def p_data(context_id: int, command: bytes) -> bytes:
 MAX_CONTROL_PDU = 1024 * 1024
 
 
+def move_originator(command: dict[int, bytes]) -> tuple[str, int] | None:
+    """A C-STORE-RQ's Move Originator AE Title (0000,1030) and Message ID (0000,1031); ``None`` unless both are there."""
+    ae, message_id = command.get(0x1030), us(command.get(0x1031))
+    if ae is None or message_id is None:
+        return None
+    return ae.decode("latin-1").strip(" \x00"), message_id
+
+
 def network_uid(raw: bytes) -> str:
     """A UID from a command set as text (padding stripped); never fails, :func:`check_uid` judges it."""
     return raw.rstrip(b"\x00 ").decode("latin-1")

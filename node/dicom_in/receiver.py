@@ -104,6 +104,7 @@ from segnode.node.dicom_in.pdu import (
     encode_associate_ac,
     encode_associate_rj,
     encode_response,
+    move_originator,
     negotiate,
     network_uid,
     p_data,
@@ -462,14 +463,14 @@ class _Connection:
         sop_class = command.get(0x0002, b"")
         sop_instance = command.get(0x1000, b"")
         request = StoreRequest(network_uid(sop_class) or abstract, network_uid(sop_instance), transfer_syntax,
-                               self.calling_ae, self.server.config.ae_title, self.host, abstract, session=id(self))
+                               self.calling_ae, self.server.config.ae_title, self.host, abstract, session=id(self),
+                               move_originator=move_originator(command))
         with self.data.view() as buffer, buffer[:self.filled] as dataset:
             status, comment = self.server.handler.store(request, dataset)
         self.filled = 0
         self.data.release()
         rsp = encode_response(0x8001, us(command.get(0x0110)) or 0, sop_class, status, comment, sop_instance)
         self._send(p_data(context_id, rsp))
-
 
     def _report(self, context_id: int, command: dict[int, bytes], dataset: bytes | None) -> None:
         """A Storage Commitment report (N-EVENT-REPORT-RQ), answered with what the commitment book says."""

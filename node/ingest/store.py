@@ -110,6 +110,7 @@ SOP_CLASS_DIFFERS = Refusal(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassU
 INSTANCE_DIFFERS = Refusal(Status.UID_MISMATCH, "SOPInstanceUID differs from the request")
 STUDY_DIFFERS = Refusal(Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "StudyInstanceUID differs from the request's study",
                         "study_mismatch")
+NOT_REQUESTED = Refusal(Status.CANNOT_UNDERSTAND, "not of the series this node's C-MOVE asked for", "not_requested")
 
 
 def internal_error(exc: BaseException) -> Refusal:
@@ -156,7 +157,8 @@ class StoreRequest:
     session: int = 0  # which association (its object's id): completion on evidence needs its release
     study_uid: str | None = None  # STOW-RS to /studies/{study}: the study every instance must belong to
     author: str | None = None  # who stored it (logged-in user or DICOMweb client): a correction's author
-
+    #: the C-STORE's Move Originator AE Title and Message ID (a C-MOVE sub-operation), else None
+    move_originator: tuple[str, int] | None = None
 
 
 #: Segmentation Storage and Label Map Segmentation Storage: a SEG may be a correction (node/corrections.py)
@@ -323,6 +325,17 @@ class StoreHandler:
             return INSTANCE_DIFFERS
         if request.study_uid is not None and uids["StudyInstanceUID"] != request.study_uid:
             return STUDY_DIFFERS
+        return self._check_move(request, uids)
+
+    def _check_move(self, request: StoreRequest, uids: dict[str, str]) -> Refusal | None:
+        """A sub-operation of a C-MOVE the node asked for stores only the series asked for (Index.expect_move)."""
+        if request.move_originator is None or request.move_originator[0].strip() != self.config.ae_title:
+            return None  # a push, or a move another AE asked the peer for
+        expected = self.index.expected_move(request.move_originator[1])
+        if expected != (uids["StudyInstanceUID"], uids["SeriesInstanceUID"]):
+            logger.warning("refusing instance %s from %s: not of a series the node's C-MOVE %d asked for",
+                           request.sop_instance_uid, request.calling_ae, request.move_originator[1])
+            return NOT_REQUESTED
         return None
 
     def _persist(self, request: StoreRequest, dataset: memoryview, uids: dict[str, str]) -> None:

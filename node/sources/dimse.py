@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -118,9 +119,19 @@ class DimseSource:
 
     def _move(self, identifier: Dataset) -> RetrieveResult:
         model = StudyRootQueryRetrieveInformationModelMove
-        with self._association([model], self.settings.idle_timeout_s) as assoc, \
-                _deadline(assoc, model, self.settings.retrieve_timeout_s) as expired:
-            final = _last(assoc.send_c_move(identifier, self.node_ae, model))
+        # the node's receiver stores this move's sub-operations only if they are of the series asked for:
+        # the move's Message ID is registered in the node's index (without a store path: a move to another SCP)
+        index = self.store.index if self.store is not None else None
+        expires = time.time() + self.settings.retrieve_timeout_s + self.settings.idle_timeout_s
+        message_id = index.expect_move(identifier.StudyInstanceUID, identifier.SeriesInstanceUID, expires) \
+            if index is not None else 1
+        try:
+            with self._association([model], self.settings.idle_timeout_s) as assoc, \
+                    _deadline(assoc, model, self.settings.retrieve_timeout_s, message_id) as expired:
+                final = _last(assoc.send_c_move(identifier, self.node_ae, model, msg_id=message_id))
+        finally:
+            if index is not None:
+                index.end_move(message_id)
         return self._result(identifier, "move", final, expired.is_set(), refused=0)
 
     def _get(self, identifier: Dataset) -> RetrieveResult:
@@ -244,13 +255,13 @@ def _status(code: int, comment: str | None) -> Dataset:
 
 
 @contextmanager
-def _deadline(assoc: Association, model: str, seconds: float) -> Iterator[threading.Event]:
+def _deadline(assoc: Association, model: str, seconds: float, message_id: int = 1) -> Iterator[threading.Event]:
     """Cancel the operation on ``assoc`` (C-CANCEL, then abort) if it is still running after ``seconds``."""
     expired, done = threading.Event(), threading.Event()
 
     def expire() -> None:
         expired.set()
-        _cancel(assoc, model, done)
+        _cancel(assoc, model, done, message_id)
 
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
@@ -262,10 +273,10 @@ def _deadline(assoc: Association, model: str, seconds: float) -> Iterator[thread
         timer.cancel()
 
 
-def _cancel(assoc: Association, model: str, done: threading.Event | None = None) -> None:
-    """C-CANCEL the running request (message ID 1); abort unless it ends within :data:`CANCEL_GRACE_S`."""
+def _cancel(assoc: Association, model: str, done: threading.Event | None = None, message_id: int = 1) -> None:
+    """C-CANCEL the running request (``message_id``); abort unless it ends within :data:`CANCEL_GRACE_S`."""
     if assoc.is_established:
-        assoc.send_c_cancel(1, query_model=model)
+        assoc.send_c_cancel(message_id, query_model=model)
     if done is None or not done.wait(CANCEL_GRACE_S):
         assoc.abort()
 
