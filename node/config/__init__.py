@@ -195,6 +195,7 @@ class Worker(Frozen):
 class Housekeeping(Frozen):
     spool_retention_s: float = Field(24 * 3600.0, ge=0)  # after a job is done
     interval_s: float = Field(600.0, gt=0)
+    history_retention_s: float | None = Field(180 * 86400.0, gt=0)  # finished jobs' history; None: kept
 
 
 class NodeConfig(Frozen):
