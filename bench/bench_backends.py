@@ -30,7 +30,7 @@ Per row: load (cold ``ModelCache.get``: verify + build), first study, best warm 
 memory during its studies (PSS of the process and its helper processes, sampled from /proc; it
 includes the other rows' loaded models),
 and parity with the pair's reference row: the smallest Dice over the labels and the fraction of
-voxels with the same label.  Figures are printed as a table and written to ``WORK/results_<device>.json``.
+voxels with the same label; on CUDA also torch's peak allocated GPU memory of the pair's process.  Figures are printed as a table and written to ``WORK/results_<device>.json``.
 """
 
 from __future__ import annotations
@@ -357,6 +357,7 @@ def run_pair(pair: str, work: Path, device: str, threads: int | None, warm: int,
             "min_dice_vs_ref": round(dice, 6), "agreement_vs_ref": round(agreement, 6),
             "reference": rows[0].name, "threads": torch.get_num_threads(),
             "labelled_voxels": int((row.labels > 0).sum()),
+            "peak_gpu_mb_pair": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         })
     return out
 
@@ -383,7 +384,7 @@ def _print_table(results: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pairs", default="totalsegmentator,nnunet,monai")
+    parser.add_argument("--pairs", "--backends", dest="pairs", default="totalsegmentator,nnunet,monai")
     parser.add_argument("--engines", default="auto", help="segnode engines per pair (comma separated)")
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
