@@ -6,7 +6,9 @@ read it.  Times are POSIX seconds (UTC, ``REAL``).  Tables:
 ``studies``     one row per Study Instance UID seen.
 ``series``      one row per Series Instance UID: who sent it (calling/called AE,
                 host), how many instances, when the first and last arrived, and
-                ``purged_at`` once housekeeping removed its spool folder.
+                ``purged_at`` once housekeeping removed its spool folder (a purged
+                series received again, fetched or re-sent, starts over: its old
+                instance rows go, its instances are new and a new job opens).
 ``instances``   one row per acknowledged instance; ``path`` is relative to the
                 spool root.  A row exists only once the file is durable.
 ``jobs``        one row per unit of work on a series; ``state`` follows
@@ -431,6 +433,12 @@ class Index:
         row = self._db().execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
         return row is not None
 
+    def holds_instance(self, sop_uid: str) -> bool:
+        """Whether ``sop_uid`` is indexed in a series whose files are still in the spool (a duplicate if stored)."""
+        row = self._db().execute("SELECT 1 FROM instances JOIN series USING (series_uid) WHERE sop_uid = ? "
+                                 "AND purged_at IS NULL", (sop_uid,)).fetchone()
+        return row is not None
+
     def instance_uids(self) -> set[str]:
         """Every SOP Instance UID in the index."""
         return {r[0] for r in self._db().execute("SELECT sop_uid FROM instances")}
@@ -471,6 +479,12 @@ class Index:
             return [self._insert_instance(db, rec, now) for rec in records]
 
     def _insert_instance(self, db: sqlite3.Connection, rec: InstanceRecord, now: float) -> bool:
+        if db.execute("SELECT 1 FROM series WHERE series_uid = ? AND purged_at IS NOT NULL",
+                      (rec.series_uid,)).fetchone():
+            # received again after housekeeping removed its files (fetched again, re-sent): the series
+            # starts over, so each of its instances is new again and a new job opens for it
+            db.execute("DELETE FROM instances WHERE series_uid = ?", (rec.series_uid,))
+            db.execute("UPDATE series SET instance_count = 0 WHERE series_uid = ?", (rec.series_uid,))
         if db.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (rec.sop_uid,)).fetchone():
             return False
         db.execute(

@@ -342,7 +342,7 @@ class StoreHandler:
         """Spool and index the instance (a duplicate SOP Instance UID: acknowledged, first copy kept)."""
         sop_uid, study_uid, series_uid = uids["SOPInstanceUID"], uids["StudyInstanceUID"], uids["SeriesInstanceUID"]
         self._stored_in(request.session, series_uid)
-        if self.index.has_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
+        if self.index.holds_instance(sop_uid):  # policy keep_first: acknowledge, keep the stored copy
             self.index.touch_duplicate(series_uid)
             self.stats.add(duplicates=1)
             return None

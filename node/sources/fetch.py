@@ -103,8 +103,9 @@ class Fetcher:
             return False
         return self.modality is None or series.modality == self.modality
 
-    def retrieve(self, series: SeriesMatch) -> SeriesOutcome:
-        """One series: retrieved and logged; on failure its waiting job settled."""
+    def retrieve(self, series: SeriesMatch, pin: Pin | None = None) -> SeriesOutcome:
+        """One series: retrieved and logged; on failure its waiting job settled; pinned on ``pin`` (else the fetch's)."""
+        pin = pin or self.pin
         result: RetrieveResult | None = None
         error: str | None = None
         held = self.index.series(series.series_uid) is not None
@@ -122,8 +123,8 @@ class Fetcher:
             logger.warning("retrieve of series %s failed: %s", series.series_uid, error)
             self.settle(series.series_uid, error)
         pinned = None
-        if error is None and self.pin is not None:
-            pinned = apply_pin(self.index, series.series_uid, self.pin,
+        if error is None and pin is not None:
+            pinned = apply_pin(self.index, series.series_uid, pin,
                                note=f"forced by a fetch from {self.source.name} by {self.by}")
         note = None
         if error is None and held and pinned is None and not self._waiting(series.series_uid):

@@ -207,6 +207,24 @@ def test_new_instance_after_completion_opens_a_new_job(index: Index) -> None:
     assert [j.state for j in index.jobs()] == [JobState.RECEIVED, JobState.NOT_ROUTED]
 
 
+def test_a_purged_series_received_again_starts_over(index: Index, clock: Clock) -> None:
+    """Fetched again or re-sent after housekeeping removed its files: stored, counted afresh, a new job."""
+    for sop in ("1.1", "1.2"):
+        index.record_instance(record(sop))
+    [first] = index.jobs()
+    index.mark_complete(first.job_id, rule="r", profile="lungs", backend=None, destinations=())
+    assert index.record_instance(record("1.1")) is False and index.holds_instance("1.1")  # a duplicate
+    index.mark_purged("1.2.3")
+    assert index.has_instance("1.1") and not index.holds_instance("1.1")  # its file is gone
+    assert index.record_instance(record("1.1")) is True  # stored again
+    assert index.record_instance(record("1.1")) is False  # and now a duplicate again
+    assert index.record_instance(record("1.2")) is True
+    info = index.series("1.2.3")
+    assert info is not None and (info.purged_at, info.instance_count) == (None, 2)
+    assert [(j.job_id == first.job_id, j.state) for j in index.jobs()] == [
+        (False, JobState.RECEIVED), (True, JobState.COMPLETE)]
+
+
 def test_done_series_become_purgeable_after_retention(index: Index, clock: Clock) -> None:
     index.record_instance(record("1.1"))
     job_id = index.jobs()[0].job_id

@@ -18,6 +18,7 @@ import yaml
 from segnode.node.cli.main import main
 from segnode.node.sources.record import RetrievalLog
 from segnode.storage.index import Index, JobState
+from segnode.storage.spool import Spool
 
 from tests.node.sources.helpers import upload, write_study
 from tests.peers import free_port, node, orthanc, port_open, wait_until, write_node_config
@@ -99,12 +100,27 @@ def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: s
                 assert (new.state, new.backend, new.options.get("supersedes")) == (JobState.DONE, "hu_based",
                                                                                    [job.job_id]), new.reason
                 wait_until(lambda: index.job(job.job_id).state is JobState.SUPERSEDED, 30, "the old job superseded")
+            else:  # after housekeeping removed the series: fetched again (C-GET) and re-processed, superseding
+                Spool(n.state_dir / "spool").remove_series(study.study_uid, study.series_uid)
+                index.mark_purged(study.series_uid)
+                today = datetime.now(timezone.utc).date().isoformat()
+                assert main(["reprocess", "--config", str(config), "--model", "hu_based", "--since", today,
+                             "--from", "pacs"]) == 0
+                assert "fetched again from pacs: job" in capsys.readouterr().out
+                new = wait_until(lambda: next((j for j in index.jobs() if j.job_id != job.job_id and j.state in {
+                    JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER}), None), 180, "the re-fetched job")
+                assert (new.state, new.backend, new.options.get("supersedes")) == (JobState.DONE, "hu_based",
+                                                                                   [job.job_id]), new.reason
+                wait_until(lambda: index.job(job.job_id).state is JobState.SUPERSEDED, 30, "the old job superseded")
+                info = index.series(study.series_uid)
+                assert info is not None and info.purged_at is None and info.instance_count == study.count
             index.close()
-        [entry] = RetrievalLog(n.state_dir / "retrievals.sqlite").of_series(study.series_uid)
+        entry, *again = RetrievalLog(n.state_dir / "retrievals.sqlite").of_series(study.series_uid)
         assert (entry.source, entry.method, entry.by, entry.completed, entry.error) == (
             "pacs", method, "tester" if via == "cli" else "shared-token", study.count, None)
+        assert [(e.method, e.completed) for e in again] == ([] if via == "cli" else [("get", study.count)])
         segs = pacs.series_by_modality("SEG")
-        assert len(segs) == (2 if via == "cli" else 1)  # re-processed: the new version beside the old
+        assert len(segs) == 2  # re-processed: the new version beside the old
         for seg in segs:
             assert pacs.get(f"/studies/{seg['ParentStudy']}")["MainDicomTags"]["StudyInstanceUID"] == study.study_uid
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segnode.node.sources.reprocess import Model, candidates, reprocess
-from segnode.storage.index import JobState
+from segnode.node.sources.fetch import Fetcher
+from segnode.node.sources.record import RetrievalLog
+from segnode.node.sources.reprocess import Model, candidates, refetch, reprocess
+from segnode.node.sources.source import RetrieveResult, SourceError
+from segnode.storage.index import Index, InstanceRecord, JobState
 
 from tests.ops_helpers import T0, scripted_index
 
@@ -28,7 +31,50 @@ def test_a_reprocessed_job_runs_the_new_model_and_supersedes_the_old(tmp_path: P
         JobState.COMPLETE, old.series_uid, old.rule, old.profile, old.destinations)
     assert (new.backend, new.options["supersedes"], new.options["model"]) == ("nnunet", [old.job_id], "nnunet/2.1")
     assert "re-processed with model nnunet/2.1 by tester" in (new.reason or "")
-    # a series purged from the spool is left as it is (fetching it again is not done)
+    # a series purged from the spool is left as it is without a source to fetch it from
     s.index.mark_purged(old.series_uid)
     purged = reprocess(s.index, old, Model.parse("hu_based"), by="tester")
     assert purged.new_job is None and "no longer in the spool" in purged.note
+
+
+class Redelivers:
+    """A source whose retrieve stores the series' instances again through the index (as the store path would)."""
+
+    name = "pacs"
+
+    def __init__(self, index: Index, fail: bool = False) -> None:
+        self.index, self.fail = index, fail
+        self.asked: list[str] = []
+
+    def retrieve_series(self, study_uid: str, series_uid: str) -> RetrieveResult:
+        self.asked.append(series_uid)
+        if self.fail:
+            raise SourceError("source pacs: no answer")
+        for n in (1, 2):
+            self.index.record_instance(InstanceRecord(
+                sop_uid=f"{series_uid}.{n}", series_uid=series_uid, study_uid=study_uid,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT",
+                path=f"{study_uid}/{series_uid}/{n}.dcm", size_bytes=10, calling_ae="PACS", called_ae="SEGNODE",
+                sender_host="127.0.0.1"))
+        return RetrieveResult(study_uid, series_uid, "move", completed=2, failed=0, warning=0, refused=0)
+
+
+def test_a_purged_series_is_fetched_again_and_run_with_the_new_model(tmp_path: Path) -> None:
+    s = scripted_index(tmp_path / "index.sqlite")
+    old = s.index.existing_job(s.jobs["done"])
+    s.index.mark_purged(old.series_uid)
+    source = Redelivers(s.index)
+    fetcher = Fetcher(source, method="move", log=RetrievalLog(tmp_path / "retrievals.sqlite"),  # type: ignore[arg-type]
+                      index=s.index, by="tester")
+    out = refetch(s.index, fetcher, old, Model.parse("nnunet/2.1"))
+    assert source.asked == [old.series_uid] and out.new_job is not None, out.note
+    new = s.index.existing_job(out.new_job)
+    assert (new.state, new.rule, new.profile, new.backend, new.destinations) == (
+        JobState.COMPLETE, old.rule, old.profile, "nnunet", old.destinations)
+    assert (new.options["supersedes"], new.options["model"]) == ([old.job_id], "nnunet/2.1")
+    info = s.index.series(old.series_uid)
+    assert info is not None and info.purged_at is None  # back in the spool
+    failing = Fetcher(Redelivers(s.index, fail=True), method="move",  # type: ignore[arg-type]
+                      log=RetrievalLog(tmp_path / "retrievals.sqlite"), index=s.index, by="tester")
+    s.index.mark_purged(old.series_uid)
+    assert refetch(s.index, failing, old, Model.parse("hu_based")).note == "not fetched again: source pacs: no answer"
