@@ -213,6 +213,12 @@ def list_models(root: Path) -> list[ModelRecord]:
     return out
 
 
+def model_name_of(profile: Profile, backend: Backend) -> str:
+    """The model ``profile`` runs with ``backend``: ``options.<backend>.model``, else its checkpoint, else its organ."""
+    options = getattr(profile.options, backend.value)
+    return str(options.model or profile.model_checkpoint or profile.organ)
+
+
 def find_model(root: Path, backend: Backend, name: str) -> ModelRecord:
     """The model ``name`` of ``backend``: fine-tuned ``NAME/VERSION`` or ``NAME`` (latest), else pretrained.
 
@@ -443,8 +449,7 @@ class ModelFolderBackend:
         return all(importlib.util.find_spec(m) is not None for m in self.libraries)
 
     def model_name(self, profile: Profile) -> str:
-        options = getattr(profile.options, self.name.value)
-        return options.model or profile.model_checkpoint or profile.organ
+        return model_name_of(profile, self.name)
 
     def record(self, profile: Profile, settings: RunSettings) -> ModelRecord:
         return find_model(weights_root(settings.weights_dir), self.name, self.model_name(profile))

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("reprocess", help="run finished jobs again with another model (new results supersede)")
     parser.add_argument("--config", type=Path, help="node configuration (its state directory)")
     parser.add_argument("--model", required=True, type=Model.parse, metavar="NAME[/VERSION]",
-                        help="the backend to run (hu_based, totalsegmentator, nnunet, monai)")
+                        help="the backend to run (hu_based, totalsegmentator, nnunet, monai); /VERSION: that fine-tuned "
+                             "version of the profile's nnunet or monai model")
     parser.add_argument("--since", required=True, type=_day, help="jobs created from this day on (YYYY-MM-DD, UTC)")
     parser.add_argument("--route", metavar="RULE", help="only jobs routed by this rule")
     parser.add_argument("--from", dest="source", metavar="SOURCE",

@@ -21,6 +21,7 @@ from segnode.models.measurements import segment_statistics
 from segnode.models.qc import Finding, Outcome, run_qc
 from segnode.models.registry import get_backend
 from segnode.models.series import load_series
+from segnode.models.weights import model_name_of
 from segnode.models.volume import LabelMap, Volume
 from segnode.node.writers.common import EncodedResult, OutputFormat, RtstructHoles, SegType
 from segnode.node.writers.record import EncodedObject
@@ -69,6 +70,8 @@ class PipelineRequest:
     corrected_labels: Path | None = None
     # a route with priors (node/sources/priors.py): the node's results on earlier studies, for the SR's change
     priors: tuple[PriorResult, ...] = ()
+    # ``segnode reprocess --model BACKEND/VERSION``: that fine-tuned version of the profile's model for the backend
+    model_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,12 +181,33 @@ def describe_input(volume: Volume) -> dict[str, Any]:
     }
 
 
+#: the backends whose models are imported by name and fine-tuned in versions (``NAME/VERSION``, models/weights.py)
+VERSIONED = (Backend.NNUNET, Backend.MONAI)
+
+
+def with_model_version(profile: Profile, backend: str | None, version: str) -> Profile:
+    """``profile`` running the fine-tuned ``version`` of its ``backend`` model (:func:`model_name_of`).
+
+    :class:`InputError` for a backend without versioned models.
+    """
+    chosen = Backend(backend) if backend in {b.value for b in Backend} else None
+    if chosen not in VERSIONED:
+        raise InputError(f"model version {version!r} asked for, but backend {backend} has no versioned models "
+                         f"(only {', '.join(b.value for b in VERSIONED)})")
+    assert chosen is not None
+    name = model_name_of(profile, chosen).partition("/")[0]
+    versioned = getattr(profile.options, chosen.value).model_copy(update={"model": f"{name}/{version}"})
+    return profile.model_copy(update={"options": profile.options.model_copy(update={chosen.value: versioned})})
+
+
 def run_pipeline(
     request: PipelineRequest, cache: ModelSource | None = None, report: Reporter | None = None
 ) -> PipelineResult:
     """Run one job; raise :class:`InputError`, :class:`BackendError` or :class:`EncodeError`."""
     say = report or (lambda message: logger.info("%s", message))
     profile = load_profile(request.profile)
+    if request.model_version is not None:
+        profile = with_model_version(profile, request.backend, request.model_version)
     members: list[Profile] = []
     union = None
     if len(request.profiles) > 1:

@@ -272,7 +272,8 @@ def execute(spec: JobSpec, cache: ModelSource | None = None) -> JobResult:
                               output_format="seg", settings=settings,
                               rtstruct_holes=spec.options.get("rtstruct_holes") or "keyhole",
                               outputs=_job_kinds(spec), **_shared_run(spec), **_superseding(spec),
-                              corrected_labels=_corrected_labels(spec), priors=_priors(spec, settings, cache))
+                              corrected_labels=_corrected_labels(spec), priors=_priors(spec, settings, cache),
+                              model_version=str(spec.options.get("model") or "").partition("/")[2] or None)
     result = JobResult.from_pipeline(run_pipeline(request, cache=cache), Path(spec.out_dir))
     return result.with_harvest(harvest(spec, result)) if spec.harvest else result
 

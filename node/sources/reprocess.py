@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Model:
-    """``NAME[/VERSION]``: the backend, and the version asked for (recorded on the job)."""
+    """``NAME[/VERSION]``: the backend, and the fine-tuned version of the profile's model it runs (nnU-Net, MONAI)."""
 
     name: str
     version: str | None = None
@@ -42,6 +42,8 @@ class Model:
         known = [b.value for b in Backend]
         if name not in known:
             raise InputError(f"unknown model {name!r} (known: {', '.join(known)})")
+        if version and name not in (Backend.NNUNET.value, Backend.MONAI.value):
+            raise InputError(f"model {name} has no fine-tuned versions (nnunet/VERSION or monai/VERSION)")
         return cls(name, version or None)
 
     def __str__(self) -> str:
