@@ -50,15 +50,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # pragma: no cover - when run as a script
     sys.path.insert(0, str(REPO))
 
+from segnode.models.phantom import SHAPE, SPACING, TS_LABELS, synthetic_case  # noqa: E402,F401  (the models' phantom)
 from segnode.models.volume import Volume  # noqa: E402
 
 #: the committed models the tests use (built by this script, see the module docstring)
 COMMITTED = Path(__file__).resolve().parent / "data" / "tiny_models"
 MANIFEST = "MANIFEST.json"
-#: TotalSegmentator ``total`` class numbers used by the synthetic phantom
-TS_LABELS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "liver": 5}
-SHAPE = (32, 48, 48)  # k, j, i
-SPACING = (4.0, 4.0, 4.0)  # x, y, z mm
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID}_SegnodeTiny"
 TS_FOLDERS = {
@@ -70,63 +67,6 @@ TS_TRAINER = "nnUNetTrainer_4000epochs_NoMirroring"
 TRAIN_EPOCHS = 6
 TRAIN_ITERATIONS = 40
 PATCH = [24, 32, 32]  # smaller than the image: random crops, sliding windows at inference
-
-
-# --------------------------------------------------------------------------- phantom
-
-
-def synthetic_case(seed: int, shape: tuple[int, int, int] = SHAPE,
-                   spacing: tuple[float, float, float] = SPACING) -> tuple[Volume, np.ndarray]:
-    """A synthetic abdominal CT and its truth labels (TotalSegmentator numbering).
-
-    Patient orientation is LPS with an identity direction: ``i`` runs to the
-    patient's left, ``j`` posterior, ``k`` superior; the liver sits on the
-    patient's right (low ``x``), the spleen on the left.  The kidneys differ
-    in enhancement (right 135 HU, left 175 HU) so that a model trained for a
-    minute tells them apart reliably; position alone takes longer to learn.
-    """
-    rng = np.random.default_rng(seed)
-    nk, nj, ni = shape
-    sx, sy, sz = spacing
-    z, y, x = np.meshgrid(
-        (np.arange(nk) - nk / 2) * sz, (np.arange(nj) - nj / 2) * sy, (np.arange(ni) - ni / 2) * sx,
-        indexing="ij",
-    )
-    jitter = lambda: rng.uniform(-5, 5)  # noqa: E731
-    scale = lambda: rng.uniform(0.9, 1.1)  # noqa: E731
-
-    def ellipsoid(cx: float, cy: float, cz: float, ax: float, ay: float, az: float) -> np.ndarray:
-        s = scale()
-        return (((x - cx - jitter()) / (ax * s)) ** 2 + ((y - cy - jitter()) / (ay * s)) ** 2
-                + ((z - cz - jitter()) / (az * s)) ** 2) <= 1.0
-
-    hu = np.full(shape, -1000.0)
-    labels = np.zeros(shape, dtype=np.uint8)
-    body = (x / (85 * scale())) ** 2 + (y / (65 * scale())) ** 2 <= 1.0
-    inner = (x / 75) ** 2 + (y / 55) ** 2 <= 1.0
-    hu[body] = -90.0  # subcutaneous fat
-    hu[body & inner] = 35.0  # soft tissue
-    spine = ((x / 12) ** 2 + ((y - 42) / 12) ** 2 <= 1.0) & body
-    hu[spine] = 450.0
-    organs = [
-        ("liver", ellipsoid(-38, -5, 12, 40, 38, 34), 62.0),
-        ("spleen", ellipsoid(55, 18, 18, 17, 22, 24), 48.0),
-        ("kidney_right", ellipsoid(-38, 32, -12, 14, 15, 24), 135.0),
-        ("kidney_left", ellipsoid(38, 32, -8, 14, 15, 24), 175.0),
-        ("gallbladder", ellipsoid(-22, -30, -14, 10, 10, 13), 8.0),
-    ]
-    for name, mask, value in organs:
-        mask &= inner
-        hu[mask] = value
-        labels[mask] = TS_LABELS[name]
-    hu += rng.normal(0.0, 12.0, shape)
-    volume = Volume(
-        hu=np.clip(np.rint(hu), -1024, 3071).astype(np.int16),
-        spacing=spacing,
-        origin=(-(ni / 2) * sx, -(nj / 2) * sy, -(nk / 2) * sz),
-        direction=np.eye(3),
-    )
-    return volume, labels
 
 
 # --------------------------------------------------------------------------- helpers

@@ -15,13 +15,11 @@ from segnode.models.engines import Engine, device_kind
 from segnode.models.labels import map_labels
 from segnode.models.nnunet import BACKEND as NNUNET
 from segnode.models.parity import Loader, _loader, _profile, labels_check, sandbox, tiny_checks
-from segnode.models.phantom import synthetic_case
 from segnode.models.volume import LabelMap, Volume
 from segnode.models.weights import import_weights
 from segnode.profiles.schema import Backend, Profile
 
 from tests.dl_fixtures import COMMITTED
-from tests.dl_fixtures import synthetic_case as fixture_case
 
 pytestmark = pytest.mark.slow
 
@@ -77,13 +75,6 @@ def test_map_labels_is_the_per_tissue_loop() -> None:
     for value, ids in mapping.items():
         loop[np.isin(raw, ids)] = value
     assert np.array_equal(map_labels(raw, mapping), loop)
-
-
-def test_the_gate_phantom_is_the_fixture_phantom() -> None:
-    ours, our_truth = synthetic_case(4101)
-    theirs, their_truth = fixture_case(4101)
-    assert np.array_equal(ours.hu, theirs.hu) and np.array_equal(our_truth, their_truth)
-    assert ours.spacing == theirs.spacing and ours.origin == theirs.origin
 
 
 # --------------------------------------------------------------------------- the gate on the tiny models
