@@ -37,7 +37,6 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -45,7 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 from segnode.errors import ConfigError, InputError, SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.config.dicomweb import DicomWebClient, DicomWebConfig, read_secret
-from segnode.node.http_in.base import HttpError, RunningHTTP, bearer, refuse_http09
+from segnode.node.http_in.base import DeadlineHandler, DeadlineHTTPServer, HttpError, RunningHTTP, bearer
 from segnode.node.http_in.catalogue import IndexCatalogue
 from segnode.node.http_in.dicomweb_read import DicomWebReader
 from segnode.node.http_in.multipart import (
@@ -198,52 +197,13 @@ class DicomWebApp:
 # -- HTTP ------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DeadlineHandler):
+    """One connection of the DICOMweb server (deadlines: :class:`segnode.node.http_in.base.DeadlineHandler`)."""
+
     server: DicomWebHTTPServer
     server_version = "segnode-dicomweb"
     sys_version = ""
     protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.0"  # errors in a request line before its version: with a status line
-
-    _header_timer: threading.Timer | None = None
-
-    def setup(self) -> None:
-        self.request.settimeout(self.server.app.config.network_timeout_s)  # this connection's socket timeout
-        super().setup()
-
-    def handle_one_request(self) -> None:
-        """One request; its request line and headers must arrive within ``header_timeout_s``.
-
-        The socket timeout bounds each read; this bounds them together (a peer
-        dribbling a header byte at a time, or idling on a keep-alive connection).
-        """
-        timer = threading.Timer(self.server.app.config.header_timeout_s, self._headers_overdue)
-        timer.daemon = True
-        self._header_timer = timer
-        timer.start()
-        try:
-            super().handle_one_request()
-        except (TimeoutError, ConnectionError) as exc:  # a body that stalls, a client gone: no traceback
-            logger.info("closing DICOMweb connection from %s: %s", self.client_address[0],
-                        str(exc) or type(exc).__name__)
-            self.close_connection = True
-        finally:
-            timer.cancel()
-
-    def parse_request(self) -> bool:
-        parsed = not refuse_http09(self) and super().parse_request()
-        if self._header_timer is not None:
-            self._header_timer.cancel()  # the headers are in: the body has its own limits
-        return parsed
-
-    def _headers_overdue(self) -> None:
-        logger.info("closing DICOMweb connection from %s: no complete request headers within %g s",
-                    self.client_address[0], self.server.app.config.header_timeout_s)
-        self.close_connection = True
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read returns: the handler ends
-        except OSError:
-            pass
 
     def do_GET(self) -> None:
         self._guarded(self._get)
@@ -423,15 +383,16 @@ def _socket_of(request: _Request) -> socket.socket:
     return request if isinstance(request, socket.socket) else request[1]
 
 
-class DicomWebHTTPServer(ThreadingHTTPServer):
+class DicomWebHTTPServer(DeadlineHTTPServer):
     """Threads per connection, capped in all and per client host (:class:`segnode.node.ingest.guards.PendingGate`)."""
 
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: DicomWebApp) -> None:
         self.app = app
+        self.header_timeout_s = app.config.header_timeout_s
+        self.network_timeout_s = app.config.network_timeout_s
         self.gate = PendingGate(app.config.max_connections, app.config.max_connections_per_host, what="open")
         self._slots: dict[int, PendingSlot] = {}  # by the accepted socket's file descriptor
         super().__init__(address, _Handler)

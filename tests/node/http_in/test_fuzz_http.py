@@ -292,7 +292,11 @@ def test_hostile_requests_get_a_4xx_with_a_reason_and_leak_nothing(node: Node, f
         wait_until(lambda: _open_fds(sqlite=False) <= fds, 30, f"open descriptors back to {fds}")
     except TimeoutError:
         pytest.fail(f"descriptors left: {sorted(set(_fd_names()) - set(named))}")
-    assert _open_fds(sqlite=True) <= sqlite_fds + 2 * WORKERS, "SQLite descriptors grew past the peak of the warm-up"
+    # SQLite's: a request thread's connection holds the db, -wal and -shm descriptors, and SQLite defers closing
+    # them while another connection holds a lock, so their number follows how many requests ran at once (at most
+    # WORKERS, whatever the machine's load), never how many ran: a leak would grow with the 1,500 cases
+    assert _open_fds(sqlite=True) <= sqlite_fds + 6 * WORKERS, "SQLite descriptors grew past the warm-up's by more " \
+        "than concurrency explains"
     _served(node)
 
 
