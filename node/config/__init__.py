@@ -26,6 +26,7 @@ from segnode.errors import ConfigError
 from segnode.node.config.dicomweb import BrokerConfig, DicomWebConfig, StowTarget
 from segnode.node.config.http import AuditConfig, HttpConfig
 from segnode.node.config.sources import SourceConfig, unique_sources
+from segnode.node.config.tls import ClientTLS
 from segnode.node.config.viewer import ViewerConfig
 from segnode.output_kinds import REJECTION_NOTE, kinds_field
 from segnode.yamlconf import Frozen, load_model
@@ -61,15 +62,6 @@ class ServerTLS(Frozen):
     key: Path
     client_ca: Path | None = None  # set: senders must present a certificate signed by it
     handshake_timeout_s: float = Field(10.0, gt=0)
-
-
-class ClientTLS(Frozen):
-    """TLS when we connect to a destination."""
-
-    ca: Path | None = None  # None: the system trust store
-    cert: Path | None = None
-    key: Path | None = None
-    check_hostname: bool = True
 
 
 class AllowedSender(Frozen):

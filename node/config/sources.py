@@ -14,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 
 from pydantic import Field, model_validator
+from segnode.node.config.tls import ClientTLS
 from segnode.yamlconf import Frozen
 
 #: an AE title as the node config spells it (1-16 printable characters, no backslash)
@@ -32,15 +33,6 @@ class RetrieveMethod(str, Enum):
     GET = "get"  # C-GET: the instances come back on the same association
 
 
-class SourceTLS(Frozen):
-    """TLS when the node connects to a DIMSE source (the same keys as a destination's ``tls``)."""
-
-    ca: Path | None = None  # None: the system trust store
-    cert: Path | None = None
-    key: Path | None = None
-    check_hostname: bool = True
-
-
 class SourceConfig(Frozen):
     """One PACS: ``kind: dimse`` (``ae_title``, ``host``, ``port``) or ``kind: dicomweb`` (``url``)."""
 
@@ -52,7 +44,7 @@ class SourceConfig(Frozen):
     port: int | None = Field(None, ge=1, le=65535)
     calling_ae_title: str | None = Field(None, pattern=_AE)  # default: the node's own AE title
     retrieve: RetrieveMethod = RetrieveMethod.MOVE
-    tls: SourceTLS | None = None
+    tls: ClientTLS | None = None  # the same keys as a destination's
     # DICOMweb: the service root (e.g. http://pacs:8042/dicom-web) and an optional bearer token
     url: str | None = Field(None, pattern=r"^https?://[^\s]+$")
     token_file: Path | None = None

@@ -25,7 +25,6 @@ failure status is not.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from segnode.errors import DispatchError
 from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from segnode.node.config import ClientTLS, Destination
+from segnode.node.config import Destination
 from segnode.node.sending.sender import Deadlines, SendResult
 from segnode.node.status import Category, category
 
@@ -131,7 +130,8 @@ class DimseSender:
         """The established association, or why there is none."""
         started = time.monotonic()
         connected = threading.Event()
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=_client_ssl(self.tls, self.host),
+        tls = self.tls.tls_args(self.host) if self.tls else None
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls,
                              evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set()), *handlers])
         if assoc.is_established:
             return assoc
@@ -184,16 +184,6 @@ def _expire(assoc: Association, expired: threading.Event) -> None:
 def _status(answer: Dataset) -> int | None:
     """The Status of a DIMSE response; None for the empty dataset pynetdicom returns on timeout or abort."""
     return int(answer.Status) if "Status" in answer else None
-
-
-def _client_ssl(tls: ClientTLS | None, host: str) -> tuple[ssl.SSLContext, str] | None:
-    if tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.check_hostname = tls.check_hostname
-    if tls.cert is not None:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    return ctx, host
 
 
 def _meta(path: Path) -> Dataset:

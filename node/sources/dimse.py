@@ -18,7 +18,6 @@ the source, what was asked and the peer's status.
 from __future__ import annotations
 
 import logging
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from segnode.node.config.sources import SourceConfig, SourceTLS
+from segnode.node.config.sources import SourceConfig
 from segnode.node.ingest.header import read_header
 from segnode.node.ingest.store import TRANSFER_SYNTAXES, StoreHandler, StoreRequest
 from segnode.node.sources.answers import series_match, study_identifier, study_match
@@ -185,7 +184,7 @@ class DimseSource:
         s = self.settings
         assert s.host is not None and s.port is not None and s.ae_title is not None
         assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, ext_neg=roles or None, evt_handlers=handlers,
-                             tls_args=_client_ssl(s.tls, s.host))
+                             tls_args=s.tls.tls_args(s.host) if s.tls else None)
         if not assoc.is_established:
             why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
             raise SourceError(f"source {self.name} ({s.ae_title}@{s.host}:{s.port}) {why}")
@@ -307,13 +306,3 @@ def _comment(status: Dataset | None) -> str:
 def _count(status: Dataset, keyword: str) -> int:
     value = status.get(keyword)
     return int(value) if value not in (None, "") else 0
-
-
-def _client_ssl(tls: SourceTLS | None, host: str) -> tuple[ssl.SSLContext, str] | None:
-    if tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.check_hostname = tls.check_hostname
-    if tls.cert is not None:
-        ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    return ctx, host
