@@ -12,6 +12,9 @@ STORED, RETRYABLE, PERMANENT = Category.STORED, Category.RETRYABLE, Category.PER
     (0x0000, STORED, None), (0x0001, STORED, None), (0xB000, STORED, None), (0xB006, STORED, None),
     (0xB007, STORED, None),
     (0x0110, PERMANENT, "processing_failure"), (0x0122, PERMANENT, "sop_class_not_supported"),
+    # N-EVENT-REPORT-RSP to a Storage Commitment report (node/commitment.py)
+    (0x0112, PERMANENT, "no_such_sop_instance"), (0x0113, PERMANENT, "no_such_event_type"),
+    (0x0115, PERMANENT, "invalid_argument_value"), (0x0118, PERMANENT, "no_such_sop_class"),
     (0xA700, RETRYABLE, "out_of_resources"), (0xA900, PERMANENT, "sop_class_mismatch"),
     (0xC000, PERMANENT, "cannot_understand"), (0xC210, PERMANENT, "cannot_decode"),
     (0xC211, PERMANENT, "invalid_uid"), (0xC212, PERMANENT, "uid_mismatch"),
@@ -28,8 +31,8 @@ def test_each_code_has_its_category_and_reason(code: int, expected_category: Cat
 
 
 def test_the_table_covers_every_member_and_one_name_per_code() -> None:
-    assert {int(s) for s in Status} == {0x0000, 0x0001, 0xB000, 0xB006, 0xB007, 0x0110, 0x0122, 0xA700, 0xA900,
-                                        0xC000, 0xC210, 0xC211, 0xC212}
+    assert {int(s) for s in Status} == {0x0000, 0x0001, 0xB000, 0xB006, 0xB007, 0x0110, 0x0112, 0x0113, 0x0115,
+                                        0x0118, 0x0122, 0xA700, 0xA900, 0xC000, 0xC210, 0xC211, 0xC212}
     assert Status(0xA900) is Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS  # C-STORE and STOW-RS alike (PS3.4, PS3.18)
     assert all(reason(s) is None for s in Status if category(s) is STORED)
     assert all(reason(s) for s in Status if category(s) is not STORED)
