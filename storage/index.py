@@ -576,6 +576,12 @@ class Index:
             db.executemany("UPDATE series SET released_at = ? WHERE series_uid = ?",
                            [(now, uid) for uid in series_uids])
 
+    def received_job(self, series_uid: str) -> Job | None:
+        """The series' ``received`` job, if one waits (there is at most one: the first instance opens it)."""
+        row = self._db().execute("SELECT * FROM jobs WHERE series_uid = ? AND state = ?",
+                                 (series_uid, JobState.RECEIVED.value)).fetchone()
+        return None if row is None else Job.from_row(row)
+
     def received_jobs(self) -> list[Job]:
         """Every ``received`` job, oldest first (the completion sweep judges each)."""
         rows = self._db().execute("SELECT * FROM jobs WHERE state = ? ORDER BY job_id", (JobState.RECEIVED.value,))

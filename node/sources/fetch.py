@@ -127,19 +127,16 @@ class Fetcher:
             pinned = apply_pin(self.index, series.series_uid, pin,
                                note=f"forced by a fetch from {self.source.name} by {self.by}")
         note = None
-        if error is None and held and pinned is None and not self._waiting(series.series_uid):
+        if error is None and held and pinned is None and self.index.received_job(series.series_uid) is None:
             note = "already held by the node: nothing new to route (segnode reprocess runs it again)"
         return SeriesOutcome(series.study_uid, series.series_uid, series.modality, result, error, pinned, note)
 
-    def _waiting(self, series_uid: str) -> bool:
-        return any(j.series_uid == series_uid for j in self.index.jobs(JobState.RECEIVED, limit=100000))
-
     def settle(self, series_uid: str, error: str) -> None:
         """The series' ``received`` job (a partial series) → ``not_routed``, with why."""
-        for job in self.index.jobs(JobState.RECEIVED, limit=100000):
-            if job.series_uid == series_uid:
-                self.index.transition(job.job_id, JobState.NOT_ROUTED,
-                                      f"retrieve failed, partial series not segmented: {error}"[:500])
+        job = self.index.received_job(series_uid)
+        if job is not None:
+            self.index.transition(job.job_id, JobState.NOT_ROUTED,
+                                  f"retrieve failed, partial series not segmented: {error}"[:500])
 
 
 def fetcher_for(config: NodeConfig, name: str, *, store: StoreHandler | None, index: Index, by: str,

@@ -16,7 +16,7 @@ from typing import Any
 from segnode.errors import ConfigError
 from segnode.node.config import NodeConfig
 from segnode.routing.matcher import RuleSet, load_rules
-from segnode.storage.index import Index, JobState
+from segnode.storage.index import Index
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,13 @@ def apply_pin(index: Index, series_uid: str, pin: Pin, *, note: str, supersedes:
     Earlier current results of the series with the same profile are superseded
     (as for a late instance, :mod:`segnode.node.sweep`), and ``supersedes`` too.
     """
-    for job in index.jobs(JobState.RECEIVED, limit=100000):
-        if job.series_uid != series_uid:
-            continue
-        earlier = tuple(j.job_id for j in index.earlier_results(series_uid, job.job_id) if j.profile == pin.profile)
-        replaced = sorted(set(earlier) | set(supersedes))
-        options = {**pin.options, **({"supersedes": replaced} if replaced else {})}
-        if index.mark_complete(job.job_id, rule=pin.rule, profile=pin.profile, backend=pin.backend,
-                               destinations=pin.destinations, harvest=pin.harvest, options=options, note=note):
-            return job.job_id
+    job = index.received_job(series_uid)
+    if job is None:
+        return None
+    earlier = tuple(j.job_id for j in index.earlier_results(series_uid, job.job_id) if j.profile == pin.profile)
+    replaced = sorted(set(earlier) | set(supersedes))
+    options = {**pin.options, **({"supersedes": replaced} if replaced else {})}
+    if index.mark_complete(job.job_id, rule=pin.rule, profile=pin.profile, backend=pin.backend,
+                           destinations=pin.destinations, harvest=pin.harvest, options=options, note=note):
+        return job.job_id
     return None

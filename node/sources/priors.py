@@ -162,7 +162,7 @@ def _settle_as_prior(index: Index, series_uid: str, job_id: int) -> None:
     Without this the completion sweep would route the prior like any push and
     send the PACS a result for a study nobody asked about.
     """
-    for waiting in index.received_jobs():
-        if waiting.series_uid == series_uid:
-            index.transition(waiting.job_id, JobState.SKIPPED, f"retrieved as a prior of job {job_id}")
+    waiting = index.received_job(series_uid)
+    if waiting is not None:
+        index.transition(waiting.job_id, JobState.SKIPPED, f"retrieved as a prior of job {job_id}")
 
