@@ -13,17 +13,14 @@ passwords are throttled.  The page's screenshot is kept in ``tests/artifacts/rev
 
 from __future__ import annotations
 
-import base64
 import http.server
 import json
-import subprocess
 import threading
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-import websocket
 import yaml
 from PIL import Image
 from segnode.node.ops.accounts import AccountStore
@@ -35,7 +32,7 @@ from segnode.storage.dataset import DatasetStore
 from segnode.storage.index import Index, JobState
 
 from tests.node.ops.test_accounts import PASSWORD, Client
-from tests.node.ops.test_status_page import chromium
+from tests.chromium_tab import ChromiumTab
 from tests.paths import ARTIFACTS, DATA
 from tests.peers import (
     free_port,
@@ -104,70 +101,15 @@ def test_png_writer_round_trips(tmp_path) -> None:
 # -- end to end, with a browser ------------------------------------------------------------------
 
 
-class Page:
-    """One Chromium tab driven over the DevTools websocket."""
+class Page(ChromiumTab):
+    """The review page's tab (plain Chromium), opened at ``url``."""
 
     def __init__(self, url: str, profile: Path) -> None:
-        port = free_port()
-        self.proc = subprocess.Popen(
-            [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--remote-debugging-port={port}", "--remote-allow-origins=*", f"--user-data-dir={profile}",
-             "--window-size=1280,1600", "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = wait_until(lambda: next((t for t in _json(f"http://127.0.0.1:{port}/json/list")
-                                          if t.get("type") == "page"), None), 60, "a Chromium tab")
-        self.ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
-        self.next_id = 0
-        self.call("Page.enable")
+        super().__init__(profile)
         self.navigate(url)
 
-    def call(self, method: str, **params: object) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv())
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message.get("result", {})
-
-    def wait_event(self, name: str) -> None:
-        while json.loads(self.ws.recv()).get("method") != name:
-            pass
-
-    def navigate(self, url: str) -> None:
-        self.call("Page.navigate", url=url)
-        self.wait_event("Page.loadEventFired")
-
-    def js(self, expression: str) -> object:
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def click(self, selector: str) -> None:
-        """A real mouse click in the middle of the element."""
-        box = self.js(f"(r => [r.x + r.width / 2, r.y + r.height / 2])"
-                      f"(document.querySelector({selector!r}).getBoundingClientRect())")
-        x, y = box  # type: ignore[misc]
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def type_into(self, selector: str, text: str) -> None:
-        self.js(f"document.querySelector({selector!r}).focus()")
-        self.call("Input.insertText", text=text)
-
     def screenshot(self, path: Path) -> None:
-        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
-
-    def close(self) -> None:
-        self.ws.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-def _json(url: str):  # type: ignore[no-untyped-def]
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return json.loads(resp.read())
-    except OSError:
-        return []
+        path.write_bytes(self.screenshot_png())
 
 
 def _post(url: str, body: dict, token: str | None = None) -> tuple[int, dict]:

@@ -11,10 +11,8 @@ DevTools network events and must be answered 2xx; the screenshot is kept in
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import subprocess
 import time
 from http import HTTPStatus
 import urllib.error
@@ -24,7 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import websocket
 import yaml
 from PIL import Image
 from pydicom import dcmread
@@ -44,7 +41,7 @@ from segnode.node.ops.viewer import (
 )
 from segnode.storage.index import Index, JobState
 
-from tests.node.ops.test_status_page import chromium
+from tests.chromium_tab import SOFTWARE_WEBGL, ChromiumTab
 from tests.paths import ARTIFACTS, DATA
 from tests.peers import free_port, node, store_statuses, storescu, wait_until, write_node_config
 
@@ -175,77 +172,15 @@ def test_the_installed_viewer_is_the_pinned_package() -> None:
 # -- end to end, with a browser ------------------------------------------------------------------
 
 
-class Browser:
-    """One headless Chromium tab (software WebGL) over the DevTools websocket; records network events."""
+class Browser(ChromiumTab):
+    """One headless Chromium tab with software WebGL; records network events."""
 
     def __init__(self, profile: Path) -> None:
-        port = free_port()
-        self.proc = subprocess.Popen(
-            [chromium(), "--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-             "--ignore-gpu-blocklist", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--remote-debugging-port={port}",
-             "--remote-allow-origins=*", f"--user-data-dir={profile}", "--window-size=1400,900", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        target = wait_until(lambda: next((t for t in _json(f"http://127.0.0.1:{port}/json/list")
-                                          if t.get("type") == "page"), None), 60, "a Chromium tab")
-        self.ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=120, suppress_origin=True)
-        self.next_id = 0
-        self.events: list[dict] = []
-        self.call("Page.enable")
-        self.call("Network.enable")
-        self.call("Runtime.enable")
-
-    def _receive(self) -> dict:
-        message = json.loads(self.ws.recv())
-        if "method" in message:
-            self.events.append(message)
-        return message
-
-    def call(self, method: str, **params: object) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            message = self._receive()
-            if message.get("id") == self.next_id:
-                assert "error" not in message, message
-                return message.get("result", {})
-
-    def navigate(self, url: str) -> None:
-        start = len(self.events)
-        self.call("Page.navigate", url=url)
-        while not any(e["method"] == "Page.loadEventFired" for e in self.events[start:]):
-            self._receive()
-
-    def js(self, expression: str) -> object:
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def click(self, selector: str) -> None:
-        box = self.js(f"(r => [r.x + r.width / 2, r.y + r.height / 2])"
-                      f"(document.querySelector({selector!r}).getBoundingClientRect())")
-        x, y = box  # type: ignore[misc]
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
-
-    def type_into(self, selector: str, text: str) -> None:
-        self.js(f"document.querySelector({selector!r}).focus()")
-        self.call("Input.insertText", text=text)
+        super().__init__(profile, flags=SOFTWARE_WEBGL, window=(1400, 900), domains=("Network", "Runtime"),
+                         timeout_s=120)
 
     def screenshot(self) -> Image.Image:
-        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
-        return Image.open(io.BytesIO(data)).convert("RGB")
-
-    def close(self) -> None:
-        self.ws.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
-def _json(url: str):  # type: ignore[no-untyped-def]
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return json.loads(resp.read())
-    except OSError:
-        return []
+        return Image.open(io.BytesIO(self.screenshot_png())).convert("RGB")
 
 
 def viewport_box(browser: Browser) -> tuple[int, int, int, int] | None:
@@ -330,8 +265,7 @@ def test_held_job_opens_in_ohif_served_by_the_node_with_its_seg(tmp_path: Path) 
             browser.type_into("#password", "rita-reviews-1234")
             start = len(browser.events)
             browser.click("#submit")
-            while not any(e["method"] == "Page.loadEventFired" for e in browser.events[start:]):
-                browser._receive()
+            browser.wait_event("Page.loadEventFired", since=start)
             link = browser.js("document.querySelector('#viewer a').getAttribute('href')")
             assert link == viewer_url(held.study_uid, held.seg_series_uid)
             browser.navigate(base + str(link))
