@@ -46,6 +46,7 @@ from tests.paths import DATA
 from tests.peers import DCMTK_ENV, store_statuses, storescu
 from tests.raw_peer import RawPeer, Reply
 from tests.tls_pki import Pki
+from tests.traceback_log import TracebackLog
 
 THORAX = DATA / "thorax_cta"
 pytestmark = [pytest.mark.peer, pytest.mark.filterwarnings("ignore::UserWarning")]  # pydicom on mutated UIDs
@@ -203,19 +204,6 @@ class Findings:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Tracebacks(logging.Handler):
-    def __init__(self, findings: Findings) -> None:
-        super().__init__(logging.DEBUG)
-        self.findings = findings
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            if record.name.startswith("segnode"):
-                self.findings.tracebacks.append(f"{record.name}: {record.getMessage()}")
-            else:
-                self.findings.library_tracebacks += 1
-
-
 def _acknowledged(replies: list[Reply]) -> set[str]:
     """SOP Instance UIDs in C-STORE-RSPs with status Success."""
     out = set()
@@ -297,7 +285,7 @@ def case_input(transport: str, case: int, streams: list[Stream]) -> tuple[list[b
 @pytest.fixture
 def findings(monkeypatch: pytest.MonkeyPatch) -> Iterator[Findings]:
     found = Findings()
-    handler = _Tracebacks(found)
+    handler = TracebackLog(found)
     logging.getLogger().addHandler(handler)
     previous = threading.excepthook
     monkeypatch.setattr(threading, "excepthook",

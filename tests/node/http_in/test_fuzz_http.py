@@ -46,6 +46,7 @@ from tests.http_fuzz import Case, RawRequest, cases, problems, request, send, st
 from tests.ops_helpers import STUDY, scripted_index
 from tests.paths import DATA
 from tests.peers import free_port, wait_until
+from tests.traceback_log import TracebackLog
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on mutated instances
 
@@ -182,23 +183,10 @@ class Findings:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class _Tracebacks(logging.Handler):
-    def __init__(self, findings: Findings) -> None:
-        super().__init__(logging.DEBUG)
-        self.findings = findings
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            if record.name.startswith("segnode"):
-                self.findings.tracebacks.append(f"{record.name}: {record.getMessage()}")
-            else:
-                self.findings.library_tracebacks += 1
-
-
 @pytest.fixture
 def findings(node: Node, monkeypatch: pytest.MonkeyPatch) -> Iterator[Findings]:
     found = Findings()
-    handler = _Tracebacks(found)
+    handler = TracebackLog(found)
     logging.getLogger().addHandler(handler)
     previous = threading.excepthook
     monkeypatch.setattr(threading, "excepthook",
