@@ -559,14 +559,17 @@ def slope(points: list[tuple[float, float]]) -> float:
 
 
 def tracebacks(folders: list[Path]) -> list[str]:
-    found = []
+    """Each traceback in the logs under ``folders``: the log's path and the traceback's last line (the error)."""
+    found: set[str] = set()
     for folder in folders:
         for path in folder.rglob("*"):
             if path.is_file() and (path.suffix in (".log", ".out") or ".log." in path.name):
-                text = path.read_text(errors="replace")
-                if "Traceback (most recent call last)" in text:
-                    found.append(str(path))
-    return found
+                lines = path.read_text(errors="replace").splitlines()
+                for start, line in enumerate(lines):
+                    if "Traceback (most recent call last)" in line:
+                        error = next((x for x in lines[start + 1:] if x and not x[0].isspace()), "?")
+                        found.add(f"{path}: {error[:300]}")
+    return sorted(found)
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -635,7 +638,7 @@ class Soak:
                 if broker is not None:
                     broker.close()
                 relay.listener.close()
-                report_logs = tracebacks([self.work / "workers", self.work])
+                report_logs = tracebacks([self.work])
                 if mounted:  # the node's logs are on the tmpfs: keep a copy before it goes
                     shutil.copytree(state / "logs", self.work / "node-logs", dirs_exist_ok=True)
         report["tracebacks"] = report_logs

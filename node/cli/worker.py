@@ -57,6 +57,7 @@ def _settings(args: argparse.Namespace) -> WorkerSettings:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from segnode.node.ops.logs import drop_broker_tracebacks
     from segnode.node.remote.broker import TASK, celery_app
     from segnode.node.remote.worker import handle
 
@@ -68,6 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = args.queue or ["cpu"]
     settings = _settings(args)
     app = celery_app(url, queues)
+    drop_broker_tracebacks(tuple(app.connection_for_write().connection_errors))
 
     @app.task(name=TASK, acks_late=True, reject_on_worker_lost=True)
     def segment(message: dict[str, Any]) -> str:

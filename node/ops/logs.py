@@ -31,17 +31,33 @@ PYNETDICOM_LOGGERS = ("pynetdicom.dul", "pynetdicom.transport", "pynetdicom.asso
 
 
 class PeerGoneFilter(logging.Filter):
-    """A peer that resets or drops a connection is logged by pynetdicom with a traceback; keep the line, drop it.
+    """A peer that resets or drops a connection is logged by a library with a traceback; keep the line, drop it.
 
     A PACS restarting, or a black-holed destination closing, resets the
-    node's association; the delivery's own warning says what happened to
-    which job.  The soak (``bench/soak.py``) found these tracebacks in the log.
+    node's association, and pynetdicom logs it with ``LOGGER.exception``; a
+    broker restarting does the same to a worker's Celery and kombu (\"Couldn't
+    ack ...\").  The line says what happened; the soak (``bench/soak.py``) found
+    the tracebacks in the logs.  ``loggers``: only the records of these loggers
+    and their children (empty: every record that reaches the filter).
     """
 
+    def __init__(self, errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError),
+                 loggers: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.errors, self.loggers = errors, loggers
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (ConnectionError, TimeoutError)):
+        if record.exc_info and isinstance(record.exc_info[1], self.errors) and (
+                not self.loggers or any(record.name == n or record.name.startswith(n + ".") for n in self.loggers)):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def drop_broker_tracebacks(errors: tuple[type[BaseException], ...]) -> None:
+    """A worker's log keeps Celery's and kombu's lines about a lost broker connection (``errors``), not tracebacks."""
+    gone = PeerGoneFilter(errors, ("celery", "kombu", "amqp"))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(gone)
 
 
 def configure(verbosity: int = 0, as_json: bool = False) -> None:

@@ -9,8 +9,10 @@ folder goes back in one multipart POST to ``/remote/v1/jobs/{id}/result``
 with the job's :class:`~segnode.node.jobs.result.JobResult`, as is (its paths
 are relative to the output folder already).  A job the node
 no longer waits for (HTTP 410, or the node acknowledged another result) is
-dropped; a node that cannot be reached is retried with backoff before the
-message is given up (the node then enqueues the job again after its timeout).
+dropped; a node that cannot be reached, answers 5xx or breaks off its answer (it
+is restarting) is tried again with backoff, fetching as posting, for up to
+``retry_s``; then the job is given up here with one line in the log, and
+the node enqueues it again after its result timeout.
 
 The state folder (``--state-dir``, private: 0700) holds only the jobs in
 progress, each in ``jobs/<pid>-job-<id>-attempt-<n>/`` (series, outputs): a
@@ -27,11 +29,13 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import requests
+import urllib3
 from segnode.errors import InputError, SegnodeError
 from segnode.node.http_in.multipart import (
     LengthBody,
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 from segnode.uids import check_uid, is_valid_uid
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOBS = "jobs"  # the state folder's one subfolder: the jobs in progress
 _CACHE: ModelCache | None = None  # this process's warm models (a Celery pool process keeps it between jobs)
@@ -64,7 +69,7 @@ class WorkerSettings:
     device: str = "auto"
     threads: int | None = None
     max_series_bytes: int = 8 * 1024**3
-    post_retry_s: float = 600.0
+    retry_s: float = 600.0
     http_timeout_s: float = 120.0
 
 
@@ -109,8 +114,22 @@ def sweep_orphans(jobs: Path) -> list[str]:
     return removed
 
 
+class NodeNotAnswering(Exception):
+    """The node could not be reached, answered 5xx, 408 or 429, or its answer broke off: worth another try."""
+
+
+#: what a node that is restarting or overloaded does to a request; :func:`with_retries` tries again
+TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+             urllib3.exceptions.HTTPError, NodeNotAnswering)
+
+
 def handle(message: dict[str, Any], settings: WorkerSettings) -> str:
-    """Run one job message; return ``done`` or ``dropped`` (the node no longer wants it)."""
+    """Run one job message; return ``done``, ``dropped`` (the node no longer wants it) or ``failed``.
+
+    ``failed``: the node could not be reached for longer than ``retry_s``, or
+    answered what no node sends; one line says so, and the node enqueues the job
+    again after its result timeout.
+    """
     job_id, attempt = int(message["job_id"]), int(message["attempt"])
     study, series = check_uid(message.get("study_uid"), "StudyInstanceUID"), check_uid(
         message.get("series_uid"), "SeriesInstanceUID")
@@ -125,38 +144,78 @@ def handle(message: dict[str, Any], settings: WorkerSettings) -> str:
     session.headers.update({"Authorization": f"Bearer {message['token']}", "X-Segnode-Worker": settings.name})
     try:
         started = time.monotonic()
-        if not fetch_series(session, base, study, series, work / "input", settings):
+        if not with_retries(job_id, "fetch the series", settings,
+                            lambda: fetch_series(session, base, study, series, work / "input", settings)):
             logger.info("job %d attempt %d: the node no longer waits for it; dropped", job_id, attempt)
             return "dropped"
         fetched = time.monotonic()
         record = run(message["spec"], work, settings)
         logger.info("job %d attempt %d: fetched in %.2f s, ran in %.2f s", job_id, attempt, fetched - started,
                     time.monotonic() - fetched)
-        return post_result(session, base, job_id, record, work / "out", settings)
+        return with_retries(job_id, "post the result", settings,
+                            lambda: post_result(session, base, job_id, record, work / "out", settings))
+    except SegnodeError as exc:
+        logger.error("job %d attempt %d given up on this worker: %s; the node enqueues it again after its result "
+                     "timeout", job_id, attempt, exc)
+        return "failed"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def with_retries(job_id: int, what: str, settings: WorkerSettings, call: Callable[[], T]) -> T:
+    """``call()``, tried again with backoff while the node does not answer, for up to ``retry_s``."""
+    deadline, delay = time.monotonic() + settings.retry_s, 0.5
+    while True:
+        try:
+            return call()
+        except TRANSIENT as exc:
+            logger.warning("job %d: could not %s (%s: %s); retrying", job_id, what, type(exc).__name__, exc)
+        if time.monotonic() + delay > deadline:
+            raise SegnodeError(f"job {job_id}: could not {what} within {settings.retry_s:.0f} s: "
+                               "the node did not answer")
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+class _NodeAnswer(LengthBody):
+    """The node's WADO-RS answer: one that ends before its Content-Length broke off (the node stopped)."""
+
+    def read(self) -> bytes:
+        try:
+            return super().read()
+        except InputError as exc:
+            raise NodeNotAnswering(str(exc)) from exc
 
 
 def fetch_series(session: requests.Session, base: str, study: str, series: str, folder: Path,
                  settings: WorkerSettings) -> bool:
     """WADO-RS the series into ``folder`` (one Part 10 file per instance); False if the job is gone."""
+    for old in folder.iterdir():  # what an attempt that broke off wrote
+        old.unlink()
     url = f"{base}/dicomweb/studies/{study}/series/{series}"
     with session.get(url, stream=True, timeout=settings.http_timeout_s,
                      headers={"Accept": 'multipart/related; type="application/dicom"'}) as response:
         if response.status_code in (401, 403, 404, 410):
             return False
-        response.raise_for_status()
+        if _busy(response.status_code):
+            raise NodeNotAnswering(f"HTTP {response.status_code}")
+        if response.status_code != 200:
+            raise InputError(f"the node answered the series' WADO-RS with HTTP {response.status_code}")
         media = MediaType.parse(response.headers.get("Content-Type"))
         length = int(response.headers.get("Content-Length", "0"))
         if media.value != "multipart/related" or not 0 < length <= settings.max_series_bytes:
             raise InputError(f"unexpected WADO-RS answer ({media.value}, {length} bytes)")
-        for part in iter_parts(LengthBody(response.raw, length), media.params.get("boundary", ""),
+        for part in iter_parts(_NodeAnswer(response.raw, length), media.params.get("boundary", ""),
                                max_part_bytes=settings.max_series_bytes, max_parts=100000):
             meta = read_file_meta(part.body)
             if meta is None or not is_valid_uid(meta.sop_instance_uid):
                 raise InputError("the node sent a part that is not a DICOM file with a valid SOP Instance UID")
             (folder / f"{meta.sop_instance_uid}.dcm").write_bytes(part.body)
     return True
+
+
+def _busy(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
 
 
 def run(spec_data: dict[str, Any], work: Path, settings: WorkerSettings) -> dict[str, Any]:
@@ -183,31 +242,22 @@ def run(spec_data: dict[str, Any], work: Path, settings: WorkerSettings) -> dict
 
 def post_result(session: requests.Session, base: str, job_id: int, record: dict[str, Any], out: Path,
                 settings: WorkerSettings) -> str:
-    """POST the record and the output files; retry while the node cannot be reached."""
+    """POST the record and the output files: ``done``, or ``dropped`` if the node refuses or has another result."""
     files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
     parts = [({"Content-Type": "application/json"}, json.dumps(record).encode("utf-8"))]
     parts += [({"Content-Type": "application/octet-stream", "Content-Location": p.relative_to(out).as_posix()},
                p.read_bytes()) for p in files]
     boundary = new_boundary()
-    body = b"".join(encode_parts(parts, boundary))
-    url = f"{base}/remote/v1/jobs/{job_id}/result"
-    deadline, delay = time.monotonic() + settings.post_retry_s, 0.5
-    while True:
-        try:
-            response = session.post(url, data=body, timeout=settings.http_timeout_s,
-                                    headers={"Content-Type": f"multipart/related; boundary={boundary}"})
-            if response.status_code == 200:
-                answer = response.json()
-                logger.info("job %d: result %s by the node (%s)", job_id,
-                            "accepted" if answer.get("accepted") else "already known, ignored", answer.get("state"))
-                return "done" if answer.get("accepted") else "dropped"
-            if response.status_code < 500 and response.status_code not in (408, 429):
-                logger.error("job %d: the node refused the result: HTTP %d %s", job_id, response.status_code,
-                             response.text[:200])
-                return "dropped"
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            logger.warning("job %d: cannot reach the node (%s); retrying", job_id, type(exc).__name__)
-        if time.monotonic() > deadline:
-            raise SegnodeError(f"job {job_id}: the node did not take the result within {settings.post_retry_s:.0f} s")
-        time.sleep(delay)
-        delay = min(delay * 2, 10.0)
+    response = session.post(f"{base}/remote/v1/jobs/{job_id}/result", data=b"".join(encode_parts(parts, boundary)),
+                            timeout=settings.http_timeout_s,
+                            headers={"Content-Type": f"multipart/related; boundary={boundary}"})
+    if _busy(response.status_code):
+        raise NodeNotAnswering(f"HTTP {response.status_code}")
+    if response.status_code != 200:
+        logger.error("job %d: the node refused the result: HTTP %d %s", job_id, response.status_code,
+                     response.text[:200])
+        return "dropped"
+    answer = response.json()
+    logger.info("job %d: result %s by the node (%s)", job_id,
+                "accepted" if answer.get("accepted") else "already known, ignored", answer.get("state"))
+    return "done" if answer.get("accepted") else "dropped"
