@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from segnode.errors import EncodeError
 from segnode.models.volume import LabelMap, SourceSeries, Volume
+from segnode.node.writers.copied_attributes import OPTIONAL_COPIED_ATTRIBUTES
 from segnode.profiles.schema import Profile
 
 
@@ -103,10 +104,6 @@ def output_seed(
     return seed
 
 
-#: modules whose root attributes highdicom copies from the source image
-_COPIED_MODULES = ("patient", "general-study", "patient-study", "clinical-trial-subject", "clinical-trial-study")
-
-
 UNSTATED_DEID_METHOD = "unspecified: the source says identity removed, names no method"
 
 
@@ -116,17 +113,10 @@ def drop_empty_conditional(ds: Dataset) -> None:
     An empty Type 1C attribute is invalid (dciodvfy: "Empty attribute ... Type
     1C"); absent is what the source meant.  Type 1/2 attributes stay.
     """
-    from highdicom._standard_utils import get_module_attribute_map
-
-    table = get_module_attribute_map()
-    for module in _COPIED_MODULES:
-        for item in table.get(module, []):
-            keyword = str(item["keyword"])
-            if item["path"] or item["type"] not in ("1C", "3") or keyword not in ds:
-                continue
-            value = ds[keyword].value
-            if value is None or value == "" or (ds[keyword].VR == "SQ" and len(value) == 0):
-                delattr(ds, keyword)
+    for keyword in OPTIONAL_COPIED_ATTRIBUTES & set(ds.dir()):
+        value = ds[keyword].value
+        if value is None or value == "" or (ds[keyword].VR == "SQ" and len(value) == 0):
+            delattr(ds, keyword)
     removed = str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
     if removed and "DeidentificationMethod" not in ds and "DeidentificationMethodCodeSequence" not in ds:
         ds.DeidentificationMethod = UNSTATED_DEID_METHOD  # required (1C) once identity removal is claimed
