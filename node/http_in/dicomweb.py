@@ -70,18 +70,24 @@ logger = logging.getLogger(__name__)
 _STOW = re.compile(r"/dicomweb/studies(?:/(?P<study>[^/]+))?")
 _WADO_SERIES = re.compile(r"/dicomweb/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)")
 _RESULT = re.compile(r"/remote/v1/jobs/(?P<job_id>[0-9]{1,12})/result")
+_PRIOR = re.compile(r"/remote/v1/jobs/(?P<job_id>[0-9]{1,12})/priors/(?P<number>[1-9][0-9]{0,2})/(?P<kind>seg|summary)")
 DRAIN_LIMIT = 64 * 1024 * 1024  # after a refusal, read at most this much of the body so the client sees the answer
 
 
 @dataclass(frozen=True)
 class JobGrant:
-    """What a per-job token allows: that job's series, and posting that attempt's result."""
+    """What a per-job token allows: that job's series and its priors' series, and posting that attempt's result."""
 
     job_id: int
     attempt: int
     study_uid: str
     series_uid: str
     current: bool = True  # False: a valid token of an attempt the node no longer waits for
+    priors: tuple[tuple[str, str], ...] = ()  # (study, series) of each of the job's priors (``priors_found``)
+
+    def allows(self, study_uid: str, series_uid: str) -> bool:
+        """Whether the token may fetch that series: the job's own, or one of its priors'."""
+        return (study_uid, series_uid) in ((self.study_uid, self.series_uid), *self.priors)
 
 
 class RemoteJobsPort(Protocol):
@@ -92,6 +98,10 @@ class RemoteJobsPort(Protocol):
     def accept_result(self, grant: JobGrant, parts: Iterator[Part]) -> dict[str, Any]: ...
 
     def fetched(self, grant: JobGrant, worker: str | None) -> None: ...
+
+    def prior_file(self, grant: JobGrant, number: int, kind: str) -> Path | None:
+        """The SEG or summary file of the job's prior ``number`` (1-based) when it is the node's earlier result."""
+        ...
 
 
 class DicomWebApp:
@@ -230,6 +240,8 @@ class _Handler(DeadlineHandler):
         app = self.server.app
         if path == "/healthz":
             return self._json(HTTPStatus.OK, {"status": "ok"})
+        if (prior := _PRIOR.fullmatch(path)) is not None:
+            return self._prior_file(prior)
         if not path.startswith("/dicomweb/"):
             raise HttpError(HTTPStatus.NOT_FOUND, "no such endpoint")
         found = _WADO_SERIES.fullmatch(path)
@@ -238,13 +250,36 @@ class _Handler(DeadlineHandler):
         if grant is None or not found:
             return self._read(path)
         else:
-            if (grant.study_uid, grant.series_uid) != (found["study"], found["series"]):
+            if not grant.allows(found["study"], found["series"]):
                 raise HttpError(HTTPStatus.FORBIDDEN, "this job's token is for another series")
             if not grant.current:
                 raise HttpError(HTTPStatus.GONE, "the node no longer waits for this attempt of the job")
             assert app.remote is not None
             app.remote.fetched(grant, self.headers.get("X-Segnode-Worker"))
         self._send_files(app.series_files(found["study"], found["series"]))
+
+    def _prior_file(self, found: re.Match[str]) -> None:
+        """A reused earlier result of the job's prior (its SEG or summary), for the job's remote worker."""
+        app = self.server.app
+        grant = app.job_grant(self.headers.get("Authorization"))
+        if grant is None or grant.job_id != int(found["job_id"]):
+            app.count(unauthorized=1)
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong job token")
+        if not grant.current:
+            raise HttpError(HTTPStatus.GONE, "the node no longer waits for this attempt of the job")
+        assert app.remote is not None  # a grant came from it
+        path = app.remote.prior_file(grant, int(found["number"]), found["kind"])
+        try:
+            data = path.read_bytes() if path is not None else None
+        except OSError:  # removed since (housekeeping)
+            data = None
+        if data is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "the job has no such prior result")
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/dicom" if found["kind"] == "seg" else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _read(self, path: str) -> None:
         """QIDO-RS / WADO-RS for a client with ``retrieve`` (:mod:`segnode.node.http_in.dicomweb_read`)."""

@@ -282,24 +282,35 @@ def _priors(spec: JobSpec, settings: RunSettings, cache: ModelSource | None) -> 
     """A route with priors: the node's results on earlier studies (node/sources/priors.py).
 
     A prior the node had no result for was retrieved for this job: it is segmented here first, into
-    ``prior-N/`` of the job folder, with the job's profile and backend.
+    ``prior-N/`` of the job folder, with the job's profile and backend.  A prior that cannot be read or
+    segmented is left out of the report with one warning; the job goes on without it.
     """
+    out = []
+    for n, prior in enumerate(spec.options.get("priors_found") or (), start=1):
+        try:
+            out += _prior(spec, n, prior, settings, cache)
+        except SegnodeError as exc:
+            logger.warning("job %d: prior %d (series %s) left out of the report: %s", spec.job_id, n,
+                           prior.get("series_uid"), exc)
+    return tuple(out)
+
+
+def _prior(spec: JobSpec, n: int, prior: dict[str, Any], settings: RunSettings,
+           cache: ModelSource | None) -> list[PriorResult]:
+    """Prior ``n``: the node's earlier result as is, or the retrieved series segmented into ``prior-N/``."""
     from segnode.node.jobs.pipeline import PipelineRequest, run_pipeline
     from segnode.node.writers.sr_priors import PriorResult
 
-    out = []
-    for n, prior in enumerate(spec.options.get("priors_found") or (), start=1):
-        if prior.get("seg_path"):
-            out.append(PriorResult.from_summary(Path(prior["seg_path"]), Path(prior["summary_path"]),
-                                                prior.get("model_version")))
-            continue
-        request = PipelineRequest(input_path=Path(prior["input_dir"]), profile=spec.profile,
-                                  out_dir=Path(spec.out_dir) / f"prior-{n}", backend=spec.backend,
-                                  series_uid=prior["series_uid"], seg_type=spec.seg_type, settings=settings)
-        result = run_pipeline(request, cache=cache)
-        if result.seg_path is not None:
-            out.append(PriorResult.from_summary(result.seg_path, result.summary_path, result.model_version))
-    return tuple(out)
+    if prior.get("seg_path"):
+        return [PriorResult.from_summary(Path(prior["seg_path"]), Path(prior["summary_path"]),
+                                         prior.get("model_version"))]
+    request = PipelineRequest(input_path=Path(prior["input_dir"]), profile=spec.profile,
+                              out_dir=Path(spec.out_dir) / f"prior-{n}", backend=spec.backend,
+                              series_uid=prior["series_uid"], seg_type=spec.seg_type, settings=settings)
+    result = run_pipeline(request, cache=cache)
+    if result.seg_path is None:
+        return []
+    return [PriorResult.from_summary(result.seg_path, result.summary_path, result.model_version)]
 
 
 def _corrected_labels(spec: JobSpec) -> Path | None:

@@ -74,6 +74,12 @@ def _secret(path: Path) -> bytes:
     return path.read_text().strip().encode("ascii")
 
 
+def _priors_found(job: Job) -> list[dict[str, Any]]:
+    """The job's priors as the node found them (node/sources/priors.py): in its options when it is published."""
+    found = job.options.get("priors_found")
+    return [p for p in found if isinstance(p, dict)] if isinstance(found, list) else []
+
+
 class NodeSide(Protocol):
     """What remote jobs need of the node (:class:`segnode.node.service.Service`)."""
 
@@ -135,7 +141,24 @@ class RemoteJobs:
         if job is None:
             return None
         current = job.state is JobState.SEGMENTING and job.segment_attempts == attempt
-        return JobGrant(job_id, attempt, job.study_uid, job.series_uid, current=current)
+        priors = tuple((str(p.get("study_uid")), str(p.get("series_uid"))) for p in _priors_found(job))
+        return JobGrant(job_id, attempt, job.study_uid, job.series_uid, current=current, priors=priors)
+
+    def prior_file(self, grant: JobGrant, number: int, kind: str) -> Path | None:
+        """The SEG (``seg``) or summary (``summary``) of the job's prior ``number`` (1-based, in ``priors_found``).
+
+        Only when that prior is the node's own earlier result, and only a file inside the results folder:
+        the path is the node's, from the job's options, never one a worker sends.
+        """
+        job = self.index.job(grant.job_id)
+        found = _priors_found(job) if job is not None else []
+        if kind not in ("seg", "summary") or not 0 < number <= len(found):
+            return None
+        name = found[number - 1].get(f"{kind}_path")
+        if not isinstance(name, str) or not name:
+            return None
+        path, root = Path(name).resolve(), self.config.results_dir.resolve()
+        return path if root in path.parents and path.is_file() else None
 
     def fetched(self, grant: JobGrant, worker: str | None) -> None:
         with self._lock:

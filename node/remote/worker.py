@@ -31,6 +31,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -148,8 +149,9 @@ def handle(message: dict[str, Any], settings: WorkerSettings) -> str:
                             lambda: fetch_series(session, base, study, series, work / "input", settings)):
             logger.info("job %d attempt %d: the node no longer waits for it; dropped", job_id, attempt)
             return "dropped"
+        spec = with_priors(message["spec"], fetch_priors(session, base, job_id, message["spec"], work, settings))
         fetched = time.monotonic()
-        record = run(message["spec"], work, settings)
+        record = run(spec, work, settings)
         logger.info("job %d attempt %d: fetched in %.2f s, ran in %.2f s", job_id, attempt, fetched - started,
                     time.monotonic() - fetched)
         return with_retries(job_id, "post the result", settings,
@@ -211,6 +213,89 @@ def fetch_series(session: requests.Session, base: str, study: str, series: str, 
             if meta is None or not is_valid_uid(meta.sop_instance_uid):
                 raise InputError("the node sent a part that is not a DICOM file with a valid SOP Instance UID")
             (folder / f"{meta.sop_instance_uid}.dcm").write_bytes(part.body)
+    return True
+
+
+#: what a prior keeps of the node's description (node/sources/priors.py): never the node's paths
+PRIOR_FACTS = ("study_uid", "series_uid", "study_date", "model_version", "job_id")
+
+
+def fetch_priors(session: requests.Session, base: str, job_id: int, spec: dict[str, Any], work: Path,
+                 settings: WorkerSettings) -> list[dict[str, Any]]:
+    """Fetch each of the job's priors (``priors_found``) into ``work/priors/N/``; the priors to run with.
+
+    A prior series the node retrieved comes by WADO-RS with the job's token,
+    as the job's series does; the node's earlier result (its SEG and summary)
+    from ``/remote/v1/jobs/{id}/priors/N/seg`` and ``.../summary``.  The
+    node's paths are never used here: each prior gets this folder's paths.  A
+    prior that cannot be fetched is left out, with one warning: the report goes
+    without it, the job goes on.
+    """
+    options = spec.get("options") or {}
+    out = []
+    for number, prior in enumerate(options.get("priors_found") or (), start=1):
+        try:
+            out.append(_fetch_prior(session, base, job_id, number, prior, work / "priors" / str(number), settings))
+        except SegnodeError as exc:
+            series = prior.get("series_uid") if isinstance(prior, dict) else None
+            logger.warning("job %d: prior %d (series %s) left out of the report: %s", job_id, number, series, exc)
+    return out
+
+
+def with_priors(spec: dict[str, Any], priors: list[dict[str, Any]]) -> dict[str, Any]:
+    """``spec`` with the priors as fetched here in place of the node's (unchanged when it has none)."""
+    options = spec.get("options") or {}
+    if "priors_found" not in options:
+        return spec
+    return {**spec, "options": {**options, "priors_found": priors}}
+
+
+def _fetch_prior(session: requests.Session, base: str, job_id: int, number: int, prior: object, folder: Path,
+                 settings: WorkerSettings) -> dict[str, Any]:
+    if not isinstance(prior, dict):
+        raise InputError("the node described it as no JSON object")
+    study = check_uid(prior.get("study_uid"), "StudyInstanceUID")
+    series = check_uid(prior.get("series_uid"), "SeriesInstanceUID")
+    facts = {key: prior[key] for key in PRIOR_FACTS if key in prior}
+    if prior.get("seg_path"):
+        files = {"seg": folder / "seg.dcm", "summary": folder / "summary.json"}
+        for kind, target in files.items():
+            fetch = partial(fetch_prior_file, session, base, job_id, number, kind, target, settings)
+            if not with_retries(job_id, f"fetch prior {number}'s {kind}", settings, fetch):
+                raise InputError(f"the node refused its {kind}")
+        return {**facts, "seg_path": str(files["seg"]), "summary_path": str(files["summary"])}
+    if prior.get("input_dir"):
+        (folder / "input").mkdir(parents=True)
+        fetch = partial(fetch_series, session, base, study, series, folder / "input", settings)
+        if not with_retries(job_id, f"fetch prior {number}'s series", settings, fetch):
+            raise InputError("the node refused its series")
+        return {**facts, "input_dir": str(folder / "input")}
+    raise InputError("the node named neither a result nor a series for it")
+
+
+def fetch_prior_file(session: requests.Session, base: str, job_id: int, number: int, kind: str, target: Path,
+                     settings: WorkerSettings) -> bool:
+    """The SEG (``seg``) or summary of the job's prior ``number``, the node's earlier result, into ``target``.
+
+    False if the node refuses it (no such prior, or the job is gone).
+    """
+    with session.get(f"{base}/remote/v1/jobs/{job_id}/priors/{number}/{kind}", stream=True,
+                     timeout=settings.http_timeout_s) as response:
+        if response.status_code in (401, 403, 404, 410):
+            return False
+        if _busy(response.status_code):
+            raise NodeNotAnswering(f"HTTP {response.status_code}")
+        length = int(response.headers.get("Content-Length", "0"))
+        if response.status_code != 200 or not 0 < length <= settings.max_series_bytes:
+            raise InputError(f"unexpected answer for prior {number}'s {kind} (HTTP {response.status_code}, "
+                             f"{length} bytes)")
+        data = response.content
+    if len(data) != length:
+        raise NodeNotAnswering(f"prior {number}'s {kind} broke off")
+    if kind == "seg" and read_file_meta(data) is None:
+        raise InputError(f"prior {number}'s SEG is not a DICOM file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
     return True
 
 

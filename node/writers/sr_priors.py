@@ -59,6 +59,8 @@ class PriorResult:
     @classmethod
     def from_summary(cls, seg_path: Path, summary_path: Path, model_version: str | None) -> PriorResult:
         """A result as a job folder holds it: its SEG and its summary file (``segments``)."""
+        if not seg_path.is_file():
+            raise EncodeError("the prior's SEG is missing", where=str(seg_path))
         try:
             data = json.loads(summary_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
