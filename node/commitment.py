@@ -12,6 +12,20 @@ same association or on a new one the PACS opens to the node's receiver
 commitment with no report by its deadline is asked again, both under the
 dispatch policy (:func:`segnode.node.dispatch.next_try_at`).
 
+An N-ACTION that fails is judged by :func:`action_category` (PS3.7 Annex C
+status classes, PS3.7 10.1.4.1.10 for N-ACTION): a failure status says the
+destination will not commit what it was asked, however often it is asked
+(0x0112 no such SOP instance, 0x0118/0x0122 SOP class, 0x0119 class-instance
+conflict, 0x0123 no such action, 0x0115 invalid argument value, 0x0124 not
+authorized, ...), so the commitment ends at once (:meth:`CommitmentBook.refused`
+with a permanent category): the delivery is dead with the status and its
+meaning as the reason, the job dead-lettered, never ``done``; the objects
+stay stored, and ``segnode jobs retry`` asks again once the destination is
+fixed.  Only the failures that say the SCP cannot do it *now* are asked again
+under the dispatch policy: 0x0110 processing failure, 0x0213 resource
+limitation, 0xA7xx refused: out of resources — as are no association, no
+answer and an abort.
+
 A report is checked before it changes anything; what cannot be accepted is
 answered with a named N-EVENT-REPORT-RSP status (:class:`segnode.node.status.Status`,
 PS3.7 §10.1.1.1.8), never an exception.
@@ -33,7 +47,7 @@ from segnode.errors import SegnodeError
 from segnode.node.config import NodeConfig
 from segnode.node.dispatch import next_try_at
 from segnode.node.events import CommitmentSettled
-from segnode.node.status import Category, Status
+from segnode.node.status import Category, Status, category
 from segnode.storage.index import Commitment, CommitmentState, Index
 from segnode.uids import is_valid_uid
 
@@ -80,6 +94,28 @@ class ReportAnswer:
 
 
 # -- the request ----------------------------------------------------------------------------
+
+
+def action_category(code: int) -> Category:
+    """What an N-ACTION-RSP status means: asked (stored), to ask again (retryable), refused for good (permanent).
+
+    The status table's category (:func:`segnode.node.status.category`), except
+    0x0110 processing failure: for an N-ACTION it is the SCP's own failure to
+    handle the request now (PS3.7 C.4.2), not a verdict on what was asked.
+    """
+    if code == Status.PROCESSING_FAILURE:
+        return Category.RETRYABLE
+    return category(code)
+
+
+def status_text(code: int) -> str:
+    """``0x0112 (no such SOP instance)``: a status code with its meaning from the status table."""
+    try:
+        meaning = Status(code).name.lower().replace("_", " ").replace("sop", "SOP")
+    except ValueError:  # not in the table: its PS3.7 Annex C class
+        meaning = {Category.STORED: "warning", Category.RETRYABLE: "refused: out of resources"}.get(
+            category(code), "failure")
+    return f"0x{code:04X} ({meaning})"
 
 
 def request_dataset(transaction_uid: str, objects: Sequence[Reference]) -> Dataset:
@@ -216,8 +252,9 @@ class CommitmentBook:
         return self._record(found, CommitmentState.FAILED, detail, failed)
 
     def _record(self, found: Commitment, state: CommitmentState, detail: str,
-                failed: dict[str, str] | None = None) -> ReportAnswer:
-        retry_at = None if state is CommitmentState.COMMITTED else self._retry_at(found)
+                failed: dict[str, str] | None = None, *, final: bool = False) -> ReportAnswer:
+        """Settle ``found``; asked again under the policy unless committed or ``final`` (refused for good)."""
+        retry_at = None if state is CommitmentState.COMMITTED or final else self._retry_at(found)
         if not self.index.settle_commitment(found.transaction_uid, state, failed=failed, retry_at=retry_at,
                                             detail=detail):
             return ReportAnswer(Status.SUCCESS)  # settled meanwhile (a second report, the deadline)
@@ -232,11 +269,20 @@ class CommitmentBook:
         tries = delivery.attempts if delivery is not None else self.policy.max_attempts
         return next_try_at(Category.RETRYABLE, tries, self.policy, self.index.clock())
 
-    def refused(self, transaction_uid: str, message: str) -> CommitmentSettled | None:
-        """The N-ACTION for ``transaction_uid`` failed: asked again under the dispatch policy."""
+    def refused(self, transaction_uid: str, message: str,
+                outcome: Category = Category.RETRYABLE) -> CommitmentSettled | None:
+        """The N-ACTION for ``transaction_uid`` failed (``outcome``: :func:`action_category`).
+
+        Retryable: asked again under the dispatch policy.  Permanent: the
+        commitment ends now, its delivery dead and the job dead-lettered with
+        ``message`` as the reason (``segnode jobs retry`` asks again).
+        """
         found = self.index.commitment(transaction_uid)
         if found is None:
             return None
+        if outcome is Category.PERMANENT:
+            return self._record(found, CommitmentState.REFUSED,
+                                f"storage commitment refused for good: {message}", final=True).event
         return self._record(found, CommitmentState.REFUSED, f"storage commitment request: {message}").event
 
     def expire_overdue(self) -> list[CommitmentSettled]:

@@ -20,8 +20,17 @@ code     name (PS3.4 B.2-1, PS3.7 C, PS3.18)  category    metric reason
 0x0112   NO_SUCH_SOP_INSTANCE                 permanent   ``no_such_sop_instance``
 0x0113   NO_SUCH_EVENT_TYPE                   permanent   ``no_such_event_type``
 0x0115   INVALID_ARGUMENT_VALUE               permanent   ``invalid_argument_value``
+0x0114   NO_SUCH_ARGUMENT                     permanent   ``no_such_argument``
+0x0117   INVALID_OBJECT_INSTANCE              permanent   ``invalid_object_instance``
 0x0118   NO_SUCH_SOP_CLASS                    permanent   ``no_such_sop_class``
+0x0119   CLASS_INSTANCE_CONFLICT              permanent   ``class_instance_conflict``
 0x0122   SOP_CLASS_NOT_SUPPORTED              permanent   ``sop_class_not_supported``
+0x0123   NO_SUCH_ACTION                       permanent   ``no_such_action``
+0x0124   NOT_AUTHORIZED                       permanent   ``not_authorized``
+0x0210   DUPLICATE_INVOCATION                 permanent   ``duplicate_invocation``
+0x0211   UNRECOGNIZED_OPERATION               permanent   ``unrecognized_operation``
+0x0212   MISTYPED_ARGUMENT                    permanent   ``mistyped_argument``
+0x0213   RESOURCE_LIMITATION                  retryable   ``resource_limitation``
 0xA700   OUT_OF_RESOURCES                     retryable   ``out_of_resources``
 0xA900   DATA_SET_DOES_NOT_MATCH_SOP_CLASS    permanent   ``sop_class_mismatch``
 0xC000   CANNOT_UNDERSTAND                    permanent   ``cannot_understand``
@@ -34,6 +43,10 @@ A code not in the table is judged by its PS3.7 Annex C range
 (:func:`category`): ``0xA7xx`` (refused, out of resources) retryable;
 ``0xBxxx`` (warning) stored; ``0xA9xx``, ``0xCxxx`` and any other failure
 permanent.
+
+The N-ACTION-RSP of a Storage Commitment request (PS3.7 10.1.4.1.10) reads
+these codes too; there a processing failure ``0x0110`` is the SCP's own
+trouble and is asked again (:func:`segnode.node.commitment.action_category`).
 """
 
 from __future__ import annotations
@@ -66,10 +79,24 @@ class Status(IntEnum):
     NO_SUCH_SOP_INSTANCE = 0x0112
     NO_SUCH_EVENT_TYPE = 0x0113
     INVALID_ARGUMENT_VALUE = 0x0115
+    #: PS3.7 C.4 (N-ACTION-RSP, PS3.7 10.1.4.1.10): no such argument, invalid object instance
+    NO_SUCH_ARGUMENT = 0x0114
+    INVALID_OBJECT_INSTANCE = 0x0117
     #: PS3.7 C.4: no such SOP class (a report on a context that is not Storage Commitment)
     NO_SUCH_SOP_CLASS = 0x0118
+    #: PS3.7 C.4 (N-ACTION-RSP): class-instance conflict
+    CLASS_INSTANCE_CONFLICT = 0x0119
     #: PS3.7 C.5.x: refused, SOP class not supported
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+    #: PS3.7 C.4 (N-ACTION-RSP): no such action, refused: not authorized
+    NO_SUCH_ACTION = 0x0123
+    NOT_AUTHORIZED = 0x0124
+    #: PS3.7 C.4 (N-ACTION-RSP): duplicate invocation, unrecognized operation, mistyped argument
+    DUPLICATE_INVOCATION = 0x0210
+    UNRECOGNIZED_OPERATION = 0x0211
+    MISTYPED_ARGUMENT = 0x0212
+    #: PS3.7 C.4 (N-ACTION-RSP): resource limitation (the SCP may do it later)
+    RESOURCE_LIMITATION = 0x0213
     #: PS3.4 B.2-1 A7xx: refused, out of resources (the sender may retry)
     OUT_OF_RESOURCES = 0xA700
     #: PS3.4 B.2-1 A9xx / PS3.18 10.5.3: error, data set does not match SOP class (STOW-RS: nor the request's study)
@@ -100,8 +127,17 @@ _TABLE: dict[Status, _Entry] = {
     Status.NO_SUCH_SOP_INSTANCE: _Entry(Category.PERMANENT, "no_such_sop_instance"),
     Status.NO_SUCH_EVENT_TYPE: _Entry(Category.PERMANENT, "no_such_event_type"),
     Status.INVALID_ARGUMENT_VALUE: _Entry(Category.PERMANENT, "invalid_argument_value"),
+    Status.NO_SUCH_ARGUMENT: _Entry(Category.PERMANENT, "no_such_argument"),
+    Status.INVALID_OBJECT_INSTANCE: _Entry(Category.PERMANENT, "invalid_object_instance"),
     Status.NO_SUCH_SOP_CLASS: _Entry(Category.PERMANENT, "no_such_sop_class"),
+    Status.CLASS_INSTANCE_CONFLICT: _Entry(Category.PERMANENT, "class_instance_conflict"),
     Status.SOP_CLASS_NOT_SUPPORTED: _Entry(Category.PERMANENT, "sop_class_not_supported"),
+    Status.NO_SUCH_ACTION: _Entry(Category.PERMANENT, "no_such_action"),
+    Status.NOT_AUTHORIZED: _Entry(Category.PERMANENT, "not_authorized"),
+    Status.DUPLICATE_INVOCATION: _Entry(Category.PERMANENT, "duplicate_invocation"),
+    Status.UNRECOGNIZED_OPERATION: _Entry(Category.PERMANENT, "unrecognized_operation"),
+    Status.MISTYPED_ARGUMENT: _Entry(Category.PERMANENT, "mistyped_argument"),
+    Status.RESOURCE_LIMITATION: _Entry(Category.RETRYABLE, "resource_limitation"),
     Status.OUT_OF_RESOURCES: _Entry(Category.RETRYABLE, "out_of_resources"),
     Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS: _Entry(Category.PERMANENT, "sop_class_mismatch"),
     Status.CANNOT_UNDERSTAND: _Entry(Category.PERMANENT, "cannot_understand"),

@@ -9,9 +9,17 @@ may answer with an N-EVENT-REPORT on that association: the node waits for it
 at most :data:`SAME_ASSOCIATION_WAIT_S` (bounded by the response deadline)
 before releasing; a report on a later association goes to the receiver
 (:mod:`segnode.node.dicom_in.receiver`).  Either way the report is handed to
-the hub's :class:`~segnode.node.commitment.CommitmentBook`.  An N-ACTION that
-fails (no association, no answer, a failure status) leaves the delivery to be
-asked again under the dispatch policy.
+the hub's :class:`~segnode.node.commitment.CommitmentBook`.
+
+An N-ACTION that fails is handed to the book with its category
+(:func:`~segnode.node.commitment.action_category`, the decision is documented
+in :mod:`segnode.node.commitment`): transient — no association, no answer
+(timeout or abort), a transient association rejection, 0x0110 processing
+failure, 0x0213 resource limitation, 0xA7xx out of resources — leaves the
+delivery to be asked again under the dispatch policy; permanent — any other
+failure status of the N-ACTION-RSP (its code, meaning and Error Comment make
+the reason), a destination that accepts no Storage Commitment presentation
+context, a permanent association rejection — ends the commitment at once.
 """
 
 from __future__ import annotations
@@ -35,14 +43,16 @@ from segnode.node.commitment import (
     Reference,
     ReportAnswer,
     ReportRefused,
+    action_category,
     parse_report,
     request_dataset,
+    status_text,
 )
 from segnode.node.config import Destination, Dispatch
 from segnode.node.events import CommitmentSettled
 from segnode.node.sending.dimse import DimseSender
 from segnode.node.sending.sender import Deadlines, SendResult
-from segnode.node.status import Category, Status, category
+from segnode.node.status import Category, Status
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +89,7 @@ class DimseCommitter:
         inbox = _SameAssociation(self.book, self.sender.ae_title)
         assoc = self.sender.associate([STORAGE_COMMITMENT], [(evt.EVT_N_EVENT_REPORT, inbox.on_report)])
         if isinstance(assoc, SendResult):
-            return self._refused(transaction_uid, assoc.message)
+            return self._refused(transaction_uid, SendResult(assoc.category, f"{assoc.message} (Storage Commitment)"))
         try:
             result = self._n_action(assoc, transaction_uid, objects)
             if result.ok:
@@ -88,7 +98,7 @@ class DimseCommitter:
             if assoc.is_established:
                 assoc.release()
         if not result.ok:
-            return inbox.events + self._refused(transaction_uid, result.message)
+            return inbox.events + self._refused(transaction_uid, result)
         logger.info("storage commitment %s of %d object(s) requested from %s", transaction_uid, len(objects),
                     self.sender.name)
         return inbox.events
@@ -101,13 +111,18 @@ class DimseCommitter:
         code = int(status.Status) if "Status" in status else None
         if code is None:
             return SendResult.retry("no N-ACTION response (timeout or abort)")
-        if category(code) is Category.STORED:
-            return SendResult.stored(f"N-ACTION status 0x{code:04X}", code)
-        return SendResult(category(code), f"N-ACTION refused with status 0x{code:04X}", code)
+        outcome = action_category(code)
+        if outcome is Category.STORED:
+            return SendResult.stored(f"N-ACTION status {status_text(code)}", code)
+        comment = str(status.get("ErrorComment", "") or "").strip()
+        return SendResult(outcome, f"N-ACTION refused with status {status_text(code)}"
+                          + (f": {comment}" if comment else ""), code)
 
-    def _refused(self, transaction_uid: str, message: str) -> list[CommitmentSettled]:
-        logger.warning("storage commitment %s from %s not requested: %s", transaction_uid, self.sender.name, message)
-        event = self.book.refused(transaction_uid, message)
+    def _refused(self, transaction_uid: str, result: SendResult) -> list[CommitmentSettled]:
+        log = logger.error if result.category is Category.PERMANENT else logger.warning
+        log("storage commitment %s from %s not requested (%s): %s", transaction_uid, self.sender.name,
+            result.category.value, result.message)
+        event = self.book.refused(transaction_uid, result.message, result.category)
         return [event] if event is not None else []
 
 
