@@ -46,6 +46,7 @@ from segnode.node.jobs.result import job_folder
 from segnode.node.jobs.worker import JobOutcome, JobSpec, WorkerPool, run_job
 from segnode.node.review import decide
 from segnode.node.sending.queues import Senders
+from segnode.node.sources.prior_lookups import PriorLookups
 from segnode.node.sources.priors import prior_options
 from segnode.node.supersede import supersede_options
 from segnode.node.sweep import CompletionSweep
@@ -104,6 +105,7 @@ class Service:
         self.receivers: ReceiverPool | None = None
         self.remote: RemoteJobs | None = None  # when `broker:` is configured (docs/scaling.md)
         self.dicomweb: RunningDicomWeb | None = None  # when `dicomweb.enabled`
+        self.prior_lookups: PriorLookups | None = None  # routes with priors: looked up before a job is claimed
         self._pool = ThreadPoolExecutor(max_workers=config.worker.concurrency, thread_name_prefix="segnode-job")
         self.workers = WorkerPool()  # local worker processes, each started when a job first needs it
         self._running = 0
@@ -122,6 +124,7 @@ class Service:
         extra = self.config.limits.receiver_processes - 1
         self.scp = start_scp(self.config, self.spool, self.index, self.emit, reuse_port=extra > 0)
         self.scp.handler.corrections = self.corrections
+        self.prior_lookups = PriorLookups(self.config, self.index, self.spool, self.scp.handler, self.start_jobs)
         if extra:
             self.receivers = ReceiverPool(self.config, self.scp, extra)
             self.receivers.start()
@@ -160,6 +163,8 @@ class Service:
         if self.scp is not None:
             self.scp.stop()
         self._scheduler.shutdown(wait=False)
+        if self.prior_lookups is not None:
+            self.prior_lookups.close()
         self.senders.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.workers.shutdown()
@@ -193,6 +198,8 @@ class Service:
     # -- 3. segmentation ------------------------------------------------------------------
     def start_jobs(self) -> None:
         """Claim ``complete`` jobs up to the configured concurrency (with ``broker:``, enqueue them all)."""
+        if self.prior_lookups is not None:
+            self.prior_lookups.start()  # jobs with priors are claimed once they are looked up
         if self.remote is not None:
             self.remote.start_jobs()
             return

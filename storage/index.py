@@ -629,14 +629,35 @@ class Index:
         return [Job.from_row(r) for r in rows]
 
     def claim_next(self) -> Job | None:
-        """Atomically move the oldest ``complete`` job to ``segmenting`` and return it."""
+        """Atomically move the oldest ``complete`` job to ``segmenting`` and return it.
+
+        A job whose route asks for priors waits until they are looked up (:meth:`awaiting_priors`).
+        """
         with self._tx() as db:
-            row = db.execute("SELECT job_id FROM jobs WHERE state = ? ORDER BY job_id LIMIT 1",
-                             (JobState.COMPLETE.value,)).fetchone()
+            row = db.execute(f"SELECT job_id FROM jobs WHERE state = ? AND NOT ({_AWAITS_PRIORS}) "
+                             "ORDER BY job_id LIMIT 1", (JobState.COMPLETE.value,)).fetchone()
             if row is None:
                 return None
             self._move(db, row["job_id"], JobState.SEGMENTING, None, segment_attempts=_Increment())
             return Job.from_row(db.execute("SELECT * FROM jobs WHERE job_id = ?", (row["job_id"],)).fetchone())
+
+    def awaiting_priors(self, limit: int = 100) -> list[Job]:
+        """``complete`` jobs whose route asks for priors not looked up yet, oldest first (node/sources/prior_lookups.py)."""
+        rows = self._db().execute(f"SELECT * FROM jobs WHERE state = ? AND {_AWAITS_PRIORS} ORDER BY job_id LIMIT ?",
+                                  (JobState.COMPLETE.value, limit))
+        return [Job.from_row(r) for r in rows]
+
+    def record_priors(self, job_id: int, found: Mapping[str, Any]) -> bool:
+        """Add a lookup's ``priors_found`` (and ``priors_note``) to a job's options; False if it is no longer complete."""
+        with self._tx() as db:
+            row = db.execute("SELECT options FROM jobs WHERE job_id = ? AND state = ?",
+                             (job_id, JobState.COMPLETE.value)).fetchone()
+            if row is None:
+                return False
+            options = {**json.loads(row["options"] or "{}"), "priors_found": [], **found}
+            db.execute("UPDATE jobs SET options = ?, updated_at = ? WHERE job_id = ?",
+                       (json.dumps(options, sort_keys=True), self.clock(), job_id))
+            return True
 
     def mark_encoded(self, job_id: int, *, seg_path: str | None, seg_series_uid: str | None,
                      seg_sop_uid: str | None, backend_used: str, model_version: str,
@@ -1023,6 +1044,10 @@ def _delivery(row: sqlite3.Row) -> Delivery:
     data = dict(row)
     data["state"] = DeliveryState(data["state"])
     return Delivery(**data)
+
+
+#: a job whose route asks for priors that are not looked up yet: not claimed until they are
+_AWAITS_PRIORS = "json_extract(options, '$.priors') IS NOT NULL AND json_extract(options, '$.priors_found') IS NULL"
 
 
 def _route_columns(rule: str, profile: str, backend: str | None, destinations: tuple[str, ...],

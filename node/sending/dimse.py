@@ -37,6 +37,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from segnode.errors import DispatchError
 from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from segnode.node.association import close_unestablished
 from segnode.node.config import Destination
 from segnode.node.sending.sender import Deadlines, SendResult
 from segnode.node.status import Category, category
@@ -135,6 +136,7 @@ class DimseSender:
                              evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set()), *handlers])
         if assoc.is_established:
             return assoc
+        close_unestablished(assoc)
         if assoc.is_rejected:
             answer = assoc.acceptor.primitive
             result = answer.result if answer is not None else None

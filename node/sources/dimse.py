@@ -30,6 +30,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from segnode.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from segnode.node.association import close_unestablished
 from segnode.node.config.sources import SourceConfig
 from segnode.node.ingest.header import read_header
 from segnode.node.ingest.store import TRANSFER_SYNTAXES, StoreHandler, StoreRequest
@@ -186,6 +187,7 @@ class DimseSource:
         assoc = ae.associate(s.host, s.port, ae_title=s.ae_title, ext_neg=roles or None, evt_handlers=handlers,
                              tls_args=s.tls.tls_args(s.host) if s.tls else None)
         if not assoc.is_established:
+            close_unestablished(assoc)
             why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
             raise SourceError(f"source {self.name} ({s.ae_title}@{s.host}:{s.port}) {why}")
         try:

@@ -1,7 +1,8 @@
 """Priors of a job: the patient's earlier studies on a source PACS, the series to measure, and its result.
 
 For a route with ``priors:`` (:class:`segnode.routing.rules.Priors`) the node,
-before the job runs (:func:`prior_options`, called as the job spec is made):
+before the job is claimed (:func:`prior_options`, run by
+:class:`~segnode.node.sources.prior_lookups.PriorLookups` off the job path):
 
 1. reads the job's series header: patient, study, date, modality (never logged);
 2. asks the route's source for the patient's studies of that modality from
@@ -43,9 +44,6 @@ from segnode.storage.index import Index, Job, JobState
 from segnode.storage.spool import Spool
 
 logger = logging.getLogger(__name__)
-
-#: job states whose result stands (a superseded or rejected one does not)
-
 
 @dataclass(frozen=True)
 class CurrentStudy:
@@ -115,9 +113,13 @@ def earlier_result(index: Index, series_uid: str, profile: str) -> dict[str, Any
 
 def prior_options(config: NodeConfig, index: Index, spool: Spool, job: Job,
                   store: StoreHandler | None = None) -> dict[str, Any]:
-    """The job's ``priors_found`` (and ``priors_note`` when none could be had); {} without ``priors:``."""
+    """The job's ``priors_found`` (and ``priors_note`` when none could be had).
+
+    {} without ``priors:``, or when they were looked up already (in the job's
+    options: node/sources/prior_lookups.py does it before the job is claimed).
+    """
     raw = job.options.get("priors")
-    if not raw:
+    if not raw or "priors_found" in job.options:
         return {}
     option = Priors.model_validate(raw)
     select = Select.model_validate(job.options["select"]) if job.options.get("select") else None
