@@ -11,7 +11,10 @@ N-ACTION handling (it aborts: transient).
 
 from __future__ import annotations
 
+import html
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -19,7 +22,10 @@ from segnode.node.cli.main import main
 from segnode.node.commitment import CommitmentBook, CommitmentReport, action_category, status_text
 from segnode.node.config import NodeConfig
 from segnode.node.events import CommitmentSettled, Delivered, Event
+from segnode.node.http_in.base import Request
+from segnode.node.ops.api import OpsApp
 from segnode.node.ops.metrics import NodeMetrics
+from segnode.node.ops.status_page import render_status
 from segnode.node.ops.views import OpsDB
 from segnode.node.sending.commitment import committer_for
 from segnode.node.sending.delivery import Courier, DeliveryTask
@@ -135,6 +141,19 @@ def courier(config: NodeConfig, index: Index, events: list[Event]) -> Courier:
                    config.dispatch, events.append, committer)
 
 
+def job_view(index_path: Path, job_id: int) -> dict[str, Any]:
+    """``GET /api/v1/jobs/{id}``, answered in-process by the ops API."""
+    def unused(*_: object) -> Any:
+        raise AssertionError("not called")
+
+    app = OpsApp(db=OpsDB(index_path), retry=unused, metrics=lambda: b"", rules=None, readiness={},
+                 validate_rules=unused, datasets=dict, status_page=lambda: "")
+    response = app.job(Request(method="GET", path=f"/api/v1/jobs/{job_id}", query={}, body=b"", client="127.0.0.1",
+                               params={"job_id": str(job_id)}))
+    view: dict[str, Any] = json.loads(response.body)
+    return view
+
+
 def attempt(c: Courier, index: Index, job_id: int) -> None:
     [delivery] = index.deliveries(job_id)
     wait_until(lambda: delivery.next_attempt_at <= index.clock(), 5, "the backoff")
@@ -168,9 +187,13 @@ def test_a_scripted_pacs_refusing_for_good_dead_letters_at_once_and_jobs_retry_a
         assert [e.outcome for e in events if isinstance(e, CommitmentSettled)] == ["refused", "refused"]
         assert [a.TransactionUID for a in pacs.actions] == [x.transaction_uid for x in index.commitments(job_id)]
         assert all(o.state is DeliveryState.DONE and o.committed_at is None for o in index.delivery_objects(job_id))
-        # the job API reads these rows: the delivery dead with the destination's answer
-        [row] = OpsDB(config.index_path).deliveries(job_id)
-        assert row["state"] == "dead" and row["last_error"] == reason
+        # the job API and the status page show the delivery dead with the destination's answer
+        view = job_view(config.index_path, job_id)
+        assert view["state"] == "dead_letter"
+        [shown] = view["deliveries"]
+        assert shown["state"] == "dead" and shown["last_error"] == reason
+        assert all(o["state"] == "done" and o["committed_at"] is None for o in shown["objects"])
+        assert html.escape(reason) in render_status(OpsDB(config.index_path), node="SEGNODE")
 
         # the destination is fixed (it now answers success): the operator retries the job
         config_path = tmp_path / "node.yaml"
