@@ -16,14 +16,13 @@ from pathlib import Path
 
 from segnode.cliargs import group_option
 from segnode.errors import ConfigError
-from segnode.storage.dataset import DatasetStore
+from segnode.storage.dataset import STORE_ENV, DatasetStore
 from segnode.storage.export_nnunet import export_nnunet
 from segnode.storage.importers import Layout, import_path, summary
 from segnode.storage.labels import parse_label_mapping
 from segnode.storage.manifest import LabelStatus
 from segnode.storage.pseudonyms import SECRET_ENV, load_secret
 
-STORE_ENV = "SEGNODE_DATASET_STORE"
 DEFAULT_STORE = Path("segnode-datasets")
 
 

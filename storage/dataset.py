@@ -49,6 +49,8 @@ from segnode.storage.pseudonyms import Pseudonymizer, check_secret
 logger = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
+#: the environment variable naming the dataset store (``segnode dataset`` and the node's default)
+STORE_ENV = "SEGNODE_DATASET_STORE"
 #: options a new store uses unless told otherwise
 DEFAULT_OPTIONS = (Option.RETAIN_LONGITUDINAL_MODIFIED_DATES, Option.RETAIN_PATIENT_CHARACTERISTICS)
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,49}")

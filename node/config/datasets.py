@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-STORE_ENV = "SEGNODE_DATASET_STORE"  # also segnode.storage.cli.STORE_ENV
 
 
 class HasDatasetStore(Protocol):
@@ -29,5 +28,7 @@ def dataset_store_root(config: HasDatasetStore) -> Path:
     """The dataset store's folder for ``config``: configured, else from the environment, else the default."""
     if config.dataset_store is not None:
         return Path(config.dataset_store)
+    from segnode.storage.dataset import STORE_ENV  # the store's own module, loaded when asked
+
     from_env = os.environ.get(STORE_ENV)
     return Path(from_env) if from_env else config.state_dir / "datasets"
