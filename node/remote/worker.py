@@ -236,6 +236,8 @@ def fetch_priors(session: requests.Session, base: str, job_id: int, spec: dict[s
     for number, prior in enumerate(options.get("priors_found") or (), start=1):
         try:
             out.append(_fetch_prior(session, base, job_id, number, prior, work / "priors" / str(number), settings))
+            logger.info("job %d: prior %d fetched (%s)", job_id, number,
+                        "the node's result" if "seg_path" in out[-1] else "its series")
         except SegnodeError as exc:
             series = prior.get("series_uid") if isinstance(prior, dict) else None
             logger.warning("job %d: prior %d (series %s) left out of the report: %s", job_id, number, series, exc)
