@@ -16,6 +16,7 @@ return a :class:`LabelMap`.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -50,3 +51,11 @@ class SegmentationBackend(Protocol):
     def is_available(self) -> bool: ...
 
     def load(self, profile: Profile, settings: RunSettings) -> LoadedModel: ...
+
+
+def installed_version(distribution: str) -> str:
+    """The installed version of ``distribution`` (a backend's library), or ``unknown``: part of a model's version."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

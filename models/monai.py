@@ -17,7 +17,6 @@ the voxels of its ``label`` in the argmax of the output.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from segnode.errors import BackendError, DependencyMissingError, WeightsError
-from segnode.models.base import RunSettings
+from segnode.models.base import RunSettings, installed_version
 from segnode.models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
 from segnode.models.engine_gate import choose_engine
 from segnode.models.engines import Engine
@@ -85,7 +84,7 @@ class MonaiModel:
     @property
     def model_version(self) -> str:
         engine = "" if self.engine is Engine.FP32 else f" {self.engine.value}"
-        return f"{self.record.name} (monai {_version()}{engine})"
+        return f"{self.record.name} (monai {installed_version('monai')}{engine})"
 
     @property
     def weights_hash(self) -> str:
@@ -128,13 +127,6 @@ class MonaiModel:
                                if tissue.label is not None})
         return LabelMap(array=out, labels=self.profile.label_values(), backend=self.backend.value,
                         model_version=self.model_version, weights_hash=self.weights_hash)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("monai")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _torchscript_file(folder: Path) -> Path | None:

@@ -20,7 +20,6 @@ voxels of its ``label`` in the model's output.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import io
 import json
 import logging
@@ -31,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from segnode.errors import BackendError, ConfigError, DependencyMissingError, WeightsError
-from segnode.models.base import RunSettings
+from segnode.models.base import RunSettings, installed_version
 from segnode.models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
 from segnode.models.engine_gate import choose_engine
 from segnode.models.engines import Engine
@@ -78,7 +77,7 @@ class NnunetModel:
     @property
     def model_version(self) -> str:
         engine = "" if self.engine is Engine.FP32 else f" {self.engine.value}"
-        return f"{self.record.name} (nnunetv2 {_version()}{engine})"
+        return f"{self.record.name} (nnunetv2 {installed_version('nnunetv2')}{engine})"
 
     @property
     def weights_hash(self) -> str:
@@ -112,13 +111,6 @@ class NnunetModel:
                                if tissue.label is not None})
         return LabelMap(array=out, labels=self.profile.label_values(), backend=self.backend.value,
                         model_version=self.model_version, weights_hash=self.weights_hash)
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("nnunetv2")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _read_json(path: Path) -> dict:

@@ -29,7 +29,6 @@ entry point that can run it must be safe to import (no work at import time).
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import io
 import json
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Iterator
 
 
 from segnode.errors import BackendError, ConfigError, DependencyMissingError, WeightsError, WeightsNotInstalledError
-from segnode.models.base import RunSettings
+from segnode.models.base import RunSettings, installed_version
 from segnode.models.device import MemoryModel, resolve_device, run_within_budget, torch_threads
 from segnode.models.engine_gate import choose_engine
 from segnode.models.engines import Engine
@@ -81,13 +80,6 @@ class RequiredFolder:
 def ts_weights_dir(root: Path) -> Path:
     """``TOTALSEG_WEIGHTS_PATH``: where imported TotalSegmentator task folders live."""
     return root / "pretrained" / Backend.TOTALSEGMENTATOR.value
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("TotalSegmentator")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _task_config(options: TotalSegmentatorOptions) -> dict:
@@ -255,7 +247,7 @@ class TotalSegmentatorModel:
     def model_version(self) -> str:
         o = self.profile.options.totalsegmentator
         engine = "" if self.engine is Engine.FP32 else f" {self.engine.value}"
-        return f"TotalSegmentator {_version()} {o.task} {o.resolution}{engine}"
+        return f"TotalSegmentator {installed_version('TotalSegmentator')} {o.task} {o.resolution}{engine}"
 
     def segment(self, volume: Volume) -> LabelMap:
         memory = _memory(self.profile.options.totalsegmentator)
