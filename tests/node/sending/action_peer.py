@@ -61,8 +61,10 @@ class ActionPeer:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() waiting on its thread
         self._server.close()
         self._thread.join(5)
+        assert not self._thread.is_alive(), "the scripted PACS did not stop"
 
     def _serve(self) -> None:
         while True:
