@@ -920,6 +920,15 @@ class Index:
                                       (JobState(state).value, limit))
         return [Job.from_row(r) for r in rows]
 
+    def newest_done(self, *, since: float, rule: str | None = None) -> list[Job]:
+        """The newest ``done`` job per series and profile created since ``since`` (of ``rule``), oldest first."""
+        where, args = "state = ? AND created_at >= ?", [JobState.DONE.value, since]
+        if rule is not None:
+            where, args = where + " AND rule = ?", [*args, rule]
+        rows = self._db().execute(f"SELECT * FROM jobs WHERE job_id IN (SELECT MAX(job_id) FROM jobs WHERE {where} "
+                                  "GROUP BY series_uid, profile) ORDER BY job_id", args)
+        return [Job.from_row(r) for r in rows]
+
     def events(self, job_id: int) -> list[tuple[float, JobState, str | None]]:
         rows = self._db().execute("SELECT at, state, reason FROM job_events WHERE job_id = ? ORDER BY event_id",
                                   (job_id,))

@@ -60,14 +60,7 @@ class Reprocessed:
 
 def candidates(index: Index, *, since: float, rule: str | None) -> list[Job]:
     """The newest ``done`` job per series and profile created since ``since`` (of ``rule``)."""
-    newest: dict[tuple[str, str | None], Job] = {}
-    for job in index.jobs(JobState.DONE, limit=1_000_000):
-        if job.created_at < since or (rule is not None and job.rule != rule):
-            continue
-        key = (job.series_uid, job.profile)
-        if key not in newest or job.job_id > newest[key].job_id:
-            newest[key] = job
-    return sorted(newest.values(), key=lambda j: j.job_id)
+    return index.newest_done(since=since, rule=rule)
 
 
 def reprocess(index: Index, job: Job, model: Model, *, by: str) -> Reprocessed:

@@ -78,3 +78,23 @@ def test_a_purged_series_is_fetched_again_and_run_with_the_new_model(tmp_path: P
                       log=RetrievalLog(tmp_path / "retrievals.sqlite"), index=s.index, by="tester")
     s.index.mark_purged(old.series_uid)
     assert refetch(s.index, failing, old, Model.parse("hu_based")).note == "not fetched again: source pacs: no answer"
+
+
+def test_of_two_done_jobs_of_a_series_and_profile_the_newer_is_picked(tmp_path: Path) -> None:
+    s = scripted_index(tmp_path / "index.sqlite")
+    first = s.index.job(s.jobs["done"])
+    assert first is not None and first.profile is not None
+
+    def finished(profile: str) -> int:
+        job_id = s.index.add_complete_job(first, reason="again", rule=first.rule or "r", profile=profile,
+                                          backend=None, destinations=())
+        claimed = s.index.claim_next()
+        assert claimed is not None and claimed.job_id == job_id
+        s.index.mark_encoded(job_id, seg_path=None, seg_series_uid=None, seg_sop_uid=None, backend_used="b",
+                             model_version="2")
+        job = s.index.job(job_id)
+        assert job is not None and job.state is JobState.DONE, job
+        return job_id
+
+    newer, other_profile = finished(first.profile), finished("a-profile-of-its-own")
+    assert [j.job_id for j in candidates(s.index, since=T0 - 1, rule=None)] == [newer, other_profile]
