@@ -23,7 +23,7 @@ def remote(tmp_path: Path, job: object | None) -> RemoteJobs:
 def test_job_tokens_are_bound_to_job_and_attempt(tmp_path: Path) -> None:
     from segnode.storage.index import JobState
 
-    job = SimpleNamespace(state=JobState.SEGMENTING, segment_attempts=2, study_uid="1.2", series_uid="1.2.3")
+    job = SimpleNamespace(state=JobState.SEGMENTING, segment_attempts=2, study_uid="1.2", series_uid="1.2.3", options={})
     jobs = remote(tmp_path, job)
     token = jobs.token(7, 2)
     grant = jobs.grant(token)
