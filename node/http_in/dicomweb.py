@@ -7,11 +7,14 @@ faces modalities, other nodes and remote workers.  Endpoints:
 =======  ===================================================  =====================================
 POST     ``/dicomweb/studies``, ``/dicomweb/studies/{study}``  STOW-RS (client token, ``store``)
 GET      ``/dicomweb/studies/{study}/series/{series}``         WADO-RS (client token with
-                                                               ``retrieve``, or that job's token)
+                                                               ``retrieve``, or the token of the job
+                                                               of that series or of its priors)
 GET      ``/dicomweb/studies``, ``.../series``, ``.../metadata``,  QIDO-RS and WADO-RS for viewers
          ``.../frames/{n}``, ``.../bulkdata/{tag}`` ...         (client token with ``retrieve``;
                                                                :mod:`segnode.node.http_in.dicomweb_read`)
 POST     ``/remote/v1/jobs/{job_id}/result``                   a remote worker's result (job token)
+GET      ``/remote/v1/jobs/{job_id}/priors/{n}/seg|summary``   the node's earlier result on the job's
+                                                               prior ``n`` (job token)
 GET      ``/healthz``                                          liveness, no token
 =======  ===================================================  =====================================
 

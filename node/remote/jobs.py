@@ -18,6 +18,10 @@ A job with no result within ``broker.result_timeout_s`` is enqueued again.
 Tokens are ``job.<id>.<attempt>.<HMAC-SHA256>`` under a secret kept in
 ``<state_dir>/remote.secret`` (0600): nothing to store per job, and a token
 stops working as soon as its attempt is no longer the one the node waits for.
+A token also grants the series of the job's priors (``priors_found`` in its
+options, looked up before it is published) and, for a prior that is the
+node's own earlier result, that result's SEG and summary
+(:meth:`RemoteJobs.prior_file`, only from the results folder).
 """
 
 from __future__ import annotations

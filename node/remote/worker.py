@@ -2,7 +2,8 @@
 
 Runs inside a Celery worker process (:mod:`segnode.node.cli.worker`), one job at a
 time, on a machine that shares nothing with the node but HTTP: the series
-comes by WADO-RS with the job's token, the job runs through the same code as a
+comes by WADO-RS with the job's token (so do its priors, :func:`fetch_priors`,
+into the job's folder), the job runs through the same code as a
 local worker (:func:`segnode.node.jobs.worker.execute`, models kept warm in this process's
 :class:`~segnode.models.cache.ModelCache`), and every file of the output
 folder goes back in one multipart POST to ``/remote/v1/jobs/{id}/result``
