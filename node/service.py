@@ -266,7 +266,20 @@ class Service:
         """Record a worker's outcome: a local worker process's, or a remote worker's result (node/remote/jobs.py).
 
         The result's paths stay relative: the index records them with the job folder they are relative to.
+        A job that a newer job of its series or study supersedes (routed while it ran) sends nothing:
+        its result would come after the newer one's, or beside it, and be taken for the current one.
         """
+        current = self.index.job(job.job_id)
+        if current is None or current.state is not JobState.SEGMENTING:  # superseded meanwhile: nothing to record
+            logger.info("job %d: its outcome is not recorded, the job is %s", job.job_id,
+                        current.state.value if current else "gone")
+            return
+        newer = self.index.superseded_by(job)
+        if newer is not None:
+            why = f"superseded by job {newer}, routed while this one ran; its result is not sent"
+            if self.index.transition(job.job_id, JobState.SUPERSEDED, why):
+                self.emit(JobMoved(job.job_id, JobState.SUPERSEDED, why))
+            return
         if outcome.result is None:
             reason = f"{outcome.error_kind}: {outcome.message}"
             logger.error("job %d failed: %s", job.job_id, reason)

@@ -37,10 +37,19 @@ def superseded_jobs(index: Index, job: Job) -> list[Job]:
 
 
 def result_version(index: Index, job: Job, depth: int = 0) -> int:
-    """1 for a first result; else one more than the highest version it supersedes (same profile)."""
+    """1 for a first result; else one more than the highest version it supersedes (same profile).
+
+    A superseded job that made no result (superseded before it ran or as it
+    ended) has no version: the count goes through it, so the PACS sees v1, v2, ...
+    """
+    return 1 + _highest(index, job, depth)
+
+
+def _highest(index: Index, job: Job, depth: int) -> int:
     if depth >= MAX_CHAIN:
-        return 1
-    return 1 + max((result_version(index, e, depth + 1) for e in superseded_jobs(index, job)), default=0)
+        return 0
+    return max((result_version(index, e, depth + 1) if e.outputs else _highest(index, e, depth + 1)
+                for e in superseded_jobs(index, job)), default=0)
 
 
 def rejected_objects(index: Index, job: Job) -> list[dict[str, str]]:

@@ -185,6 +185,13 @@ class CompletionSweep:
             logger.info("series %s %s: %s", job.series_uid, state.value, reason)
             self.emit(JobMoved(job.job_id, state, reason))
 
+    def _supersede_queued(self, by: int, jobs: list[Job]) -> None:
+        """Jobs ``by`` supersedes that have not started: they never run (their result would not be sent)."""
+        for old in jobs:
+            if old.state is JobState.COMPLETE and self.index.transition(
+                    old.job_id, JobState.SUPERSEDED, f"superseded by job {by} before it ran"):
+                self.emit(JobMoved(old.job_id, JobState.SUPERSEDED))
+
     def _complete(self, job: Job, info: SeriesInfo, decision: Decision, note: str | None,
                   replaced: list[Job] | None = None) -> bool:
         """Route ``job``; its results supersede the series' earlier ones and ``replaced`` (a worse series).
@@ -194,7 +201,11 @@ class CompletionSweep:
         """
         destinations = self.resolve(decision.destinations, info.calling_ae, info.sender_host)
         options = dict(decision.options)
-        earlier = self.index.earlier_results(job.series_uid, job.job_id)
+        # the series' earlier results, and its earlier jobs still queued or segmenting (a result of theirs
+        # would come after this one's and be taken for the newest: they are superseded before they run,
+        # or as they finish: Service.finish_job)
+        earlier = [*self.index.earlier_results(job.series_uid, job.job_id),
+                   *self.index.unfinished(job.series_uid, job.job_id)]
         if earlier:
             note = "; ".join(filter(None, (note, f"re-opened by a late instance: supersedes job(s) "
                                                  f"{', '.join(str(j.job_id) for j in earlier)} once encoded")))
@@ -226,6 +237,8 @@ class CompletionSweep:
                 profile=profile, rule=decision.rule, backend=decision.backend, destinations=destinations,
                 harvest=decision.harvest, options=for_profile(profile))
             self.emit(JobMoved(sibling, JobState.COMPLETE))
+        self._supersede_queued(job.job_id, [j for j in old if any(j.job_id in for_profile(p).get("supersedes", ())
+                                                                   for p in profiles)])
         logger.info("series %s complete (%d instances): rule %s, profile(s) %s, to %s", job.series_uid,
                     info.instance_count, decision.rule, ", ".join(profiles), ", ".join(destinations) or "nowhere")
         self.emit(JobMoved(job.job_id, JobState.COMPLETE))

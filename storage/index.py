@@ -235,7 +235,7 @@ _FROM: dict[JobState, tuple[JobState, ...]] = {
     JobState.NOT_ROUTED: (JobState.RECEIVED,),
     JobState.SKIPPED: (JobState.RECEIVED,),
     JobState.SUPERSEDED: (JobState.DONE, JobState.HELD, JobState.ENCODED, JobState.SENDING, JobState.DEAD_LETTER,
-                          JobState.FAILED),
+                          JobState.FAILED, JobState.COMPLETE, JobState.SEGMENTING),
     JobState.RECEIVED: (JobState.NOT_ROUTED, JobState.SKIPPED),
     JobState.SEGMENTING: (JobState.COMPLETE,),
     JobState.ENCODED: (JobState.SEGMENTING,),
@@ -618,6 +618,24 @@ class Index:
             f"SELECT * FROM jobs WHERE series_uid = ? AND job_id < ? AND state IN ({','.join('?' * len(current))}) "
             "ORDER BY job_id", (series_uid, before_job, *(s.value for s in current)))
         return [Job.from_row(r) for r in rows]
+
+    def unfinished(self, series_uid: str, before_job: int) -> list[Job]:
+        """Earlier jobs of a series still queued or segmenting (a newer job of the series supersedes them too)."""
+        rows = self._db().execute(
+            "SELECT * FROM jobs WHERE series_uid = ? AND job_id < ? AND state IN (?, ?) ORDER BY job_id",
+            (series_uid, before_job, JobState.COMPLETE.value, JobState.SEGMENTING.value))
+        return [Job.from_row(r) for r in rows]
+
+    def superseded_by(self, job: Job) -> int | None:
+        """The newer job of ``job``'s study that supersedes it and has not failed or ended: its result replaces ``job``'s."""
+        live = (JobState.COMPLETE, JobState.SEGMENTING, JobState.ENCODED, JobState.SENDING, JobState.DONE,
+                JobState.HELD, JobState.DEAD_LETTER)
+        row = self._db().execute(
+            "SELECT jobs.job_id FROM jobs, json_each(jobs.options, '$.supersedes') AS earlier "
+            f"WHERE jobs.study_uid = ? AND jobs.job_id > ? AND jobs.state IN ({','.join('?' * len(live))}) "
+            "AND earlier.value = ? ORDER BY jobs.job_id LIMIT 1",
+            (job.study_uid, job.job_id, *(s.value for s in live), job.job_id)).fetchone()
+        return None if row is None else int(row[0])
 
     def routed_in_study(self, study_uid: str) -> list[Job]:
         """Jobs of a study that a rule routed, result current or on its way (a late series is judged against them)."""

@@ -242,6 +242,11 @@ def test_result_version_follows_the_chain_per_profile() -> None:
     assert {o["sop_instance_uid"] for o in rejected_objects(jobs, v2)} == {"9.1.0", "9.1.1"}  # type: ignore[arg-type]
     assert {o["sop_instance_uid"] for o in rejected_objects(jobs, v3)} == {"9.3.0", "9.3.1"}  # not v2's own note
 
+    never_ran = _job(5, supersedes=(4,))  # superseded before it ran: no result, no version
+    v4 = _job(6, supersedes=(5,), outputs=("seg",))
+    chain = _Jobs(v1, bone, v2, v3, never_ran, v4)
+    assert result_version(chain, v4) == 4  # type: ignore[arg-type]
+
 
 class _Sender:
     def __init__(self, refuse: set[str] = frozenset(), retry: set[str] = frozenset()) -> None:  # type: ignore[assignment]
