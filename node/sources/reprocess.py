@@ -22,7 +22,7 @@ from segnode.errors import InputError
 from segnode.node.sources.fetch import Fetcher
 from segnode.node.sources.pin import Pin
 from segnode.node.sources.source import SeriesMatch
-from segnode.storage.index import Index, Job, JobState
+from segnode.storage.index import Index, Job
 
 logger = logging.getLogger(__name__)
 

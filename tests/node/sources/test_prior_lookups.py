@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from segnode.node.config import NodeConfig
 from segnode.node.sources.prior_lookups import PriorLookups
-from segnode.storage.index import Index, InstanceRecord, Job
+from segnode.storage.index import Index, InstanceRecord
 from segnode.storage.spool import Spool
 
 
@@ -100,11 +100,6 @@ def options(index: Index, job_id: int) -> dict[str, object]:
     return job.options
 
 
-def claimed(index: Index) -> Job | None:
-    job = index.claim_next()
-    return job
-
-
 def test_a_silent_source_holds_up_only_its_own_jobs(tmp_path: Path, silent: Silent) -> None:
     config = NodeConfig(state_dir=tmp_path / "state", sources=[
         {"name": "silent", "kind": "dimse", "ae_title": "SILENT", "host": "127.0.0.1", "port": silent.port,
@@ -117,9 +112,9 @@ def test_a_silent_source_holds_up_only_its_own_jobs(tmp_path: Path, silent: Sile
     plain = complete_job(index, spool, 3, None)
     assert [j.job_id for j in index.awaiting_priors()] == [waits, down]
 
-    first = claimed(index)  # the two older jobs wait for their priors; the one without is claimed
+    first = index.claim_next()  # the two older jobs wait for their priors; the one without is claimed
     assert first is not None and first.job_id == plain
-    assert claimed(index) is None
+    assert index.claim_next() is None
 
     found: list[int] = []
     lookups = PriorLookups(config, index, spool, None, lambda: found.append(1))
@@ -130,15 +125,15 @@ def test_a_silent_source_holds_up_only_its_own_jobs(tmp_path: Path, silent: Sile
         wait_for(lambda: "priors_found" in options(index, down))
         assert options(index, down)["priors_found"] == []
         assert str(options(index, down)["priors_note"]).startswith("priors from down: ")  # says why, never fails
-        second = claimed(index)  # the other source's job went on while the silent source said nothing
+        second = index.claim_next()  # the other source's job went on while the silent source said nothing
         assert second is not None and second.job_id == down
-        assert claimed(index) is None and "priors_found" not in options(index, waits)
+        assert index.claim_next() is None and "priors_found" not in options(index, waits)
         assert lookups.pending() == 1
 
         silent.release()  # the source drops the association: its job goes on without priors, saying why
         wait_for(lambda: lookups.pending() == 0)
         assert str(options(index, waits)["priors_note"]).startswith("priors from silent: ")
-        third = claimed(index)
+        third = index.claim_next()
         assert third is not None and third.job_id == waits
         assert len(found) == 2 and index.awaiting_priors() == []
     finally:
@@ -152,6 +147,6 @@ def test_a_lookup_recorded_is_kept_across_a_retry_and_not_asked_again(tmp_path: 
     job_id = complete_job(index, spool, 1, "down")
     assert index.record_priors(job_id, {"priors_found": [{"study_uid": "1.2", "series_uid": "1.2.3"}]})
     assert index.awaiting_priors() == []
-    job = claimed(index)
+    job = index.claim_next()
     assert job is not None and job.options["priors_found"] == [{"study_uid": "1.2", "series_uid": "1.2.3"}]
     assert not index.record_priors(job_id, {"priors_found": []})  # segmenting: no longer complete, not changed

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.sr.codedict import codes
 import pytest
 from segnode.errors import EncodeError
 from segnode.models.series import load_series
@@ -74,6 +75,8 @@ def test_every_kind_names_the_algorithm_with_a_device_uid_per_model(chest: Volum
         assert item is not None
         purpose = item.PurposeOfReferenceCodeSequence[0]
         assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+        in_cid = codes.CID7005.ProcessingEquipment  # the attribute's context group (PS3.3 C.12.1.1.5, PS3.16)
+        assert (purpose.CodeValue, purpose.CodeMeaning) == (in_cid.value, in_cid.meaning)
         assert item.Manufacturer == "segnode" and item.ManufacturerModelName == "segnode totalsegmentator"
         assert list(item.SoftwareVersions)[0] == "m1"
         assert ds.StudyInstanceUID == chest.source.study_instance_uid  # type: ignore[union-attr]
