@@ -1,71 +1,124 @@
-"""``POST /api/v1/fetch`` (role ``ops``): retrieve a study from a configured source, as ``segnode fetch`` does.
+"""``/api/v1/fetch`` (role ``ops``): retrieve a study from a configured source, as ``segnode fetch`` does, in the node.
 
-The body is JSON: ``source`` and one of ``accession``, ``study_uid``,
-``patient_id``; optionally ``since`` (YYYY-MM-DD), ``modality``, and ``route``
-(a rule's name) or ``profile`` to force the series onto.  The
-request runs the fetch inside the node (its own store path for C-GET and
-WADO-RS; its receiver for C-MOVE) and answers when every series is retrieved:
-``200`` with the report, ``502`` with it when a series failed, ``404`` for an
-unknown source or no matching study, ``400`` for a bad body.  The requesting
-user is recorded in the retrieval log (docs/sources.md).
+``POST /api/v1/fetch`` takes a JSON body: ``source`` and one of ``accession``,
+``study_uid``, ``patient_id``; optionally ``since`` (YYYY-MM-DD), ``modality``,
+and ``route`` (a rule's name) or ``profile`` to force the series onto.  It
+checks the body (``400``), the source and the rule or profile (``404``), records
+the request durably (:mod:`segnode.node.sources.fetch_requests`) and answers
+at once ``202 Accepted`` with ``Location: /api/v1/fetch/{id}``; the node's
+fetch pool (:mod:`segnode.node.sources.fetch_queue`) runs it.  ``GET
+/api/v1/fetch/{id}`` answers its state (``queued``, ``running``, ``done`` with
+the report, ``failed`` with the reason), who asked and when; ``GET
+/api/v1/fetch`` lists the recent requests, newest first.  The requesting user
+is recorded in the retrieval log (docs/sources.md) and the audit log
+(``fetch.requested``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
-from datetime import date
 from http import HTTPStatus
 
 from segnode.errors import ConfigError, InputError
 from segnode.node.config import NodeConfig
 from segnode.node.http_in.base import HttpError, Response, json_response
-from segnode.node.ingest.store import StoreHandler
-from segnode.node.ops.auth import OpsRequest
+from segnode.node.ops.auth import OpsRequest, OpsResponse
 from segnode.node.ops.roles import Role
 from segnode.node.ops.viewer import Route
-from segnode.node.sources.fetch import fetcher_for
+from segnode.node.sources.fetch_queue import FetchQueue
+from segnode.node.sources.fetch_requests import FetchOrder, FetchRequest
+from segnode.node.sources.open import source_config
 from segnode.node.sources.pin import pin_for
-from segnode.node.sources.source import NoMatchError, SourceError, StudyQuery
-from segnode.storage.index import Index
+from segnode.node.sources.source import StudyQuery
 
 logger = logging.getLogger(__name__)
 
+PATH = "/api/v1/fetch"
 _KEYS = frozenset({"source", "accession", "study_uid", "patient_id", "since", "modality", "route", "profile"})
+
+#: ``(event, **fields)``: the ops audit writer
+Audit = Callable[..., None]
 
 
 class FetchAPI:
-    """The fetch endpoint over the node's config, index and (when it listens) store path."""
+    """The fetch endpoints over the node's config and its fetch pool."""
 
-    def __init__(self, config: NodeConfig, index: Index, store: Callable[[], StoreHandler | None]) -> None:
-        self.config, self.index, self.store = config, index, store
+    def __init__(self, config: NodeConfig, queue: FetchQueue, audit: Audit | None = None) -> None:
+        self.config, self.queue, self.audit = config, queue, audit
 
     def routes(self) -> list[Route]:
-        return [("POST", "/api/v1/fetch", self.fetch, Role.OPS)]
+        return [("POST", PATH, self.fetch, Role.OPS), ("GET", PATH, self.list, Role.OPS),
+                ("GET", f"{PATH}/(?P<fetch_id>[^/]+)", self.status, Role.OPS)]
 
     def fetch(self, req: OpsRequest) -> Response:
-        body = _body(req.body)
-        query = _query(body)
+        order = self._order(_body(req.body))
         who = req.user.name if req.user is not None else req.client
-        name, modality = str(body["source"]), _text(body, "modality")
+        request = self.queue.requests.add(order, by=who, client=req.client)
+        if self.audit is not None:
+            self.audit("fetch.requested", state=request.state.value, client=req.client,
+                       message=f"fetch request {request.id} from source {order.source}",
+                       **({} if req.user is None else {"user": req.user.name, "via": req.user.via}))
+        logger.info("fetch request %d from %s accepted through the API by %s", request.id, order.source, who)
+        self.queue.pump()  # it may be running already; the answer is the request as accepted
+        return OpsResponse(HTTPStatus.ACCEPTED, json.dumps(view(request)).encode("utf-8"), "application/json",
+                           [("Location", f"{PATH}/{request.id}")])
+
+    def _order(self, body: dict[str, object]) -> FetchOrder:
+        """The request, checked as the fetch will use it: 400 for a bad body, 404 for an unknown name."""
+        order = FetchOrder(str(body["source"]), accession=_text(body, "accession"),
+                           study_uid=_text(body, "study_uid"), patient_id=_text(body, "patient_id"),
+                           since=_text(body, "since"), modality=_text(body, "modality"), route=_text(body, "route"),
+                           profile=_text(body, "profile"))
+        _check_query(order)
+        if order.route is not None and order.profile is not None:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "give a route or a profile, not both")
         try:
-            pin = pin_for(self.config, route=_text(body, "route"), profile=_text(body, "profile"))
-            fetcher = fetcher_for(self.config, name, store=self.store(), index=self.index, by=who, modality=modality,
-                                  pin=pin)
-            report = fetcher.fetch(query)
-        except (ConfigError, NoMatchError) as exc:
+            source_config(self.config, order.source)
+            pin_for(self.config, route=order.route, profile=order.profile)
+        except ConfigError as exc:
             raise HttpError(HTTPStatus.NOT_FOUND, exc.message) from exc
-        except SourceError as exc:
-            raise HttpError(HTTPStatus.BAD_GATEWAY, exc.message) from exc
-        logger.info("fetch from %s through the API by %s: %d series", name, who, len(report.series))
-        return json_response(report.as_dict(), HTTPStatus.OK if report.ok else HTTPStatus.BAD_GATEWAY)
+        return order
+
+    def list(self, req: OpsRequest) -> Response:
+        return json_response({"fetches": [view(r) for r in self.queue.requests.recent(req.int_arg("limit", 50))]})
+
+    def status(self, req: OpsRequest) -> Response:
+        raw = req.params["fetch_id"]
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 12):
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"fetch id must be a number, not {raw!r}")
+        request = self.queue.requests.get(int(raw))
+        if request is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no fetch request {raw}")
+        return json_response(view(request))
+
+
+def view(request: FetchRequest) -> dict[str, object]:
+    """A request as the API answers it (the query described: never a patient ID)."""
+    order = request.order
+    try:
+        query = order.query().describe()
+    except (InputError, ValueError):
+        query = None
+    return {"id": request.id, "state": request.state.value, "source": order.source, "query": query,
+            "modality": order.modality, "route": order.route, "profile": order.profile,
+            "by": request.by, "client": request.client, "requested_at": _iso(request.requested_at),
+            "started_at": _iso(request.started_at), "finished_at": _iso(request.finished_at),
+            "attempts": request.attempt, "error": request.error, "report": request.report}
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
 def _body(raw: bytes) -> dict[str, object]:
     try:
         body = json.loads(raw or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise HttpError(HTTPStatus.BAD_REQUEST, "the body must be JSON") from exc
     if not isinstance(body, dict) or not isinstance(body.get("source"), str):
         raise HttpError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object with 'source'")
@@ -82,11 +135,9 @@ def _text(body: dict[str, object], key: str) -> str | None:
     return value or None
 
 
-def _query(body: dict[str, object]) -> StudyQuery:
-    since = _text(body, "since")
+def _check_query(order: FetchOrder) -> StudyQuery:
     try:
-        return StudyQuery(accession=_text(body, "accession"), study_uid=_text(body, "study_uid"),
-                          patient_id=_text(body, "patient_id"), since=date.fromisoformat(since) if since else None)
+        return order.query()
     except ValueError as exc:
         raise HttpError(HTTPStatus.BAD_REQUEST, f"since: {exc}") from exc
     except InputError as exc:

@@ -45,6 +45,21 @@ def _op(summary: str, responses: dict[str, Any], *, secured: bool = True, **extr
 
 
 SCHEMAS: dict[str, Any] = {
+    "FetchBody": {"type": "object", "required": ["source"], "additionalProperties": False, "properties": {
+        "source": {"type": "string"}, "accession": {"type": "string"}, "study_uid": {"type": "string"},
+        "patient_id": {"type": "string"}, "since": {"type": "string", "format": "date"},
+        "modality": {"type": "string"}, "route": {"type": "string"}, "profile": {"type": "string"}},
+        "description": "source and one of accession, study_uid, patient_id; route or profile, not both"},
+    "Fetch": {"type": "object", "properties": {
+        "id": {"type": "integer"}, "state": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
+        "source": {"type": "string"}, "query": {"type": ["string", "null"], "description": "never a patient ID"},
+        "modality": {"type": ["string", "null"]}, "route": {"type": ["string", "null"]},
+        "profile": {"type": ["string", "null"]}, "by": {"type": "string", "description": "who asked"},
+        "client": {"type": ["string", "null"]}, "requested_at": _TIME, "started_at": _TIME, "finished_at": _TIME,
+        "attempts": {"type": "integer", "description": "runs begun (more than 1: resumed after a node restart)"},
+        "error": {"type": ["string", "null"], "description": "why it failed: no matching study, a series that "
+                                                           "failed, a source error"},
+        "report": {"type": ["object", "null"], "description": "per series: method, counts, error, pinned job"}}},
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "Timings": {"type": "object", "description": "seconds per stage (ingest, queue, segment, dispatch)",
                 "additionalProperties": {"type": "number"}},
@@ -175,11 +190,21 @@ PATHS: dict[str, dict[str, Any]] = {
         requestBody={"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}})},
     "/api/v1/datasets": {"get": _op("Datasets of the dataset store: cases, label status, versions", {
         "200": _json({"type": "object"})})},
-    "/api/v1/fetch": {"post": _op("Retrieve a study from a configured source (PACS) and segment it (docs/sources.md)", {
-        "200": _json({"type": "object"}), "400": _error("A bad body"),
-        "404": _error("Unknown source or rule, or no study matches"),
-        "502": _error("The source failed or refused (the report says which series)")},
-        requestBody={"required": True, "content": {"application/json": {"schema": {"type": "object"}}}})},
+    "/api/v1/fetch": {
+        "post": _op("Ask the node to retrieve a study from a configured source (PACS) and segment it; answers at "
+                    "once, the fetch runs in the node (docs/sources.md)", {
+                        "202": {**_json(_ref("Fetch"), "Accepted: queued (Location: /api/v1/fetch/{fetch_id})"),
+                                "headers": {"Location": {"schema": {"type": "string"}}}},
+                        "400": _error("A bad body"), "404": _error("Unknown source, rule or profile")},
+                    requestBody={"required": True, "content": {"application/json": {"schema": _ref("FetchBody")}}}),
+        "get": _op("The recent fetch requests, newest first", {
+            "200": _json({"type": "object", "properties": {"fetches": {"type": "array", "items": _ref("Fetch")}}}),
+            "400": _error("A bad limit")}, parameters=[_LIMIT])},
+    "/api/v1/fetch/{fetch_id}": {"get": _op("One fetch request: its state, who asked and when, the report or the "
+                                            "reason it failed", {
+        "200": _json(_ref("Fetch")), "400": _error("Not a number"), "404": _error("No such fetch request")},
+        parameters=[{"name": "fetch_id", "in": "path", "required": True,
+                     "schema": {"type": "integer", "minimum": 1}}])},
     "/viewer/": {"get": _op("The OHIF Viewer (HTML; docs/review.md, The viewer)", {
         "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
         "503": {"description": "the viewer is not installed (make viewer)"}})},

@@ -34,6 +34,7 @@ from segnode.node.ops.status_page import render_status
 from segnode.node.ops.views import OpsDB
 from segnode.node.ops.viewer import Viewer, viewer_routes
 from segnode.node.remote.status import ScaleoutCollector, ScaleoutSource, render_remote
+from segnode.node.sources.fetch_queue import FetchQueue
 from segnode.routing import RulesHolder
 from segnode.storage.index import Index
 
@@ -109,6 +110,8 @@ class Ops:
                                       on_spans=self.metrics.observe_spans)
         self.http: RunningHTTP | None = None
         self.accounts = AccountStore.in_state_dir(config.state_dir)  # people and their roles (segnode users)
+        scp = lambda: self.service.scp.handler if self.service.scp is not None else None  # noqa: E731
+        self.fetches = FetchQueue(config, service.index, scp)  # POST /api/v1/fetch runs here
         service.listeners.append(self.on_event)
 
     # -- life cycle -------------------------------------------------------------------
@@ -118,8 +121,10 @@ class Ops:
             self.metrics.registry.register(ScaleoutCollector(self.service))
         if self.config.http.enabled:
             self.http = start_http(self.config.http, self.app(), accounts=self.accounts)
+        self.fetches.start()  # after the service: the store path listens; resumes what a stop left
 
     def stop(self) -> None:
+        self.fetches.stop()
         if self.http is not None:
             self.http.stop()
         self.follower.stop()
@@ -134,8 +139,7 @@ class Ops:
                      review=self.service.review, node=self.config.ae_title)
         reader = DicomWebReader(IndexCatalogue(self.config.index_path, self.config.spool_dir))
         app.add_routes(viewer_routes(Viewer(self.config.viewer, node=self.config.ae_title), reader))
-        scp = lambda: self.service.scp.handler if self.service.scp is not None else None  # noqa: E731
-        app.add_routes(FetchAPI(self.config, self.service.index, scp).routes())  # POST /api/v1/fetch
+        app.add_routes(FetchAPI(self.config, self.fetches, self.write_audit).routes())  # /api/v1/fetch
         return app
 
     def status_page(self) -> str:
