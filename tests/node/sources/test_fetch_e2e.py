@@ -43,15 +43,28 @@ def fetch_config(tmp_path: Path, port: int, dicom_port: int, method: str, http_p
                              sources=[{"name": "pacs", "retrieve": method, "idle_timeout_s": 30, **pacs}])
 
 
-def api_fetch(http_port: int, body: dict[str, str], token: str = TOKEN) -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/api/v1/fetch", data=json.dumps(body).encode(),
-                                     method="POST", headers={"Authorization": f"Bearer {token}",
-                                                             "Content-Type": "application/json"})
+def api_call(http_port: int, path: str, body: dict[str, str] | None = None,
+             token: str = TOKEN) -> tuple[int, dict[str, str], dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}{path}",
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     method="GET" if body is None else "POST",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def api_fetch(http_port: int, body: dict[str, str]) -> tuple[int, dict]:
+    """``POST /api/v1/fetch`` (202 with its Location), then ``GET`` that until it ends: its state and report."""
+    status, headers, accepted = api_call(http_port, "/api/v1/fetch", body)
+    if status != 202:
+        return status, accepted
+    assert accepted["state"] == "queued" and headers["Location"] == f"/api/v1/fetch/{accepted['id']}"
+    ended = wait_until(lambda: (s := api_call(http_port, headers["Location"])[2])["state"] in {"done", "failed"}
+                       and s, 120, "the fetch request to end")
+    return status, ended
 
 
 @pytest.mark.parametrize(("method", "via"), [("move", "cli"), ("get", "api")])
@@ -73,13 +86,14 @@ def test_fetch_by_accession_one_seg_arrives_in_orthanc(tmp_path: Path, method: s
                 out = capsys.readouterr().out
                 assert f"series {study.series_uid} (CT): retrieved, {study.count} instance(s)" in out
             else:
-                status, report = api_fetch(http_port, {"source": "pacs", "accession": "ACC-E2E", "route": "everything"})
-                assert status == 200, report
-                [series] = report["series"]
+                status, fetch = api_fetch(http_port, {"source": "pacs", "accession": "ACC-E2E", "route": "everything"})
+                assert (status, fetch["state"], fetch["by"]) == (202, "done", "shared-token"), fetch
+                [series] = fetch["report"]["series"]
                 assert (series["series_uid"], series["completed"], series["error"]) == (study.series_uid, study.count,
                                                                                         None)
                 assert series["pinned_job"] is not None  # forced onto the route at once, before the sweep
-                assert api_fetch(http_port, {"source": "pacs", "accession": "NOPE"})[0] == 404
+                status, nope = api_fetch(http_port, {"source": "pacs", "accession": "NOPE"})
+                assert (status, nope["state"]) == (202, "failed") and "no study matches" in nope["error"]
                 assert api_fetch(http_port, {"source": "nope", "accession": "ACC-E2E"})[0] == 404
                 assert api_fetch(http_port, {"source": "pacs", "accession": "x", "bogus": "1"})[0] == 400
             index = Index(n.state_dir / "index.sqlite")
