@@ -8,8 +8,9 @@ source and :data:`IN_ALL` in all; the others wait ``queued``.  A run is what
 :func:`~segnode.node.sources.pin.pin_for`, the node's store path, the
 retrieval log with the requesting user).  :meth:`FetchQueue.start` first puts
 back what a stopped node left ``running``; :meth:`FetchQueue.stop` starts
-nothing more and does not wait for a running retrieve (the next start runs it
-again: the instances already retrieved are in the spool and index, and
+nothing more and does not wait for a running retrieve: a run that ends after
+the stop records nothing (its error may be the shutdown's), and the next start
+runs it again (the instances already retrieved are in the spool and index;
 storing them again is harmless).
 """
 
@@ -60,6 +61,10 @@ class FetchQueue:
         with self._lock:
             self._started = False
 
+    def _active(self) -> bool:
+        with self._lock:
+            return self._started
+
     def join(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for each run this queue started to end; True if all ended."""
         for thread in list(self._threads):
@@ -92,7 +97,10 @@ class FetchQueue:
     def _run(self, request: FetchRequest, attempt: int) -> None:
         try:
             report, error = self._fetch(request)
-            if not self.requests.finish(request.id, attempt, report=report, error=error):
+            if not self._active():  # stopped meanwhile (its error may be the shutdown's): the next start runs it
+                logger.info("fetch request %d ended after the node stopped; it runs again at the next start",
+                            request.id)
+            elif not self.requests.finish(request.id, attempt, report=report, error=error):
                 logger.info("fetch request %d: run %d ended after a newer run began; its outcome not kept",
                             request.id, attempt)
         finally:
