@@ -50,7 +50,7 @@ class FetchAPI:
         self.config, self.queue, self.audit = config, queue, audit
 
     def routes(self) -> list[Route]:
-        return [("POST", PATH, self.fetch, Role.OPS), ("GET", PATH, self.list, Role.OPS),
+        return [("POST", PATH, self.fetch, Role.OPS), ("GET", PATH, self.recent, Role.OPS),
                 ("GET", f"{PATH}/(?P<fetch_id>[^/]+)", self.status, Role.OPS)]
 
     def fetch(self, req: OpsRequest) -> Response:
@@ -82,7 +82,7 @@ class FetchAPI:
             raise HttpError(HTTPStatus.NOT_FOUND, exc.message) from exc
         return order
 
-    def list(self, req: OpsRequest) -> Response:
+    def recent(self, req: OpsRequest) -> Response:
         return json_response({"fetches": [view(r) for r in self.queue.requests.recent(req.int_arg("limit", 50))]})
 
     def status(self, req: OpsRequest) -> Response:

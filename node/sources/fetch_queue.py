@@ -106,7 +106,13 @@ class FetchQueue:
         finally:
             with self._lock:
                 self._running.pop(request.id, None)
+            self._pump_after(request.id)
+
+    def _pump_after(self, request_id: int) -> None:
+        try:
             self.pump()
+        except SegnodeError as exc:  # the table failed: the queued requests wait for the next accept or start
+            logger.error("after fetch request %d, the next could not be started: %s", request_id, exc)
 
     def _fetch(self, request: FetchRequest) -> tuple[dict[str, object] | None, str | None]:
         """The report and the reason it failed (``None``: every series retrieved)."""

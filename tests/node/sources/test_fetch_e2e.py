@@ -3,6 +3,8 @@
 C-MOVE (the node's receiver stores what Orthanc sends to its AE title) and
 C-GET (``segnode fetch`` stores through the node's store path into the same
 spool and index); either way the running node's sweep routes the series.
+Through the node's HTTP API, ``POST /api/v1/fetch`` answers 202 and the test
+follows ``GET /api/v1/fetch/{id}`` until the fetch, run in the node, is done.
 """
 
 from __future__ import annotations
