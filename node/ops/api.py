@@ -23,6 +23,8 @@ POST     ``/jobs/{job_id}/decision``          the job page's form (session + CSR
 GET      ``/api/v1/routes``                   the rules in force
 POST     ``/api/v1/routes/validate``          validate a candidate rules file (YAML body)
 GET      ``/api/v1/datasets``                 the dataset store's datasets and versions
+POST     ``/api/v1/fetch``                    fetch a study from a source: 202, runs on the node's pool
+GET      ``/api/v1/fetch[/{id}]``             the fetch requests, or one: queued, running, done, failed
 GET      ``/api/v1/openapi.json``             the OpenAPI description
 =======  ===================================  ==========================================
 

@@ -26,6 +26,9 @@ The last two come from the node's typed events (:func:`record_of`).
 ``api.retry``            a retry asked through the HTTP API, with the client.
 ``review.decision``      a held job approved or rejected (docs/review.md): the
                          reviewer's name, the comment, the client, the new state.
+``fetch.requested``      a study fetch asked through ``POST /api/v1/fetch``: the
+                         user, how they logged in, the client, the request's
+                         id and source (docs/sources.md).
 ``audit.opened``         the writer started (and the cursor it resumes at).
 ``audit.rotated``        first line of a new file after rotation.
 
