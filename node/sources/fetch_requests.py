@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from segnode.errors import StorageError
+from segnode.node.sources.record import connect
 from segnode.node.sources.source import StudyQuery
 
 _SCHEMA = """
@@ -106,12 +107,7 @@ class FetchRequests:
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        try:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the fetch requests: {exc}", where=str(self.path)) from exc
-        db.row_factory = sqlite3.Row
+        db = connect(self.path, "the fetch requests")
         try:
             yield db
         except sqlite3.Error as exc:

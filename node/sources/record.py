@@ -48,6 +48,17 @@ class Retrieval:
     at: float = 0.0
 
 
+def connect(path: Path, what: str) -> sqlite3.Connection:
+    """A connection to ``retrievals.sqlite`` (WAL, rows by name); :class:`StorageError` naming ``what`` if it fails."""
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open {what}: {exc}", where=str(path)) from exc
+    db.row_factory = sqlite3.Row
+    return db
+
+
 class RetrievalLog:
     """Append-only log of retrieves (one connection per call: safe from any thread)."""
 
@@ -60,13 +71,7 @@ class RetrievalLog:
             db.close()
 
     def _db(self) -> sqlite3.Connection:
-        try:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the retrieval log: {exc}", where=str(self.path)) from exc
-        db.row_factory = sqlite3.Row
-        return db
+        return connect(self.path, "the retrieval log")
 
     def add(self, entry: Retrieval) -> None:
         db = self._db()
