@@ -264,10 +264,7 @@ class _Handler(DeadlineHandler):
     def _prior_file(self, found: re.Match[str]) -> None:
         """A reused earlier result of the job's prior (its SEG or summary), for the job's remote worker."""
         app = self.server.app
-        grant = app.job_grant(self.headers.get("Authorization"))
-        if grant is None or grant.job_id != int(found["job_id"]):
-            app.count(unauthorized=1)
-            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong job token")
+        grant = self._job_grant(found["job_id"])
         if not grant.current:
             raise HttpError(HTTPStatus.GONE, "the node no longer waits for this attempt of the job")
         assert app.remote is not None  # a grant came from it
@@ -278,11 +275,7 @@ class _Handler(DeadlineHandler):
             data = None
         if data is None:
             raise HttpError(HTTPStatus.NOT_FOUND, "the job has no such prior result")
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/dicom" if found["kind"] == "seg" else "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._send_answer(WebAnswer.of(data, "application/dicom" if found["kind"] == "seg" else "application/json"))
 
     def _read(self, path: str) -> None:
         """QIDO-RS / WADO-RS for a client with ``retrieve`` (:mod:`segnode.node.http_in.dicomweb_read`)."""
@@ -334,10 +327,7 @@ class _Handler(DeadlineHandler):
                                       self.client_address[0])
             return self._json(status, answer, content_type="application/dicom+json")
         assert result is not None  # one of the two matched
-        grant = app.job_grant(self.headers.get("Authorization"))
-        if grant is None or grant.job_id != int(result["job_id"]):
-            app.count(unauthorized=1)
-            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong job token")
+        grant = self._job_grant(result["job_id"])
         body = self._body(app.config.max_result_bytes)
         media = MediaType.parse(self.headers.get("Content-Type"))
         if media.value != "multipart/related":
@@ -351,6 +341,14 @@ class _Handler(DeadlineHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, exc.message) from exc
         app.count(**{"results_accepted" if answer.get("accepted") else "results_ignored": 1})
         self._json(HTTPStatus.OK, answer)
+
+    def _job_grant(self, job_id: str) -> JobGrant:
+        """The grant of the request's job token, which must be job ``job_id``'s (else 401)."""
+        grant = self.server.app.job_grant(self.headers.get("Authorization"))
+        if grant is None or grant.job_id != int(job_id):
+            self.server.app.count(unauthorized=1)
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong job token")
+        return grant
 
     def _client(self) -> DicomWebClient:
         client = self.server.app.client(self.headers.get("Authorization"), self.client_address[0])
