@@ -47,7 +47,6 @@ from segnode.node.jobs.worker import JobOutcome, JobSpec, WorkerPool, run_job
 from segnode.node.review import decide
 from segnode.node.sending.queues import Senders
 from segnode.node.sources.prior_lookups import PriorLookups
-from segnode.node.sources.priors import prior_options
 from segnode.node.supersede import supersede_options
 from segnode.node.sweep import CompletionSweep
 from segnode.output_kinds import REJECTION_NOTE, encoded_with
@@ -229,9 +228,7 @@ class Service:
                        dataset_store=str(dataset_store_root(self.config)),
                        deid_secret_file=str(self.config.deid_secret_file) if self.config.deid_secret_file else None,
                        options={**job.options, "outputs": list(self.encoded_kinds(job)),
-                                **supersede_options(self.index, job),  # a newer version: its number, what it rejects
-                                **prior_options(self.config, self.index, self.spool, job,  # route priors (SR change)
-                                                store=self.scp.handler if self.scp is not None else None)})
+                                **supersede_options(self.index, job)})  # a newer version: its number, what it rejects
 
     def encoded_kinds(self, job: Job) -> tuple[str, ...]:
         """The kinds the job encodes: the route's ``outputs``, else what its destinations take."""

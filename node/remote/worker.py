@@ -198,10 +198,8 @@ def fetch_series(session: requests.Session, base: str, study: str, series: str, 
     url = f"{base}/dicomweb/studies/{study}/series/{series}"
     with session.get(url, stream=True, timeout=settings.http_timeout_s,
                      headers={"Accept": 'multipart/related; type="application/dicom"'}) as response:
-        if response.status_code in (401, 403, 404, 410):
+        if not _answered(response):
             return False
-        if _busy(response.status_code):
-            raise NodeNotAnswering(f"HTTP {response.status_code}")
         if response.status_code != 200:
             raise InputError(f"the node answered the series' WADO-RS with HTTP {response.status_code}")
         media = MediaType.parse(response.headers.get("Content-Type"))
@@ -284,10 +282,8 @@ def fetch_prior_file(session: requests.Session, base: str, job_id: int, number: 
     """
     with session.get(f"{base}/remote/v1/jobs/{job_id}/priors/{number}/{kind}", stream=True,
                      timeout=settings.http_timeout_s) as response:
-        if response.status_code in (401, 403, 404, 410):
+        if not _answered(response):
             return False
-        if _busy(response.status_code):
-            raise NodeNotAnswering(f"HTTP {response.status_code}")
         length = int(response.headers.get("Content-Length", "0"))
         if response.status_code != 200 or not 0 < length <= settings.max_series_bytes:
             raise InputError(f"unexpected answer for prior {number}'s {kind} (HTTP {response.status_code}, "
@@ -304,6 +300,15 @@ def fetch_prior_file(session: requests.Session, base: str, job_id: int, number: 
 
 def _busy(status: int) -> bool:
     return status >= 500 or status in (408, 429)
+
+
+def _answered(response: requests.Response) -> bool:
+    """False if the node refuses the job's token (the job is gone); :class:`NodeNotAnswering` if it is busy."""
+    if response.status_code in (401, 403, 404, 410):
+        return False
+    if _busy(response.status_code):
+        raise NodeNotAnswering(f"HTTP {response.status_code}")
+    return True
 
 
 def run(spec_data: dict[str, Any], work: Path, settings: WorkerSettings) -> dict[str, Any]:

@@ -113,13 +113,9 @@ def earlier_result(index: Index, series_uid: str, profile: str) -> dict[str, Any
 
 def prior_options(config: NodeConfig, index: Index, spool: Spool, job: Job,
                   store: StoreHandler | None = None) -> dict[str, Any]:
-    """The job's ``priors_found`` (and ``priors_note`` when none could be had).
-
-    {} without ``priors:``, or when they were looked up already (in the job's
-    options: node/sources/prior_lookups.py does it before the job is claimed).
-    """
+    """The job's ``priors_found`` (and ``priors_note`` when none could be had); {} without ``priors:``."""
     raw = job.options.get("priors")
-    if not raw or "priors_found" in job.options:
+    if not raw:
         return {}
     option = Priors.model_validate(raw)
     select = Select.model_validate(job.options["select"]) if job.options.get("select") else None
