@@ -67,6 +67,7 @@ from segnode.node.http_in.base import (
     json_response,
 )
 from segnode.node.ops.accounts import AccountStore
+from segnode.node.ops.audit import utc_iso
 from segnode.node.ops.auth import DEFAULT_CSP, SECURITY_HEADERS, Guard, OpsRequest, OpsResponse
 from segnode.node.ops.login import Login
 from segnode.node.ops.roles import Access, Principal, Role
@@ -435,9 +436,7 @@ def _who(user: Principal | None) -> dict[str, str]:
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    return None if ts is None else utc_iso(ts)
 
 
 def _series_view(s: dict[str, Any]) -> dict[str, Any]:

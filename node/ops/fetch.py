@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable
 from http import HTTPStatus
 
 from segnode.errors import ConfigError, InputError
 from segnode.node.config import NodeConfig
 from segnode.node.http_in.base import HttpError, Response, json_response
+from segnode.node.ops.audit import utc_iso
 from segnode.node.ops.auth import OpsRequest, OpsResponse
 from segnode.node.ops.roles import Role
 from segnode.node.ops.viewer import Route
@@ -110,9 +110,7 @@ def view(request: FetchRequest) -> dict[str, object]:
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    return None if ts is None else utc_iso(ts)
 
 
 def _body(raw: bytes) -> dict[str, object]:
