@@ -19,6 +19,10 @@ class Backend(str, Enum):
     MONAI = "monai"
 
 
+#: the backends whose models are imported by name and fine-tuned in versions (``NAME/VERSION``, models/weights.py)
+VERSIONED = (Backend.NNUNET, Backend.MONAI)
+
+
 class Code(Frozen):
     """A coded concept (SNOMED CT by default), as written into the SEG."""
 

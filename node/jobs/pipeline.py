@@ -28,6 +28,7 @@ from segnode.node.writers.record import EncodedObject
 from segnode.node.writers.nifti import write_nifti
 from segnode.node.writers.pictures import write_pictures
 from segnode.profiles import Backend, Profile, load_profile
+from segnode.profiles.schema import VERSIONED
 
 if TYPE_CHECKING:  # highdicom is loaded only where a rejection note is written
     from segnode.node.writers.rejection import RejectedObject
@@ -179,10 +180,6 @@ def describe_input(volume: Volume) -> dict[str, Any]:
         "spacing_mm": [round(s, 4) for s in volume.spacing],
         "notes": list(volume.notes),
     }
-
-
-#: the backends whose models are imported by name and fine-tuned in versions (``NAME/VERSION``, models/weights.py)
-VERSIONED = (Backend.NNUNET, Backend.MONAI)
 
 
 def with_model_version(profile: Profile, backend: str | None, version: str) -> Profile:

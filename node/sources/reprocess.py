@@ -36,13 +36,13 @@ class Model:
 
     @classmethod
     def parse(cls, text: str) -> Model:
-        from segnode.profiles.schema import Backend
+        from segnode.profiles.schema import VERSIONED, Backend
 
         name, _, version = text.partition("/")
         known = [b.value for b in Backend]
         if name not in known:
             raise InputError(f"unknown model {name!r} (known: {', '.join(known)})")
-        if version and name not in (Backend.NNUNET.value, Backend.MONAI.value):
+        if version and Backend(name) not in VERSIONED:
             raise InputError(f"model {name} has no fine-tuned versions (nnunet/VERSION or monai/VERSION)")
         return cls(name, version or None)
 
