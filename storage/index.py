@@ -229,6 +229,10 @@ class CommitmentState(str, Enum):
     REFUSED = "refused"  # the N-ACTION itself failed (no association, a failure status)
 
 
+#: a job a rule routed whose result is current or on its way (not failed, superseded, rejected or skipped)
+ROUTED = (JobState.COMPLETE, JobState.SEGMENTING, JobState.ENCODED, JobState.SENDING, JobState.DONE, JobState.HELD,
+          JobState.DEAD_LETTER)
+
 #: allowed transitions: target state → states it may be entered from.
 _FROM: dict[JobState, tuple[JobState, ...]] = {
     JobState.COMPLETE: (JobState.RECEIVED, JobState.SEGMENTING, JobState.FAILED),
@@ -628,22 +632,18 @@ class Index:
 
     def superseded_by(self, job: Job) -> int | None:
         """The newer job of ``job``'s study that supersedes it and has not failed or ended: its result replaces ``job``'s."""
-        live = (JobState.COMPLETE, JobState.SEGMENTING, JobState.ENCODED, JobState.SENDING, JobState.DONE,
-                JobState.HELD, JobState.DEAD_LETTER)
         row = self._db().execute(
             "SELECT jobs.job_id FROM jobs, json_each(jobs.options, '$.supersedes') AS earlier "
-            f"WHERE jobs.study_uid = ? AND jobs.job_id > ? AND jobs.state IN ({','.join('?' * len(live))}) "
+            f"WHERE jobs.study_uid = ? AND jobs.job_id > ? AND jobs.state IN ({','.join('?' * len(ROUTED))}) "
             "AND earlier.value = ? ORDER BY jobs.job_id LIMIT 1",
-            (job.study_uid, job.job_id, *(s.value for s in live), job.job_id)).fetchone()
+            (job.study_uid, job.job_id, *(s.value for s in ROUTED), job.job_id)).fetchone()
         return None if row is None else int(row[0])
 
     def routed_in_study(self, study_uid: str) -> list[Job]:
         """Jobs of a study that a rule routed, result current or on its way (a late series is judged against them)."""
-        routed = (JobState.COMPLETE, JobState.SEGMENTING, JobState.ENCODED, JobState.SENDING, JobState.DONE,
-                  JobState.HELD, JobState.DEAD_LETTER)
         rows = self._db().execute(
-            f"SELECT * FROM jobs WHERE study_uid = ? AND state IN ({','.join('?' * len(routed))}) ORDER BY job_id",
-            (study_uid, *(s.value for s in routed)))
+            f"SELECT * FROM jobs WHERE study_uid = ? AND state IN ({','.join('?' * len(ROUTED))}) ORDER BY job_id",
+            (study_uid, *(s.value for s in ROUTED)))
         return [Job.from_row(r) for r in rows]
 
     def claim_next(self) -> Job | None:
