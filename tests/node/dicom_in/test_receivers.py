@@ -20,7 +20,7 @@ from segnode.node.events import (
 from segnode.node.service import Service
 
 from tests.paths import DATA
-from tests.peers import store_statuses, storescu
+from tests.peers import store_statuses, storescu, wait_until
 from tests.tls_pki import Pki
 
 THORAX = DATA / "thorax_cta"
@@ -68,6 +68,14 @@ def test_concurrent_senders_spread_over_receiver_processes_and_are_all_counted(t
         assert refused == []  # rejected at association, by whichever process took it
         assert service.index.instance_count() == len(files)
         stats = service.scp.handler.stats
+
+        def forwarded() -> bool:  # the receivers' stats and events come over their pipes, after the peers' answers
+            seen = [type(e) for e in events]
+            return (stats.stored >= len(files) and stats.associations_rejected >= 1
+                    and seen.count(InstanceStored) >= len(files) and seen.count(AssociationAccepted) >= 6
+                    and AssociationRejected in seen)
+
+        wait_until(forwarded, 30, "the receiver processes' stats and events")
         assert (stats.stored, stats.associations_rejected) == (len(files), 1)
         kinds = [type(e) for e in events]
         assert kinds.count(InstanceStored) == len(files) and kinds.count(InstanceRefused) == 0
